@@ -1,0 +1,250 @@
+//! Token verification (every service) and service tokens (every caller).
+//!
+//! `TokenVerifier` checks a JWT fully: `kid` against the issuer's JWKS, signature,
+//! `alg` from an allow-list (RS256 only here; never `none`, never HMAC), `iss`, `aud`,
+//! `exp` and `nbf`. `ServiceTokens` mints client-credentials tokens whose audience
+//! is the callee and caches them until shortly before they expire.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, RwLock};
+
+use crate::config::ServiceName;
+use crate::error::{ApiError, ErrorKind};
+use crate::wire::Principal;
+
+/// Claims of an Echo access token (users and services alike).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AccessClaims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: serde_json::Value,
+    pub exp: i64,
+    pub iat: i64,
+    #[serde(default)]
+    pub nbf: Option<i64>,
+    pub jti: String,
+    #[serde(default)]
+    pub scope: String,
+    pub client_id: String,
+    #[serde(default)]
+    pub preferred_username: Option<String>,
+    #[serde(default)]
+    pub org: Option<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+impl AccessClaims {
+    /// The user this token speaks for; `None` for service tokens.
+    pub fn principal(&self) -> Option<Principal> {
+        Some(Principal {
+            sub: self.sub.clone(),
+            username: self.preferred_username.clone()?,
+            org: self.org.clone()?,
+            roles: self.roles.clone(),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("token is malformed")]
+    Malformed,
+    #[error("token algorithm is not allowed")]
+    Algorithm,
+    #[error("token signing key is unknown")]
+    UnknownKey,
+    #[error("token is invalid: {0}")]
+    Invalid(String),
+    #[error("identity provider unreachable: {0}")]
+    Unavailable(String),
+}
+
+impl From<TokenError> for ApiError {
+    fn from(error: TokenError) -> Self {
+        match error {
+            TokenError::Unavailable(message) => ApiError::new(ErrorKind::Unavailable, "auth.idp_unavailable", message),
+            other => ApiError::new(ErrorKind::Unauthenticated, "auth.invalid_token", other.to_string()),
+        }
+    }
+}
+
+struct KeyCache {
+    keys: HashMap<String, DecodingKey>,
+    fetched_at: Option<Instant>,
+}
+
+/// Verifies tokens against the issuer's JWKS, refetching when an unknown `kid`
+/// appears (at most once every few seconds, so garbage cannot hammer identity).
+#[derive(Clone)]
+pub struct TokenVerifier {
+    issuer: String,
+    jwks_url: String,
+    http: reqwest::Client,
+    cache: Arc<RwLock<KeyCache>>,
+    refetch: Arc<Mutex<()>>,
+}
+
+const MIN_REFETCH: Duration = Duration::from_secs(5);
+
+impl TokenVerifier {
+    pub fn new(issuer: &str, identity_url: &str, http: reqwest::Client) -> TokenVerifier {
+        TokenVerifier {
+            issuer: issuer.trim_end_matches('/').to_string(),
+            jwks_url: format!("{}/jwks", identity_url.trim_end_matches('/')),
+            http,
+            cache: Arc::new(RwLock::new(KeyCache { keys: HashMap::new(), fetched_at: None })),
+            refetch: Arc::new(Mutex::new(())),
+        }
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// Verifies `token` for `audience` and returns its claims.
+    pub async fn verify(&self, token: &str, audience: &str) -> Result<AccessClaims, TokenError> {
+        self.verify_as::<AccessClaims>(token, audience).await
+    }
+
+    pub async fn verify_as<T: serde::de::DeserializeOwned>(&self, token: &str, audience: &str) -> Result<T, TokenError> {
+        if token.len() > 16 * 1024 {
+            return Err(TokenError::Malformed);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+        if header.alg != Algorithm::RS256 {
+            return Err(TokenError::Algorithm);
+        }
+        let kid = header.kid.ok_or(TokenError::UnknownKey)?;
+        let key = self.key(&kid).await?;
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[audience]);
+        validation.validate_nbf = true;
+        validation.leeway = 30;
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        let data = jsonwebtoken::decode::<T>(token, &key, &validation).map_err(|e| TokenError::Invalid(e.to_string()))?;
+        Ok(data.claims)
+    }
+
+    async fn key(&self, kid: &str) -> Result<DecodingKey, TokenError> {
+        if let Some(key) = self.cache.read().await.keys.get(kid) {
+            return Ok(key.clone());
+        }
+        let _guard = self.refetch.lock().await;
+        {
+            let cache = self.cache.read().await;
+            if let Some(key) = cache.keys.get(kid) {
+                return Ok(key.clone());
+            }
+            if cache.fetched_at.is_some_and(|t| t.elapsed() < MIN_REFETCH) {
+                return Err(TokenError::UnknownKey);
+            }
+        }
+        let jwks: JwkSet = self
+            .http
+            .get(&self.jwks_url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| TokenError::Unavailable(e.to_string()))?
+            .json()
+            .await
+            .map_err(|e| TokenError::Unavailable(e.to_string()))?;
+        let mut keys = HashMap::new();
+        for jwk in &jwks.keys {
+            if let (Some(id), Ok(key)) = (jwk.common.key_id.clone(), DecodingKey::from_jwk(jwk)) {
+                keys.insert(id, key);
+            }
+        }
+        let mut cache = self.cache.write().await;
+        cache.keys = keys;
+        cache.fetched_at = Some(Instant::now());
+        cache.keys.get(kid).cloned().ok_or(TokenError::UnknownKey)
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    expires_in: i64,
+}
+
+/// Client-credentials tokens for calling other services, cached per audience.
+#[derive(Clone)]
+pub struct ServiceTokens {
+    client_id: String,
+    secret: Arc<String>,
+    token_url: String,
+    http: reqwest::Client,
+    cache: Arc<Mutex<HashMap<String, (String, Instant)>>>,
+}
+
+impl std::fmt::Debug for ServiceTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceTokens").field("client_id", &self.client_id).finish_non_exhaustive()
+    }
+}
+
+impl ServiceTokens {
+    pub fn new(client_id: String, secret: String, identity_url: &str, http: reqwest::Client) -> ServiceTokens {
+        ServiceTokens {
+            client_id,
+            secret: Arc::new(secret),
+            token_url: format!("{}/token", identity_url.trim_end_matches('/')),
+            http,
+            cache: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// A valid access token for calling `callee`.
+    pub async fn token_for(&self, callee: ServiceName) -> Result<String, ApiError> {
+        let audience = callee.audience();
+        let mut cache = self.cache.lock().await;
+        if let Some((token, valid_until)) = cache.get(&audience) {
+            if Instant::now() < *valid_until {
+                return Ok(token.clone());
+            }
+        }
+        let response = self
+            .http
+            .post(&self.token_url)
+            .basic_auth(&self.client_id, Some(self.secret.as_str()))
+            .form(&[("grant_type", "client_credentials"), ("audience", audience.as_str())])
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| ApiError::unavailable("auth.idp_unavailable", format!("identity unreachable: {e}")))?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let body = response.text().await.unwrap_or_default();
+            return Err(ApiError::unavailable(
+                "auth.service_token_refused",
+                format!("identity refused a service token for {}: {status} {body}", self.client_id),
+            ));
+        }
+        let token: TokenResponse = response.json().await.map_err(ApiError::internal)?;
+        let lifetime = Duration::from_secs(token.expires_in.max(0) as u64);
+        let valid_until = Instant::now() + lifetime.saturating_sub(Duration::from_secs(60)).max(Duration::from_secs(5));
+        cache.insert(audience, (token.access_token.clone(), valid_until));
+        Ok(token.access_token)
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+}
+
+/// Pulls a bearer token out of an `Authorization` header value.
+pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+}

@@ -1,0 +1,231 @@
+//! The `Bus` client every service uses to publish and consume events. It speaks the
+//! queue service's REST API; which backend stores the messages is the queue's business.
+//!
+//! Consumers are at-least-once: a handler that returns `Err` nacks (redelivery with
+//! backoff, dead letter after the subscription's `max_deliveries`); handlers must be
+//! idempotent.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{Peers, encode};
+use crate::config::ServiceName;
+use crate::error::ApiError;
+use crate::wire::CloudEvent;
+
+#[derive(Clone)]
+pub struct Bus {
+    peers: Peers,
+    source: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PublishMessage {
+    pub event: CloudEvent,
+    /// Idempotency key: a second publish with the same key on the topic is a no-op.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<i64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PublishBatch {
+    pub messages: Vec<PublishMessage>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PublishResult {
+    pub ids: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SubscriptionSpec {
+    pub topic: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_deliveries: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<i64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PullRequest {
+    pub max: usize,
+    pub wait_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Delivery {
+    pub seq: i64,
+    pub lease: String,
+    pub attempts: i64,
+    pub event: CloudEvent,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PullResponse {
+    pub messages: Vec<Delivery>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AckRequest {
+    pub seq: i64,
+    pub lease: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NackRequest {
+    pub seq: i64,
+    pub lease: String,
+    pub error: String,
+}
+
+impl Bus {
+    pub fn new(peers: Peers, source: ServiceName) -> Bus {
+        Bus { peers, source: format!("echo/{source}") }
+    }
+
+    /// Builds an event from this service.
+    pub fn event(&self, type_: &str, subject: Option<String>, data: impl Serialize) -> CloudEvent {
+        CloudEvent::new(&self.source, type_, subject, serde_json::to_value(data).unwrap_or_default())
+    }
+
+    /// Publishes durably: returns once the queue has committed the events.
+    pub async fn publish(&self, events: Vec<PublishMessage>) -> Result<PublishResult, ApiError> {
+        let Some(first) = events.first() else { return Ok(PublishResult { ids: vec![] }) };
+        let topic = first.event.type_.clone();
+        if events.iter().any(|m| m.event.type_ != topic) {
+            return Err(ApiError::bad_request("bus.mixed_topics", "a batch must carry one event type"));
+        }
+        let path = format!("/v1/topics/{}/publish", encode(&topic));
+        self.peers.post_json(ServiceName::Queue, &path, None, &PublishBatch { messages: events }).await
+    }
+
+    pub async fn publish_one(&self, event: CloudEvent) -> Result<(), ApiError> {
+        self.publish(vec![PublishMessage { event, key: None, delay_ms: None }]).await.map(|_| ())
+    }
+
+    /// Creates the subscription if missing (idempotent).
+    pub async fn subscribe(&self, subscription: &str, spec: &SubscriptionSpec) -> Result<(), ApiError> {
+        let path = format!("/v1/subscriptions/{}", encode(subscription));
+        let _: serde_json::Value = self.peers.put_json(ServiceName::Queue, &path, None, spec).await?;
+        Ok(())
+    }
+
+    pub async fn pull(&self, subscription: &str, max: usize, wait: Duration) -> Result<Vec<Delivery>, ApiError> {
+        let path = format!("/v1/subscriptions/{}/pull", encode(subscription));
+        let request = PullRequest { max, wait_ms: wait.as_millis() as u64 };
+        let builder = self.peers.request(ServiceName::Queue, Method::POST, &path, None).await?;
+        let builder = builder.json(&request).timeout(wait + Duration::from_secs(10));
+        let response = self.peers.send(ServiceName::Queue, builder).await?;
+        let pulled: PullResponse = response.json().await.map_err(ApiError::internal)?;
+        Ok(pulled.messages)
+    }
+
+    pub async fn ack(&self, subscription: &str, delivery: &Delivery) -> Result<(), ApiError> {
+        let path = format!("/v1/subscriptions/{}/ack", encode(subscription));
+        let body = AckRequest { seq: delivery.seq, lease: delivery.lease.clone() };
+        let _: serde_json::Value = self.peers.post_json(ServiceName::Queue, &path, None, &body).await?;
+        Ok(())
+    }
+
+    pub async fn nack(&self, subscription: &str, delivery: &Delivery, error: &str) -> Result<(), ApiError> {
+        let path = format!("/v1/subscriptions/{}/nack", encode(subscription));
+        let body = NackRequest { seq: delivery.seq, lease: delivery.lease.clone(), error: error.chars().take(2000).collect() };
+        let _: serde_json::Value = self.peers.post_json(ServiceName::Queue, &path, None, &body).await?;
+        Ok(())
+    }
+
+    /// Declares `subscription` on `topic`, retrying until the queue answers or `shutdown`.
+    pub async fn declare(&self, subscription: &str, spec: &SubscriptionSpec, shutdown: &CancellationToken) -> bool {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.subscribe(subscription, spec).await {
+                Ok(()) => return true,
+                Err(error) => tracing::debug!(%subscription, %error, "subscription not declared yet"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Runs `handler` over every delivery of `subscription` until `shutdown`, with
+    /// `concurrency` handlers in flight. The subscription must already be declared.
+    pub fn spawn_consumer<F, Fut>(
+        &self,
+        subscription: &'static str,
+        concurrency: usize,
+        shutdown: CancellationToken,
+        handler: F,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn(CloudEvent, i64) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let bus = self.clone();
+        let handler = Arc::new(handler);
+        tokio::spawn(async move {
+            let semaphore = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                let permits = semaphore.available_permits();
+                if permits == 0 {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        permit = semaphore.clone().acquire_owned() => drop(permit),
+                    }
+                    continue;
+                }
+                let pulled = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    pulled = bus.pull(subscription, permits, Duration::from_secs(10)) => pulled,
+                };
+                let deliveries = match pulled {
+                    Ok(deliveries) => {
+                        backoff = Duration::from_millis(100);
+                        deliveries
+                    }
+                    Err(error) => {
+                        tracing::debug!(%subscription, %error, "pull failed; retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                };
+                for delivery in deliveries {
+                    let Ok(permit) = semaphore.clone().acquire_owned().await else { break };
+                    let bus = bus.clone();
+                    let handler = handler.clone();
+                    tokio::spawn(async move {
+                        let outcome = handler(delivery.event.clone(), delivery.attempts).await;
+                        let result = match outcome {
+                            Ok(()) => bus.ack(subscription, &delivery).await,
+                            Err(error) => {
+                                tracing::warn!(%subscription, seq = delivery.seq, %error, "handler failed; message will be redelivered");
+                                bus.nack(subscription, &delivery, &error).await
+                            }
+                        };
+                        if let Err(error) = result {
+                            tracing::warn!(%subscription, seq = delivery.seq, %error, "could not settle delivery; the lease will expire");
+                        }
+                        drop(permit);
+                    });
+                }
+            }
+        })
+    }
+}

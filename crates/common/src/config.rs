@@ -1,0 +1,493 @@
+//! The one configuration file (`echo.yaml`), its defaults and environment overrides.
+//!
+//! Loading order: built-in defaults, then the YAML file, then `ECHO__SECTION__KEY`
+//! environment variables. Validation names the offending key. No IO beyond reading
+//! the file; nothing here knows what a service does with its settings.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Yaml};
+use serde::{Deserialize, Serialize};
+
+/// Every service Echo runs, in start-up order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServiceName {
+    Identity,
+    Queue,
+    Logs,
+    Audit,
+    Authz,
+    Storage,
+    Parser,
+    Search,
+    Ingest,
+    Rag,
+    Profile,
+    Chat,
+    Gateway,
+}
+
+impl ServiceName {
+    pub const ALL: [ServiceName; 13] = [
+        ServiceName::Identity,
+        ServiceName::Queue,
+        ServiceName::Logs,
+        ServiceName::Audit,
+        ServiceName::Authz,
+        ServiceName::Storage,
+        ServiceName::Parser,
+        ServiceName::Search,
+        ServiceName::Ingest,
+        ServiceName::Rag,
+        ServiceName::Profile,
+        ServiceName::Chat,
+        ServiceName::Gateway,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceName::Identity => "identity",
+            ServiceName::Queue => "queue",
+            ServiceName::Logs => "logs",
+            ServiceName::Audit => "audit",
+            ServiceName::Authz => "authz",
+            ServiceName::Storage => "storage",
+            ServiceName::Parser => "parser",
+            ServiceName::Search => "search",
+            ServiceName::Ingest => "ingest",
+            ServiceName::Rag => "rag",
+            ServiceName::Profile => "profile",
+            ServiceName::Chat => "chat",
+            ServiceName::Gateway => "gateway",
+        }
+    }
+
+    /// The default loopback port of `echod up` (SPEC §2).
+    pub fn default_port(self) -> u16 {
+        match self {
+            ServiceName::Gateway => 8080,
+            ServiceName::Identity => 8081,
+            ServiceName::Authz => 8082,
+            ServiceName::Queue => 8083,
+            ServiceName::Storage => 8084,
+            ServiceName::Parser => 8085,
+            ServiceName::Ingest => 8086,
+            ServiceName::Search => 8087,
+            ServiceName::Rag => 8088,
+            ServiceName::Logs => 8089,
+            ServiceName::Audit => 8090,
+            ServiceName::Profile => 8091,
+            ServiceName::Chat => 8092,
+        }
+    }
+
+    /// The OAuth client id this service authenticates as.
+    pub fn client_id(self) -> String {
+        format!("svc-{}", self.as_str())
+    }
+
+    /// The token audience of this service as a callee.
+    pub fn audience(self) -> String {
+        format!("echo:{}", self.as_str())
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ServiceName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ServiceName::ALL
+            .into_iter()
+            .find(|name| name.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = ServiceName::ALL.iter().map(|n| n.as_str()).collect();
+                format!("unknown service `{s}`; expected one of {}", names.join(", "))
+            })
+    }
+}
+
+/// The audience of user access tokens, accepted by the gateway.
+pub const API_AUDIENCE: &str = "echo-api";
+/// The OAuth client the gateway's web UI signs users in with.
+pub const WEB_CLIENT_ID: &str = "echo-web";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EchoConfig {
+    /// Where every embedded database, blob, index and key lives.
+    pub data_dir: PathBuf,
+    /// Address the gateway and identity bind to; the other services always bind loopback.
+    pub bind: String,
+    /// Port per service; 0 picks a free port.
+    pub ports: BTreeMap<ServiceName, u16>,
+    /// Base URL per service, for `echod serve` where peers run elsewhere.
+    pub urls: BTreeMap<ServiceName, String>,
+    /// The OIDC issuer; defaults to identity's URL.
+    pub issuer: Option<String>,
+    /// The URL users open; defaults to the gateway's URL.
+    pub public_url: Option<String>,
+    pub log: LogConfig,
+    pub identity: IdentityConfig,
+    pub gateway: GatewayConfig,
+    pub queue: QueueConfig,
+    pub storage: StorageConfig,
+    pub parser: ParserConfig,
+    pub ingest: IngestConfig,
+    pub search: SearchConfig,
+    pub rag: RagConfig,
+    pub logs: LogsConfig,
+    pub audit: AuditConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `pretty` or `json`.
+    pub format: String,
+    /// A `tracing` filter such as `info` or `info,ingest=debug`.
+    pub level: String,
+    /// Ship every record to the logs service over the bus.
+    pub ship: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdentityConfig {
+    pub access_token_ttl_secs: i64,
+    pub id_token_ttl_secs: i64,
+    pub code_ttl_secs: i64,
+    pub refresh_token_ttl_days: i64,
+    pub session_ttl_hours: i64,
+    pub service_token_ttl_secs: i64,
+    pub open_signup: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub max_upload_bytes: u64,
+    pub max_json_bytes: usize,
+    pub request_timeout_secs: u64,
+    /// `auto` (Secure unless plain-HTTP), `always` or `never`.
+    pub secure_cookies: String,
+    pub session_ttl_hours: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    pub max_deliveries: i64,
+    pub lease_ms: i64,
+    pub max_message_bytes: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub max_blob_bytes: u64,
+    pub quota_bytes_per_user: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ParserConfig {
+    pub max_input_bytes: usize,
+    pub timeout_secs: u64,
+    pub max_output_chars: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    pub workers: usize,
+    pub chunk_chars: usize,
+    pub chunk_overlap_chars: usize,
+    pub max_attempts: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SearchConfig {
+    pub writer_memory_mb: usize,
+    pub max_k: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RagConfig {
+    pub top_k: usize,
+    pub max_citations: usize,
+    /// `hash` stores a SHA-256 of the question in audit records; `plain` stores it verbatim.
+    pub audit_question: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogsConfig {
+    pub retention_days: i64,
+    pub max_records: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    pub checkpoint_every: i64,
+}
+
+impl Default for EchoConfig {
+    fn default() -> Self {
+        EchoConfig {
+            data_dir: PathBuf::from("./echo-data"),
+            bind: "127.0.0.1".into(),
+            ports: ServiceName::ALL.iter().map(|s| (*s, s.default_port())).collect(),
+            urls: BTreeMap::new(),
+            issuer: None,
+            public_url: None,
+            log: LogConfig::default(),
+            identity: IdentityConfig::default(),
+            gateway: GatewayConfig::default(),
+            queue: QueueConfig::default(),
+            storage: StorageConfig::default(),
+            parser: ParserConfig::default(),
+            ingest: IngestConfig::default(),
+            search: SearchConfig::default(),
+            rag: RagConfig::default(),
+            logs: LogsConfig::default(),
+            audit: AuditConfig::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: "pretty".into(), level: "info".into(), ship: true }
+    }
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            access_token_ttl_secs: 600,
+            id_token_ttl_secs: 600,
+            code_ttl_secs: 60,
+            refresh_token_ttl_days: 30,
+            session_ttl_hours: 12,
+            service_token_ttl_secs: 600,
+            open_signup: false,
+        }
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            max_upload_bytes: 50 * 1024 * 1024,
+            max_json_bytes: 256 * 1024,
+            request_timeout_secs: 60,
+            secure_cookies: "auto".into(),
+            session_ttl_hours: 12,
+        }
+    }
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig { max_deliveries: 5, lease_ms: 60_000, max_message_bytes: 1024 * 1024 }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { max_blob_bytes: 50 * 1024 * 1024, quota_bytes_per_user: 5 * 1024 * 1024 * 1024 }
+    }
+}
+
+impl Default for ParserConfig {
+    fn default() -> Self {
+        ParserConfig { max_input_bytes: 50 * 1024 * 1024, timeout_secs: 60, max_output_chars: 20_000_000 }
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig { workers: 2, chunk_chars: 1200, chunk_overlap_chars: 150, max_attempts: 5 }
+    }
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        SearchConfig { writer_memory_mb: 32, max_k: 100 }
+    }
+}
+
+impl Default for RagConfig {
+    fn default() -> Self {
+        RagConfig { top_k: 8, max_citations: 4, audit_question: "hash".into() }
+    }
+}
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        LogsConfig { retention_days: 14, max_records: 1_000_000 }
+    }
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { checkpoint_every: 1000 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Load(String),
+    #[error("invalid configuration: `{key}` {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl EchoConfig {
+    /// Defaults, then `file` when given, then `ECHO__…` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<EchoConfig, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(EchoConfig::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Load(format!("config file {} does not exist", file.display())));
+            }
+            figment = figment.merge(Yaml::file(file));
+        }
+        figment = figment.merge(Env::prefixed("ECHO__").split("__").lowercase(true));
+        let config: EchoConfig = figment.extract().map_err(|e| ConfigError::Load(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// A configuration for tests: every port 0, everything under `data_dir`.
+    pub fn for_test(data_dir: &Path) -> EchoConfig {
+        EchoConfig {
+            data_dir: data_dir.to_path_buf(),
+            ports: ServiceName::ALL.iter().map(|s| (*s, 0)).collect(),
+            log: LogConfig { ship: true, ..LogConfig::default() },
+            ..EchoConfig::default()
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.to_string() });
+        if !matches!(self.log.format.as_str(), "pretty" | "json") {
+            return invalid("log.format", "must be `pretty` or `json`");
+        }
+        if !matches!(self.gateway.secure_cookies.as_str(), "auto" | "always" | "never") {
+            return invalid("gateway.secure_cookies", "must be `auto`, `always` or `never`");
+        }
+        if self.identity.code_ttl_secs <= 0 || self.identity.code_ttl_secs > 60 {
+            return invalid("identity.code_ttl_secs", "must be between 1 and 60");
+        }
+        if self.identity.access_token_ttl_secs < 30 || self.identity.access_token_ttl_secs > 86_400 {
+            return invalid("identity.access_token_ttl_secs", "must be between 30 and 86400");
+        }
+        if self.ingest.chunk_chars < 200 || self.ingest.chunk_overlap_chars >= self.ingest.chunk_chars / 2 {
+            return invalid("ingest.chunk_chars", "must be at least 200 and more than twice chunk_overlap_chars");
+        }
+        if self.ingest.workers == 0 || self.ingest.workers > 64 {
+            return invalid("ingest.workers", "must be between 1 and 64");
+        }
+        if !matches!(self.rag.audit_question.as_str(), "hash" | "plain") {
+            return invalid("rag.audit_question", "must be `hash` or `plain`");
+        }
+        if self.bind.parse::<std::net::IpAddr>().is_err() {
+            return invalid("bind", "must be an IP address such as 127.0.0.1 or 0.0.0.0");
+        }
+        for (service, url) in &self.urls {
+            if url::Url::parse(url).is_err() {
+                return Err(ConfigError::Invalid { key: "urls", message: format!("{service}: `{url}` is not a URL") });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn port(&self, service: ServiceName) -> u16 {
+        self.ports.get(&service).copied().unwrap_or_else(|| service.default_port())
+    }
+
+    /// The base URL at which `service` answers.
+    pub fn url(&self, service: ServiceName) -> String {
+        if let Some(url) = self.urls.get(&service) {
+            return url.trim_end_matches('/').to_string();
+        }
+        format!("http://127.0.0.1:{}", self.port(service))
+    }
+
+    pub fn issuer(&self) -> String {
+        self.issuer.clone().unwrap_or_else(|| self.url(ServiceName::Identity)).trim_end_matches('/').to_string()
+    }
+
+    pub fn public_url(&self) -> String {
+        self.public_url.clone().unwrap_or_else(|| self.url(ServiceName::Gateway)).trim_end_matches('/').to_string()
+    }
+
+    pub fn db_path(&self, service: ServiceName) -> PathBuf {
+        self.data_dir.join(format!("{}.db", service.as_str()))
+    }
+
+    pub fn secrets_dir(&self) -> PathBuf {
+        self.data_dir.join("secrets")
+    }
+
+    pub fn service_secret_path(&self, service: ServiceName) -> PathBuf {
+        self.secrets_dir().join(format!("{}.secret", service.client_id()))
+    }
+}
+
+/// The commented default written to the data dir on first run.
+pub const EXAMPLE_YAML: &str = include_str!("../../../echo.example.yaml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_yaml_parses_and_validates() {
+        let config: EchoConfig = Figment::from(Serialized::defaults(EchoConfig::default()))
+            .merge(Yaml::string(EXAMPLE_YAML))
+            .extract()
+            .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.port(ServiceName::Gateway), 8080);
+        assert_eq!(config.issuer(), "http://127.0.0.1:8081");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let mut config = EchoConfig::default();
+        config.log.format = "xml".into();
+        let message = config.validate().unwrap_err().to_string();
+        assert!(message.contains("log.format"), "{message}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let result: Result<EchoConfig, _> = Figment::from(Serialized::defaults(EchoConfig::default()))
+            .merge(Yaml::string("gatewya:\n  max_upload_bytes: 3\n"))
+            .extract();
+        assert!(result.unwrap_err().to_string().contains("gatewya"));
+    }
+
+    #[test]
+    fn service_names_round_trip() {
+        for name in ServiceName::ALL {
+            assert_eq!(name.as_str().parse::<ServiceName>().unwrap(), name);
+        }
+        assert!("nope".parse::<ServiceName>().is_err());
+    }
+}

@@ -1,0 +1,66 @@
+//! Embedded SQLite: one file per service, WAL, `synchronous=FULL`, and a minimal
+//! ordered migration runner. Services keep their SQL; this module only opens and migrates.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+/// Opens (creating if needed) the SQLite database at `path`.
+pub async fn open_sqlite(path: &Path) -> Result<SqlitePool, sqlx::Error> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(sqlx::Error::Io)?;
+    }
+    let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_secs(10));
+    SqlitePoolOptions::new().max_connections(8).min_connections(0).connect_with(options).await
+}
+
+/// Applies, in order and each in its own transaction, the migrations not yet applied.
+/// Versions are the 1-based positions in `migrations`; never reorder or edit one that shipped.
+pub async fn migrate(pool: &SqlitePool, migrations: &[&'static str]) -> Result<(), sqlx::Error> {
+    sqlx::query("CREATE TABLE IF NOT EXISTS _migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
+        .execute(pool)
+        .await?;
+    let applied: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM _migrations").fetch_one(pool).await?;
+    for (idx, sql) in migrations.iter().enumerate() {
+        let version = idx as i64 + 1;
+        if version <= applied {
+            continue;
+        }
+        let mut tx = pool.begin().await?;
+        sqlx::raw_sql(*sql).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO _migrations (version, applied_at) VALUES (?, ?)")
+            .bind(version)
+            .bind(crate::now_unix())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn migrations_apply_once_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let pool = open_sqlite(&path).await.unwrap();
+        let migrations = ["CREATE TABLE a (x INTEGER)", "INSERT INTO a VALUES (1)"];
+        migrate(&pool, &migrations).await.unwrap();
+        migrate(&pool, &migrations).await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM a").fetch_one(&pool).await.unwrap();
+        assert_eq!(n, 1, "the second run must not re-apply");
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&pool).await.unwrap();
+        assert_eq!(mode, "wal");
+    }
+}

@@ -1,0 +1,225 @@
+//! What every service shares at its HTTP edge: the `ServiceContext` (config, peers,
+//! bus, token verifier, shutdown), `/healthz` `/readyz` `/metrics`, request metrics and
+//! spans, service-token authentication for internal routes, and graceful serving.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{AccessClaims, ServiceTokens, TokenVerifier, bearer};
+use crate::bus::Bus;
+use crate::client::{Peers, decode_principal};
+use crate::config::{EchoConfig, ServiceName};
+use crate::error::ApiError;
+use crate::wire::{PRINCIPAL_HEADER, Principal};
+
+/// Everything a service needs from its surroundings.
+#[derive(Clone)]
+pub struct ServiceContext {
+    pub name: ServiceName,
+    pub config: Arc<EchoConfig>,
+    pub peers: Peers,
+    pub bus: Bus,
+    pub verifier: TokenVerifier,
+    pub shutdown: CancellationToken,
+}
+
+impl ServiceContext {
+    /// Builds the context of `name`, reading its client secret from the data dir
+    /// (or `ECHO_CLIENT_SECRET` when the service runs alone in a container).
+    pub fn new(config: Arc<EchoConfig>, name: ServiceName, shutdown: CancellationToken) -> anyhow::Result<ServiceContext> {
+        let secret = match std::env::var("ECHO_CLIENT_SECRET") {
+            Ok(secret) if !secret.is_empty() => secret,
+            _ => {
+                let path = config.service_secret_path(name);
+                std::fs::read_to_string(&path)
+                    .map_err(|e| anyhow::anyhow!("cannot read the client secret of {name} at {}: {e}; run `echod up` once to create it", path.display()))?
+                    .trim()
+                    .to_string()
+            }
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()?;
+        let identity_url = config.url(ServiceName::Identity);
+        let tokens = ServiceTokens::new(name.client_id(), secret, &identity_url, http.clone());
+        let peers = Peers::new(http.clone(), tokens, config.clone());
+        let verifier = TokenVerifier::new(&config.issuer(), &identity_url, http);
+        let bus = Bus::new(peers.clone(), name);
+        Ok(ServiceContext { name, config, peers, bus, verifier, shutdown })
+    }
+
+    /// Publishes an audit event; failures are logged, never fatal to the caller's action.
+    pub async fn audit(&self, actor: &str, action: &str, resource: &str, outcome: &str, context: serde_json::Value) {
+        let event = crate::wire::AuditEvent {
+            actor: actor.to_string(),
+            action: action.to_string(),
+            resource: resource.to_string(),
+            outcome: outcome.to_string(),
+            context,
+        };
+        let event = self.bus.event(crate::wire::events::AUDIT_RECORDED, Some(resource.to_string()), event);
+        if let Err(error) = self.bus.publish_one(event).await {
+            tracing::error!(%action, %error, "audit event could not be published");
+        }
+    }
+}
+
+pub type ReadyFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+pub type ReadyCheck = Arc<dyn Fn() -> ReadyFuture + Send + Sync>;
+
+/// A readiness check that always passes (stateless services).
+pub fn always_ready() -> ReadyCheck {
+    Arc::new(|| Box::pin(async { Ok(()) }))
+}
+
+static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once.
+pub fn metrics_handle() -> &'static PrometheusHandle {
+    METRICS.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0])
+            .map(|b| b.build_recorder())
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let handle = recorder.handle();
+        // Another recorder may already be installed (tests); then this handle stays empty.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+#[derive(Clone)]
+struct EdgeState {
+    service: &'static str,
+    ready: ReadyCheck,
+}
+
+/// Wraps a service's routes with the shared endpoints, metrics and spans.
+pub fn service_router(name: ServiceName, routes: Router, ready: ReadyCheck) -> Router {
+    metrics_handle();
+    let state = EdgeState { service: name.as_str(), ready };
+    let shared = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(|| async { metrics_handle().render() }))
+        .with_state(state.clone());
+    routes.merge(shared).layer(middleware::from_fn_with_state(state, observe))
+}
+
+async fn readyz(State(state): State<EdgeState>) -> Response {
+    match (state.ready)().await {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}")).into_response(),
+    }
+}
+
+async fn observe(State(state): State<EdgeState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let trace_id = request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split('-').nth(1))
+        .map(str::to_string)
+        .unwrap_or_else(|| hex::encode(crate::rand::bytes(16)));
+    let span = tracing::info_span!("request", service = state.service, %method, route = %route, trace_id = %trace_id);
+    let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed().as_secs_f64();
+    let labels = [
+        ("service", state.service.to_string()),
+        ("method", method.to_string()),
+        ("route", route.clone()),
+        ("status", status.to_string()),
+    ];
+    metrics::counter!("echo_http_requests_total", &labels).increment(1);
+    metrics::histogram!("echo_http_request_duration_seconds", &labels[..3]).record(elapsed);
+    if route != "/healthz" && route != "/readyz" && route != "/metrics" {
+        span.in_scope(|| tracing::debug!(status, elapsed_ms = elapsed * 1000.0, "request served"));
+    }
+    response
+}
+
+/// The verified caller of an internal route: an Echo service, maybe acting for a user.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub client_id: String,
+    pub principal: Option<Principal>,
+}
+
+/// Middleware for internal routes: a client-credentials token whose audience is this service.
+pub async fn require_service_token(State(ctx): State<ServiceContext>, mut request: Request, next: Next) -> Response {
+    let Some(token) = bearer(request.headers()) else {
+        return ApiError::unauthenticated("a service token is required").into_response();
+    };
+    let claims: AccessClaims = match ctx.verifier.verify(token, &ctx.name.audience()).await {
+        Ok(claims) => claims,
+        Err(error) => return ApiError::from(error).into_response(),
+    };
+    if !claims.client_id.starts_with("svc-") || claims.sub != claims.client_id {
+        return ApiError::forbidden("auth.not_a_service", "only Echo services may call this endpoint").into_response();
+    }
+    let principal = request
+        .headers()
+        .get(PRINCIPAL_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(decode_principal);
+    request.extensions_mut().insert(Caller { client_id: claims.client_id, principal });
+    next.run(request).await
+}
+
+/// Extracts the user an internal call acts for; 401 when the caller named none.
+#[derive(Clone, Debug)]
+pub struct ActingUser(pub Principal);
+
+impl<S: Send + Sync> FromRequestParts<S> for ActingUser {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .and_then(|c| c.principal.clone())
+            .map(ActingUser)
+            .ok_or_else(|| ApiError::unauthenticated("this call must name the user it acts for"))
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| ApiError::unauthenticated("a service token is required"))
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown`, then drains in-flight requests.
+pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> anyhow::Result<()> {
+    axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+/// Handler for unknown routes.
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("route.not_found", "no such endpoint")
+}

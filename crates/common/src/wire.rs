@@ -1,0 +1,393 @@
+//! Types that cross a process boundary: HTTP bodies between services, events on the
+//! bus, audit and log records. A serialisable type here is a compatibility promise:
+//! add optional fields, never rename or remove one.
+
+use serde::{Deserialize, Serialize};
+
+/// The signed-in user a service acts for. Derived by the gateway from a verified
+/// token and passed to callees in the `x-echo-principal` header; callees trust it
+/// only from a caller whose service token they verified.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Principal {
+    pub sub: String,
+    pub username: String,
+    pub org: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+impl Principal {
+    pub fn is_admin(&self) -> bool {
+        self.roles.iter().any(|r| r == "owner" || r == "admin")
+    }
+}
+
+pub const PRINCIPAL_HEADER: &str = "x-echo-principal";
+
+/// A CloudEvents 1.0 structured-mode JSON envelope.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CloudEvent {
+    pub specversion: String,
+    pub id: String,
+    pub source: String,
+    #[serde(rename = "type")]
+    pub type_: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    pub time: String,
+    #[serde(default = "default_content_type")]
+    pub datacontenttype: String,
+    /// Schema version of `data` for this `type`.
+    #[serde(default = "default_data_version")]
+    pub dataversion: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    pub data: serde_json::Value,
+}
+
+fn default_content_type() -> String {
+    "application/json".into()
+}
+fn default_data_version() -> String {
+    "1".into()
+}
+
+impl CloudEvent {
+    pub fn new(source: &str, type_: &str, subject: Option<String>, data: serde_json::Value) -> CloudEvent {
+        CloudEvent {
+            specversion: "1.0".into(),
+            id: uuid::Uuid::now_v7().to_string(),
+            source: source.into(),
+            type_: type_.into(),
+            subject,
+            time: crate::rfc3339(crate::now_unix()),
+            datacontenttype: default_content_type(),
+            dataversion: default_data_version(),
+            traceparent: None,
+            data,
+        }
+    }
+
+    pub fn data_as<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_value(self.data.clone())
+    }
+}
+
+/// Event types Echo publishes (SPEC §3).
+pub mod events {
+    pub const DOCUMENT_UPLOADED: &str = "echo.document.uploaded";
+    pub const DOCUMENT_INDEXED: &str = "echo.document.indexed";
+    pub const DOCUMENT_FAILED: &str = "echo.document.failed";
+    pub const DOCUMENT_DELETED: &str = "echo.document.deleted";
+    pub const USER_CREATED: &str = "echo.user.created";
+    pub const USER_DISABLED: &str = "echo.user.disabled";
+    pub const RELATIONSHIP_CHANGED: &str = "echo.relationship.changed";
+    pub const CHAT_MESSAGE_POSTED: &str = "echo.chat.message.posted";
+    pub const AUDIT_RECORDED: &str = "echo.audit.recorded";
+    pub const LOG_BATCH: &str = "echo.log.batch";
+
+    pub const ALL: [&str; 10] = [
+        DOCUMENT_UPLOADED,
+        DOCUMENT_INDEXED,
+        DOCUMENT_FAILED,
+        DOCUMENT_DELETED,
+        USER_CREATED,
+        USER_DISABLED,
+        RELATIONSHIP_CHANGED,
+        CHAT_MESSAGE_POSTED,
+        AUDIT_RECORDED,
+        LOG_BATCH,
+    ];
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DocumentUploaded {
+    pub document_id: String,
+    pub job_id: String,
+    pub collection_id: String,
+    pub owner: String,
+    pub blob_id: String,
+    pub sha256: String,
+    pub content_type: String,
+    pub filename: String,
+    pub version: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DocumentIndexed {
+    pub document_id: String,
+    pub job_id: String,
+    pub collection_id: String,
+    pub n_chunks: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DocumentFailed {
+    pub document_id: String,
+    pub job_id: String,
+    pub collection_id: String,
+    pub error: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DocumentDeleted {
+    pub document_id: String,
+    pub collection_id: String,
+    pub blob_id: String,
+}
+
+/// An audit event as every service publishes it; the audit service chains it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AuditEvent {
+    pub actor: String,
+    pub action: String,
+    pub resource: String,
+    pub outcome: String,
+    #[serde(default)]
+    pub context: serde_json::Value,
+}
+
+/// One operational log record.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LogRecord {
+    pub ts_ms: i64,
+    pub service: String,
+    pub level: String,
+    pub target: String,
+    pub message: String,
+    #[serde(default)]
+    pub fields: serde_json::Map<String, serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LogBatch {
+    pub records: Vec<LogRecord>,
+    #[serde(default)]
+    pub dropped: u64,
+}
+
+// ---- storage ----
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BlobInfo {
+    pub blob_id: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+// ---- parser ----
+
+/// A piece of extracted text with the structure a citation can point at.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TextBlock {
+    pub text: String,
+    /// 1-based physical page (PDF).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page: Option<u32>,
+    /// Heading path such as `Install > Linux`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ParsedDocument {
+    pub format: String,
+    pub blocks: Vec<TextBlock>,
+    #[serde(default)]
+    pub n_pages: Option<u32>,
+}
+
+// ---- ingest ----
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NewDocument {
+    pub collection_id: String,
+    pub owner: String,
+    pub filename: String,
+    pub content_type: String,
+    pub size: u64,
+    pub sha256: String,
+    pub blob_id: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Document {
+    pub id: String,
+    pub collection: String,
+    pub owner: String,
+    pub filename: String,
+    pub content_type: String,
+    pub size: u64,
+    pub sha256: String,
+    pub status: String,
+    pub version: i64,
+    pub job_id: String,
+    pub blob_id: String,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreatedDocument {
+    pub id: String,
+    pub job_id: String,
+    pub status: String,
+    /// The existing document when the same content already sits in the collection.
+    #[serde(default)]
+    pub duplicate_of: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Job {
+    pub id: String,
+    pub document_id: String,
+    pub collection: String,
+    pub status: String,
+    pub attempts: i64,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+// ---- search ----
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Chunk {
+    pub chunk_id: String,
+    pub document_id: String,
+    pub collection_id: String,
+    pub ordinal: u32,
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section: Option<String>,
+    pub char_start: u64,
+    pub char_end: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IndexRequest {
+    pub document_id: String,
+    pub chunks: Vec<Chunk>,
+}
+
+/// A search as the gateway or rag sends it: `collections` is already the exact set
+/// the caller may read; search never widens it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SearchQuery {
+    pub query: String,
+    pub k: usize,
+    pub collections: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SearchHit {
+    pub document_id: String,
+    pub chunk_id: String,
+    pub collection_id: String,
+    pub score: f32,
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SearchResults {
+    pub hits: Vec<SearchHit>,
+}
+
+// ---- authz ----
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Collection {
+    pub id: String,
+    pub name: String,
+    pub org: String,
+    pub owner: String,
+    pub personal: bool,
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DecisionRequest {
+    pub action: String,
+    /// `Collection::"<id>"` style resource: type and id.
+    pub resource_type: String,
+    pub resource_id: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Decision {
+    pub allowed: bool,
+    pub policies: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReadableCollections {
+    pub collections: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ShareMember {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    pub role: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ShareRequest {
+    pub members: Vec<ShareMember>,
+}
+
+// ---- rag ----
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AskRequest {
+    pub question: String,
+    #[serde(default)]
+    pub collections: Option<Vec<String>>,
+    #[serde(default)]
+    pub conversation_id: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Citation {
+    pub n: usize,
+    pub document_id: String,
+    pub chunk_id: String,
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Answer {
+    pub answer: String,
+    pub citations: Vec<Citation>,
+    pub conversation_id: String,
+    pub mode: String,
+}
+
+// ---- identity ----
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UserSummary {
+    pub id: String,
+    pub username: String,
+    pub org: String,
+    pub roles: Vec<String>,
+    pub email: Option<String>,
+    pub disabled: bool,
+}

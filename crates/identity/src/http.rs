@@ -1,0 +1,365 @@
+//! Identity's HTTP surface: discovery, JWKS, `/authorize` with its login page,
+//! `/token`, `/userinfo`, `/logout`, and the internal user directory for services.
+//! Handlers only extract, call `service`, and render.
+
+use askama::Template;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Router, middleware};
+use base64::Engine;
+use serde::Deserialize;
+
+use common::error::{Json, Query};
+use common::server::ServiceContext;
+use common::web::{cookie, html_security_headers, set_cookie};
+use common::{ApiError, now_unix};
+
+use crate::error::IdentityError;
+use crate::service::{AuthorizeFailure, AuthorizeParams, Identity};
+
+const SESSION_COOKIE: &str = "echo_idp";
+
+pub(crate) fn router(identity: Identity, ctx: ServiceContext) -> Router {
+    let internal = Router::new()
+        .route("/internal/users/{id}", get(internal_user))
+        .route("/internal/orgs/{org}/users", get(internal_org_users))
+        .route_layer(middleware::from_fn_with_state(ctx, common::server::require_service_token))
+        .with_state(identity.clone());
+    Router::new()
+        .route("/.well-known/openid-configuration", get(discovery))
+        .route("/jwks", get(jwks))
+        .route("/authorize", get(authorize))
+        .route("/login", post(login))
+        .route("/token", post(token))
+        .route("/userinfo", get(userinfo).post(userinfo))
+        .route("/logout", get(logout).post(logout))
+        .with_state(identity)
+        .merge(internal)
+}
+
+#[derive(Template)]
+#[template(path = "login.html")]
+struct LoginPage<'a> {
+    action: &'a str,
+    client_id: &'a str,
+    params: &'a AuthorizeParams,
+    form_token: String,
+    username: &'a str,
+    error: Option<&'a str>,
+}
+
+#[derive(Template)]
+#[template(path = "message.html")]
+struct MessagePage<'a> {
+    title: &'a str,
+    message: &'a str,
+}
+
+fn page(status: StatusCode, html: Result<String, askama::Error>) -> Response {
+    let mut response = match html {
+        Ok(html) => (status, Html(html)).into_response(),
+        Err(error) => ApiError::internal(error).into_response(),
+    };
+    html_security_headers(response.headers_mut());
+    response
+}
+
+fn message(status: StatusCode, title: &str, text: &str) -> Response {
+    page(status, MessagePage { title, message: text }.render())
+}
+
+fn secure(identity: &Identity) -> bool {
+    identity.issuer.starts_with("https://")
+}
+
+async fn discovery(State(identity): State<Identity>) -> Response {
+    let issuer = &identity.issuer;
+    axum::Json(serde_json::json!({
+        "issuer": issuer,
+        "authorization_endpoint": format!("{issuer}/authorize"),
+        "token_endpoint": format!("{issuer}/token"),
+        "userinfo_endpoint": format!("{issuer}/userinfo"),
+        "jwks_uri": format!("{issuer}/jwks"),
+        "end_session_endpoint": format!("{issuer}/logout"),
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
+        "code_challenge_methods_supported": ["S256"],
+        "scopes_supported": ["openid", "profile", "email", "offline_access"],
+        "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "at_hash", "preferred_username", "email", "name", "org", "roles"],
+        "prompt_values_supported": ["none", "login"],
+    }))
+    .into_response()
+}
+
+async fn jwks(State(identity): State<Identity>) -> Response {
+    let keys = identity.keys.read().await;
+    let mut response = axum::Json(crate::keys::jwks(&keys)).into_response();
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=60"));
+    response
+}
+
+fn redirect_with(redirect_uri: &str, pairs: &[(&str, &str)]) -> Response {
+    let mut url = match url::Url::parse(redirect_uri) {
+        Ok(url) => url,
+        Err(_) => return message(StatusCode::BAD_REQUEST, "Sign-in failed", "The redirect URI is invalid."),
+    };
+    {
+        let mut query = url.query_pairs_mut();
+        for (key, value) in pairs {
+            query.append_pair(key, value);
+        }
+    }
+    let mut response = Redirect::to(url.as_str()).into_response();
+    *response.status_mut() = StatusCode::SEE_OTHER;
+    response
+}
+
+fn failure_response(failure: AuthorizeFailure) -> Response {
+    match failure {
+        AuthorizeFailure::Page(text) => message(StatusCode::BAD_REQUEST, "Sign-in request refused", &text),
+        AuthorizeFailure::Redirect { redirect_uri, error, description, state } => {
+            let mut pairs = vec![("error", error), ("error_description", description.as_str())];
+            if let Some(state) = state.as_deref() {
+                pairs.push(("state", state));
+            }
+            redirect_with(&redirect_uri, &pairs)
+        }
+    }
+}
+
+async fn issue_and_redirect(identity: &Identity, params: &AuthorizeParams, user: &crate::store::User, auth_time: i64) -> Response {
+    match identity.issue_code(params, user, auth_time).await {
+        Ok(code) => {
+            let mut pairs = vec![("code", code.as_str())];
+            if let Some(state) = params.state.as_deref() {
+                pairs.push(("state", state));
+            }
+            pairs.push(("iss", identity.issuer.as_str()));
+            redirect_with(&params.redirect_uri, &pairs)
+        }
+        Err(error) => ApiError::from(error).into_response(),
+    }
+}
+
+fn login_page(identity: &Identity, params: &AuthorizeParams, username: &str, error: Option<&str>, status: StatusCode) -> Response {
+    let form_token = identity.form_token(params, now_unix() + 600);
+    let action = format!("{}/login", identity.issuer);
+    page(
+        status,
+        LoginPage { action: &action, client_id: &params.client_id, params, form_token, username, error }.render(),
+    )
+}
+
+async fn authorize(State(identity): State<Identity>, headers: HeaderMap, Query(params): Query<AuthorizeParams>) -> Response {
+    if let Err(failure) = identity.validate_authorize(&params).await {
+        return failure_response(failure);
+    }
+    let prompt = params.prompt.as_deref().unwrap_or_default();
+    let session = match cookie(&headers, SESSION_COOKIE) {
+        Some(id) => identity.session_user(id).await.ok().flatten(),
+        None => None,
+    };
+    let fresh_enough = |auth_time: i64| params.max_age.is_none_or(|max_age| now_unix() - auth_time <= max_age);
+    match session {
+        Some((user, auth_time)) if prompt != "login" && fresh_enough(auth_time) => {
+            issue_and_redirect(&identity, &params, &user, auth_time).await
+        }
+        _ if prompt == "none" => failure_response(AuthorizeFailure::Redirect {
+            redirect_uri: params.redirect_uri.clone(),
+            error: "login_required",
+            description: "the user is not signed in".into(),
+            state: params.state.clone(),
+        }),
+        _ => login_page(&identity, &params, "", None, StatusCode::OK),
+    }
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    #[serde(flatten)]
+    params: AuthorizeParams,
+    #[serde(default)]
+    username: String,
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    form_token: String,
+}
+
+fn cross_site(headers: &HeaderMap) -> bool {
+    headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()).is_some_and(|site| site == "cross-site")
+}
+
+async fn login(State(identity): State<Identity>, headers: HeaderMap, Form(form): Form<LoginForm>) -> Response {
+    let params = form.params;
+    if let Err(failure) = identity.validate_authorize(&params).await {
+        return failure_response(failure);
+    }
+    if cross_site(&headers) || !identity.check_form_token(&params, &form.form_token) {
+        return login_page(&identity, &params, "", Some("This sign-in form expired. Please sign in again."), StatusCode::BAD_REQUEST);
+    }
+    match identity.authenticate(&form.username, &form.password).await {
+        Ok(user) => {
+            let (session_id, ttl) = match identity.start_session(&user).await {
+                Ok(session) => session,
+                Err(error) => return ApiError::from(error).into_response(),
+            };
+            identity.audit(&user.id, "identity.login_succeeded", &format!("user:{}", user.id), "success", serde_json::json!({"client_id": params.client_id})).await;
+            let mut response = issue_and_redirect(&identity, &params, &user, now_unix()).await;
+            response.headers_mut().append(header::SET_COOKIE, set_cookie(SESSION_COOKIE, &session_id, ttl, secure(&identity)));
+            response
+        }
+        Err(IdentityError::InvalidCredentials) => {
+            let username: String = form.username.chars().take(256).collect();
+            identity.audit(&username, "identity.login_failed", &format!("username:{username}"), "denied", serde_json::json!({"client_id": params.client_id})).await;
+            login_page(&identity, &params, &username, Some("Invalid username or password."), StatusCode::UNAUTHORIZED)
+        }
+        Err(error) => ApiError::from(error).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenForm {
+    grant_type: Option<String>,
+    code: Option<String>,
+    redirect_uri: Option<String>,
+    code_verifier: Option<String>,
+    refresh_token: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    audience: Option<String>,
+    resource: Option<String>,
+}
+
+fn oauth_error(error: IdentityError) -> Response {
+    let status = match error {
+        IdentityError::InvalidClient => StatusCode::UNAUTHORIZED,
+        IdentityError::Internal(_) | IdentityError::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let description = match status {
+        StatusCode::INTERNAL_SERVER_ERROR => {
+            tracing::error!(%error, "token endpoint failed");
+            "internal error".to_string()
+        }
+        _ => error.to_string(),
+    };
+    let mut response = (status, axum::Json(serde_json::json!({"error": error.oauth_code(), "error_description": description}))).into_response();
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"echo\""));
+    }
+    response
+}
+
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    let unescape = |s: &str| url::form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned());
+    Some((unescape(id)?, unescape(secret)?))
+}
+
+async fn token(State(identity): State<Identity>, headers: HeaderMap, Form(form): Form<TokenForm>) -> Response {
+    let (client_id, secret) = match basic_credentials(&headers) {
+        Some((id, secret)) => (id, Some(secret)),
+        None => match form.client_id.clone() {
+            Some(id) => (id, form.client_secret.clone()),
+            None => return oauth_error(IdentityError::InvalidClient),
+        },
+    };
+    let client = match identity.authenticate_client(&client_id, secret.as_deref()).await {
+        Ok(client) => client,
+        Err(error) => return oauth_error(error),
+    };
+    let result = match form.grant_type.as_deref() {
+        Some("authorization_code") => match (form.code.as_deref(), form.redirect_uri.as_deref()) {
+            (Some(code), Some(redirect_uri)) if client.kind != "service" => {
+                identity.exchange_code(&client, code, redirect_uri, form.code_verifier.as_deref()).await
+            }
+            (Some(_), Some(_)) => Err(IdentityError::UnauthorizedClient),
+            _ => Err(IdentityError::InvalidRequest("code and redirect_uri are required".into())),
+        },
+        Some("refresh_token") => match form.refresh_token.as_deref() {
+            Some(refresh_token) => identity.exchange_refresh(&client, refresh_token).await,
+            None => Err(IdentityError::InvalidRequest("refresh_token is required".into())),
+        },
+        Some("client_credentials") => match form.audience.as_deref().or(form.resource.as_deref()) {
+            Some(audience) => identity.service_token(&client, audience).await,
+            None => Err(IdentityError::InvalidRequest("audience is required".into())),
+        },
+        _ => Err(IdentityError::UnsupportedGrantType),
+    };
+    match result {
+        Ok(tokens) => {
+            let mut response = axum::Json(tokens).into_response();
+            response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            response
+        }
+        Err(error) => oauth_error(error),
+    }
+}
+
+async fn userinfo(State(identity): State<Identity>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let token = common::auth::bearer(&headers).ok_or_else(|| ApiError::unauthenticated("a bearer token is required"))?;
+    let claims = identity.verify_access(token).await?;
+    let user = identity.store.user_by_id(&claims.sub).await?.filter(|u| !u.disabled).ok_or(IdentityError::InvalidToken)?;
+    Ok(axum::Json(serde_json::json!({
+        "sub": user.id,
+        "preferred_username": user.username,
+        "name": user.name.clone().unwrap_or_else(|| user.username.clone()),
+        "email": user.email,
+        "org": user.org,
+        "roles": user.roles,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct LogoutParams {
+    client_id: Option<String>,
+    post_logout_redirect_uri: Option<String>,
+    state: Option<String>,
+}
+
+async fn logout(State(identity): State<Identity>, headers: HeaderMap, Query(params): Query<LogoutParams>) -> Response {
+    if let Some(id) = cookie(&headers, SESSION_COOKIE) {
+        if let Ok(Some((user, _))) = identity.session_user(id).await {
+            identity.audit(&user.id, "identity.logout", &format!("user:{}", user.id), "success", serde_json::json!({})).await;
+        }
+        let _ = identity.store.delete_session(&common::rand::sha256_hex(id.as_bytes())).await;
+    }
+    let mut response = match (params.client_id.as_deref(), params.post_logout_redirect_uri.as_deref()) {
+        (Some(client_id), Some(uri)) => match identity.store.client(client_id).await {
+            Ok(Some(client)) if client.redirect_uris.iter().any(|u| u == uri) => {
+                let pairs: Vec<(&str, &str)> = params.state.as_deref().map(|s| vec![("state", s)]).unwrap_or_default();
+                redirect_with(uri, &pairs)
+            }
+            _ => message(StatusCode::OK, "Signed out", "You are signed out. The application's return address was not recognised."),
+        },
+        _ => message(StatusCode::OK, "Signed out", "You are signed out of Echo."),
+    };
+    response.headers_mut().append(header::SET_COOKIE, set_cookie(SESSION_COOKIE, "", 0, secure(&identity)));
+    response
+}
+
+async fn internal_user(State(identity): State<Identity>, Path(id): Path<String>) -> Result<Json<common::wire::UserSummary>, ApiError> {
+    let user = identity.store.user_by_id(&id).await?.ok_or(IdentityError::NotFound)?;
+    Ok(Json(user.summary()))
+}
+
+async fn internal_org_users(State(identity): State<Identity>, Path(org): Path<String>) -> Result<Json<Vec<common::wire::UserSummary>>, ApiError> {
+    let users = identity.store.users_in_org(&org).await?;
+    Ok(Json(users.iter().map(|u| u.summary()).collect()))
+}

@@ -1,0 +1,158 @@
+//! identity — Echo's OpenID Connect provider.
+//!
+//! Users, orgs, clients, signing keys, sessions and tokens live in `identity.db`.
+//! Public surface: `run` (the HTTP service), `bootstrap` (first-run set-up used by
+//! `echod up`), and the operator functions behind `echod user …` / `echod client …`,
+//! which work on the database directly whether or not the service runs.
+//! Invariants: bearer secrets are stored hashed; redirect URIs match exactly; public
+//! clients must use PKCE S256; codes are single-use and live at most 60 s.
+
+mod error;
+mod http;
+mod keys;
+mod password;
+mod service;
+mod store;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use common::config::WEB_CLIENT_ID;
+use common::{EchoConfig, ServiceContext, ServiceName};
+
+pub use error::IdentityError;
+pub use common::wire::UserSummary;
+
+/// Runs the identity service on `listener` until the context's shutdown.
+pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
+    let identity = service::Identity::new(ctx.config.clone(), Some(ctx.clone())).await?;
+    let store = identity.store.clone();
+    let ready: common::server::ReadyCheck = Arc::new(move || {
+        let store = store.clone();
+        Box::pin(async move { store.count_users().await.map(|_| ()).map_err(|e| e.to_string()) })
+    });
+    let router = common::server::service_router(ServiceName::Identity, http::router(identity, ctx.clone()), ready)
+        .fallback(common::server::not_found);
+    common::server::serve(listener, router, ctx.shutdown.clone()).await
+}
+
+/// What the first run created.
+#[derive(Debug, Default)]
+pub struct Bootstrap {
+    /// The admin's one-time password, when the admin was created by this call.
+    pub admin_password: Option<String>,
+}
+
+/// Prepares identity's data: signing key, service clients (secrets under
+/// `data_dir/secrets`, mode 0600), the web client for the gateway, and on a new data
+/// dir an `admin` user in org `default` with a random password.
+pub async fn bootstrap(config: &EchoConfig) -> Result<Bootstrap, IdentityError> {
+    let identity = service::Identity::new(Arc::new(config.clone()), None).await?;
+    std::fs::create_dir_all(config.secrets_dir()).map_err(|e| IdentityError::Internal(e.to_string()))?;
+    restrict_permissions(&config.secrets_dir(), 0o700);
+    for service in ServiceName::ALL {
+        let path = config.service_secret_path(service);
+        let secret = match std::fs::read_to_string(&path) {
+            Ok(secret) if !secret.trim().is_empty() => secret.trim().to_string(),
+            _ => {
+                let secret = common::rand::token(32);
+                std::fs::write(&path, &secret).map_err(|e| IdentityError::Internal(format!("{}: {e}", path.display())))?;
+                restrict_permissions(&path, 0o600);
+                secret
+            }
+        };
+        identity.register_client(&service.client_id(), vec![], Some(&secret), "service").await?;
+    }
+    let callback = format!("{}/auth/callback", config.public_url());
+    let mut uris = identity.store.client(WEB_CLIENT_ID).await?.map(|c| c.redirect_uris).unwrap_or_default();
+    if !uris.contains(&callback) {
+        uris.push(callback);
+    }
+    let signed_out = format!("{}/signed-out", config.public_url());
+    if !uris.contains(&signed_out) {
+        uris.push(signed_out);
+    }
+    identity.register_client(WEB_CLIENT_ID, uris, None, "public").await?;
+    let mut report = Bootstrap::default();
+    if identity.store.count_users().await? == 0 {
+        let password = common::rand::token(15);
+        identity
+            .create_user(service::NewUser {
+                username: "admin".into(),
+                password: password.clone(),
+                org: "default".into(),
+                role: "owner".into(),
+                email: None,
+            })
+            .await?;
+        report.admin_password = Some(password);
+    }
+    Ok(report)
+}
+
+fn restrict_permissions(path: &std::path::Path, mode: u32) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
+    }
+}
+
+/// `echod user add`.
+pub async fn add_user(
+    config: &EchoConfig,
+    username: &str,
+    password: &str,
+    org: &str,
+    role: &str,
+    email: Option<String>,
+) -> Result<UserSummary, IdentityError> {
+    let identity = service::Identity::new(Arc::new(config.clone()), None).await?;
+    let user = identity
+        .create_user(service::NewUser {
+            username: username.to_string(),
+            password: password.to_string(),
+            org: org.to_string(),
+            role: role.to_string(),
+            email,
+        })
+        .await?;
+    Ok(user.summary())
+}
+
+/// `echod user list`.
+pub async fn list_users(config: &EchoConfig) -> Result<Vec<UserSummary>, IdentityError> {
+    let identity = service::Identity::new(Arc::new(config.clone()), None).await?;
+    Ok(identity.store.all_users().await?.iter().map(|u| u.summary()).collect())
+}
+
+/// `echod user passwd`.
+pub async fn set_password(config: &EchoConfig, username: &str, password: &str) -> Result<(), IdentityError> {
+    let identity = service::Identity::new(Arc::new(config.clone()), None).await?;
+    let user = identity.store.user_by_username(username).await?.ok_or(IdentityError::NotFound)?;
+    let hash = password::hash(password.to_string()).await.map_err(|e| IdentityError::BadRequest(e.to_string()))?;
+    identity.store.set_password(&user.id, &hash).await?;
+    Ok(())
+}
+
+/// `echod user disable`: also revokes the user's refresh tokens and sessions.
+pub async fn disable_user(config: &EchoConfig, username: &str) -> Result<(), IdentityError> {
+    let identity = service::Identity::new(Arc::new(config.clone()), None).await?;
+    let user = identity.store.user_by_username(username).await?.ok_or(IdentityError::NotFound)?;
+    identity.store.set_disabled(&user.id, true).await?;
+    Ok(())
+}
+
+/// `echod client add`: a public client (PKCE) or a confidential one with a secret.
+pub async fn add_client(config: &EchoConfig, client_id: &str, redirect_uris: Vec<String>, secret: Option<&str>) -> Result<(), IdentityError> {
+    if redirect_uris.is_empty() {
+        return Err(IdentityError::BadRequest("at least one --redirect-uri is required".into()));
+    }
+    if client_id.starts_with("svc-") || client_id == WEB_CLIENT_ID {
+        return Err(IdentityError::BadRequest(format!("client id `{client_id}` is reserved for Echo itself")));
+    }
+    let identity = service::Identity::new(Arc::new(config.clone()), None).await?;
+    let kind = if secret.is_some() { "confidential" } else { "public" };
+    identity.register_client(client_id, redirect_uris, secret, kind).await
+}

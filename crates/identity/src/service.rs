@@ -1,0 +1,545 @@
+//! Identity's business functions: validating authorization requests, minting and
+//! verifying tokens, users and clients. No axum types here; handlers in `http` call these.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use jsonwebtoken::{Algorithm, Header};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use tokio::sync::RwLock;
+
+use common::config::API_AUDIENCE;
+use common::{EchoConfig, ServiceContext, ServiceName, now_unix};
+
+use crate::error::IdentityError;
+use crate::keys::{self, SigningKey};
+use crate::password;
+use crate::store::{AuthCode, Client, RefreshToken, Store, User};
+
+#[derive(Clone)]
+pub(crate) struct Identity {
+    pub(crate) store: Store,
+    pub(crate) keys: Arc<RwLock<Vec<SigningKey>>>,
+    pub(crate) config: Arc<EchoConfig>,
+    pub(crate) issuer: String,
+    pub(crate) form_key: Arc<aws_lc_rs::hmac::Key>,
+    pub(crate) ctx: Option<ServiceContext>,
+}
+
+/// The parameters of `/authorize`, as received (and re-posted by the login form).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct AuthorizeParams {
+    #[serde(default)]
+    pub(crate) response_type: String,
+    #[serde(default)]
+    pub(crate) client_id: String,
+    #[serde(default)]
+    pub(crate) redirect_uri: String,
+    #[serde(default)]
+    pub(crate) scope: String,
+    #[serde(default)]
+    pub(crate) state: Option<String>,
+    #[serde(default)]
+    pub(crate) nonce: Option<String>,
+    #[serde(default)]
+    pub(crate) code_challenge: Option<String>,
+    #[serde(default)]
+    pub(crate) code_challenge_method: Option<String>,
+    #[serde(default)]
+    pub(crate) prompt: Option<String>,
+    #[serde(default)]
+    pub(crate) max_age: Option<i64>,
+}
+
+/// Why an authorization request fails: shown on our own page when the client or
+/// redirect URI cannot be trusted, otherwise sent back to the client.
+#[derive(Debug)]
+pub(crate) enum AuthorizeFailure {
+    Page(String),
+    Redirect { redirect_uri: String, error: &'static str, description: String, state: Option<String> },
+}
+
+const SCOPES: [&str; 5] = ["openid", "profile", "email", "offline_access", "echo"];
+
+impl Identity {
+    pub(crate) async fn new(config: Arc<EchoConfig>, ctx: Option<ServiceContext>) -> Result<Identity, IdentityError> {
+        let store = Store::open(&config.db_path(ServiceName::Identity)).await?;
+        let identity = Identity {
+            store: store.clone(),
+            keys: Arc::new(RwLock::new(Vec::new())),
+            issuer: config.issuer(),
+            config,
+            form_key: Arc::new(aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &[0u8; 32])),
+            ctx,
+        };
+        identity.ensure_keys().await?;
+        store.set_setting_if_absent("form_key", &common::rand::token(32)).await?;
+        let form_key = store.setting("form_key").await?.unwrap_or_default();
+        Ok(Identity {
+            form_key: Arc::new(aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, form_key.as_bytes())),
+            ..identity
+        })
+    }
+
+    /// Loads the signing keys, generating the first one on a new data dir.
+    async fn ensure_keys(&self) -> Result<(), IdentityError> {
+        let mut stored = self.store.active_keys().await?;
+        if stored.is_empty() {
+            let new = tokio::task::spawn_blocking(keys::generate)
+                .await
+                .map_err(|e| IdentityError::Internal(e.to_string()))??;
+            self.store.insert_key(&new.kid, &new.pkcs8, &new.n, &new.e).await?;
+            stored = self.store.active_keys().await?;
+        }
+        let loaded = stored
+            .into_iter()
+            .map(|(kid, der, n, e)| keys::load(kid, &der, n, e))
+            .collect::<Result<Vec<_>, _>>()?;
+        *self.keys.write().await = loaded;
+        Ok(())
+    }
+
+    async fn sign<T: Serialize>(&self, claims: &T) -> Result<String, IdentityError> {
+        let keys = self.keys.read().await;
+        let key = keys.first().ok_or_else(|| IdentityError::Internal("no signing key".into()))?;
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(key.kid.clone());
+        header.typ = Some("JWT".into());
+        jsonwebtoken::encode(&header, claims, &key.encoding).map_err(|e| IdentityError::Internal(e.to_string()))
+    }
+
+    pub(crate) async fn audit(&self, actor: &str, action: &str, resource: &str, outcome: &str, context: serde_json::Value) {
+        if let Some(ctx) = self.ctx.clone() {
+            let (actor, action, resource, outcome) = (actor.to_string(), action.to_string(), resource.to_string(), outcome.to_string());
+            tokio::spawn(async move { ctx.audit(&actor, &action, &resource, &outcome, context).await });
+        }
+    }
+
+    // ---- authorization requests ----
+
+    pub(crate) async fn validate_authorize(&self, params: &AuthorizeParams) -> Result<Client, AuthorizeFailure> {
+        let client = match self.store.client(&params.client_id).await {
+            Ok(Some(client)) if client.kind != "service" => client,
+            Ok(_) => return Err(AuthorizeFailure::Page("unknown client".into())),
+            Err(_) => return Err(AuthorizeFailure::Page("the identity service is unavailable".into())),
+        };
+        if params.redirect_uri.is_empty() || !client.redirect_uris.iter().any(|uri| uri == &params.redirect_uri) {
+            return Err(AuthorizeFailure::Page("the redirect URI is not registered for this client".into()));
+        }
+        let redirect = |error: &'static str, description: &str| AuthorizeFailure::Redirect {
+            redirect_uri: params.redirect_uri.clone(),
+            error,
+            description: description.to_string(),
+            state: params.state.clone(),
+        };
+        if params.response_type != "code" {
+            return Err(redirect("unsupported_response_type", "only response_type=code is supported"));
+        }
+        if params.scope.split_whitespace().any(|s| !SCOPES.contains(&s)) {
+            return Err(redirect("invalid_scope", "unknown scope requested"));
+        }
+        match (params.code_challenge.as_deref(), params.code_challenge_method.as_deref()) {
+            (Some(challenge), Some("S256")) if (43..=128).contains(&challenge.len()) => {}
+            (Some(_), Some("S256")) => return Err(redirect("invalid_request", "code_challenge must be 43 to 128 characters")),
+            (Some(_), _) => return Err(redirect("invalid_request", "code_challenge_method must be S256")),
+            (None, _) if client.kind == "public" => {
+                return Err(redirect("invalid_request", "public clients must use PKCE (S256)"));
+            }
+            (None, _) => {}
+        }
+        if params.state.as_ref().is_some_and(|s| s.len() > 1024) || params.nonce.as_ref().is_some_and(|n| n.len() > 1024) {
+            return Err(redirect("invalid_request", "state and nonce must be at most 1024 characters"));
+        }
+        Ok(client)
+    }
+
+    /// A signed, expiring token binding the login form to the authorization request.
+    pub(crate) fn form_token(&self, params: &AuthorizeParams, expires_at: i64) -> String {
+        let payload = format!("{}|{}", expires_at, serde_json::to_string(params).unwrap_or_default());
+        let tag = aws_lc_rs::hmac::sign(&self.form_key, payload.as_bytes());
+        format!("{expires_at}.{}", hex::encode(tag.as_ref()))
+    }
+
+    pub(crate) fn check_form_token(&self, params: &AuthorizeParams, token: &str) -> bool {
+        let Some((expires, _)) = token.split_once('.') else { return false };
+        let Ok(expires_at) = expires.parse::<i64>() else { return false };
+        expires_at > now_unix() && common::rand::constant_time_eq(self.form_token(params, expires_at).as_bytes(), token.as_bytes())
+    }
+
+    pub(crate) async fn issue_code(&self, params: &AuthorizeParams, user: &User, auth_time: i64) -> Result<String, IdentityError> {
+        let code = common::rand::token(32);
+        let record = AuthCode {
+            client_id: params.client_id.clone(),
+            redirect_uri: params.redirect_uri.clone(),
+            user_id: user.id.clone(),
+            scope: params.scope.clone(),
+            nonce: params.nonce.clone(),
+            code_challenge: params.code_challenge.clone(),
+            auth_time,
+            expires_at: now_unix() + self.config.identity.code_ttl_secs,
+        };
+        self.store.insert_code(&common::rand::sha256_hex(code.as_bytes()), &record).await?;
+        Ok(code)
+    }
+
+    // ---- sign-in ----
+
+    /// Checks credentials; unknown users and wrong passwords cost the same.
+    pub(crate) async fn authenticate(&self, username: &str, password: &str) -> Result<User, IdentityError> {
+        if username.len() > 256 || password.len() > 1024 {
+            return Err(IdentityError::InvalidCredentials);
+        }
+        let user = self.store.user_by_username(username.trim()).await?;
+        let ok = password::verify(password.to_string(), user.as_ref().map(|u| u.password_hash.clone())).await;
+        match user {
+            Some(user) if ok && !user.disabled => Ok(user),
+            _ => Err(IdentityError::InvalidCredentials),
+        }
+    }
+
+    pub(crate) async fn start_session(&self, user: &User) -> Result<(String, i64), IdentityError> {
+        let id = common::rand::token(32);
+        let now = now_unix();
+        let ttl = self.config.identity.session_ttl_hours * 3600;
+        self.store.insert_session(&common::rand::sha256_hex(id.as_bytes()), &user.id, now, now + ttl).await?;
+        Ok((id, ttl))
+    }
+
+    pub(crate) async fn session_user(&self, session_id: &str) -> Result<Option<(User, i64)>, IdentityError> {
+        let Some((user_id, auth_time)) = self.store.session(&common::rand::sha256_hex(session_id.as_bytes())).await? else {
+            return Ok(None);
+        };
+        Ok(self.store.user_by_id(&user_id).await?.filter(|u| !u.disabled).map(|u| (u, auth_time)))
+    }
+
+    // ---- tokens ----
+
+    /// Authenticates a client at the token endpoint. Public clients present only their id.
+    pub(crate) async fn authenticate_client(&self, client_id: &str, secret: Option<&str>) -> Result<Client, IdentityError> {
+        let client = self.store.client(client_id).await?.ok_or(IdentityError::InvalidClient)?;
+        match (&client.secret_hash, secret) {
+            (None, None) if client.kind == "public" => Ok(client),
+            (Some(hash), Some(secret)) => {
+                let presented = common::rand::sha256_hex(secret.as_bytes());
+                if common::rand::constant_time_eq(presented.as_bytes(), hash.as_bytes()) {
+                    Ok(client)
+                } else {
+                    Err(IdentityError::InvalidClient)
+                }
+            }
+            _ => Err(IdentityError::InvalidClient),
+        }
+    }
+
+    pub(crate) async fn exchange_code(
+        &self,
+        client: &Client,
+        code: &str,
+        redirect_uri: &str,
+        code_verifier: Option<&str>,
+    ) -> Result<TokenResponse, IdentityError> {
+        let record = self
+            .store
+            .take_code(&common::rand::sha256_hex(code.as_bytes()))
+            .await?
+            .ok_or_else(|| IdentityError::InvalidGrant("authorization code is invalid or was already used".into()))?;
+        if record.expires_at < now_unix() {
+            return Err(IdentityError::InvalidGrant("authorization code expired".into()));
+        }
+        if record.client_id != client.client_id {
+            return Err(IdentityError::InvalidGrant("authorization code was issued to another client".into()));
+        }
+        if record.redirect_uri != redirect_uri {
+            return Err(IdentityError::InvalidGrant("redirect_uri does not match the authorization request".into()));
+        }
+        match (&record.code_challenge, code_verifier) {
+            (Some(challenge), Some(verifier)) => {
+                if !(43..=128).contains(&verifier.len()) {
+                    return Err(IdentityError::InvalidGrant("code_verifier must be 43 to 128 characters".into()));
+                }
+                let computed = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()));
+                if !common::rand::constant_time_eq(computed.as_bytes(), challenge.as_bytes()) {
+                    return Err(IdentityError::InvalidGrant("PKCE verification failed".into()));
+                }
+            }
+            (Some(_), None) => return Err(IdentityError::InvalidGrant("code_verifier is required".into())),
+            (None, Some(_)) => return Err(IdentityError::InvalidGrant("no code_challenge was sent for this code".into())),
+            (None, None) => {}
+        }
+        let user = self.live_user(&record.user_id).await?;
+        let family = record.scope.split_whitespace().any(|s| s == "offline_access").then(|| uuid::Uuid::new_v4().to_string());
+        self.issue_user_tokens(&user, client, &record.scope, record.nonce.as_deref(), record.auth_time, family).await
+    }
+
+    pub(crate) async fn exchange_refresh(&self, client: &Client, refresh_token: &str) -> Result<TokenResponse, IdentityError> {
+        let hash = common::rand::sha256_hex(refresh_token.as_bytes());
+        let token = self.store.refresh(&hash).await?.ok_or_else(|| IdentityError::InvalidGrant("unknown refresh token".into()))?;
+        if token.client_id != client.client_id {
+            return Err(IdentityError::InvalidGrant("refresh token was issued to another client".into()));
+        }
+        if token.revoked_at.is_some() || token.expires_at < now_unix() {
+            return Err(IdentityError::InvalidGrant("refresh token is expired or revoked".into()));
+        }
+        if token.used_at.is_some() || !self.store.spend_refresh(&hash).await? {
+            self.store.revoke_family(&token.family).await?;
+            self.audit(&token.user_id, "identity.refresh_reuse_detected", &format!("client:{}", client.client_id), "denied", serde_json::json!({})).await;
+            return Err(IdentityError::InvalidGrant("refresh token was already used; its family is revoked".into()));
+        }
+        let user = self.live_user(&token.user_id).await?;
+        self.issue_user_tokens(&user, client, &token.scope, None, token.auth_time, Some(token.family)).await
+    }
+
+    async fn live_user(&self, user_id: &str) -> Result<User, IdentityError> {
+        self.store
+            .user_by_id(user_id)
+            .await?
+            .filter(|u| !u.disabled)
+            .ok_or_else(|| IdentityError::InvalidGrant("the user is disabled or deleted".into()))
+    }
+
+    async fn issue_user_tokens(
+        &self,
+        user: &User,
+        client: &Client,
+        scope: &str,
+        nonce: Option<&str>,
+        auth_time: i64,
+        refresh_family: Option<String>,
+    ) -> Result<TokenResponse, IdentityError> {
+        let now = now_unix();
+        let ttl = self.config.identity.access_token_ttl_secs;
+        let access = AccessTokenClaims {
+            iss: self.issuer.clone(),
+            sub: user.id.clone(),
+            aud: API_AUDIENCE.to_string(),
+            exp: now + ttl,
+            iat: now,
+            nbf: now,
+            jti: uuid::Uuid::new_v4().to_string(),
+            scope: scope.to_string(),
+            client_id: client.client_id.clone(),
+            preferred_username: Some(user.username.clone()),
+            org: Some(user.org.clone()),
+            roles: user.roles.clone(),
+        };
+        let access_token = self.sign(&access).await?;
+        let id_token = if scope.split_whitespace().any(|s| s == "openid") {
+            let digest = sha2::Sha256::digest(access_token.as_bytes());
+            let at_hash = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..16]);
+            let claims = IdTokenClaims {
+                iss: self.issuer.clone(),
+                sub: user.id.clone(),
+                aud: client.client_id.clone(),
+                exp: now + self.config.identity.id_token_ttl_secs,
+                iat: now,
+                auth_time,
+                nonce: nonce.map(str::to_string),
+                at_hash,
+                azp: client.client_id.clone(),
+                preferred_username: user.username.clone(),
+                email: user.email.clone(),
+                name: user.name.clone().unwrap_or_else(|| user.username.clone()),
+                org: user.org.clone(),
+                roles: user.roles.clone(),
+            };
+            Some(self.sign(&claims).await?)
+        } else {
+            None
+        };
+        let refresh_token = match refresh_family {
+            Some(family) => {
+                let token = common::rand::token(32);
+                let record = RefreshToken {
+                    family,
+                    client_id: client.client_id.clone(),
+                    user_id: user.id.clone(),
+                    scope: scope.to_string(),
+                    auth_time,
+                    expires_at: now + self.config.identity.refresh_token_ttl_days * 86_400,
+                    used_at: None,
+                    revoked_at: None,
+                };
+                self.store.insert_refresh(&common::rand::sha256_hex(token.as_bytes()), &record).await?;
+                Some(token)
+            }
+            None => None,
+        };
+        self.audit(&user.id, "identity.token_issued", &format!("client:{}", client.client_id), "success", serde_json::json!({"scope": scope})).await;
+        Ok(TokenResponse {
+            access_token,
+            token_type: "Bearer",
+            expires_in: ttl,
+            id_token,
+            refresh_token,
+            scope: scope.to_string(),
+        })
+    }
+
+    /// A client-credentials token for an Echo service, audience-bound to one callee.
+    pub(crate) async fn service_token(&self, client: &Client, audience: &str) -> Result<TokenResponse, IdentityError> {
+        if client.kind != "service" {
+            return Err(IdentityError::UnauthorizedClient);
+        }
+        let valid_audience = ServiceName::ALL.iter().any(|s| s.audience() == audience);
+        if !valid_audience {
+            return Err(IdentityError::InvalidTarget);
+        }
+        let now = now_unix();
+        let ttl = self.config.identity.service_token_ttl_secs;
+        let claims = AccessTokenClaims {
+            iss: self.issuer.clone(),
+            sub: client.client_id.clone(),
+            aud: audience.to_string(),
+            exp: now + ttl,
+            iat: now,
+            nbf: now,
+            jti: uuid::Uuid::new_v4().to_string(),
+            scope: "service".into(),
+            client_id: client.client_id.clone(),
+            preferred_username: None,
+            org: None,
+            roles: vec![],
+        };
+        Ok(TokenResponse {
+            access_token: self.sign(&claims).await?,
+            token_type: "Bearer",
+            expires_in: ttl,
+            id_token: None,
+            refresh_token: None,
+            scope: "service".into(),
+        })
+    }
+
+    /// Verifies one of our own access tokens (for `/userinfo`).
+    pub(crate) async fn verify_access(&self, token: &str) -> Result<AccessTokenClaims, IdentityError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| IdentityError::InvalidToken)?;
+        if header.alg != Algorithm::RS256 {
+            return Err(IdentityError::InvalidToken);
+        }
+        let keys = self.keys.read().await;
+        let key = keys.iter().find(|k| Some(&k.kid) == header.kid.as_ref()).ok_or(IdentityError::InvalidToken)?;
+        let decoding = jsonwebtoken::DecodingKey::from_rsa_components(&key.n, &key.e).map_err(|_| IdentityError::InvalidToken)?;
+        let mut validation = jsonwebtoken::Validation::new(Algorithm::RS256);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[API_AUDIENCE]);
+        validation.validate_nbf = true;
+        let data = jsonwebtoken::decode::<AccessTokenClaims>(token, &decoding, &validation).map_err(|_| IdentityError::InvalidToken)?;
+        Ok(data.claims)
+    }
+
+    // ---- administration (CLI and bootstrap) ----
+
+    pub(crate) async fn create_user(&self, new: NewUser) -> Result<User, IdentityError> {
+        let username = new.username.trim().to_string();
+        let valid_name = !username.is_empty()
+            && username.len() <= 64
+            && username.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'));
+        if !valid_name {
+            return Err(IdentityError::BadRequest("username must be 1 to 64 letters, digits, '.', '_', '-' or '@'".into()));
+        }
+        let valid_org = !new.org.is_empty() && new.org.len() <= 64 && new.org.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+        if !valid_org {
+            return Err(IdentityError::BadRequest("org must be 1 to 64 letters, digits, '_' or '-'".into()));
+        }
+        if !matches!(new.role.as_str(), "owner" | "admin" | "member" | "viewer") {
+            return Err(IdentityError::BadRequest("role must be owner, admin, member or viewer".into()));
+        }
+        if self.store.user_by_username(&username).await?.is_some() {
+            return Err(IdentityError::Conflict(format!("user `{username}` already exists")));
+        }
+        let password_hash = password::hash(new.password).await.map_err(|e| IdentityError::BadRequest(e.to_string()))?;
+        let user = User {
+            id: uuid::Uuid::new_v4().to_string(),
+            username,
+            email: new.email,
+            name: None,
+            org: new.org,
+            roles: vec![new.role],
+            password_hash,
+            disabled: false,
+        };
+        self.store.insert_user(&user).await?;
+        self.audit("system", "identity.user_created", &format!("user:{}", user.id), "success", serde_json::json!({"org": user.org})).await;
+        Ok(user)
+    }
+
+    pub(crate) async fn register_client(&self, client_id: &str, redirect_uris: Vec<String>, secret: Option<&str>, kind: &str) -> Result<(), IdentityError> {
+        for uri in &redirect_uris {
+            let parsed = url::Url::parse(uri).map_err(|_| IdentityError::BadRequest(format!("`{uri}` is not an absolute URL")))?;
+            if parsed.fragment().is_some() || !matches!(parsed.scheme(), "http" | "https") {
+                return Err(IdentityError::BadRequest(format!("`{uri}` must be an http(s) URL without a fragment")));
+            }
+        }
+        if client_id.is_empty() || client_id.len() > 128 {
+            return Err(IdentityError::BadRequest("client id must be 1 to 128 characters".into()));
+        }
+        let client = Client {
+            client_id: client_id.to_string(),
+            secret_hash: secret.map(|s| common::rand::sha256_hex(s.as_bytes())),
+            redirect_uris,
+            kind: kind.to_string(),
+        };
+        self.store.upsert_client(&client).await?;
+        Ok(())
+    }
+}
+
+pub(crate) struct NewUser {
+    pub(crate) username: String,
+    pub(crate) password: String,
+    pub(crate) org: String,
+    pub(crate) role: String,
+    pub(crate) email: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct AccessTokenClaims {
+    pub(crate) iss: String,
+    pub(crate) sub: String,
+    pub(crate) aud: String,
+    pub(crate) exp: i64,
+    pub(crate) iat: i64,
+    pub(crate) nbf: i64,
+    pub(crate) jti: String,
+    pub(crate) scope: String,
+    pub(crate) client_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) preferred_username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) org: Option<String>,
+    #[serde(default)]
+    pub(crate) roles: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct IdTokenClaims {
+    iss: String,
+    sub: String,
+    aud: String,
+    exp: i64,
+    iat: i64,
+    auth_time: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nonce: Option<String>,
+    at_hash: String,
+    azp: String,
+    preferred_username: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<String>,
+    name: String,
+    org: String,
+    roles: Vec<String>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct TokenResponse {
+    pub(crate) access_token: String,
+    pub(crate) token_type: &'static str,
+    pub(crate) expires_in: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) id_token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) refresh_token: Option<String>,
+    pub(crate) scope: String,
+}

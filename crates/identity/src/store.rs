@@ -1,0 +1,434 @@
+//! Identity's storage: users, orgs, clients, signing keys, authorization codes,
+//! sessions and refresh tokens in its own SQLite file. Bearer secrets (codes,
+//! session ids, refresh tokens, client secrets) are stored only as SHA-256 hashes.
+//! No HTTP types here.
+
+use sqlx::{Row, SqlitePool};
+
+use common::now_unix;
+
+pub(crate) const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE orgs (name TEXT PRIMARY KEY, created_at INTEGER NOT NULL);
+CREATE TABLE users (
+    id TEXT PRIMARY KEY,
+    username TEXT NOT NULL UNIQUE COLLATE NOCASE,
+    email TEXT,
+    name TEXT,
+    org TEXT NOT NULL REFERENCES orgs(name),
+    roles TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    disabled INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE clients (
+    client_id TEXT PRIMARY KEY,
+    secret_hash TEXT,
+    redirect_uris TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('public', 'confidential', 'service')),
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE signing_keys (
+    kid TEXT PRIMARY KEY,
+    alg TEXT NOT NULL,
+    private_der BLOB NOT NULL,
+    n TEXT NOT NULL,
+    e TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    retired_at INTEGER
+);
+CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE auth_codes (
+    code_hash TEXT PRIMARY KEY,
+    client_id TEXT NOT NULL,
+    redirect_uri TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    nonce TEXT,
+    code_challenge TEXT,
+    auth_time INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at INTEGER
+);
+CREATE TABLE sessions (
+    id_hash TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    auth_time INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE TABLE refresh_tokens (
+    token_hash TEXT PRIMARY KEY,
+    family TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    auth_time INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at INTEGER,
+    revoked_at INTEGER,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX refresh_tokens_family ON refresh_tokens(family);
+"#];
+
+#[derive(Clone, Debug)]
+pub(crate) struct User {
+    pub(crate) id: String,
+    pub(crate) username: String,
+    pub(crate) email: Option<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) org: String,
+    pub(crate) roles: Vec<String>,
+    pub(crate) password_hash: String,
+    pub(crate) disabled: bool,
+}
+
+impl User {
+    pub(crate) fn summary(&self) -> common::wire::UserSummary {
+        common::wire::UserSummary {
+            id: self.id.clone(),
+            username: self.username.clone(),
+            org: self.org.clone(),
+            roles: self.roles.clone(),
+            email: self.email.clone(),
+            disabled: self.disabled,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Client {
+    pub(crate) client_id: String,
+    pub(crate) secret_hash: Option<String>,
+    pub(crate) redirect_uris: Vec<String>,
+    pub(crate) kind: String,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct AuthCode {
+    pub(crate) client_id: String,
+    pub(crate) redirect_uri: String,
+    pub(crate) user_id: String,
+    pub(crate) scope: String,
+    pub(crate) nonce: Option<String>,
+    pub(crate) code_challenge: Option<String>,
+    pub(crate) auth_time: i64,
+    pub(crate) expires_at: i64,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct RefreshToken {
+    pub(crate) family: String,
+    pub(crate) client_id: String,
+    pub(crate) user_id: String,
+    pub(crate) scope: String,
+    pub(crate) auth_time: i64,
+    pub(crate) expires_at: i64,
+    pub(crate) used_at: Option<i64>,
+    pub(crate) revoked_at: Option<i64>,
+}
+
+#[derive(Clone)]
+pub(crate) struct Store {
+    pub(crate) pool: SqlitePool,
+}
+
+fn user_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<User, sqlx::Error> {
+    let roles: String = row.try_get("roles")?;
+    Ok(User {
+        id: row.try_get("id")?,
+        username: row.try_get("username")?,
+        email: row.try_get("email")?,
+        name: row.try_get("name")?,
+        org: row.try_get("org")?,
+        roles: serde_json::from_str(&roles).unwrap_or_default(),
+        password_hash: row.try_get("password_hash")?,
+        disabled: row.try_get::<i64, _>("disabled")? != 0,
+    })
+}
+
+impl Store {
+    pub(crate) async fn open(path: &std::path::Path) -> Result<Store, sqlx::Error> {
+        let pool = common::db::open_sqlite(path).await?;
+        common::db::migrate(&pool, MIGRATIONS).await?;
+        Ok(Store { pool })
+    }
+
+    // ---- users ----
+
+    pub(crate) async fn count_users(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM users").fetch_one(&self.pool).await
+    }
+
+    pub(crate) async fn insert_user(&self, user: &User) -> Result<(), sqlx::Error> {
+        let now = now_unix();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT OR IGNORE INTO orgs (name, created_at) VALUES (?, ?)")
+            .bind(&user.org)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO users (id, username, email, name, org, roles, password_hash, disabled, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&user.id)
+        .bind(&user.username)
+        .bind(&user.email)
+        .bind(&user.name)
+        .bind(&user.org)
+        .bind(serde_json::to_string(&user.roles).unwrap_or_else(|_| "[]".into()))
+        .bind(&user.password_hash)
+        .bind(user.disabled as i64)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+
+    pub(crate) async fn user_by_username(&self, username: &str) -> Result<Option<User>, sqlx::Error> {
+        let row = sqlx::query("SELECT * FROM users WHERE username = ?").bind(username).fetch_optional(&self.pool).await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    pub(crate) async fn user_by_id(&self, id: &str) -> Result<Option<User>, sqlx::Error> {
+        let row = sqlx::query("SELECT * FROM users WHERE id = ?").bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    pub(crate) async fn users_in_org(&self, org: &str) -> Result<Vec<User>, sqlx::Error> {
+        let rows = sqlx::query("SELECT * FROM users WHERE org = ? ORDER BY username").bind(org).fetch_all(&self.pool).await?;
+        rows.iter().map(user_from_row).collect()
+    }
+
+    pub(crate) async fn all_users(&self) -> Result<Vec<User>, sqlx::Error> {
+        let rows = sqlx::query("SELECT * FROM users ORDER BY org, username").fetch_all(&self.pool).await?;
+        rows.iter().map(user_from_row).collect()
+    }
+
+    pub(crate) async fn set_password(&self, user_id: &str, password_hash: &str) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query("UPDATE users SET password_hash = ?, updated_at = ? WHERE id = ?")
+            .bind(password_hash)
+            .bind(now_unix())
+            .bind(user_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub(crate) async fn set_disabled(&self, user_id: &str, disabled: bool) -> Result<bool, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("UPDATE users SET disabled = ?, updated_at = ? WHERE id = ?")
+            .bind(disabled as i64)
+            .bind(now_unix())
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        if disabled {
+            sqlx::query("UPDATE refresh_tokens SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL")
+                .bind(now_unix())
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM sessions WHERE user_id = ?").bind(user_id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    // ---- clients ----
+
+    pub(crate) async fn client(&self, client_id: &str) -> Result<Option<Client>, sqlx::Error> {
+        let row = sqlx::query("SELECT * FROM clients WHERE client_id = ?").bind(client_id).fetch_optional(&self.pool).await?;
+        row.map(|row| -> Result<Client, sqlx::Error> {
+            let uris: String = row.try_get("redirect_uris")?;
+            Ok(Client {
+                client_id: row.try_get("client_id")?,
+                secret_hash: row.try_get("secret_hash")?,
+                redirect_uris: serde_json::from_str(&uris).unwrap_or_default(),
+                kind: row.try_get("kind")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Creates or replaces a client registration.
+    pub(crate) async fn upsert_client(&self, client: &Client) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO clients (client_id, secret_hash, redirect_uris, kind, created_at) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT(client_id) DO UPDATE SET secret_hash = excluded.secret_hash,
+                 redirect_uris = excluded.redirect_uris, kind = excluded.kind",
+        )
+        .bind(&client.client_id)
+        .bind(&client.secret_hash)
+        .bind(serde_json::to_string(&client.redirect_uris).unwrap_or_else(|_| "[]".into()))
+        .bind(&client.kind)
+        .bind(now_unix())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    // ---- keys and settings ----
+
+    pub(crate) async fn active_keys(&self) -> Result<Vec<(String, Vec<u8>, String, String)>, sqlx::Error> {
+        let rows = sqlx::query("SELECT kid, private_der, n, e FROM signing_keys WHERE retired_at IS NULL ORDER BY created_at DESC")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("kid")?, r.try_get("private_der")?, r.try_get("n")?, r.try_get("e")?)))
+            .collect()
+    }
+
+    pub(crate) async fn insert_key(&self, kid: &str, der: &[u8], n: &str, e: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO signing_keys (kid, alg, private_der, n, e, created_at) VALUES (?, 'RS256', ?, ?, ?, ?)")
+            .bind(kid)
+            .bind(der)
+            .bind(n)
+            .bind(e)
+            .bind(now_unix())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn setting(&self, key: &str) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT value FROM settings WHERE key = ?").bind(key).fetch_optional(&self.pool).await
+    }
+
+    pub(crate) async fn set_setting_if_absent(&self, key: &str, value: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT OR IGNORE INTO settings (key, value) VALUES (?, ?)").bind(key).bind(value).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    // ---- codes ----
+
+    pub(crate) async fn insert_code(&self, code_hash: &str, code: &AuthCode) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO auth_codes (code_hash, client_id, redirect_uri, user_id, scope, nonce, code_challenge, auth_time, expires_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(code_hash)
+        .bind(&code.client_id)
+        .bind(&code.redirect_uri)
+        .bind(&code.user_id)
+        .bind(&code.scope)
+        .bind(&code.nonce)
+        .bind(&code.code_challenge)
+        .bind(code.auth_time)
+        .bind(code.expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks the code used and returns it; `Ok(None)` when unknown or already used.
+    pub(crate) async fn take_code(&self, code_hash: &str) -> Result<Option<AuthCode>, sqlx::Error> {
+        let row = sqlx::query(
+            "UPDATE auth_codes SET used_at = ? WHERE code_hash = ? AND used_at IS NULL
+             RETURNING client_id, redirect_uri, user_id, scope, nonce, code_challenge, auth_time, expires_at",
+        )
+        .bind(now_unix())
+        .bind(code_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| -> Result<AuthCode, sqlx::Error> {
+            Ok(AuthCode {
+                client_id: r.try_get("client_id")?,
+                redirect_uri: r.try_get("redirect_uri")?,
+                user_id: r.try_get("user_id")?,
+                scope: r.try_get("scope")?,
+                nonce: r.try_get("nonce")?,
+                code_challenge: r.try_get("code_challenge")?,
+                auth_time: r.try_get("auth_time")?,
+                expires_at: r.try_get("expires_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    // ---- sessions ----
+
+    pub(crate) async fn insert_session(&self, id_hash: &str, user_id: &str, auth_time: i64, expires_at: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO sessions (id_hash, user_id, auth_time, expires_at) VALUES (?, ?, ?, ?)")
+            .bind(id_hash)
+            .bind(user_id)
+            .bind(auth_time)
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The live session's (user id, auth_time).
+    pub(crate) async fn session(&self, id_hash: &str) -> Result<Option<(String, i64)>, sqlx::Error> {
+        let row = sqlx::query("SELECT user_id, auth_time FROM sessions WHERE id_hash = ? AND expires_at > ?")
+            .bind(id_hash)
+            .bind(now_unix())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((r.try_get("user_id")?, r.try_get("auth_time")?))).transpose()
+    }
+
+    pub(crate) async fn delete_session(&self, id_hash: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM sessions WHERE id_hash = ?").bind(id_hash).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    // ---- refresh tokens ----
+
+    pub(crate) async fn insert_refresh(&self, token_hash: &str, token: &RefreshToken) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO refresh_tokens (token_hash, family, client_id, user_id, scope, auth_time, expires_at, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(token_hash)
+        .bind(&token.family)
+        .bind(&token.client_id)
+        .bind(&token.user_id)
+        .bind(&token.scope)
+        .bind(token.auth_time)
+        .bind(token.expires_at)
+        .bind(now_unix())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn refresh(&self, token_hash: &str) -> Result<Option<RefreshToken>, sqlx::Error> {
+        let row = sqlx::query("SELECT * FROM refresh_tokens WHERE token_hash = ?").bind(token_hash).fetch_optional(&self.pool).await?;
+        row.map(|r| -> Result<RefreshToken, sqlx::Error> {
+            Ok(RefreshToken {
+                family: r.try_get("family")?,
+                client_id: r.try_get("client_id")?,
+                user_id: r.try_get("user_id")?,
+                scope: r.try_get("scope")?,
+                auth_time: r.try_get("auth_time")?,
+                expires_at: r.try_get("expires_at")?,
+                used_at: r.try_get("used_at")?,
+                revoked_at: r.try_get("revoked_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Marks a refresh token spent; false when it already was (a replay).
+    pub(crate) async fn spend_refresh(&self, token_hash: &str) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query("UPDATE refresh_tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL")
+            .bind(now_unix())
+            .bind(token_hash)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub(crate) async fn revoke_family(&self, family: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE refresh_tokens SET revoked_at = ? WHERE family = ? AND revoked_at IS NULL")
+            .bind(now_unix())
+            .bind(family)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

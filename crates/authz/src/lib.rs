@@ -1,1 +1,271 @@
-//! placeholder
+//! authz — Cedar policy decisions over Echo's relationships.
+//!
+//! Owns the policies (compiled in from `policies/`, validated against the schema at
+//! start) and the relationships (collections, shares, groups) in `authz.db`. Public
+//! surface: `run`, and `check_policies` for `echod config check`.
+//! Invariants: every answer about access comes from a Cedar decision; "readable
+//! collections" is exact (every candidate evaluated, never truncated); a collection
+//! the caller may not read is reported as not found, never as forbidden.
+
+mod policy;
+mod store;
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post, put};
+use axum::{Router, middleware};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+use common::error::{ApiResult, Json};
+use common::server::ActingUser;
+use common::wire::{Collection, Decision, DecisionRequest, Principal, ReadableCollections, ShareRequest, UserSummary, events};
+use common::{ApiError, ServiceContext, ServiceName};
+
+pub use policy::PolicyError;
+use policy::{Engine, Facts};
+use store::{CollectionRow, RelationStore};
+
+#[derive(Clone)]
+struct AppState {
+    ctx: ServiceContext,
+    engine: Arc<Engine>,
+    store: RelationStore,
+}
+
+/// Validates the built-in schema and policies (for `echod config check`).
+pub fn check_policies() -> Result<usize, PolicyError> {
+    Engine::builtin()?;
+    Ok(policy::POLICIES.len())
+}
+
+/// Runs the authz service on `listener` until the context's shutdown.
+pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
+    let engine = Arc::new(Engine::builtin()?);
+    let store = RelationStore::open(&ctx.config.db_path(ServiceName::Authz)).await?;
+    let ready_store = store.clone();
+    let ready: common::server::ReadyCheck = Arc::new(move || {
+        let store = ready_store.clone();
+        Box::pin(async move { sqlx::query("SELECT 1").execute(&store.pool).await.map(|_| ()).map_err(|e| e.to_string()) })
+    });
+    let state = AppState { ctx: ctx.clone(), engine, store };
+    let routes = Router::new()
+        .route("/v1/collections", get(list_collections).post(create_collection))
+        .route("/v1/collections/{id}", get(get_collection))
+        .route("/v1/collections/{id}/members", put(share_collection))
+        .route("/v1/decide", post(decide))
+        .route("/v1/readable", post(readable))
+        .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
+        .with_state(state);
+    let router = common::server::service_router(ServiceName::Authz, routes, ready).fallback(common::server::not_found);
+    common::server::serve(listener, router, ctx.shutdown.clone()).await
+}
+
+impl AppState {
+    /// Evaluates `action` for `principal` on each of `collections`; returns the allowed ones
+    /// with the policies that allowed them.
+    async fn evaluate(&self, principal: &Principal, action: &str, collections: &[CollectionRow]) -> ApiResult<Vec<(CollectionRow, Vec<String>)>> {
+        let groups = self.store.groups_of(&principal.sub).await?;
+        let facts = self.store.facts(collections).await?;
+        let entities = self
+            .engine
+            .entities(&Facts { user_id: &principal.sub, org: &principal.org, roles: &principal.roles, groups: &groups, collections: &facts })
+            .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
+        let mut allowed = Vec::new();
+        for collection in collections {
+            let outcome = self
+                .engine
+                .decide(&principal.sub, action, "Collection", &collection.id, &entities)
+                .map_err(|e| ApiError::bad_request("authz.invalid_request", e))?;
+            if outcome.allowed {
+                allowed.push((collection.clone(), outcome.policies));
+            }
+        }
+        Ok(allowed)
+    }
+
+    async fn candidates(&self, principal: &Principal) -> ApiResult<Vec<CollectionRow>> {
+        self.store.ensure_personal(&principal.sub, &principal.username, &principal.org).await?;
+        Ok(self.store.collections_in_org(&principal.org).await?)
+    }
+
+    fn wire(&self, row: &CollectionRow, role: Option<String>) -> Collection {
+        Collection { id: row.id.clone(), name: row.name.clone(), org: row.org.clone(), owner: row.owner.clone(), personal: row.personal, role }
+    }
+
+    async fn role_of(&self, principal: &Principal, row: &CollectionRow) -> ApiResult<Option<String>> {
+        if row.owner == principal.sub {
+            return Ok(Some("owner".into()));
+        }
+        for (action, role) in [("collection:share", "manager"), ("document:create", "editor"), ("document:download", "viewer"), ("collection:read", "answers")] {
+            if !self.evaluate(principal, action, std::slice::from_ref(row)).await?.is_empty() {
+                return Ok(Some(role.into()));
+            }
+        }
+        Ok(None)
+    }
+}
+
+async fn list_collections(State(state): State<AppState>, ActingUser(principal): ActingUser) -> ApiResult<Json<Vec<Collection>>> {
+    let candidates = state.candidates(&principal).await?;
+    let readable = state.evaluate(&principal, "collection:read", &candidates).await?;
+    let mut collections = Vec::with_capacity(readable.len());
+    for (row, _) in readable {
+        let role = state.role_of(&principal, &row).await?;
+        collections.push(state.wire(&row, role));
+    }
+    Ok(Json(collections))
+}
+
+#[derive(Deserialize)]
+struct NewCollection {
+    name: String,
+}
+
+async fn create_collection(State(state): State<AppState>, ActingUser(principal): ActingUser, Json(body): Json<NewCollection>) -> ApiResult<Json<Collection>> {
+    let name = body.name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(ApiError::bad_request("authz.invalid_name", "collection names are 1 to 200 characters"));
+    }
+    let groups = state.store.groups_of(&principal.sub).await?;
+    let entities = state
+        .engine
+        .entities(&Facts { user_id: &principal.sub, org: &principal.org, roles: &principal.roles, groups: &groups, collections: &[] })
+        .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
+    let outcome = state
+        .engine
+        .decide(&principal.sub, "collection:create", "Org", &principal.org, &entities)
+        .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
+    if !outcome.allowed {
+        state.ctx.audit(&principal.sub, "authz.denied", &format!("org:{}", principal.org), "denied", serde_json::json!({"action": "collection:create"})).await;
+        return Err(ApiError::forbidden("authz.denied", "you may not create collections"));
+    }
+    let id = state.store.create(name, &principal.org, &principal.sub).await?;
+    let row = state.store.collection(&id).await?.ok_or_else(|| ApiError::internal(anyhow::anyhow!("collection vanished")))?;
+    state.ctx.audit(&principal.sub, "collection.created", &format!("collection:{id}"), "success", serde_json::json!({"name": name})).await;
+    Ok(Json(state.wire(&row, Some("owner".into()))))
+}
+
+/// The collection if the principal may read it; 404 otherwise (existence is not leaked).
+async fn readable_collection(state: &AppState, principal: &Principal, id: &str) -> ApiResult<CollectionRow> {
+    let not_found = || ApiError::not_found("authz.collection_not_found", "no such collection");
+    let row = state.store.collection(id).await?.ok_or_else(not_found)?;
+    if state.evaluate(principal, "collection:read", std::slice::from_ref(&row)).await?.is_empty() {
+        return Err(not_found());
+    }
+    Ok(row)
+}
+
+async fn get_collection(State(state): State<AppState>, ActingUser(principal): ActingUser, Path(id): Path<String>) -> ApiResult<Json<Collection>> {
+    let row = readable_collection(&state, &principal, &id).await?;
+    let role = state.role_of(&principal, &row).await?;
+    Ok(Json(state.wire(&row, role)))
+}
+
+async fn share_collection(
+    State(state): State<AppState>,
+    ActingUser(principal): ActingUser,
+    Path(id): Path<String>,
+    Json(body): Json<ShareRequest>,
+) -> ApiResult<Json<Collection>> {
+    let row = readable_collection(&state, &principal, &id).await?;
+    if state.evaluate(&principal, "collection:share", std::slice::from_ref(&row)).await?.is_empty() {
+        state.ctx.audit(&principal.sub, "authz.denied", &format!("collection:{id}"), "denied", serde_json::json!({"action": "collection:share"})).await;
+        return Err(ApiError::forbidden("authz.denied", "you may not share this collection"));
+    }
+    if body.members.len() > 1000 {
+        return Err(ApiError::bad_request("authz.too_many_members", "at most 1000 members per collection"));
+    }
+    let mut members = Vec::with_capacity(body.members.len());
+    for member in &body.members {
+        if !matches!(member.role.as_str(), "viewer" | "editor" | "manager" | "answers") {
+            return Err(ApiError::bad_request("authz.invalid_role", "role must be viewer, editor, manager or answers"));
+        }
+        match (&member.user, &member.group) {
+            (Some(user_id), None) => {
+                let path = format!("/internal/users/{}", common::client::encode(user_id));
+                let user: Result<UserSummary, ApiError> = state.ctx.peers.get_json(ServiceName::Identity, &path, None).await;
+                // Users of other orgs are reported exactly like unknown users.
+                match user {
+                    Ok(user) if user.org == row.org => members.push(("user".to_string(), user_id.clone(), member.role.clone())),
+                    Ok(_) | Err(ApiError { kind: common::ErrorKind::NotFound, .. }) => {
+                        return Err(ApiError::bad_request("authz.unknown_member", format!("no user `{user_id}` in this organisation")));
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+            (None, Some(group_id)) => match state.store.group_org(group_id).await? {
+                Some(org) if org == row.org => members.push(("group".to_string(), group_id.clone(), member.role.clone())),
+                _ => return Err(ApiError::bad_request("authz.unknown_member", format!("no group `{group_id}` in this organisation"))),
+            },
+            _ => return Err(ApiError::bad_request("authz.invalid_member", "each member names exactly one of `user` or `group`")),
+        }
+    }
+    state.store.replace_shares(&id, &members).await?;
+    let event = state.ctx.bus.event(
+        events::RELATIONSHIP_CHANGED,
+        Some(format!("collection:{id}")),
+        serde_json::json!({"object": format!("collection:{id}"), "relation": "members", "subjects": members.iter().map(|(t, s, r)| serde_json::json!({"type": t, "id": s, "role": r})).collect::<Vec<_>>()}),
+    );
+    if let Err(error) = state.ctx.bus.publish_one(event).await {
+        tracing::warn!(%error, "relationship change not published");
+    }
+    state.ctx.audit(&principal.sub, "collection.shared", &format!("collection:{id}"), "success", serde_json::json!({"members": members.len()})).await;
+    let role = state.role_of(&principal, &row).await?;
+    Ok(Json(state.wire(&row, role)))
+}
+
+async fn decide(State(state): State<AppState>, ActingUser(principal): ActingUser, Json(request): Json<DecisionRequest>) -> ApiResult<Json<Decision>> {
+    let decision = match request.resource_type.as_str() {
+        "Collection" => {
+            let row = state.store.collection(&request.resource_id).await?;
+            match row {
+                None => Decision { allowed: false, policies: vec![] },
+                Some(row) => {
+                    let allowed = state.evaluate(&principal, &request.action, std::slice::from_ref(&row)).await?;
+                    match allowed.into_iter().next() {
+                        Some((_, policies)) => Decision { allowed: true, policies },
+                        None => Decision { allowed: false, policies: vec![] },
+                    }
+                }
+            }
+        }
+        "Org" => {
+            let groups = state.store.groups_of(&principal.sub).await?;
+            let entities = state
+                .engine
+                .entities(&Facts { user_id: &principal.sub, org: &principal.org, roles: &principal.roles, groups: &groups, collections: &[] })
+                .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
+            let outcome = state
+                .engine
+                .decide(&principal.sub, &request.action, "Org", &request.resource_id, &entities)
+                .map_err(|e| ApiError::bad_request("authz.invalid_request", e))?;
+            Decision { allowed: outcome.allowed, policies: outcome.policies }
+        }
+        other => return Err(ApiError::bad_request("authz.invalid_request", format!("unknown resource type `{other}`"))),
+    };
+    if !decision.allowed {
+        state
+            .ctx
+            .audit(&principal.sub, "authz.denied", &format!("{}:{}", request.resource_type, request.resource_id), "denied", serde_json::json!({"action": request.action}))
+            .await;
+    }
+    Ok(Json(decision))
+}
+
+#[derive(Deserialize)]
+struct ReadableRequest {
+    #[serde(default = "default_read_action")]
+    action: String,
+}
+
+fn default_read_action() -> String {
+    "document:read_chunks".into()
+}
+
+async fn readable(State(state): State<AppState>, ActingUser(principal): ActingUser, Json(request): Json<ReadableRequest>) -> ApiResult<Json<ReadableCollections>> {
+    let candidates = state.candidates(&principal).await?;
+    let allowed = state.evaluate(&principal, &request.action, &candidates).await?;
+    Ok(Json(ReadableCollections { collections: allowed.into_iter().map(|(row, _)| row.id).collect() }))
+}

@@ -1,0 +1,146 @@
+//! Relationships: collections (owner, org), shares and group memberships, in authz's
+//! own SQLite file. No policy logic here: the Cedar engine decides.
+
+use sqlx::{Row, SqlitePool};
+
+use crate::policy::CollectionFacts;
+
+pub(crate) const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE collections (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    org TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    personal INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX collections_personal ON collections(owner) WHERE personal = 1;
+CREATE INDEX collections_org ON collections(org);
+CREATE TABLE shares (
+    collection_id TEXT NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+    subject_type TEXT NOT NULL CHECK (subject_type IN ('user', 'group')),
+    subject_id TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('viewer', 'editor', 'manager', 'answers')),
+    PRIMARY KEY (collection_id, subject_type, subject_id)
+);
+CREATE TABLE groups (id TEXT PRIMARY KEY, org TEXT NOT NULL, name TEXT NOT NULL);
+CREATE TABLE group_members (
+    group_id TEXT NOT NULL REFERENCES groups(id) ON DELETE CASCADE,
+    user_id TEXT NOT NULL,
+    PRIMARY KEY (group_id, user_id)
+);
+"#];
+
+#[derive(Clone)]
+pub(crate) struct RelationStore {
+    pub(crate) pool: SqlitePool,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct CollectionRow {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) org: String,
+    pub(crate) owner: String,
+    pub(crate) personal: bool,
+}
+
+impl RelationStore {
+    pub(crate) async fn open(path: &std::path::Path) -> Result<RelationStore, sqlx::Error> {
+        let pool = common::db::open_sqlite(path).await?;
+        common::db::migrate(&pool, MIGRATIONS).await?;
+        Ok(RelationStore { pool })
+    }
+
+    /// The user's personal collection, created on first use.
+    pub(crate) async fn ensure_personal(&self, user_id: &str, username: &str, org: &str) -> Result<String, sqlx::Error> {
+        let id = uuid::Uuid::new_v4().to_string();
+        sqlx::query("INSERT OR IGNORE INTO collections (id, name, org, owner, personal, created_at) VALUES (?, ?, ?, ?, 1, ?)")
+            .bind(&id)
+            .bind(format!("{username} (personal)"))
+            .bind(org)
+            .bind(user_id)
+            .bind(common::now_unix())
+            .execute(&self.pool)
+            .await?;
+        sqlx::query_scalar("SELECT id FROM collections WHERE owner = ? AND personal = 1").bind(user_id).fetch_one(&self.pool).await
+    }
+
+    pub(crate) async fn create(&self, name: &str, org: &str, owner: &str) -> Result<String, sqlx::Error> {
+        let id = uuid::Uuid::new_v4().to_string();
+        sqlx::query("INSERT INTO collections (id, name, org, owner, personal, created_at) VALUES (?, ?, ?, ?, 0, ?)")
+            .bind(&id)
+            .bind(name)
+            .bind(org)
+            .bind(owner)
+            .bind(common::now_unix())
+            .execute(&self.pool)
+            .await?;
+        Ok(id)
+    }
+
+    pub(crate) async fn collection(&self, id: &str) -> Result<Option<CollectionRow>, sqlx::Error> {
+        let row = sqlx::query("SELECT * FROM collections WHERE id = ?").bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(collection_from_row).transpose()
+    }
+
+    pub(crate) async fn collections_in_org(&self, org: &str) -> Result<Vec<CollectionRow>, sqlx::Error> {
+        let rows = sqlx::query("SELECT * FROM collections WHERE org = ? ORDER BY personal DESC, name").bind(org).fetch_all(&self.pool).await?;
+        rows.iter().map(collection_from_row).collect()
+    }
+
+    pub(crate) async fn groups_of(&self, user_id: &str) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT group_id FROM group_members WHERE user_id = ?").bind(user_id).fetch_all(&self.pool).await
+    }
+
+    pub(crate) async fn facts(&self, collections: &[CollectionRow]) -> Result<Vec<CollectionFacts>, sqlx::Error> {
+        let mut facts = Vec::with_capacity(collections.len());
+        for collection in collections {
+            let shares = sqlx::query("SELECT subject_type, subject_id, role FROM shares WHERE collection_id = ?")
+                .bind(&collection.id)
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get("subject_type")?, r.try_get("subject_id")?, r.try_get("role")?)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            facts.push(CollectionFacts {
+                id: collection.id.clone(),
+                org: collection.org.clone(),
+                owner: collection.owner.clone(),
+                personal: collection.personal,
+                shares,
+            });
+        }
+        Ok(facts)
+    }
+
+    /// Replaces the collection's shares with `members` in one transaction.
+    pub(crate) async fn replace_shares(&self, collection_id: &str, members: &[(String, String, String)]) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM shares WHERE collection_id = ?").bind(collection_id).execute(&mut *tx).await?;
+        for (subject_type, subject_id, role) in members {
+            sqlx::query("INSERT OR REPLACE INTO shares (collection_id, subject_type, subject_id, role) VALUES (?, ?, ?, ?)")
+                .bind(collection_id)
+                .bind(subject_type)
+                .bind(subject_id)
+                .bind(role)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await
+    }
+
+    pub(crate) async fn group_org(&self, group_id: &str) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT org FROM groups WHERE id = ?").bind(group_id).fetch_optional(&self.pool).await
+    }
+}
+
+fn collection_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<CollectionRow, sqlx::Error> {
+    Ok(CollectionRow {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        org: row.try_get("org")?,
+        owner: row.try_get("owner")?,
+        personal: row.try_get::<i64, _>("personal")? != 0,
+    })
+}

@@ -1,1 +1,97 @@
-//! placeholder
+//! parser — text extraction with structure, as a pure library (`formats`) and a thin
+//! stateless HTTP service (`POST /v1/parse`).
+//!
+//! Invariants: every input is bounded in size and time; a panic inside a third-party
+//! parser is caught and reported as a corrupt file; nothing is written anywhere.
+
+mod formats;
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::routing::post;
+use axum::{Router, middleware};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+use common::error::{ApiResult, Json, Query};
+use common::wire::ParsedDocument;
+use common::{ApiError, ErrorKind, ServiceContext, ServiceName};
+
+pub use formats::{Format, ParseError, detect, extract};
+
+impl From<ParseError> for ApiError {
+    fn from(error: ParseError) -> Self {
+        let (kind, code) = match &error {
+            ParseError::Empty => (ErrorKind::BadRequest, "parser.empty"),
+            ParseError::Unsupported(_) => (ErrorKind::UnsupportedMediaType, "parser.unsupported_type"),
+            ParseError::NotUtf8 => (ErrorKind::BadRequest, "parser.not_utf8"),
+            ParseError::Encrypted => (ErrorKind::BadRequest, "parser.encrypted"),
+            ParseError::Corrupt(_) => (ErrorKind::BadRequest, "parser.corrupt"),
+            ParseError::NoText => (ErrorKind::BadRequest, "parser.no_text"),
+            ParseError::TooLarge(_) => (ErrorKind::PayloadTooLarge, "parser.too_large"),
+            ParseError::Timeout(_) => (ErrorKind::BadRequest, "parser.timeout"),
+        };
+        ApiError::new(kind, code, error.to_string())
+    }
+}
+
+/// Extracts `bytes` off the async runtime, within `timeout`, containing panics.
+pub async fn parse_bounded(bytes: Bytes, content_type: &str, filename: &str, max_bytes: usize, timeout: Duration) -> Result<ParsedDocument, ParseError> {
+    if bytes.len() > max_bytes {
+        return Err(ParseError::TooLarge(max_bytes));
+    }
+    let format = detect(content_type, filename, &bytes[..bytes.len().min(8192)])?;
+    let task = tokio::task::spawn_blocking(move || std::panic::catch_unwind(|| extract(format, &bytes)));
+    match tokio::time::timeout(timeout, task).await {
+        Err(_) => Err(ParseError::Timeout(timeout.as_secs())),
+        Ok(Err(_)) | Ok(Ok(Err(_))) => Err(ParseError::Corrupt("the parser crashed on this file".into())),
+        Ok(Ok(Ok(result))) => result,
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    config: common::config::ParserConfig,
+}
+
+#[derive(Deserialize)]
+struct ParseParams {
+    #[serde(default)]
+    content_type: String,
+    #[serde(default)]
+    filename: String,
+}
+
+async fn parse(State(state): State<AppState>, Query(params): Query<ParseParams>, body: Bytes) -> ApiResult<Json<ParsedDocument>> {
+    let timeout = Duration::from_secs(state.config.timeout_secs);
+    let mut parsed = parse_bounded(body, &params.content_type, &params.filename, state.config.max_input_bytes, timeout).await?;
+    let mut budget = state.config.max_output_chars;
+    parsed.blocks.retain_mut(|block| {
+        if budget == 0 {
+            return false;
+        }
+        if block.text.len() > budget {
+            let cut = (0..=budget).rev().find(|i| block.text.is_char_boundary(*i)).unwrap_or(0);
+            block.text.truncate(cut);
+        }
+        budget -= block.text.len();
+        true
+    });
+    metrics::counter!("echo_parser_documents_total", "format" => parsed.format.clone()).increment(1);
+    Ok(Json(parsed))
+}
+
+/// Runs the parser service on `listener` until the context's shutdown.
+pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
+    let state = AppState { config: ctx.config.parser.clone() };
+    let limit = state.config.max_input_bytes + 1024;
+    let routes = Router::new()
+        .route("/v1/parse", post(parse))
+        .layer(DefaultBodyLimit::max(limit))
+        .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
+        .with_state(state);
+    let router = common::server::service_router(ServiceName::Parser, routes, common::server::always_ready()).fallback(common::server::not_found);
+    common::server::serve(listener, router, ctx.shutdown.clone()).await
+}

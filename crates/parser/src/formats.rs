@@ -1,0 +1,315 @@
+//! Format detection and extraction: plain text, Markdown, HTML and PDF into
+//! `TextBlock`s that keep pages and heading paths. Pure functions over bytes; no IO,
+//! no async. Callers bound the input size and the time spent.
+
+use common::wire::{ParsedDocument, TextBlock};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ParseError {
+    #[error("the file is empty")]
+    Empty,
+    #[error("unsupported file type `{0}`; supported: plain text, Markdown, HTML and PDF")]
+    Unsupported(String),
+    #[error("the file is not valid UTF-8 text")]
+    NotUtf8,
+    #[error("the PDF is encrypted")]
+    Encrypted,
+    #[error("the file is corrupt or unreadable: {0}")]
+    Corrupt(String),
+    #[error("the file has no extractable text")]
+    NoText,
+    #[error("the file is larger than the limit of {0} bytes")]
+    TooLarge(usize),
+    #[error("extraction took longer than {0} seconds")]
+    Timeout(u64),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Markdown,
+    Html,
+    Pdf,
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Text => "text",
+            Format::Markdown => "markdown",
+            Format::Html => "html",
+            Format::Pdf => "pdf",
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Text => "text/plain",
+            Format::Markdown => "text/markdown",
+            Format::Html => "text/html",
+            Format::Pdf => "application/pdf",
+        }
+    }
+}
+
+/// Decides the format from the declared content type, then the file extension, then
+/// the first bytes. Returns `Unsupported` naming what was seen.
+pub fn detect(content_type: &str, filename: &str, head: &[u8]) -> Result<Format, ParseError> {
+    let mime = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let extension = filename.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
+    let by_mime = match mime.as_str() {
+        "application/pdf" => Some(Format::Pdf),
+        "text/markdown" | "text/x-markdown" => Some(Format::Markdown),
+        "text/html" | "application/xhtml+xml" => Some(Format::Html),
+        "text/plain" => None, // browsers send text/plain for .md too: let the extension decide
+        _ => None,
+    };
+    let by_extension = match extension.as_str() {
+        "pdf" => Some(Format::Pdf),
+        "md" | "markdown" | "mdown" | "mkd" => Some(Format::Markdown),
+        "html" | "htm" | "xhtml" => Some(Format::Html),
+        "txt" | "text" | "log" | "rst" | "adoc" => Some(Format::Text),
+        _ => None,
+    };
+    if let Some(format) = by_mime.or(by_extension) {
+        return Ok(format);
+    }
+    if head.starts_with(b"%PDF-") {
+        return Ok(Format::Pdf);
+    }
+    if mime == "text/plain" || (mime.is_empty() || mime == "application/octet-stream") && looks_like_text(head) {
+        return Ok(Format::Text);
+    }
+    let seen = if mime.is_empty() { format!(".{extension}") } else { mime };
+    Err(ParseError::Unsupported(seen))
+}
+
+fn looks_like_text(head: &[u8]) -> bool {
+    let sample = &head[..head.len().min(4096)];
+    !sample.is_empty() && !sample.contains(&0) && std::str::from_utf8(sample).is_ok_or_truncated()
+}
+
+trait Utf8Prefix {
+    fn is_ok_or_truncated(&self) -> bool;
+}
+
+impl Utf8Prefix for Result<&str, std::str::Utf8Error> {
+    /// A sample cut mid-character is still text.
+    fn is_ok_or_truncated(&self) -> bool {
+        match self {
+            Ok(_) => true,
+            Err(error) => error.error_len().is_none(),
+        }
+    }
+}
+
+pub fn extract(format: Format, bytes: &[u8]) -> Result<ParsedDocument, ParseError> {
+    if bytes.is_empty() {
+        return Err(ParseError::Empty);
+    }
+    let (blocks, n_pages) = match format {
+        Format::Text => (plain_text(utf8(bytes)?), None),
+        Format::Markdown => (markdown(utf8(bytes)?), None),
+        Format::Html => (html(utf8(bytes)?), None),
+        Format::Pdf => {
+            let blocks = pdf(bytes)?;
+            let n_pages = blocks.iter().filter_map(|b| b.page).max();
+            (blocks, n_pages)
+        }
+    };
+    let blocks: Vec<TextBlock> = blocks.into_iter().filter(|b| !b.text.trim().is_empty()).collect();
+    if blocks.is_empty() {
+        return Err(ParseError::NoText);
+    }
+    Ok(ParsedDocument { format: format.as_str().to_string(), blocks, n_pages })
+}
+
+fn utf8(bytes: &[u8]) -> Result<&str, ParseError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| ParseError::NotUtf8)?;
+    Ok(text.strip_prefix('\u{feff}').unwrap_or(text))
+}
+
+fn plain_text(text: &str) -> Vec<TextBlock> {
+    vec![TextBlock { text: text.replace("\r\n", "\n"), page: None, section: None }]
+}
+
+/// Joins the heading stack into a path such as `Install > Linux`.
+fn section_path(headings: &[(u8, String)]) -> Option<String> {
+    if headings.is_empty() {
+        None
+    } else {
+        Some(headings.iter().map(|(_, h)| h.as_str()).collect::<Vec<_>>().join(" > "))
+    }
+}
+
+fn push_heading(headings: &mut Vec<(u8, String)>, level: u8, title: String) {
+    while headings.last().is_some_and(|(l, _)| *l >= level) {
+        headings.pop();
+    }
+    headings.push((level, title));
+}
+
+/// One block per section: the heading's own text starts it so searches for a
+/// heading find its section.
+fn markdown(text: &str) -> Vec<TextBlock> {
+    use pulldown_cmark::{Event, HeadingLevel, Options, Parser, Tag, TagEnd};
+    let mut blocks = Vec::new();
+    let mut headings: Vec<(u8, String)> = Vec::new();
+    let mut current = String::new();
+    let mut heading_text: Option<(u8, String)> = None;
+    let flush = |blocks: &mut Vec<TextBlock>, current: &mut String, headings: &[(u8, String)]| {
+        if !current.trim().is_empty() {
+            blocks.push(TextBlock { text: current.trim().to_string(), page: None, section: section_path(headings) });
+        }
+        current.clear();
+    };
+    let level_of = |level: HeadingLevel| match level {
+        HeadingLevel::H1 => 1,
+        HeadingLevel::H2 => 2,
+        HeadingLevel::H3 => 3,
+        HeadingLevel::H4 => 4,
+        HeadingLevel::H5 => 5,
+        HeadingLevel::H6 => 6,
+    };
+    for event in Parser::new_ext(text, Options::ENABLE_TABLES | Options::ENABLE_STRIKETHROUGH) {
+        match event {
+            Event::Start(Tag::Heading { level, .. }) => {
+                flush(&mut blocks, &mut current, &headings);
+                heading_text = Some((level_of(level), String::new()));
+            }
+            Event::End(TagEnd::Heading(_)) => {
+                if let Some((level, title)) = heading_text.take() {
+                    let title = title.trim().to_string();
+                    push_heading(&mut headings, level, title.clone());
+                    current.push_str(&title);
+                    current.push_str("\n\n");
+                }
+            }
+            Event::Text(t) | Event::Code(t) => match heading_text.as_mut() {
+                Some((_, title)) => title.push_str(&t),
+                None => current.push_str(&t),
+            },
+            Event::SoftBreak | Event::HardBreak => current.push('\n'),
+            Event::End(TagEnd::Paragraph | TagEnd::Item | TagEnd::CodeBlock | TagEnd::BlockQuote(_) | TagEnd::TableRow | TagEnd::TableHead) => {
+                current.push_str("\n\n");
+            }
+            Event::End(TagEnd::TableCell) => current.push_str(" | "),
+            _ => {}
+        }
+    }
+    flush(&mut blocks, &mut current, &headings);
+    blocks
+}
+
+fn html(text: &str) -> Vec<TextBlock> {
+    use scraper::{Html, Selector};
+    let document = Html::parse_document(text);
+    let block_names = ["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "blockquote", "td", "th", "dt", "dd", "figcaption", "caption"];
+    let Ok(selector) = Selector::parse(&block_names.join(", ")) else { return vec![] };
+    let mut blocks: Vec<TextBlock> = Vec::new();
+    let mut headings: Vec<(u8, String)> = Vec::new();
+    let mut current = String::new();
+    for element in document.select(&selector) {
+        let nested = element.ancestors().filter_map(scraper::ElementRef::wrap).any(|a| block_names.contains(&a.value().name()));
+        if nested {
+            continue;
+        }
+        let content = element.text().collect::<Vec<_>>().join(" ");
+        let content = content.split_whitespace().collect::<Vec<_>>().join(" ");
+        if content.is_empty() {
+            continue;
+        }
+        let name = element.value().name();
+        if let Some(level) = name.strip_prefix('h').and_then(|l| l.parse::<u8>().ok()) {
+            if !current.trim().is_empty() {
+                blocks.push(TextBlock { text: current.trim().to_string(), page: None, section: section_path(&headings) });
+            }
+            current.clear();
+            push_heading(&mut headings, level, content.clone());
+        }
+        current.push_str(&content);
+        current.push_str("\n\n");
+    }
+    if !current.trim().is_empty() {
+        blocks.push(TextBlock { text: current.trim().to_string(), page: None, section: section_path(&headings) });
+    }
+    if blocks.is_empty() {
+        // No block elements: fall back to all visible body text.
+        if let Ok(body) = Selector::parse("body") {
+            let text: String = document.select(&body).flat_map(|b| b.text()).collect::<Vec<_>>().join(" ");
+            let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            blocks.push(TextBlock { text, page: None, section: None });
+        }
+    }
+    blocks
+}
+
+fn pdf(bytes: &[u8]) -> Result<Vec<TextBlock>, ParseError> {
+    if !bytes.starts_with(b"%PDF-") {
+        return Err(ParseError::Corrupt("missing the %PDF header".into()));
+    }
+    let pages = pdf_extract::extract_text_from_mem_by_pages(bytes).map_err(|error| {
+        let message = error.to_string();
+        if message.to_ascii_lowercase().contains("encrypt") {
+            ParseError::Encrypted
+        } else {
+            ParseError::Corrupt(message.chars().take(200).collect())
+        }
+    })?;
+    Ok(pages
+        .into_iter()
+        .enumerate()
+        .map(|(idx, text)| TextBlock { text: text.trim().to_string(), page: Some(idx as u32 + 1), section: None })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detection_table() {
+        let cases: &[(&str, &str, &[u8], Result<Format, ()>)] = &[
+            ("application/pdf", "a.bin", b"", Ok(Format::Pdf)),
+            ("text/plain", "notes.md", b"# hi", Ok(Format::Markdown)),
+            ("", "page.HTML", b"<p>", Ok(Format::Html)),
+            ("application/octet-stream", "x", b"%PDF-1.7", Ok(Format::Pdf)),
+            ("application/octet-stream", "x", b"just words", Ok(Format::Text)),
+            ("text/plain", "x.txt", b"words", Ok(Format::Text)),
+            ("image/png", "x.png", b"\x89PNG\0\0", Err(())),
+            ("application/octet-stream", "x.exe", b"MZ\0\0\0", Err(())),
+        ];
+        for (mime, name, head, expected) in cases {
+            let got = detect(mime, name, head).map_err(|_| ());
+            assert_eq!(&got, expected, "{mime} {name}");
+        }
+    }
+
+    #[test]
+    fn markdown_keeps_heading_paths() {
+        let doc = extract(Format::Markdown, b"# Guide\n\nIntro text.\n\n## Install\n\nRun the installer.\n\n### Linux\n\nUse apt.\n\n## Usage\n\nAsk away.").unwrap();
+        let sections: Vec<_> = doc.blocks.iter().map(|b| b.section.clone().unwrap_or_default()).collect();
+        assert_eq!(sections, ["Guide", "Guide > Install", "Guide > Install > Linux", "Guide > Usage"]);
+        assert!(doc.blocks[2].text.contains("Use apt."));
+        assert!(doc.blocks[2].text.starts_with("Linux"));
+    }
+
+    #[test]
+    fn html_drops_scripts_and_keeps_sections() {
+        let html = b"<html><head><script>evil()</script><style>p{}</style></head><body><h1>Title</h1><p>First <b>para</b>.</p><ul><li><p>Item</p></li></ul><h2>Sub</h2><p>Second.</p></body></html>";
+        let doc = extract(Format::Html, html).unwrap();
+        let all: String = doc.blocks.iter().map(|b| b.text.clone()).collect();
+        assert!(!all.contains("evil"));
+        assert_eq!(all.matches("Item").count(), 1, "nested blocks are not repeated");
+        assert_eq!(doc.blocks.last().unwrap().section.as_deref(), Some("Title > Sub"));
+    }
+
+    #[test]
+    fn bad_input_gets_clear_errors() {
+        assert_eq!(extract(Format::Text, b"").unwrap_err(), ParseError::Empty);
+        assert_eq!(extract(Format::Text, b"\xff\xfe\xfa").unwrap_err(), ParseError::NotUtf8);
+        assert_eq!(extract(Format::Text, b"   \n  ").unwrap_err(), ParseError::NoText);
+        assert!(matches!(extract(Format::Pdf, b"%PDF-1.4 garbage").unwrap_err(), ParseError::Corrupt(_)));
+        assert!(matches!(extract(Format::Pdf, b"not a pdf").unwrap_err(), ParseError::Corrupt(_)));
+    }
+}

@@ -1,1 +1,168 @@
-//! placeholder
+//! ingest — the document catalog, job status, the transactional outbox and the
+//! worker pipeline (parse → chunk → index).
+//!
+//! Public surface: `run`. The HTTP API is internal (the gateway calls it after its
+//! own authorization checks); the worker runs in the same process unless
+//! `ingest.workers` is 0. Invariants: a document row never exists without its job and
+//! its `uploaded` event in the outbox; deleted documents are invisible everywhere.
+
+mod chunk;
+mod store;
+mod worker;
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Router, middleware};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use common::error::{ApiResult, Json};
+use common::server::ActingUser;
+use common::wire::{CreatedDocument, Document, DocumentDeleted, DocumentUploaded, Job, NewDocument, events};
+use common::{ApiError, ServiceContext, ServiceName};
+
+use store::CatalogStore;
+
+#[derive(Clone)]
+struct AppState {
+    ctx: ServiceContext,
+    store: CatalogStore,
+    wake_relay: Arc<Notify>,
+}
+
+/// Runs the ingest API, the outbox relay and (unless `ingest.workers` is 0) the workers.
+pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
+    let store = CatalogStore::open(&ctx.config.db_path(ServiceName::Ingest)).await?;
+    let wake_relay = Arc::new(Notify::new());
+    worker::spawn_relay(ctx.clone(), store.clone(), wake_relay.clone());
+    if ctx.config.ingest.workers > 0 {
+        worker::spawn_workers(ctx.clone(), store.clone());
+    }
+    let ready_store = store.clone();
+    let ready: common::server::ReadyCheck = Arc::new(move || {
+        let store = ready_store.clone();
+        Box::pin(async move { sqlx::query("SELECT 1").execute(&store.pool).await.map(|_| ()).map_err(|e| e.to_string()) })
+    });
+    let state = AppState { ctx: ctx.clone(), store, wake_relay };
+    let routes = Router::new()
+        .route("/v1/documents", post(create_document))
+        .route("/v1/documents/query", post(list_documents))
+        .route("/v1/documents/{id}", get(get_document).delete(delete_document))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
+        .with_state(state);
+    let router = common::server::service_router(ServiceName::Ingest, routes, ready).fallback(common::server::not_found);
+    common::server::serve(listener, router, ctx.shutdown.clone()).await
+}
+
+fn sanitize_filename(name: &str) -> String {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or_default();
+    let cleaned: String = base.chars().filter(|c| !c.is_control()).take(255).collect();
+    let cleaned = cleaned.trim().trim_start_matches('.').to_string();
+    if cleaned.is_empty() { "upload".to_string() } else { cleaned }
+}
+
+async fn create_document(
+    State(state): State<AppState>,
+    ActingUser(principal): ActingUser,
+    Json(mut new): Json<NewDocument>,
+) -> ApiResult<(StatusCode, Json<CreatedDocument>)> {
+    new.filename = sanitize_filename(&new.filename);
+    new.owner = principal.sub.clone();
+    if let Some(existing) = state.store.duplicate(&new.collection_id, &new.sha256).await? {
+        return Ok((
+            StatusCode::OK,
+            Json(CreatedDocument { id: existing.id.clone(), job_id: existing.job_id, status: existing.status, duplicate_of: Some(existing.id) }),
+        ));
+    }
+    let bus = state.ctx.bus.clone();
+    let (id, job_id) = state
+        .store
+        .create(&new, |document_id, job_id| {
+            bus.event(
+                events::DOCUMENT_UPLOADED,
+                Some(format!("document:{document_id}")),
+                DocumentUploaded {
+                    document_id: document_id.to_string(),
+                    job_id: job_id.to_string(),
+                    collection_id: new.collection_id.clone(),
+                    owner: new.owner.clone(),
+                    blob_id: new.blob_id.clone(),
+                    sha256: new.sha256.clone(),
+                    content_type: new.content_type.clone(),
+                    filename: new.filename.clone(),
+                    version: 1,
+                },
+            )
+        })
+        .await?;
+    state.wake_relay.notify_one();
+    Ok((StatusCode::CREATED, Json(CreatedDocument { id, job_id, status: "queued".into(), duplicate_of: None })))
+}
+
+#[derive(Deserialize)]
+struct ListRequest {
+    collections: Vec<String>,
+    #[serde(default)]
+    limit: Option<i64>,
+    #[serde(default)]
+    offset: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct DocumentPage {
+    documents: Vec<Document>,
+    total: i64,
+}
+
+async fn list_documents(State(state): State<AppState>, Json(request): Json<ListRequest>) -> ApiResult<Json<DocumentPage>> {
+    let limit = request.limit.unwrap_or(50).clamp(1, 500);
+    let offset = request.offset.unwrap_or(0).max(0);
+    let (documents, total) = state.store.list(&request.collections, limit, offset).await?;
+    Ok(Json(DocumentPage { documents, total }))
+}
+
+fn document_not_found() -> ApiError {
+    ApiError::not_found("document.not_found", "no such document")
+}
+
+async fn get_document(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Document>> {
+    state.store.document(&id).await?.map(Json).ok_or_else(document_not_found)
+}
+
+async fn delete_document(State(state): State<AppState>, ActingUser(principal): ActingUser, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let document = state.store.document(&id).await?.ok_or_else(document_not_found)?;
+    let event = state.ctx.bus.event(
+        events::DOCUMENT_DELETED,
+        Some(format!("document:{id}")),
+        DocumentDeleted { document_id: id.clone(), collection_id: document.collection.clone(), blob_id: document.blob_id.clone() },
+    );
+    if !state.store.delete(&id, &event).await? {
+        return Err(document_not_found());
+    }
+    state.wake_relay.notify_one();
+    state.ctx.audit(&principal.sub, "document.deleted", &format!("document:{id}"), "success", serde_json::json!({"collection": document.collection})).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Job>> {
+    state.store.job(&id).await?.map(Json).ok_or_else(|| ApiError::not_found("job.not_found", "no such job"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filenames_lose_paths_control_characters_and_leading_dots() {
+        assert_eq!(sanitize_filename("../../etc/passwd"), "passwd");
+        assert_eq!(sanitize_filename("C:\\Users\\a\\report.pdf"), "report.pdf");
+        assert_eq!(sanitize_filename("bad\u{0}name\n.md"), "badname.md");
+        assert_eq!(sanitize_filename(".hidden"), "hidden");
+        assert_eq!(sanitize_filename(""), "upload");
+    }
+}

@@ -1,1 +1,240 @@
-//! placeholder
+//! logs — central operational logs.
+//!
+//! Consumes `echo.log.batch` from every service into `logs.db` (SQLite with an FTS5
+//! index over messages), applies retention by age and count, and answers queries by
+//! service, level, time, trace id and text. Public surface: `run`.
+//! Invariant: user text is matched as quoted phrases, never as FTS query syntax.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Router, middleware};
+use serde::Deserialize;
+use sqlx::{Row, SqlitePool};
+use tokio::net::TcpListener;
+
+use common::error::{ApiResult, Json, Query};
+use common::wire::{LogBatch, LogRecord, events};
+use common::{ApiError, ServiceContext, ServiceName};
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE records (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts_ms INTEGER NOT NULL,
+    service TEXT NOT NULL,
+    level TEXT NOT NULL,
+    target TEXT NOT NULL,
+    message TEXT NOT NULL,
+    fields TEXT NOT NULL,
+    trace_id TEXT
+);
+CREATE INDEX records_ts ON records(ts_ms);
+CREATE INDEX records_trace ON records(trace_id);
+CREATE VIRTUAL TABLE records_fts USING fts5(message, fields, content='records', content_rowid='id');
+CREATE TRIGGER records_ai AFTER INSERT ON records BEGIN
+  INSERT INTO records_fts(rowid, message, fields) VALUES (new.id, new.message, new.fields);
+END;
+CREATE TRIGGER records_ad AFTER DELETE ON records BEGIN
+  INSERT INTO records_fts(records_fts, rowid, message, fields) VALUES ('delete', old.id, old.message, old.fields);
+END;
+"#];
+
+#[derive(Clone)]
+struct AppState {
+    pool: SqlitePool,
+}
+
+/// Runs the logs service on `listener` until the context's shutdown.
+pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
+    let pool = common::db::open_sqlite(&ctx.config.db_path(ServiceName::Logs)).await?;
+    common::db::migrate(&pool, MIGRATIONS).await?;
+    let state = AppState { pool: pool.clone() };
+    spawn_consumer(&ctx, state.clone());
+    spawn_retention(&ctx, pool.clone());
+    let ready_pool = pool.clone();
+    let ready: common::server::ReadyCheck = Arc::new(move || {
+        let pool = ready_pool.clone();
+        Box::pin(async move { sqlx::query("SELECT 1").execute(&pool).await.map(|_| ()).map_err(|e| e.to_string()) })
+    });
+    let routes = Router::new()
+        .route("/v1/logs", get(query))
+        .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
+        .with_state(state);
+    let router = common::server::service_router(ServiceName::Logs, routes, ready).fallback(common::server::not_found);
+    common::server::serve(listener, router, ctx.shutdown.clone()).await
+}
+
+fn spawn_consumer(ctx: &ServiceContext, state: AppState) {
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let spec = common::bus::SubscriptionSpec { topic: events::LOG_BATCH.into(), max_deliveries: Some(3), lease_ms: Some(30_000) };
+        if !ctx.bus.declare("logs", &spec, &ctx.shutdown).await {
+            return;
+        }
+        ctx.bus.spawn_consumer("logs", 2, ctx.shutdown.clone(), move |event, _| {
+            let state = state.clone();
+            async move {
+                let batch: LogBatch = event.data_as().map_err(|e| format!("bad log batch: {e}"))?;
+                if batch.dropped > 0 {
+                    metrics::counter!("echo_logs_dropped_at_source_total").increment(batch.dropped);
+                }
+                store(&state.pool, &batch.records, &event.id).await.map_err(|e| e.to_string())
+            }
+        });
+    });
+}
+
+async fn store(pool: &SqlitePool, records: &[LogRecord], _batch_id: &str) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    for record in records.iter().take(10_000) {
+        sqlx::query("INSERT INTO records (ts_ms, service, level, target, message, fields, trace_id) VALUES (?, ?, ?, ?, ?, ?, ?)")
+            .bind(record.ts_ms)
+            .bind(&record.service)
+            .bind(&record.level)
+            .bind(&record.target)
+            .bind(record.message.chars().take(8192).collect::<String>())
+            .bind(serde_json::to_string(&record.fields).unwrap_or_default())
+            .bind(&record.trace_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await
+}
+
+fn spawn_retention(ctx: &ServiceContext, pool: SqlitePool) {
+    let config = ctx.config.logs.clone();
+    let shutdown = ctx.shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            }
+            let cutoff = common::now_unix_ms() - config.retention_days * 86_400_000;
+            let _ = sqlx::query("DELETE FROM records WHERE ts_ms < ?").bind(cutoff).execute(&pool).await;
+            let _ = sqlx::query("DELETE FROM records WHERE id <= (SELECT MAX(id) FROM records) - ?").bind(config.max_records).execute(&pool).await;
+        }
+    });
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    service: Option<String>,
+    level: Option<String>,
+    q: Option<String>,
+    trace_id: Option<String>,
+    /// Unix milliseconds or RFC 3339.
+    since: Option<String>,
+    limit: Option<i64>,
+}
+
+fn parse_since(since: &str) -> Result<i64, ApiError> {
+    if let Ok(ms) = since.parse::<i64>() {
+        return Ok(ms);
+    }
+    time::OffsetDateTime::parse(since, &time::format_description::well_known::Rfc3339)
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+        .map_err(|_| ApiError::bad_request("logs.invalid_since", "since is Unix milliseconds or an RFC 3339 time"))
+}
+
+/// Turns user text into an FTS5 query of quoted terms (all must match).
+fn fts_query(text: &str) -> String {
+    text.split_whitespace().take(16).map(|w| format!("\"{}\"", w.replace('"', "\"\""))).collect::<Vec<_>>().join(" ")
+}
+
+async fn query(State(state): State<AppState>, Query(params): Query<LogQuery>) -> ApiResult<Json<serde_json::Value>> {
+    let since = params.since.as_deref().map(parse_since).transpose()?.unwrap_or(0);
+    let limit = params.limit.unwrap_or(200).clamp(1, 1000);
+    let levels: Vec<&str> = match params.level.as_deref() {
+        None | Some("") => vec!["trace", "debug", "info", "warn", "error"],
+        Some("trace") => vec!["trace", "debug", "info", "warn", "error"],
+        Some("debug") => vec!["debug", "info", "warn", "error"],
+        Some("info") => vec!["info", "warn", "error"],
+        Some("warn") => vec!["warn", "error"],
+        Some("error") => vec!["error"],
+        Some(_) => return Err(ApiError::bad_request("logs.invalid_level", "level is trace, debug, info, warn or error")),
+    };
+    let fts = params.q.as_deref().map(fts_query).filter(|q| !q.is_empty());
+    let rows = sqlx::query(
+        "SELECT r.* FROM records r
+         WHERE r.ts_ms >= ?
+           AND (? IS NULL OR r.service = ?)
+           AND r.level IN (SELECT value FROM json_each(?))
+           AND (? IS NULL OR r.trace_id = ?)
+           AND (? IS NULL OR r.id IN (SELECT rowid FROM records_fts WHERE records_fts MATCH ?))
+         ORDER BY r.id DESC LIMIT ?",
+    )
+    .bind(since)
+    .bind(&params.service)
+    .bind(&params.service)
+    .bind(serde_json::to_string(&levels).unwrap_or_default())
+    .bind(&params.trace_id)
+    .bind(&params.trace_id)
+    .bind(&fts)
+    .bind(&fts)
+    .bind(limit)
+    .fetch_all(&state.pool)
+    .await?;
+    let records = rows
+        .iter()
+        .map(|r| {
+            let fields: String = r.try_get("fields")?;
+            Ok(serde_json::json!({
+                "ts": common::rfc3339(r.try_get::<i64, _>("ts_ms")? / 1000),
+                "ts_ms": r.try_get::<i64, _>("ts_ms")?,
+                "service": r.try_get::<String, _>("service")?,
+                "level": r.try_get::<String, _>("level")?,
+                "target": r.try_get::<String, _>("target")?,
+                "message": r.try_get::<String, _>("message")?,
+                "fields": serde_json::from_str::<serde_json::Value>(&fields).unwrap_or_default(),
+                "trace_id": r.try_get::<Option<String>, _>("trace_id")?,
+            }))
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok(Json(serde_json::json!({"records": records})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_text_becomes_quoted_terms() {
+        assert_eq!(fts_query("disk full"), "\"disk\" \"full\"");
+        assert_eq!(fts_query("a\" OR x"), "\"a\"\"\" \"OR\" \"x\"");
+    }
+
+    #[tokio::test]
+    async fn stored_records_are_found_by_text_service_and_trace() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = common::db::open_sqlite(&dir.path().join("logs.db")).await.unwrap();
+        common::db::migrate(&pool, MIGRATIONS).await.unwrap();
+        let record = |service: &str, message: &str, trace: &str| LogRecord {
+            ts_ms: common::now_unix_ms(),
+            service: service.into(),
+            level: "info".into(),
+            target: "t".into(),
+            message: message.into(),
+            fields: Default::default(),
+            trace_id: Some(trace.into()),
+        };
+        store(&pool, &[record("ingest", "document indexed quickly", "t1"), record("search", "query served", "t2")], "b").await.unwrap();
+        let state = AppState { pool };
+        let q = |service: Option<&str>, q: Option<&str>, trace: Option<&str>| LogQuery {
+            service: service.map(str::to_string),
+            level: None,
+            q: q.map(str::to_string),
+            trace_id: trace.map(str::to_string),
+            since: None,
+            limit: None,
+        };
+        let Json(found) = query(State(state.clone()), Query(q(None, Some("indexed"), None))).await.unwrap();
+        assert_eq!(found["records"].as_array().unwrap().len(), 1);
+        let Json(found) = query(State(state.clone()), Query(q(Some("search"), None, None))).await.unwrap();
+        assert_eq!(found["records"][0]["message"], "query served");
+        let Json(found) = query(State(state), Query(q(None, None, Some("t1")))).await.unwrap();
+        assert_eq!(found["records"][0]["service"], "ingest");
+    }
+}

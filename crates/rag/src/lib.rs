@@ -1,1 +1,196 @@
-//! placeholder
+//! rag — question answering over the documents a user may read.
+//!
+//! Flow: authz ("collections this principal may read_chunks") → search (filtered to
+//! exactly those) → every hit re-checked against that set → answer (extractive until a
+//! model provider is configured) → conversation stored → `rag.asked` audit event.
+//! Public surface: `run`. Invariant: no text reaches an answer or citation unless its
+//! collection was in the authz answer for this request.
+
+mod answer;
+
+use std::collections::HashSet;
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Router, middleware};
+use serde::Serialize;
+use sqlx::{Row, SqlitePool};
+use tokio::net::TcpListener;
+
+use common::error::{ApiResult, Json};
+use common::server::ActingUser;
+use common::wire::{Answer, AskRequest, Principal, ReadableCollections, SearchQuery, SearchResults};
+use common::{ApiError, ServiceContext, ServiceName, now_unix, rfc3339};
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE conversations (
+    id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    title TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX conversations_user ON conversations(user_id, updated_at);
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    citations TEXT NOT NULL DEFAULT '[]',
+    created_at INTEGER NOT NULL
+);
+"#];
+
+#[derive(Clone)]
+struct AppState {
+    ctx: ServiceContext,
+    pool: SqlitePool,
+}
+
+/// Runs the rag service on `listener` until the context's shutdown.
+pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
+    let pool = common::db::open_sqlite(&ctx.config.db_path(ServiceName::Rag)).await?;
+    common::db::migrate(&pool, MIGRATIONS).await?;
+    let state = AppState { ctx: ctx.clone(), pool };
+    let routes = Router::new()
+        .route("/v1/ask", post(ask))
+        .route("/v1/conversations", get(list_conversations))
+        .route("/v1/conversations/{id}", get(get_conversation).delete(delete_conversation))
+        .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
+        .with_state(state);
+    let router = common::server::service_router(ServiceName::Rag, routes, common::server::always_ready()).fallback(common::server::not_found);
+    common::server::serve(listener, router, ctx.shutdown.clone()).await
+}
+
+async fn readable(ctx: &ServiceContext, principal: &Principal) -> ApiResult<Vec<String>> {
+    let readable: ReadableCollections =
+        ctx.peers.post_json(ServiceName::Authz, "/v1/readable", Some(principal), &serde_json::json!({"action": "document:read_chunks"})).await?;
+    Ok(readable.collections)
+}
+
+async fn ask(State(state): State<AppState>, ActingUser(principal): ActingUser, Json(request): Json<AskRequest>) -> ApiResult<Json<Answer>> {
+    let question = request.question.trim().to_string();
+    if question.is_empty() || question.chars().count() > 4000 {
+        return Err(ApiError::bad_request("rag.invalid_question", "questions are 1 to 4000 characters"));
+    }
+    let conversation_id = match &request.conversation_id {
+        Some(id) => {
+            let owner: Option<String> = sqlx::query_scalar("SELECT user_id FROM conversations WHERE id = ?").bind(id).fetch_optional(&state.pool).await?;
+            if owner.as_deref() != Some(principal.sub.as_str()) {
+                return Err(ApiError::not_found("rag.conversation_not_found", "no such conversation"));
+            }
+            id.clone()
+        }
+        None => {
+            let id = uuid::Uuid::now_v7().to_string();
+            let title: String = question.chars().take(80).collect();
+            sqlx::query("INSERT INTO conversations (id, user_id, title, created_at, updated_at) VALUES (?, ?, ?, ?, ?)")
+                .bind(&id)
+                .bind(&principal.sub)
+                .bind(title)
+                .bind(now_unix())
+                .bind(now_unix())
+                .execute(&state.pool)
+                .await?;
+            id
+        }
+    };
+    let allowed: HashSet<String> = readable(&state.ctx, &principal).await?.into_iter().collect();
+    let collections: Vec<String> = match &request.collections {
+        Some(requested) => requested.iter().filter(|c| allowed.contains(*c)).cloned().collect(),
+        None => allowed.iter().cloned().collect(),
+    };
+    let config = &state.ctx.config.rag;
+    let hits = if collections.is_empty() {
+        vec![]
+    } else {
+        let query = SearchQuery { query: question.clone(), k: config.top_k, collections };
+        let results: SearchResults = state.ctx.peers.post_json(ServiceName::Search, "/v1/search", None, &query).await?;
+        results.hits.into_iter().filter(|hit| allowed.contains(&hit.collection_id)).collect::<Vec<_>>()
+    };
+    let (text, citations) = answer::extractive(&question, &hits, config.max_citations);
+    let mut tx = state.pool.begin().await?;
+    for (role, content, cited) in [("user", question.as_str(), "[]".to_string()), ("assistant", text.as_str(), serde_json::to_string(&citations).unwrap_or_default())] {
+        sqlx::query("INSERT INTO messages (conversation_id, role, content, citations, created_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(&conversation_id)
+            .bind(role)
+            .bind(content)
+            .bind(cited)
+            .bind(now_unix())
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query("UPDATE conversations SET updated_at = ? WHERE id = ?").bind(now_unix()).bind(&conversation_id).execute(&mut *tx).await?;
+    tx.commit().await?;
+    let recorded_question = if config.audit_question == "plain" { question.clone() } else { common::rand::sha256_hex(question.as_bytes()) };
+    state
+        .ctx
+        .audit(
+            &principal.sub,
+            "rag.asked",
+            &format!("conversation:{conversation_id}"),
+            "success",
+            serde_json::json!({
+                "question": recorded_question,
+                "question_form": config.audit_question,
+                "cited_chunks": citations.iter().map(|c| c.chunk_id.clone()).collect::<Vec<_>>(),
+            }),
+        )
+        .await;
+    metrics::counter!("echo_rag_questions_total", "mode" => "extractive").increment(1);
+    Ok(Json(Answer { answer: text, citations, conversation_id, mode: "extractive".into() }))
+}
+
+#[derive(Serialize)]
+struct ConversationSummary {
+    id: String,
+    title: String,
+    updated_at: String,
+}
+
+async fn list_conversations(State(state): State<AppState>, ActingUser(principal): ActingUser) -> ApiResult<Json<Vec<ConversationSummary>>> {
+    let rows = sqlx::query("SELECT id, title, updated_at FROM conversations WHERE user_id = ? ORDER BY updated_at DESC LIMIT 200")
+        .bind(&principal.sub)
+        .fetch_all(&state.pool)
+        .await?;
+    let list = rows
+        .iter()
+        .map(|r| Ok(ConversationSummary { id: r.try_get("id")?, title: r.try_get("title")?, updated_at: rfc3339(r.try_get("updated_at")?) }))
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok(Json(list))
+}
+
+async fn get_conversation(State(state): State<AppState>, ActingUser(principal): ActingUser, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    let title: Option<String> = sqlx::query_scalar("SELECT title FROM conversations WHERE id = ? AND user_id = ?")
+        .bind(&id)
+        .bind(&principal.sub)
+        .fetch_optional(&state.pool)
+        .await?;
+    let title = title.ok_or_else(|| ApiError::not_found("rag.conversation_not_found", "no such conversation"))?;
+    let rows = sqlx::query("SELECT role, content, citations, created_at FROM messages WHERE conversation_id = ? ORDER BY id")
+        .bind(&id)
+        .fetch_all(&state.pool)
+        .await?;
+    let messages = rows
+        .iter()
+        .map(|r| {
+            let citations: String = r.try_get("citations")?;
+            Ok(serde_json::json!({
+                "role": r.try_get::<String, _>("role")?,
+                "content": r.try_get::<String, _>("content")?,
+                "citations": serde_json::from_str::<serde_json::Value>(&citations).unwrap_or_default(),
+                "created_at": rfc3339(r.try_get("created_at")?),
+            }))
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok(Json(serde_json::json!({"id": id, "title": title, "messages": messages})))
+}
+
+async fn delete_conversation(State(state): State<AppState>, ActingUser(principal): ActingUser, Path(id): Path<String>) -> ApiResult<axum::http::StatusCode> {
+    let done = sqlx::query("DELETE FROM conversations WHERE id = ? AND user_id = ?").bind(&id).bind(&principal.sub).execute(&state.pool).await?;
+    if done.rows_affected() == 0 {
+        return Err(ApiError::not_found("rag.conversation_not_found", "no such conversation"));
+    }
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+

@@ -1,0 +1,258 @@
+//! The document catalog, jobs and the transactional outbox in `ingest.db`. A
+//! document, its job and its `echo.document.uploaded` event commit together; the
+//! relay publishes the outbox afterwards. No HTTP types here.
+
+use sqlx::{Row, SqlitePool};
+
+use common::wire::{CloudEvent, Document, Job, NewDocument};
+use common::{now_unix, rfc3339};
+
+pub(crate) const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE documents (
+    id TEXT PRIMARY KEY,
+    collection_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    blob_id TEXT NOT NULL,
+    version INTEGER NOT NULL DEFAULT 1,
+    status TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    n_chunks INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    deleted_at INTEGER
+);
+CREATE INDEX documents_collection ON documents(collection_id, created_at);
+CREATE INDEX documents_sha ON documents(collection_id, sha256);
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY,
+    document_id TEXT NOT NULL REFERENCES documents(id),
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    timings TEXT NOT NULL DEFAULT '{}',
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+"#];
+
+#[derive(Clone)]
+pub(crate) struct CatalogStore {
+    pub(crate) pool: SqlitePool,
+}
+
+fn document_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Document, sqlx::Error> {
+    Ok(Document {
+        id: row.try_get("id")?,
+        collection: row.try_get("collection_id")?,
+        owner: row.try_get("owner")?,
+        filename: row.try_get("filename")?,
+        content_type: row.try_get("content_type")?,
+        size: row.try_get::<i64, _>("size")? as u64,
+        sha256: row.try_get("sha256")?,
+        status: row.try_get("status")?,
+        version: row.try_get("version")?,
+        job_id: row.try_get("job_id")?,
+        blob_id: row.try_get("blob_id")?,
+        created_at: rfc3339(row.try_get("created_at")?),
+        updated_at: rfc3339(row.try_get("updated_at")?),
+        error: row.try_get("error")?,
+    })
+}
+
+impl CatalogStore {
+    pub(crate) async fn open(path: &std::path::Path) -> Result<CatalogStore, sqlx::Error> {
+        let pool = common::db::open_sqlite(path).await?;
+        common::db::migrate(&pool, MIGRATIONS).await?;
+        Ok(CatalogStore { pool })
+    }
+
+    /// A live document of the collection with the same content, if any.
+    pub(crate) async fn duplicate(&self, collection_id: &str, sha256: &str) -> Result<Option<Document>, sqlx::Error> {
+        let row = sqlx::query("SELECT * FROM documents WHERE collection_id = ? AND sha256 = ? AND deleted_at IS NULL LIMIT 1")
+            .bind(collection_id)
+            .bind(sha256)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(document_from_row).transpose()
+    }
+
+    /// Creates the document, its job and the outbox event in one transaction.
+    pub(crate) async fn create(&self, new: &NewDocument, make_event: impl FnOnce(&str, &str) -> CloudEvent) -> Result<(String, String), sqlx::Error> {
+        let now = now_unix();
+        let document_id = uuid::Uuid::now_v7().to_string();
+        let job_id = uuid::Uuid::now_v7().to_string();
+        let event = make_event(&document_id, &job_id);
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO documents (id, collection_id, owner, filename, content_type, size, sha256, blob_id, status, job_id, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+        )
+        .bind(&document_id)
+        .bind(&new.collection_id)
+        .bind(&new.owner)
+        .bind(&new.filename)
+        .bind(&new.content_type)
+        .bind(new.size as i64)
+        .bind(&new.sha256)
+        .bind(&new.blob_id)
+        .bind(&job_id)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("INSERT INTO jobs (id, document_id, status, created_at, updated_at) VALUES (?, ?, 'queued', ?, ?)")
+            .bind(&job_id)
+            .bind(&document_id)
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO outbox (event, created_at) VALUES (?, ?)")
+            .bind(serde_json::to_string(&event).unwrap_or_default())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok((document_id, job_id))
+    }
+
+    pub(crate) async fn document(&self, id: &str) -> Result<Option<Document>, sqlx::Error> {
+        let row = sqlx::query("SELECT * FROM documents WHERE id = ? AND deleted_at IS NULL").bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(document_from_row).transpose()
+    }
+
+    pub(crate) async fn list(&self, collections: &[String], limit: i64, offset: i64) -> Result<(Vec<Document>, i64), sqlx::Error> {
+        if collections.is_empty() {
+            return Ok((vec![], 0));
+        }
+        let ids = serde_json::to_string(collections).unwrap_or_else(|_| "[]".into());
+        let rows = sqlx::query(
+            "SELECT * FROM documents WHERE deleted_at IS NULL AND collection_id IN (SELECT value FROM json_each(?))
+             ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
+        )
+        .bind(&ids)
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?;
+        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM documents WHERE deleted_at IS NULL AND collection_id IN (SELECT value FROM json_each(?))")
+            .bind(&ids)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((rows.iter().map(document_from_row).collect::<Result<_, _>>()?, total))
+    }
+
+    /// Marks the document deleted and queues `echo.document.deleted`, atomically.
+    pub(crate) async fn delete(&self, id: &str, event: &CloudEvent) -> Result<bool, sqlx::Error> {
+        let now = now_unix();
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("UPDATE documents SET deleted_at = ?, status = 'cancelled', updated_at = ? WHERE id = ? AND deleted_at IS NULL")
+            .bind(now)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        sqlx::query("UPDATE jobs SET status = 'cancelled', updated_at = ? WHERE document_id = ? AND status NOT IN ('done', 'failed')")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO outbox (event, created_at) VALUES (?, ?)")
+            .bind(serde_json::to_string(event).unwrap_or_default())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub(crate) async fn job(&self, id: &str) -> Result<Option<Job>, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT j.*, d.collection_id FROM jobs j JOIN documents d ON d.id = j.document_id WHERE j.id = ? AND d.deleted_at IS NULL",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| -> Result<Job, sqlx::Error> {
+            Ok(Job {
+                id: r.try_get("id")?,
+                document_id: r.try_get("document_id")?,
+                collection: r.try_get("collection_id")?,
+                status: r.try_get("status")?,
+                attempts: r.try_get("attempts")?,
+                error: r.try_get("error")?,
+                created_at: rfc3339(r.try_get("created_at")?),
+                updated_at: rfc3339(r.try_get("updated_at")?),
+            })
+        })
+        .transpose()
+    }
+
+    /// Moves the job (and its document) to `status`, recording how long the previous stage took.
+    pub(crate) async fn set_stage(&self, job_id: &str, status: &str, attempts: Option<i64>, error: Option<&str>) -> Result<(), sqlx::Error> {
+        let now = now_unix();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE jobs SET status = ?, attempts = COALESCE(?, attempts), error = ?, updated_at = ?,
+                 timings = json_set(timings, '$.' || ?, ?)
+             WHERE id = ? AND status != 'cancelled'",
+        )
+        .bind(status)
+        .bind(attempts)
+        .bind(error)
+        .bind(now)
+        .bind(status)
+        .bind(now)
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE documents SET status = ?, error = ?, updated_at = ? WHERE job_id = ? AND deleted_at IS NULL")
+            .bind(status)
+            .bind(error)
+            .bind(now)
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    }
+
+    pub(crate) async fn set_chunks(&self, document_id: &str, n_chunks: usize) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE documents SET n_chunks = ? WHERE id = ?").bind(n_chunks as i64).bind(document_id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn outbox_batch(&self, limit: i64) -> Result<Vec<(i64, CloudEvent)>, sqlx::Error> {
+        let rows = sqlx::query("SELECT id, event FROM outbox ORDER BY id LIMIT ?").bind(limit).fetch_all(&self.pool).await?;
+        let mut batch = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: i64 = row.try_get("id")?;
+            let event: String = row.try_get("event")?;
+            match serde_json::from_str(&event) {
+                Ok(event) => batch.push((id, event)),
+                Err(error) => {
+                    tracing::error!(id, %error, "dropping an unreadable outbox row");
+                    self.outbox_done(id).await?;
+                }
+            }
+        }
+        Ok(batch)
+    }
+
+    pub(crate) async fn outbox_done(&self, id: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM outbox WHERE id = ?").bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,191 @@
+//! The ingest worker and the outbox relay.
+//!
+//! The worker consumes `echo.document.uploaded`: fetch the blob, parse, chunk, index,
+//! mark the job done, publish `echo.document.indexed`. It is idempotent (chunk ids
+//! are derived from the document and position; indexing replaces the document's
+//! chunks), so a redelivery after a crash redoes the job safely. Files the parser
+//! rejects fail at once with the parser's reason; transient failures retry with
+//! backoff until the last attempt, then the job fails and the message is dead-lettered.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Method;
+use tokio::sync::Notify;
+
+use common::bus::PublishMessage;
+use common::wire::{Chunk, DocumentFailed, DocumentIndexed, DocumentUploaded, IndexRequest, ParsedDocument, events};
+use common::{ApiError, ErrorKind, ServiceContext, ServiceName};
+
+use crate::chunk::chunk_blocks;
+use crate::store::CatalogStore;
+
+/// Publishes outbox rows until shutdown; woken on every insert and once a second.
+pub(crate) fn spawn_relay(ctx: ServiceContext, store: CatalogStore, wake: Arc<Notify>) {
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let published = relay_once(&ctx, &store).await;
+            let pause = match published {
+                Ok(0) => Duration::from_secs(1),
+                Ok(_) => {
+                    backoff = Duration::from_millis(100);
+                    continue;
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "outbox relay could not publish; retrying");
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff
+                }
+            };
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => break,
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    });
+}
+
+async fn relay_once(ctx: &ServiceContext, store: &CatalogStore) -> Result<usize, ApiError> {
+    let batch = store.outbox_batch(100).await?;
+    for (id, event) in &batch {
+        // The event id is the idempotency key: a crash between publish and delete
+        // republishes, and the queue drops the duplicate.
+        let key = Some(event.id.clone());
+        ctx.bus.publish(vec![PublishMessage { event: event.clone(), key, delay_ms: None }]).await?;
+        store.outbox_done(*id).await?;
+    }
+    Ok(batch.len())
+}
+
+pub(crate) const SUBSCRIPTION: &str = "ingest-worker";
+
+pub(crate) fn spawn_workers(ctx: ServiceContext, store: CatalogStore) {
+    tokio::spawn(async move {
+        let spec = common::bus::SubscriptionSpec {
+            topic: events::DOCUMENT_UPLOADED.into(),
+            max_deliveries: Some(ctx.config.ingest.max_attempts),
+            lease_ms: Some(5 * 60 * 1000),
+        };
+        if !ctx.bus.declare(SUBSCRIPTION, &spec, &ctx.shutdown).await {
+            return;
+        }
+        let concurrency = ctx.config.ingest.workers;
+        let worker_ctx = ctx.clone();
+        ctx.bus.spawn_consumer(SUBSCRIPTION, concurrency, ctx.shutdown.clone(), move |event, attempts| {
+            let ctx = worker_ctx.clone();
+            let store = store.clone();
+            async move {
+                let uploaded: DocumentUploaded = event.data_as().map_err(|e| format!("bad event: {e}"))?;
+                process(&ctx, &store, &uploaded, attempts).await
+            }
+        });
+    });
+}
+
+fn permanent(error: &ApiError) -> bool {
+    matches!(error.kind, ErrorKind::BadRequest | ErrorKind::UnsupportedMediaType | ErrorKind::PayloadTooLarge | ErrorKind::NotFound)
+}
+
+async fn process(ctx: &ServiceContext, store: &CatalogStore, uploaded: &DocumentUploaded, attempts: i64) -> Result<(), String> {
+    let job = match store.job(&uploaded.job_id).await {
+        Ok(Some(job)) => job,
+        Ok(None) => return Ok(()), // deleted meanwhile: nothing to do
+        Err(error) => return Err(format!("catalog unavailable: {error}")),
+    };
+    if matches!(job.status.as_str(), "done" | "cancelled") {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    match run_stages(ctx, store, uploaded, attempts).await {
+        Ok(n_chunks) => {
+            metrics::histogram!("echo_ingest_job_seconds").record(started.elapsed().as_secs_f64());
+            let event = ctx.bus.event(
+                events::DOCUMENT_INDEXED,
+                Some(format!("document:{}", uploaded.document_id)),
+                DocumentIndexed {
+                    document_id: uploaded.document_id.clone(),
+                    job_id: uploaded.job_id.clone(),
+                    collection_id: uploaded.collection_id.clone(),
+                    n_chunks,
+                },
+            );
+            if let Err(error) = ctx.bus.publish_one(event).await {
+                tracing::warn!(%error, "indexed event not published");
+            }
+            tracing::info!(document_id = %uploaded.document_id, n_chunks, "document indexed");
+            Ok(())
+        }
+        Err(error) => {
+            let last_attempt = attempts >= ctx.config.ingest.max_attempts;
+            let reason = error.detail.clone();
+            if permanent(&error) || last_attempt {
+                let _ = store.set_stage(&uploaded.job_id, "failed", Some(attempts), Some(&reason)).await;
+                let event = ctx.bus.event(
+                    events::DOCUMENT_FAILED,
+                    Some(format!("document:{}", uploaded.document_id)),
+                    DocumentFailed {
+                        document_id: uploaded.document_id.clone(),
+                        job_id: uploaded.job_id.clone(),
+                        collection_id: uploaded.collection_id.clone(),
+                        error: reason.clone(),
+                    },
+                );
+                let _ = ctx.bus.publish_one(event).await;
+                tracing::warn!(document_id = %uploaded.document_id, %reason, attempts, "ingest job failed");
+                if permanent(&error) {
+                    return Ok(());
+                }
+                return Err(reason);
+            }
+            let _ = store.set_stage(&uploaded.job_id, "queued", Some(attempts), Some(&format!("attempt {attempts} failed, retrying: {reason}"))).await;
+            Err(reason)
+        }
+    }
+}
+
+async fn run_stages(ctx: &ServiceContext, store: &CatalogStore, uploaded: &DocumentUploaded, attempts: i64) -> Result<usize, ApiError> {
+    store.set_stage(&uploaded.job_id, "parsing", Some(attempts), None).await?;
+    let path = format!("/v1/blobs/{}", uploaded.blob_id);
+    let request = ctx.peers.request(ServiceName::Storage, Method::GET, &path, None).await?;
+    let bytes = ctx.peers.send(ServiceName::Storage, request).await?.bytes().await.map_err(|e| ApiError::unavailable("ingest.blob_read", e.to_string()))?;
+    let query = format!(
+        "/v1/parse?content_type={}&filename={}",
+        common::client::encode(&uploaded.content_type),
+        common::client::encode(&uploaded.filename)
+    );
+    let request = ctx.peers.request(ServiceName::Parser, Method::POST, &query, None).await?.body(bytes);
+    let parsed: ParsedDocument = ctx.peers.send(ServiceName::Parser, request).await?.json().await.map_err(ApiError::internal)?;
+
+    store.set_stage(&uploaded.job_id, "chunking", None, None).await?;
+    let config = &ctx.config.ingest;
+    let blocks = parsed.blocks;
+    let (budget, overlap) = (config.chunk_chars, config.chunk_overlap_chars);
+    let drafts = tokio::task::spawn_blocking(move || chunk_blocks(&blocks, budget, overlap)).await.map_err(ApiError::internal)?;
+    let chunks: Vec<Chunk> = drafts
+        .into_iter()
+        .enumerate()
+        .map(|(ordinal, draft)| Chunk {
+            chunk_id: format!("{}-{}", uploaded.document_id, ordinal),
+            document_id: uploaded.document_id.clone(),
+            collection_id: uploaded.collection_id.clone(),
+            ordinal: ordinal as u32,
+            text: draft.text,
+            page: draft.page,
+            section: draft.section,
+            char_start: draft.char_start,
+            char_end: draft.char_end,
+        })
+        .collect();
+    let n_chunks = chunks.len();
+
+    store.set_stage(&uploaded.job_id, "indexing", None, None).await?;
+    // One request carries every chunk so the document is replaced atomically.
+    let request = IndexRequest { document_id: uploaded.document_id.clone(), chunks };
+    let _: serde_json::Value = ctx.peers.post_json(ServiceName::Search, "/v1/index", None, &request).await?;
+    store.set_chunks(&uploaded.document_id, n_chunks).await?;
+    store.set_stage(&uploaded.job_id, "done", None, None).await?;
+    metrics::counter!("echo_ingest_documents_indexed_total").increment(1);
+    Ok(n_chunks)
+}

@@ -94,12 +94,9 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     let pool = open(&ctx.config).await?;
     let signer = load_signer(&ctx.config.data_dir.join("keys").join("audit-checkpoint.pk8"))?;
     let state = AppState { pool: pool.clone(), append: Arc::new(Mutex::new(())), signer: Arc::new(signer), checkpoint_every: ctx.config.audit.checkpoint_every.max(1) };
-    spawn_consumer(&ctx, state.clone());
-    let ready_pool = pool.clone();
-    let ready: common::server::ReadyCheck = Arc::new(move || {
-        let pool = ready_pool.clone();
-        Box::pin(async move { sqlx::query("SELECT 1").execute(&pool).await.map(|_| ()).map_err(|e| e.to_string()) })
-    });
+    let consumer_ready = common::server::ReadyFlag::default();
+    spawn_consumer(&ctx, state.clone(), consumer_ready.clone());
+    let ready = common::server::sqlite_ready(pool.clone(), vec![("the audit subscription", consumer_ready)]);
     let routes = Router::new()
         .route("/v1/audit", get(query))
         .route("/v1/audit/verify", get(verify_endpoint))
@@ -110,13 +107,14 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     common::server::serve(listener, router, ctx.shutdown.clone()).await
 }
 
-fn spawn_consumer(ctx: &ServiceContext, state: AppState) {
+fn spawn_consumer(ctx: &ServiceContext, state: AppState, ready: common::server::ReadyFlag) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
         let spec = common::bus::SubscriptionSpec { topic: events::AUDIT_RECORDED.into(), max_deliveries: Some(20), lease_ms: Some(30_000) };
         if !ctx.bus.declare("audit", &spec, &ctx.shutdown).await {
             return;
         }
+        ready.set();
         ctx.bus.spawn_consumer("audit", 1, ctx.shutdown.clone(), move |event, _| {
             let state = state.clone();
             async move {

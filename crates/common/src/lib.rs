@@ -11,6 +11,7 @@ pub mod bus;
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod formats;
 pub mod error;
 pub mod rand;
 pub mod server;

@@ -223,3 +223,32 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
 pub async fn not_found() -> ApiError {
     ApiError::not_found("route.not_found", "no such endpoint")
 }
+
+/// Set once a background part of a service (a consumer's subscription) is in place;
+/// readiness includes it so no event published after `/readyz` says ready is missed.
+#[derive(Clone, Debug, Default)]
+pub struct ReadyFlag(Arc<std::sync::atomic::AtomicBool>);
+
+impl ReadyFlag {
+    pub fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+    pub fn is_set(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// A readiness check: the database answers and every flag is set.
+pub fn sqlite_ready(pool: sqlx::SqlitePool, flags: Vec<(&'static str, ReadyFlag)>) -> ReadyCheck {
+    Arc::new(move || {
+        let pool = pool.clone();
+        let flags = flags.clone();
+        Box::pin(async move {
+            sqlx::query("SELECT 1").execute(&pool).await.map_err(|e| format!("database: {e}"))?;
+            match flags.iter().find(|(_, flag)| !flag.is_set()) {
+                Some((name, _)) => Err(format!("{name} is not ready yet")),
+                None => Ok(()),
+            }
+        })
+    })
+}

@@ -39,14 +39,13 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     let store = CatalogStore::open(&ctx.config.db_path(ServiceName::Ingest)).await?;
     let wake_relay = Arc::new(Notify::new());
     worker::spawn_relay(ctx.clone(), store.clone(), wake_relay.clone());
+    let worker_ready = common::server::ReadyFlag::default();
     if ctx.config.ingest.workers > 0 {
-        worker::spawn_workers(ctx.clone(), store.clone());
+        worker::spawn_workers(ctx.clone(), store.clone(), worker_ready.clone());
+    } else {
+        worker_ready.set();
     }
-    let ready_store = store.clone();
-    let ready: common::server::ReadyCheck = Arc::new(move || {
-        let store = ready_store.clone();
-        Box::pin(async move { sqlx::query("SELECT 1").execute(&store.pool).await.map(|_| ()).map_err(|e| e.to_string()) })
-    });
+    let ready = common::server::sqlite_ready(store.pool.clone(), vec![("the ingest worker subscription", worker_ready)]);
     let state = AppState { ctx: ctx.clone(), store, wake_relay };
     let routes = Router::new()
         .route("/v1/documents", post(create_document))

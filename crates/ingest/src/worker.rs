@@ -61,7 +61,7 @@ async fn relay_once(ctx: &ServiceContext, store: &CatalogStore) -> Result<usize,
 
 pub(crate) const SUBSCRIPTION: &str = "ingest-worker";
 
-pub(crate) fn spawn_workers(ctx: ServiceContext, store: CatalogStore) {
+pub(crate) fn spawn_workers(ctx: ServiceContext, store: CatalogStore, ready: common::server::ReadyFlag) {
     tokio::spawn(async move {
         let spec = common::bus::SubscriptionSpec {
             topic: events::DOCUMENT_UPLOADED.into(),
@@ -71,6 +71,7 @@ pub(crate) fn spawn_workers(ctx: ServiceContext, store: CatalogStore) {
         if !ctx.bus.declare(SUBSCRIPTION, &spec, &ctx.shutdown).await {
             return;
         }
+        ready.set();
         let concurrency = ctx.config.ingest.workers;
         let worker_ctx = ctx.clone();
         ctx.bus.spawn_consumer(SUBSCRIPTION, concurrency, ctx.shutdown.clone(), move |event, attempts| {

@@ -5,7 +5,6 @@
 //! service, level, time, trace id and text. Public surface: `run`.
 //! Invariant: user text is matched as quoted phrases, never as FTS query syntax.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -51,13 +50,10 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     let pool = common::db::open_sqlite(&ctx.config.db_path(ServiceName::Logs)).await?;
     common::db::migrate(&pool, MIGRATIONS).await?;
     let state = AppState { pool: pool.clone() };
-    spawn_consumer(&ctx, state.clone());
+    let consumer_ready = common::server::ReadyFlag::default();
+    spawn_consumer(&ctx, state.clone(), consumer_ready.clone());
     spawn_retention(&ctx, pool.clone());
-    let ready_pool = pool.clone();
-    let ready: common::server::ReadyCheck = Arc::new(move || {
-        let pool = ready_pool.clone();
-        Box::pin(async move { sqlx::query("SELECT 1").execute(&pool).await.map(|_| ()).map_err(|e| e.to_string()) })
-    });
+    let ready = common::server::sqlite_ready(pool.clone(), vec![("the logs subscription", consumer_ready)]);
     let routes = Router::new()
         .route("/v1/logs", get(query))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
@@ -66,13 +62,14 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     common::server::serve(listener, router, ctx.shutdown.clone()).await
 }
 
-fn spawn_consumer(ctx: &ServiceContext, state: AppState) {
+fn spawn_consumer(ctx: &ServiceContext, state: AppState, ready: common::server::ReadyFlag) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
         let spec = common::bus::SubscriptionSpec { topic: events::LOG_BATCH.into(), max_deliveries: Some(3), lease_ms: Some(30_000) };
         if !ctx.bus.declare("logs", &spec, &ctx.shutdown).await {
             return;
         }
+        ready.set();
         ctx.bus.spawn_consumer("logs", 2, ctx.shutdown.clone(), move |event, _| {
             let state = state.clone();
             async move {

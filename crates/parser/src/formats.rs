@@ -1,7 +1,8 @@
-//! Format detection and extraction: plain text, Markdown, HTML and PDF into
+//! Extraction: plain text, Markdown, HTML and PDF into
 //! `TextBlock`s that keep pages and heading paths. Pure functions over bytes; no IO,
 //! no async. Callers bound the input size and the time spent.
 
+use common::formats::Format;
 use common::wire::{ParsedDocument, TextBlock};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -22,85 +23,6 @@ pub enum ParseError {
     TooLarge(usize),
     #[error("extraction took longer than {0} seconds")]
     Timeout(u64),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    Text,
-    Markdown,
-    Html,
-    Pdf,
-}
-
-impl Format {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Format::Text => "text",
-            Format::Markdown => "markdown",
-            Format::Html => "html",
-            Format::Pdf => "pdf",
-        }
-    }
-
-    pub fn content_type(self) -> &'static str {
-        match self {
-            Format::Text => "text/plain",
-            Format::Markdown => "text/markdown",
-            Format::Html => "text/html",
-            Format::Pdf => "application/pdf",
-        }
-    }
-}
-
-/// Decides the format from the declared content type, then the file extension, then
-/// the first bytes. Returns `Unsupported` naming what was seen.
-pub fn detect(content_type: &str, filename: &str, head: &[u8]) -> Result<Format, ParseError> {
-    let mime = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-    let extension = filename.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
-    let by_mime = match mime.as_str() {
-        "application/pdf" => Some(Format::Pdf),
-        "text/markdown" | "text/x-markdown" => Some(Format::Markdown),
-        "text/html" | "application/xhtml+xml" => Some(Format::Html),
-        "text/plain" => None, // browsers send text/plain for .md too: let the extension decide
-        _ => None,
-    };
-    let by_extension = match extension.as_str() {
-        "pdf" => Some(Format::Pdf),
-        "md" | "markdown" | "mdown" | "mkd" => Some(Format::Markdown),
-        "html" | "htm" | "xhtml" => Some(Format::Html),
-        "txt" | "text" | "log" | "rst" | "adoc" => Some(Format::Text),
-        _ => None,
-    };
-    if let Some(format) = by_mime.or(by_extension) {
-        return Ok(format);
-    }
-    if head.starts_with(b"%PDF-") {
-        return Ok(Format::Pdf);
-    }
-    if mime == "text/plain" || (mime.is_empty() || mime == "application/octet-stream") && looks_like_text(head) {
-        return Ok(Format::Text);
-    }
-    let seen = if mime.is_empty() { format!(".{extension}") } else { mime };
-    Err(ParseError::Unsupported(seen))
-}
-
-fn looks_like_text(head: &[u8]) -> bool {
-    let sample = &head[..head.len().min(4096)];
-    !sample.is_empty() && !sample.contains(&0) && std::str::from_utf8(sample).is_ok_or_truncated()
-}
-
-trait Utf8Prefix {
-    fn is_ok_or_truncated(&self) -> bool;
-}
-
-impl Utf8Prefix for Result<&str, std::str::Utf8Error> {
-    /// A sample cut mid-character is still text.
-    fn is_ok_or_truncated(&self) -> bool {
-        match self {
-            Ok(_) => true,
-            Err(error) => error.error_len().is_none(),
-        }
-    }
 }
 
 pub fn extract(format: Format, bytes: &[u8]) -> Result<ParsedDocument, ParseError> {
@@ -266,24 +188,6 @@ fn pdf(bytes: &[u8]) -> Result<Vec<TextBlock>, ParseError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn detection_table() {
-        let cases: &[(&str, &str, &[u8], Result<Format, ()>)] = &[
-            ("application/pdf", "a.bin", b"", Ok(Format::Pdf)),
-            ("text/plain", "notes.md", b"# hi", Ok(Format::Markdown)),
-            ("", "page.HTML", b"<p>", Ok(Format::Html)),
-            ("application/octet-stream", "x", b"%PDF-1.7", Ok(Format::Pdf)),
-            ("application/octet-stream", "x", b"just words", Ok(Format::Text)),
-            ("text/plain", "x.txt", b"words", Ok(Format::Text)),
-            ("image/png", "x.png", b"\x89PNG\0\0", Err(())),
-            ("application/octet-stream", "x.exe", b"MZ\0\0\0", Err(())),
-        ];
-        for (mime, name, head, expected) in cases {
-            let got = detect(mime, name, head).map_err(|_| ());
-            assert_eq!(&got, expected, "{mime} {name}");
-        }
-    }
 
     #[test]
     fn markdown_keeps_heading_paths() {

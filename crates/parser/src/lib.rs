@@ -19,7 +19,8 @@ use common::error::{ApiResult, Json, Query};
 use common::wire::ParsedDocument;
 use common::{ApiError, ErrorKind, ServiceContext, ServiceName};
 
-pub use formats::{Format, ParseError, detect, extract};
+pub use common::formats::{Format, detect};
+pub use formats::{ParseError, extract};
 
 impl From<ParseError> for ApiError {
     fn from(error: ParseError) -> Self {
@@ -42,7 +43,7 @@ pub async fn parse_bounded(bytes: Bytes, content_type: &str, filename: &str, max
     if bytes.len() > max_bytes {
         return Err(ParseError::TooLarge(max_bytes));
     }
-    let format = detect(content_type, filename, &bytes[..bytes.len().min(8192)])?;
+    let format = detect(content_type, filename, &bytes[..bytes.len().min(8192)]).map_err(|e| ParseError::Unsupported(e.0))?;
     let task = tokio::task::spawn_blocking(move || std::panic::catch_unwind(|| extract(format, &bytes)));
     match tokio::time::timeout(timeout, task).await {
         Err(_) => Err(ParseError::Timeout(timeout.as_secs())),

@@ -1,0 +1,101 @@
+//! File formats Echo understands, and how an upload is recognised: declared content
+//! type, then extension, then the first bytes. Shared by the gateway (to refuse an
+//! unsupported upload at once) and the parser (to pick an extractor). No IO.
+
+/// The upload is of a type Echo cannot read; carries what was seen.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("unsupported file type `{0}`; supported: plain text, Markdown, HTML and PDF")]
+pub struct Unsupported(pub String);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Markdown,
+    Html,
+    Pdf,
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Text => "text",
+            Format::Markdown => "markdown",
+            Format::Html => "html",
+            Format::Pdf => "pdf",
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Text => "text/plain",
+            Format::Markdown => "text/markdown",
+            Format::Html => "text/html",
+            Format::Pdf => "application/pdf",
+        }
+    }
+}
+
+/// Decides the format from the declared content type, then the file extension, then
+/// the first bytes. Returns `Unsupported` naming what was seen.
+pub fn detect(content_type: &str, filename: &str, head: &[u8]) -> Result<Format, Unsupported> {
+    let mime = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let extension = filename.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
+    let by_mime = match mime.as_str() {
+        "application/pdf" => Some(Format::Pdf),
+        "text/markdown" | "text/x-markdown" => Some(Format::Markdown),
+        "text/html" | "application/xhtml+xml" => Some(Format::Html),
+        "text/plain" => None, // browsers send text/plain for .md too: let the extension decide
+        _ => None,
+    };
+    let by_extension = match extension.as_str() {
+        "pdf" => Some(Format::Pdf),
+        "md" | "markdown" | "mdown" | "mkd" => Some(Format::Markdown),
+        "html" | "htm" | "xhtml" => Some(Format::Html),
+        "txt" | "text" | "log" | "rst" | "adoc" => Some(Format::Text),
+        _ => None,
+    };
+    if let Some(format) = by_mime.or(by_extension) {
+        return Ok(format);
+    }
+    if head.starts_with(b"%PDF-") {
+        return Ok(Format::Pdf);
+    }
+    if mime == "text/plain" || (mime.is_empty() || mime == "application/octet-stream") && looks_like_text(head) {
+        return Ok(Format::Text);
+    }
+    let seen = if mime.is_empty() { format!(".{extension}") } else { mime };
+    Err(Unsupported(seen))
+}
+
+fn looks_like_text(head: &[u8]) -> bool {
+    let sample = &head[..head.len().min(4096)];
+    // A sample cut in the middle of a character is still text.
+    let utf8 = match std::str::from_utf8(sample) {
+        Ok(_) => true,
+        Err(error) => error.error_len().is_none(),
+    };
+    !sample.is_empty() && !sample.contains(&0) && utf8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detection_table() {
+        let cases: &[(&str, &str, &[u8], Result<Format, ()>)] = &[
+            ("application/pdf", "a.bin", b"", Ok(Format::Pdf)),
+            ("text/plain", "notes.md", b"# hi", Ok(Format::Markdown)),
+            ("", "page.HTML", b"<p>", Ok(Format::Html)),
+            ("application/octet-stream", "x", b"%PDF-1.7", Ok(Format::Pdf)),
+            ("application/octet-stream", "x", b"just words", Ok(Format::Text)),
+            ("text/plain", "x.txt", b"words", Ok(Format::Text)),
+            ("image/png", "x.png", b"\x89PNG\0\0", Err(())),
+            ("application/octet-stream", "x.exe", b"MZ\0\0\0", Err(())),
+        ];
+        for (mime, name, head, expected) in cases {
+            let got = detect(mime, name, head).map_err(|_| ());
+            assert_eq!(&got, expected, "{mime} {name}");
+        }
+    }
+}

@@ -1,1 +1,116 @@
-//! placeholder
+//! gateway — the public edge: the web UI (server-rendered pages), the REST API
+//! `/api/v1`, the OpenAI-compatible `/v1`, and browser sign-in through identity.
+//!
+//! Public surface: `run`. The gateway owns only browser sessions (`gateway.db`); every
+//! other call goes to the owning service with the gateway's service token and the
+//! verified user in `x-echo-principal`. Invariants: every document, job and search
+//! result is checked with authz before it is returned; what the caller may not read
+//! answers 404; cookie-authenticated writes need the CSRF token.
+
+mod api;
+mod auth;
+mod pages;
+mod service;
+mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderValue, header};
+use axum::routing::{get, post, put};
+use sqlx::SqlitePool;
+use tokio::net::TcpListener;
+use tower_http::set_header::SetResponseHeaderLayer;
+
+use common::{ServiceContext, ServiceName};
+
+pub(crate) const OPENAPI: &str = include_str!("../openapi.json");
+
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) ctx: ServiceContext,
+    pub(crate) pool: SqlitePool,
+    pub(crate) public_url: String,
+}
+
+/// Readiness: every service the gateway depends on answers its own `/readyz`.
+fn readiness(ctx: &ServiceContext, pool: SqlitePool) -> common::server::ReadyCheck {
+    let http = ctx.peers.http().clone();
+    let config = ctx.config.clone();
+    Arc::new(move || {
+        let http = http.clone();
+        let config = config.clone();
+        let pool = pool.clone();
+        Box::pin(async move {
+            sqlx::query("SELECT 1").execute(&pool).await.map_err(|e| format!("gateway database: {e}"))?;
+            let checks = ServiceName::ALL.into_iter().filter(|s| *s != ServiceName::Gateway).map(|service| {
+                let http = http.clone();
+                let url = format!("{}/readyz", config.url(service));
+                async move {
+                    match http.get(&url).timeout(Duration::from_secs(2)).send().await {
+                        Ok(response) if response.status().is_success() => Ok(()),
+                        Ok(response) => Err(format!("{service} is not ready ({})", response.status())),
+                        Err(_) => Err(format!("{service} is unreachable")),
+                    }
+                }
+            });
+            let results = futures_util::future::join_all(checks).await;
+            let failures: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+            if failures.is_empty() { Ok(()) } else { Err(failures.join("; ")) }
+        })
+    })
+}
+
+/// Runs the gateway on `listener` until the context's shutdown.
+pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
+    let pool = common::db::open_sqlite(&ctx.config.db_path(ServiceName::Gateway)).await?;
+    common::db::migrate(&pool, session::MIGRATIONS).await?;
+    let app = AppState { ctx: ctx.clone(), pool: pool.clone(), public_url: ctx.config.public_url() };
+    let config = &ctx.config.gateway;
+    let upload_limit = DefaultBodyLimit::max(config.max_upload_bytes as usize + 64 * 1024);
+    let api = Router::new()
+        .route("/me", get(api::me).patch(api::patch_me))
+        .route("/collections", get(api::list_collections).post(api::create_collection))
+        .route("/collections/{id}/members", put(api::share_collection))
+        .route("/documents", get(api::list_documents).post(api::upload).layer(upload_limit.clone()))
+        .route("/documents/{id}", get(api::get_document).delete(api::delete_document))
+        .route("/documents/{id}/content", get(api::content))
+        .route("/jobs/{id}", get(api::get_job))
+        .route("/search", post(api::search))
+        .route("/ask", post(api::ask))
+        .route("/conversations", get(api::conversations))
+        .route("/conversations/{id}", get(api::conversation))
+        .route("/logs", get(api::logs))
+        .route("/audit", get(api::audit))
+        .route("/audit/verify", get(api::audit_verify))
+        .route("/rooms", get(api::rooms).post(api::create_room))
+        .route("/rooms/{id}/messages", get(api::room_messages).post(api::post_room_message))
+        .route("/openapi.json", get(api::openapi))
+        .fallback(common::server::not_found);
+    let openai = Router::new().route("/models", get(api::models)).route("/chat/completions", post(api::chat_completions));
+    let pages = Router::new()
+        .route("/", get(pages::index))
+        .route("/documents", get(pages::documents))
+        .route("/documents/upload", post(pages::upload).layer(upload_limit))
+        .route("/documents/{id}", get(pages::document))
+        .route("/documents/{id}/delete", post(pages::delete_document))
+        .route("/ask", get(pages::ask_form).post(pages::ask))
+        .route("/auth/login", get(session::login))
+        .route("/auth/callback", get(session::callback))
+        .route("/auth/logout", post(session::logout))
+        .route("/signed-out", get(pages::signed_out));
+    let routes = Router::new()
+        .nest("/api/v1", api)
+        .nest("/v1", openai)
+        .merge(pages)
+        .fallback(pages::page_not_found)
+        .layer(DefaultBodyLimit::max(config.max_json_bytes))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(axum::http::StatusCode::GATEWAY_TIMEOUT, Duration::from_secs(config.request_timeout_secs)))
+        .layer(SetResponseHeaderLayer::if_not_present(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
+        .layer(SetResponseHeaderLayer::if_not_present(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")))
+        .with_state(app);
+    let router = common::server::service_router(ServiceName::Gateway, routes, readiness(&ctx, pool));
+    common::server::serve(listener, router, ctx.shutdown.clone()).await
+}

@@ -1,0 +1,255 @@
+//! The public REST API `/api/v1` (SPEC §7) and the OpenAI-compatible `/v1`.
+//! Handlers extract, call one function of `service` or a peer, and map the result.
+
+use std::convert::Infallible;
+
+use axum::extract::{Multipart, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream;
+use serde::Deserialize;
+
+use common::error::{ApiResult, Json, Query};
+use common::wire::{AskRequest, Collection, Job, ShareRequest};
+use common::{ApiError, ServiceName};
+
+use crate::AppState;
+use crate::auth::Caller;
+use crate::service;
+
+pub(crate) async fn me(State(app): State<AppState>, caller: Caller) -> ApiResult<Json<serde_json::Value>> {
+    let profile: serde_json::Value = app.ctx.peers.get_json(ServiceName::Profile, "/v1/me", Some(&caller.principal)).await?;
+    let p = &caller.principal;
+    Ok(Json(serde_json::json!({
+        "id": p.sub,
+        "username": p.username,
+        "org": p.org,
+        "roles": p.roles,
+        "display_name": profile["display_name"],
+        "preferences": profile["preferences"],
+    })))
+}
+
+pub(crate) async fn patch_me(State(app): State<AppState>, caller: Caller, Json(body): Json<serde_json::Value>) -> ApiResult<Json<serde_json::Value>> {
+    let builder = app.ctx.peers.request(ServiceName::Profile, reqwest::Method::PATCH, "/v1/me", Some(&caller.principal)).await?.json(&body);
+    let profile: serde_json::Value = app.ctx.peers.send(ServiceName::Profile, builder).await?.json().await.map_err(ApiError::internal)?;
+    Ok(Json(profile))
+}
+
+pub(crate) async fn list_collections(State(app): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<Collection>>> {
+    Ok(Json(service::collections(&app, &caller.principal).await?))
+}
+
+pub(crate) async fn create_collection(State(app): State<AppState>, caller: Caller, Json(body): Json<serde_json::Value>) -> ApiResult<(StatusCode, Json<Collection>)> {
+    let created: Collection = app.ctx.peers.post_json(ServiceName::Authz, "/v1/collections", Some(&caller.principal), &body).await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+pub(crate) async fn share_collection(State(app): State<AppState>, caller: Caller, Path(id): Path<String>, Json(body): Json<ShareRequest>) -> ApiResult<Json<Collection>> {
+    service::check_id(&id).map_err(|_| ApiError::not_found("authz.collection_not_found", "no such collection"))?;
+    let path = format!("/v1/collections/{id}/members");
+    Ok(Json(app.ctx.peers.put_json(ServiceName::Authz, &path, Some(&caller.principal), &body).await?))
+}
+
+pub(crate) async fn upload(State(app): State<AppState>, caller: Caller, multipart: Multipart) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let created = service::upload(&app, &caller.principal, multipart, None).await?;
+    let status = if created.duplicate_of.is_some() { StatusCode::OK } else { StatusCode::ACCEPTED };
+    Ok((status, Json(serde_json::json!({"id": created.id, "job_id": created.job_id, "status": created.status, "duplicate": created.duplicate_of.is_some()}))))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ListParams {
+    collection: Option<String>,
+    limit: Option<i64>,
+    offset: Option<i64>,
+}
+
+pub(crate) async fn list_documents(State(app): State<AppState>, caller: Caller, Query(params): Query<ListParams>) -> ApiResult<Json<serde_json::Value>> {
+    let page = service::list_documents(&app, &caller.principal, params.collection.as_deref(), params.limit, params.offset).await?;
+    Ok(Json(serde_json::json!({"documents": page.documents, "total": page.total})))
+}
+
+pub(crate) async fn get_document(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<common::wire::Document>> {
+    Ok(Json(service::authorized_document(&app, &caller.principal, &id, "document:read_chunks").await?))
+}
+
+pub(crate) async fn content(State(app): State<AppState>, caller: Caller, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Response> {
+    service::download(&app, &caller.principal, &id, &headers).await
+}
+
+pub(crate) async fn delete_document(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    service::authorized_document(&app, &caller.principal, &id, "document:delete").await?;
+    app.ctx.peers.delete(ServiceName::Ingest, &format!("/v1/documents/{id}"), Some(&caller.principal)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(crate) async fn get_job(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Job>> {
+    Ok(Json(service::authorized_job(&app, &caller.principal, &id).await?))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct SearchBody {
+    query: String,
+    #[serde(default = "default_k")]
+    k: usize,
+    #[serde(default)]
+    collections: Option<Vec<String>>,
+}
+
+fn default_k() -> usize {
+    10
+}
+
+pub(crate) async fn search(State(app): State<AppState>, caller: Caller, Json(body): Json<SearchBody>) -> ApiResult<Json<serde_json::Value>> {
+    let hits = service::search(&app, &caller.principal, &body.query, body.k, body.collections.as_deref()).await?;
+    let hits: Vec<_> = hits
+        .into_iter()
+        .map(|h| serde_json::json!({"document_id": h.document_id, "chunk_id": h.chunk_id, "score": h.score, "text": h.text, "page": h.page, "section": h.section}))
+        .collect();
+    Ok(Json(serde_json::json!({"hits": hits})))
+}
+
+fn wants_sse(headers: &HeaderMap) -> bool {
+    headers.get(axum::http::header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"))
+}
+
+/// Splits text into small pieces for streaming, keeping whitespace attached.
+fn pieces(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for ch in text.chars() {
+        current.push(ch);
+        if ch.is_whitespace() && current.len() >= 16 {
+            out.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+pub(crate) async fn ask(State(app): State<AppState>, caller: Caller, headers: HeaderMap, Json(body): Json<AskRequest>) -> ApiResult<Response> {
+    let answer = service::ask(&app, &caller.principal, &body).await?;
+    if !wants_sse(&headers) {
+        return Ok(Json(answer).into_response());
+    }
+    let mut events: Vec<Result<Event, Infallible>> =
+        pieces(&answer.answer).into_iter().map(|piece| Ok(Event::default().event("delta").data(serde_json::json!({"text": piece}).to_string()))).collect();
+    events.push(Ok(Event::default().event("citations").data(serde_json::to_string(&answer).unwrap_or_default())));
+    Ok(Sse::new(stream::iter(events)).into_response())
+}
+
+pub(crate) async fn conversations(State(app): State<AppState>, caller: Caller) -> ApiResult<Json<serde_json::Value>> {
+    Ok(Json(app.ctx.peers.get_json(ServiceName::Rag, "/v1/conversations", Some(&caller.principal)).await?))
+}
+
+pub(crate) async fn conversation(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    service::check_id(&id).map_err(|_| ApiError::not_found("rag.conversation_not_found", "no such conversation"))?;
+    Ok(Json(app.ctx.peers.get_json(ServiceName::Rag, &format!("/v1/conversations/{id}"), Some(&caller.principal)).await?))
+}
+
+fn passthrough_query(uri: &axum::http::Uri) -> String {
+    uri.query().map(|q| format!("?{q}")).unwrap_or_default()
+}
+
+pub(crate) async fn logs(State(app): State<AppState>, caller: Caller, uri: axum::http::Uri) -> ApiResult<Json<serde_json::Value>> {
+    service::require_org_permission(&app, &caller.principal, "logs:read").await?;
+    Ok(Json(app.ctx.peers.get_json(ServiceName::Logs, &format!("/v1/logs{}", passthrough_query(&uri)), Some(&caller.principal)).await?))
+}
+
+pub(crate) async fn audit(State(app): State<AppState>, caller: Caller, uri: axum::http::Uri) -> ApiResult<Json<serde_json::Value>> {
+    service::require_org_permission(&app, &caller.principal, "audit:read").await?;
+    Ok(Json(app.ctx.peers.get_json(ServiceName::Audit, &format!("/v1/audit{}", passthrough_query(&uri)), Some(&caller.principal)).await?))
+}
+
+pub(crate) async fn audit_verify(State(app): State<AppState>, caller: Caller) -> ApiResult<Json<serde_json::Value>> {
+    service::require_org_permission(&app, &caller.principal, "audit:read").await?;
+    Ok(Json(app.ctx.peers.get_json(ServiceName::Audit, "/v1/audit/verify", Some(&caller.principal)).await?))
+}
+
+pub(crate) async fn rooms(State(app): State<AppState>, caller: Caller) -> ApiResult<Json<serde_json::Value>> {
+    Ok(Json(app.ctx.peers.get_json(ServiceName::Chat, "/v1/rooms", Some(&caller.principal)).await?))
+}
+
+pub(crate) async fn create_room(State(app): State<AppState>, caller: Caller, Json(body): Json<serde_json::Value>) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    Ok((StatusCode::CREATED, Json(app.ctx.peers.post_json(ServiceName::Chat, "/v1/rooms", Some(&caller.principal), &body).await?)))
+}
+
+pub(crate) async fn room_messages(State(app): State<AppState>, caller: Caller, Path(id): Path<String>, uri: axum::http::Uri) -> ApiResult<Json<serde_json::Value>> {
+    service::check_id(&id).map_err(|_| ApiError::not_found("chat.room_not_found", "no such room"))?;
+    Ok(Json(app.ctx.peers.get_json(ServiceName::Chat, &format!("/v1/rooms/{id}/messages{}", passthrough_query(&uri)), Some(&caller.principal)).await?))
+}
+
+pub(crate) async fn post_room_message(State(app): State<AppState>, caller: Caller, Path(id): Path<String>, Json(body): Json<serde_json::Value>) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    service::check_id(&id).map_err(|_| ApiError::not_found("chat.room_not_found", "no such room"))?;
+    Ok((StatusCode::CREATED, Json(app.ctx.peers.post_json(ServiceName::Chat, &format!("/v1/rooms/{id}/messages"), Some(&caller.principal), &body).await?)))
+}
+
+// ---- OpenAI-compatible surface ----
+
+pub(crate) async fn models(_caller: Caller) -> Json<serde_json::Value> {
+    Json(serde_json::json!({"object": "list", "data": [{"id": "echo", "object": "model", "created": 0, "owned_by": "echo"}]}))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ChatMessage {
+    role: String,
+    content: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ChatCompletion {
+    #[serde(default)]
+    model: Option<String>,
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    stream: bool,
+}
+
+fn message_text(content: &serde_json::Value) -> String {
+    match content {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(parts) => parts.iter().filter_map(|p| p.get("text").and_then(|t| t.as_str())).collect::<Vec<_>>().join("\n"),
+        _ => String::new(),
+    }
+}
+
+pub(crate) async fn chat_completions(State(app): State<AppState>, caller: Caller, Json(body): Json<ChatCompletion>) -> ApiResult<Response> {
+    let question = body
+        .messages
+        .iter()
+        .rev()
+        .find(|m| m.role == "user")
+        .map(|m| message_text(&m.content))
+        .filter(|q| !q.trim().is_empty())
+        .ok_or_else(|| ApiError::bad_request("openai.no_user_message", "the request has no user message"))?;
+    let answer = service::ask(&app, &caller.principal, &AskRequest { question, collections: None, conversation_id: None }).await?;
+    let model = body.model.unwrap_or_else(|| "echo".into());
+    let id = format!("chatcmpl-{}", answer.conversation_id);
+    let created = common::now_unix();
+    if !body.stream {
+        return Ok(Json(serde_json::json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.answer}, "finish_reason": "stop"}],
+            "citations": answer.citations,
+        }))
+        .into_response());
+    }
+    let mut events: Vec<Result<Event, Infallible>> = pieces(&answer.answer)
+        .into_iter()
+        .map(|piece| {
+            let chunk = serde_json::json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": null}]});
+            Ok(Event::default().data(chunk.to_string()))
+        })
+        .collect();
+    let last = serde_json::json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "citations": answer.citations});
+    events.push(Ok(Event::default().data(last.to_string())));
+    events.push(Ok(Event::default().data("[DONE]")));
+    Ok(Sse::new(stream::iter(events)).into_response())
+}
+
+pub(crate) async fn openapi() -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], crate::OPENAPI).into_response()
+}

@@ -1,0 +1,67 @@
+//! Who is calling the public API: a bearer access token from identity (signature,
+//! `alg`, `iss`, `aud`, `exp`, `nbf` all checked) or a browser session. Cookie-
+//! authenticated writes must carry the session's CSRF token in `x-csrf-token`.
+
+use axum::extract::FromRequestParts;
+use axum::http::Method;
+use axum::http::request::Parts;
+
+use common::config::API_AUDIENCE;
+use common::wire::Principal;
+use common::{ApiError, ErrorKind};
+
+use crate::AppState;
+use crate::session::{self, Session};
+
+/// An authenticated API caller.
+pub(crate) struct Caller {
+    pub(crate) principal: Principal,
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Self::Rejection> {
+        if let Some(token) = common::auth::bearer(&parts.headers) {
+            let claims = app.ctx.verifier.verify(token, API_AUDIENCE).await?;
+            let principal = claims.principal().ok_or_else(|| ApiError::unauthenticated("this token does not name a user"))?;
+            return Ok(Caller { principal });
+        }
+        let session = session::load(&app.pool, &parts.headers).await?.ok_or_else(|| ApiError::unauthenticated("sign in or send a bearer token"))?;
+        if !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS) {
+            let presented = parts.headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).unwrap_or_default();
+            if !common::rand::constant_time_eq(presented.as_bytes(), session.csrf.as_bytes()) {
+                return Err(ApiError::new(ErrorKind::Forbidden, "auth.csrf", "cookie-authenticated writes need the x-csrf-token header"));
+            }
+        }
+        Ok(Caller { principal: session.principal })
+    }
+}
+
+/// A signed-in browser user; pages redirect to sign-in when absent.
+pub(crate) struct PageUser(pub(crate) Session);
+
+pub(crate) struct SignInRedirect(String);
+
+impl axum::response::IntoResponse for SignInRedirect {
+    fn into_response(self) -> axum::response::Response {
+        let target = format!("/auth/login?return_to={}", common::client::encode(&self.0));
+        axum::response::Redirect::to(&target).into_response()
+    }
+}
+
+impl FromRequestParts<AppState> for PageUser {
+    type Rejection = axum::response::Response;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Self::Rejection> {
+        use axum::response::IntoResponse;
+        match session::load(&app.pool, &parts.headers).await {
+            Ok(Some(session)) => Ok(PageUser(session)),
+            Ok(None) => {
+                let path = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+                Err(SignInRedirect(path).into_response())
+            }
+            Err(error) => Err(crate::pages::error_page(&ApiError::from(error))),
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! Server-rendered pages: documents (upload, live status), a document, ask (answer
+//! with clickable citations), and friendly error pages. Forms carry the session's
+//! CSRF token; every page carries the security headers.
+
+use askama::Template;
+use axum::extract::{Multipart, Path, State};
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use serde::Deserialize;
+
+use common::web::html_security_headers;
+use common::wire::{AskRequest, Citation, Collection, Document};
+use common::{ApiError, ErrorKind, ServiceName};
+
+use crate::AppState;
+use crate::auth::PageUser;
+use crate::service;
+
+#[derive(Template)]
+#[template(path = "error.html")]
+struct ErrorPage<'a> {
+    title: &'a str,
+    detail: &'a str,
+}
+
+/// The HTML rendering of an error: the title and a safe detail, never internals.
+pub(crate) fn error_page(error: &ApiError) -> Response {
+    error.log();
+    let problem = error.problem();
+    let detail = if error.kind == ErrorKind::Internal { "Something went wrong on our side. Please try again." } else { problem.detail.as_str() };
+    render(error.kind.status(), ErrorPage { title: &problem.title, detail }.render())
+}
+
+fn render(status: StatusCode, html: Result<String, askama::Error>) -> Response {
+    let mut response = match html {
+        Ok(html) => (status, Html(html)).into_response(),
+        Err(error) => {
+            tracing::error!(%error, "template failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+        }
+    };
+    html_security_headers(response.headers_mut());
+    response
+}
+
+pub(crate) async fn page_not_found() -> Response {
+    error_page(&ApiError::not_found("page.not_found", "There is no page at this address."))
+}
+
+pub(crate) async fn index(State(app): State<AppState>, headers: axum::http::HeaderMap) -> Redirect {
+    match crate::session::load(&app.pool, &headers).await {
+        Ok(Some(_)) => Redirect::to("/documents"),
+        _ => Redirect::to("/auth/login"),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "documents.html")]
+struct DocumentsPage {
+    csrf: String,
+    username: String,
+    org: String,
+    collections: Vec<Collection>,
+    documents: Vec<Document>,
+    message: Option<String>,
+}
+
+pub(crate) async fn documents(State(app): State<AppState>, PageUser(session): PageUser) -> Response {
+    documents_with(&app, session, None).await
+}
+
+async fn documents_with(app: &AppState, session: crate::session::Session, message: Option<String>) -> Response {
+    let principal = &session.principal;
+    let loaded = async {
+        let collections = service::collections(app, principal).await?;
+        let page = service::list_documents(app, principal, None, Some(200), None).await?;
+        Ok::<_, ApiError>((collections, page.documents))
+    }
+    .await;
+    match loaded {
+        Ok((collections, documents)) => render(
+            StatusCode::OK,
+            DocumentsPage { csrf: session.csrf.clone(), username: principal.username.clone(), org: principal.org.clone(), collections, documents, message }.render(),
+        ),
+        Err(error) => error_page(&error),
+    }
+}
+
+pub(crate) async fn upload(State(app): State<AppState>, PageUser(session): PageUser, multipart: Multipart) -> Response {
+    match service::upload(&app, &session.principal, multipart, Some(&session.csrf)).await {
+        Ok(created) if created.duplicate_of.is_some() => documents_with(&app, session, Some("That file is already in this collection.".into())).await,
+        Ok(_) => {
+            let mut response = Redirect::to("/documents").into_response();
+            *response.status_mut() = StatusCode::SEE_OTHER;
+            response
+        }
+        Err(error) => error_page(&error),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "document.html")]
+struct DocumentPage {
+    csrf: String,
+    username: String,
+    org: String,
+    document: Document,
+}
+
+pub(crate) async fn document(State(app): State<AppState>, PageUser(session): PageUser, Path(id): Path<String>) -> Response {
+    match service::authorized_document(&app, &session.principal, &id, "document:read_chunks").await {
+        Ok(document) => render(
+            StatusCode::OK,
+            DocumentPage { csrf: session.csrf.clone(), username: session.principal.username.clone(), org: session.principal.org.clone(), document }.render(),
+        ),
+        Err(error) => error_page(&error),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct CsrfForm {
+    csrf: String,
+}
+
+pub(crate) async fn delete_document(State(app): State<AppState>, PageUser(session): PageUser, Path(id): Path<String>, axum::Form(form): axum::Form<CsrfForm>) -> Response {
+    if !common::rand::constant_time_eq(form.csrf.as_bytes(), session.csrf.as_bytes()) {
+        return error_page(&ApiError::forbidden("auth.csrf", "the form expired; reload the page and try again"));
+    }
+    let deleted = async {
+        service::authorized_document(&app, &session.principal, &id, "document:delete").await?;
+        app.ctx.peers.delete(ServiceName::Ingest, &format!("/v1/documents/{id}"), Some(&session.principal)).await
+    }
+    .await;
+    match deleted {
+        Ok(()) => {
+            let mut response = Redirect::to("/documents").into_response();
+            *response.status_mut() = StatusCode::SEE_OTHER;
+            response
+        }
+        Err(error) => error_page(&error),
+    }
+}
+
+pub(crate) struct Segment {
+    text: String,
+    cite: Option<usize>,
+}
+
+/// Splits an answer into text and `[n]` citation markers that become links.
+pub(crate) fn segments(answer: &str, n_citations: usize) -> Vec<Segment> {
+    let mut out = Vec::new();
+    let mut rest = answer;
+    while let Some(open) = rest.find('[') {
+        let after = &rest[open + 1..];
+        let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+        let is_marker = !digits.is_empty() && after[digits.len()..].starts_with(']');
+        match digits.parse::<usize>() {
+            Ok(n) if is_marker && (1..=n_citations).contains(&n) => {
+                out.push(Segment { text: rest[..open].to_string(), cite: None });
+                out.push(Segment { text: String::new(), cite: Some(n) });
+                rest = &after[digits.len() + 1..];
+            }
+            _ => {
+                out.push(Segment { text: rest[..=open].to_string(), cite: None });
+                rest = after;
+            }
+        }
+    }
+    out.push(Segment { text: rest.to_string(), cite: None });
+    out
+}
+
+pub(crate) struct CitationView {
+    n: usize,
+    document_id: String,
+    label: String,
+    text: String,
+}
+
+#[derive(Template)]
+#[template(path = "ask.html")]
+struct AskPage {
+    csrf: String,
+    username: String,
+    org: String,
+    question: String,
+    conversation_id: Option<String>,
+    answer: Option<Vec<Segment>>,
+    mode: String,
+    citations: Vec<CitationView>,
+}
+
+pub(crate) async fn ask_form(PageUser(session): PageUser) -> Response {
+    let page = AskPage {
+        csrf: session.csrf.clone(),
+        username: session.principal.username.clone(),
+        org: session.principal.org.clone(),
+        question: String::new(),
+        conversation_id: None,
+        answer: None,
+        mode: String::new(),
+        citations: vec![],
+    };
+    render(StatusCode::OK, page.render())
+}
+
+#[derive(Deserialize)]
+pub(crate) struct AskForm {
+    csrf: String,
+    question: String,
+    #[serde(default)]
+    conversation_id: Option<String>,
+}
+
+fn label(citation: &Citation, filename: &str) -> String {
+    let mut label = filename.to_string();
+    if let Some(page) = citation.page {
+        label.push_str(&format!(", page {page}"));
+    }
+    if let Some(section) = &citation.section {
+        label.push_str(&format!(" — {section}"));
+    }
+    label
+}
+
+pub(crate) async fn ask(State(app): State<AppState>, PageUser(session): PageUser, axum::Form(form): axum::Form<AskForm>) -> Response {
+    if !common::rand::constant_time_eq(form.csrf.as_bytes(), session.csrf.as_bytes()) {
+        return error_page(&ApiError::forbidden("auth.csrf", "the form expired; reload the page and try again"));
+    }
+    let request = AskRequest { question: form.question.clone(), collections: None, conversation_id: form.conversation_id.filter(|c| !c.is_empty()) };
+    let answer = match service::ask(&app, &session.principal, &request).await {
+        Ok(answer) => answer,
+        Err(error) => return error_page(&error),
+    };
+    let mut citations = Vec::with_capacity(answer.citations.len());
+    for citation in &answer.citations {
+        let filename = match service::authorized_document(&app, &session.principal, &citation.document_id, "document:read_chunks").await {
+            Ok(document) => document.filename,
+            Err(_) => "a document".to_string(),
+        };
+        citations.push(CitationView { n: citation.n, document_id: citation.document_id.clone(), label: label(citation, &filename), text: citation.text.clone() });
+    }
+    let page = AskPage {
+        csrf: session.csrf.clone(),
+        username: session.principal.username.clone(),
+        org: session.principal.org.clone(),
+        question: form.question,
+        conversation_id: Some(answer.conversation_id.clone()),
+        answer: Some(segments(&answer.answer, answer.citations.len())),
+        mode: answer.mode.clone(),
+        citations,
+    };
+    render(StatusCode::OK, page.render())
+}
+
+#[derive(Template)]
+#[template(source = "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Signed out · Echo</title></head><body style=\"font-family: system-ui, sans-serif; margin: 3rem;\"><h1>You are signed out</h1><p><a href=\"/auth/login\">Sign in again</a></p></body></html>", ext = "html")]
+struct SignedOut;
+
+pub(crate) async fn signed_out() -> Response {
+    render(StatusCode::OK, SignedOut.render())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn citation_markers_become_links_only_when_they_exist() {
+        let parts = segments("See [1] and [2], not [9] or [x].", 2);
+        let cites: Vec<_> = parts.iter().filter_map(|s| s.cite).collect();
+        assert_eq!(cites, [1, 2]);
+        let text: String = parts.iter().map(|s| s.text.as_str()).collect();
+        assert_eq!(text, "See  and , not [9] or [x].");
+    }
+}

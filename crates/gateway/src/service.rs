@@ -1,0 +1,276 @@
+//! The gateway's business functions, shared by the API and the pages: every check of
+//! "may this user see or do this" goes through authz here, and a document the user
+//! may not read is reported exactly like one that does not exist.
+
+use axum::body::Bytes;
+use axum::extract::multipart::{Field, Multipart};
+use reqwest::Method;
+use serde::{Deserialize, Serialize};
+
+use common::formats;
+use common::wire::{Answer, AskRequest, BlobInfo, Collection, CreatedDocument, Decision, DecisionRequest, Document, Job, NewDocument, Principal, ReadableCollections, SearchHit, SearchQuery, SearchResults};
+use common::{ApiError, ErrorKind, ServiceName};
+
+use crate::AppState;
+
+pub(crate) fn not_found() -> ApiError {
+    ApiError::not_found("document.not_found", "no such document")
+}
+
+/// Ids in paths are UUIDs; anything else cannot exist (and never reaches a peer URL).
+pub(crate) fn check_id(id: &str) -> Result<(), ApiError> {
+    uuid::Uuid::parse_str(id).map(|_| ()).map_err(|_| not_found())
+}
+
+pub(crate) async fn collections(app: &AppState, principal: &Principal) -> Result<Vec<Collection>, ApiError> {
+    app.ctx.peers.get_json(ServiceName::Authz, "/v1/collections", Some(principal)).await
+}
+
+pub(crate) async fn readable(app: &AppState, principal: &Principal, action: &str) -> Result<Vec<String>, ApiError> {
+    let readable: ReadableCollections = app.ctx.peers.post_json(ServiceName::Authz, "/v1/readable", Some(principal), &serde_json::json!({"action": action})).await?;
+    Ok(readable.collections)
+}
+
+pub(crate) async fn decide(app: &AppState, principal: &Principal, action: &str, resource_type: &str, resource_id: &str) -> Result<bool, ApiError> {
+    let request = DecisionRequest { action: action.into(), resource_type: resource_type.into(), resource_id: resource_id.into() };
+    let decision: Decision = app.ctx.peers.post_json(ServiceName::Authz, "/v1/decide", Some(principal), &request).await?;
+    Ok(decision.allowed)
+}
+
+pub(crate) async fn require_org_permission(app: &AppState, principal: &Principal, action: &str) -> Result<(), ApiError> {
+    if decide(app, principal, action, "Org", &principal.org).await? {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("auth.forbidden", "your role does not allow this"))
+    }
+}
+
+/// The document if `principal` may read its chunks and, when `action` is stronger, do `action`.
+pub(crate) async fn authorized_document(app: &AppState, principal: &Principal, id: &str, action: &str) -> Result<Document, ApiError> {
+    check_id(id)?;
+    let document: Document = app.ctx.peers.get_json(ServiceName::Ingest, &format!("/v1/documents/{id}"), Some(principal)).await?;
+    if !decide(app, principal, "document:read_chunks", "Collection", &document.collection).await? {
+        return Err(not_found());
+    }
+    if action != "document:read_chunks" && !decide(app, principal, action, "Collection", &document.collection).await? {
+        return Err(ApiError::forbidden("document.forbidden", "you may read answers from this document but not do this"));
+    }
+    Ok(document)
+}
+
+pub(crate) async fn authorized_job(app: &AppState, principal: &Principal, id: &str) -> Result<Job, ApiError> {
+    check_id(id).map_err(|_| ApiError::not_found("job.not_found", "no such job"))?;
+    let job: Job = app.ctx.peers.get_json(ServiceName::Ingest, &format!("/v1/jobs/{id}"), Some(principal)).await?;
+    if !decide(app, principal, "document:read_chunks", "Collection", &job.collection).await? {
+        return Err(ApiError::not_found("job.not_found", "no such job"));
+    }
+    Ok(job)
+}
+
+#[derive(Serialize, Deserialize)]
+pub(crate) struct DocumentPage {
+    pub(crate) documents: Vec<Document>,
+    pub(crate) total: i64,
+}
+
+pub(crate) async fn list_documents(app: &AppState, principal: &Principal, collection: Option<&str>, limit: Option<i64>, offset: Option<i64>) -> Result<DocumentPage, ApiError> {
+    let mut collections = readable(app, principal, "document:read_chunks").await?;
+    if let Some(wanted) = collection {
+        collections.retain(|c| c == wanted);
+    }
+    let body = serde_json::json!({"collections": collections, "limit": limit, "offset": offset});
+    app.ctx.peers.post_json(ServiceName::Ingest, "/v1/documents/query", Some(principal), &body).await
+}
+
+pub(crate) async fn search(app: &AppState, principal: &Principal, query: &str, k: usize, wanted: Option<&[String]>) -> Result<Vec<SearchHit>, ApiError> {
+    if query.trim().is_empty() || query.len() > 4096 {
+        return Err(ApiError::bad_request("search.invalid_query", "queries are 1 to 4096 bytes"));
+    }
+    let allowed = readable(app, principal, "document:read_chunks").await?;
+    let collections: Vec<String> = match wanted {
+        Some(wanted) => allowed.iter().filter(|c| wanted.contains(c)).cloned().collect(),
+        None => allowed.clone(),
+    };
+    if collections.is_empty() {
+        return Ok(vec![]);
+    }
+    let request = SearchQuery { query: query.to_string(), k: k.clamp(1, 100), collections };
+    let results: SearchResults = app.ctx.peers.post_json(ServiceName::Search, "/v1/search", None, &request).await?;
+    // Every hit is re-checked against the authz answer of this request.
+    Ok(results.hits.into_iter().filter(|hit| allowed.contains(&hit.collection_id)).collect())
+}
+
+pub(crate) async fn ask(app: &AppState, principal: &Principal, request: &AskRequest) -> Result<Answer, ApiError> {
+    if let Some(id) = &request.conversation_id {
+        check_id(id).map_err(|_| ApiError::not_found("rag.conversation_not_found", "no such conversation"))?;
+    }
+    app.ctx.peers.post_json(ServiceName::Rag, "/v1/ask", Some(principal), request).await
+}
+
+async fn personal_collection(app: &AppState, principal: &Principal) -> Result<String, ApiError> {
+    collections(app, principal)
+        .await?
+        .into_iter()
+        .find(|c| c.personal && c.owner == principal.sub)
+        .map(|c| c.id)
+        .ok_or_else(|| ApiError::internal(anyhow::anyhow!("no personal collection")))
+}
+
+/// Reads a multipart upload (`csrf` for pages, optional `collection`, then `file`),
+/// refuses empty and unsupported files before storing anything, streams the bytes to
+/// storage and registers the document with ingest.
+pub(crate) async fn upload(app: &AppState, principal: &Principal, mut multipart: Multipart, expected_csrf: Option<&str>) -> Result<CreatedDocument, ApiError> {
+    let bad = |e: axum::extract::multipart::MultipartError| {
+        let status = e.status().as_u16();
+        if status == 413 {
+            ApiError::new(ErrorKind::PayloadTooLarge, "document.too_large", format!("files are limited to {} bytes", app.ctx.config.gateway.max_upload_bytes))
+        } else {
+            ApiError::bad_request("document.invalid_upload", e.body_text())
+        }
+    };
+    let mut collection: Option<String> = None;
+    let mut csrf_ok = expected_csrf.is_none();
+    while let Some(field) = multipart.next_field().await.map_err(bad)? {
+        match field.name() {
+            Some("csrf") => {
+                let presented = field.text().await.map_err(bad)?;
+                csrf_ok = expected_csrf.is_some_and(|expected| common::rand::constant_time_eq(expected.as_bytes(), presented.as_bytes()));
+            }
+            Some("collection") => {
+                let value = field.text().await.map_err(bad)?;
+                let value = value.trim().to_string();
+                collection = (!value.is_empty()).then_some(value);
+            }
+            Some("file") => {
+                if !csrf_ok {
+                    return Err(ApiError::forbidden("auth.csrf", "the form expired; reload the page and try again"));
+                }
+                let collection = match collection.take() {
+                    Some(id) => {
+                        check_id(&id).map_err(|_| ApiError::not_found("collection.not_found", "no such collection"))?;
+                        id
+                    }
+                    None => personal_collection(app, principal).await?,
+                };
+                if !decide(app, principal, "collection:read", "Collection", &collection).await? {
+                    return Err(ApiError::not_found("collection.not_found", "no such collection"));
+                }
+                if !decide(app, principal, "document:create", "Collection", &collection).await? {
+                    return Err(ApiError::forbidden("collection.read_only", "you may not add documents to this collection"));
+                }
+                return store_file(app, principal, &collection, field, bad).await;
+            }
+            _ => {}
+        }
+    }
+    Err(ApiError::bad_request("document.no_file", "the upload has no `file` field"))
+}
+
+async fn store_file(
+    app: &AppState,
+    principal: &Principal,
+    collection: &str,
+    mut field: Field<'_>,
+    bad: impl Fn(axum::extract::multipart::MultipartError) -> ApiError,
+) -> Result<CreatedDocument, ApiError> {
+    let filename = field.file_name().unwrap_or("upload").to_string();
+    let declared = field.content_type().unwrap_or_default().to_string();
+    let mut head = Vec::new();
+    while head.len() < 8192 {
+        match field.chunk().await.map_err(&bad)? {
+            Some(chunk) => head.extend_from_slice(&chunk),
+            None => break,
+        }
+    }
+    if head.is_empty() {
+        return Err(ApiError::bad_request("document.empty", "the file is empty"));
+    }
+    let format = formats::detect(&declared, &filename, &head)
+        .map_err(|e| ApiError::new(ErrorKind::UnsupportedMediaType, "document.unsupported_type", e.to_string()))?;
+
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move { receiver.recv().await.map(|item| (item, receiver)) });
+    let request = app.ctx.peers.request(ServiceName::Storage, Method::PUT, "/v1/blobs", Some(principal)).await?.body(reqwest::Body::wrap_stream(stream));
+    let pump = async move {
+        if sender.send(Ok(Bytes::from(head))).await.is_err() {
+            return Ok(());
+        }
+        loop {
+            match field.chunk().await {
+                Ok(Some(chunk)) => {
+                    if sender.send(Ok(chunk)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Ok(None) => return Ok(()),
+                Err(error) => {
+                    let _ = sender.send(Err(std::io::Error::other("upload interrupted"))).await;
+                    return Err(bad(error));
+                }
+            }
+        }
+    };
+    let (stored, pumped) = tokio::join!(app.ctx.peers.send(ServiceName::Storage, request), pump);
+    pumped?;
+    let blob: BlobInfo = stored?.json().await.map_err(ApiError::internal)?;
+    let new = NewDocument {
+        collection_id: collection.to_string(),
+        owner: principal.sub.clone(),
+        filename,
+        content_type: format.content_type().to_string(),
+        size: blob.size,
+        sha256: blob.sha256.clone(),
+        blob_id: blob.blob_id.clone(),
+    };
+    let created: CreatedDocument = app.ctx.peers.post_json(ServiceName::Ingest, "/v1/documents", Some(principal), &new).await?;
+    if created.duplicate_of.is_some() {
+        // The same content is already in this collection: keep one copy.
+        let _ = app.ctx.peers.delete(ServiceName::Storage, &format!("/v1/blobs/{}", blob.blob_id), Some(principal)).await;
+    } else {
+        app.ctx
+            .audit(&principal.sub, "document.uploaded", &format!("document:{}", created.id), "success", serde_json::json!({"collection": collection, "sha256": blob.sha256, "size": blob.size}))
+            .await;
+    }
+    Ok(created)
+}
+
+/// Streams the document's bytes from storage, passing `Range` and validators through.
+pub(crate) async fn download(app: &AppState, principal: &Principal, id: &str, headers: &axum::http::HeaderMap) -> Result<axum::response::Response, ApiError> {
+    use axum::http::{HeaderValue, header};
+    let document = authorized_document(app, principal, id, "document:download").await?;
+    let mut request = app.ctx.peers.request(ServiceName::Storage, Method::GET, &format!("/v1/blobs/{}", document.blob_id), Some(principal)).await?;
+    for name in [header::RANGE, header::IF_NONE_MATCH, header::IF_RANGE, header::IF_MODIFIED_SINCE] {
+        if let Some(value) = headers.get(&name) {
+            request = request.header(name.as_str(), value.as_bytes());
+        }
+    }
+    let upstream = app.ctx.peers.send(ServiceName::Storage, request).await?;
+    let status = axum::http::StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(axum::http::StatusCode::OK);
+    let mut response = axum::response::Response::builder().status(status);
+    for name in [header::CONTENT_LENGTH, header::CONTENT_RANGE, header::ACCEPT_RANGES, header::ETAG, header::LAST_MODIFIED] {
+        if let Some(value) = upstream.headers().get(name.as_str()) {
+            response = response.header(name, value.as_bytes());
+        }
+    }
+    let ascii: String = document.filename.chars().map(|c| if c.is_ascii_alphanumeric() || "._- ".contains(c) { c } else { '_' }).collect();
+    let disposition = format!("attachment; filename=\"{ascii}\"; filename*=UTF-8''{}", common::client::encode(&document.filename).replace('+', "%20"));
+    let body = axum::body::Body::from_stream(upstream.bytes_stream());
+    let mut response = response.body(body).map_err(ApiError::internal)?;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(&document.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream")));
+    headers.insert(header::CONTENT_DISPOSITION, HeaderValue::from_str(&disposition).unwrap_or(HeaderValue::from_static("attachment")));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("default-src 'none'; sandbox"));
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_uuid_ids_are_not_found() {
+        assert!(check_id("../../etc/passwd").is_err());
+        assert!(check_id("0190f1e6-3b7a-7c2e-9d8f-1a2b3c4d5e6f").is_ok());
+    }
+}

@@ -127,7 +127,7 @@ fn spawn_consumer(ctx: &ServiceContext, state: AppState, ready: common::server::
 
 async fn append(state: &AppState, event_id: &str, event: &AuditEvent) -> Result<(), sqlx::Error> {
     let _guard = state.append.lock().await;
-    let mut tx = state.pool.begin().await?;
+    let mut tx = common::db::begin_write(&state.pool).await?;
     let exists: Option<i64> = sqlx::query_scalar("SELECT seq FROM records WHERE event_id = ?").bind(event_id).fetch_optional(&mut *tx).await?;
     if exists.is_some() {
         return Ok(());

@@ -116,7 +116,7 @@ impl RelationStore {
 
     /// Replaces the collection's shares with `members` in one transaction.
     pub(crate) async fn replace_shares(&self, collection_id: &str, members: &[(String, String, String)]) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = common::db::begin_write(&self.pool).await?;
         sqlx::query("DELETE FROM shares WHERE collection_id = ?").bind(collection_id).execute(&mut *tx).await?;
         for (subject_type, subject_id, role) in members {
             sqlx::query("INSERT OR REPLACE INTO shares (collection_id, subject_type, subject_id, role) VALUES (?, ?, ?, ?)")

@@ -22,6 +22,13 @@ pub async fn open_sqlite(path: &Path) -> Result<SqlitePool, sqlx::Error> {
     SqlitePoolOptions::new().max_connections(8).min_connections(0).connect_with(options).await
 }
 
+/// Begins a write transaction that takes the write lock up front (`BEGIN IMMEDIATE`),
+/// so concurrent writers wait on `busy_timeout` instead of failing with "database is
+/// locked" when a read lock cannot be upgraded.
+pub async fn begin_write(pool: &SqlitePool) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+    pool.begin_with("BEGIN IMMEDIATE").await
+}
+
 /// Applies, in order and each in its own transaction, the migrations not yet applied.
 /// Versions are the 1-based positions in `migrations`; never reorder or edit one that shipped.
 pub async fn migrate(pool: &SqlitePool, migrations: &[&'static str]) -> Result<(), sqlx::Error> {
@@ -34,7 +41,7 @@ pub async fn migrate(pool: &SqlitePool, migrations: &[&'static str]) -> Result<(
         if version <= applied {
             continue;
         }
-        let mut tx = pool.begin().await?;
+        let mut tx = begin_write(pool).await?;
         sqlx::raw_sql(*sql).execute(&mut *tx).await?;
         sqlx::query("INSERT INTO _migrations (version, applied_at) VALUES (?, ?)")
             .bind(version)

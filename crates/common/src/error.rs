@@ -152,7 +152,7 @@ impl ApiError {
     pub fn log(&self) {
         if self.kind == ErrorKind::Internal || self.kind == ErrorKind::Unavailable {
             match &self.source {
-                Some(source) => tracing::error!(code = %self.code, error = ?source, "request failed"),
+                Some(source) => tracing::error!(code = %self.code, error = %format!("{source:#}"), "request failed"),
                 None => tracing::warn!(code = %self.code, detail = %self.detail, "request failed"),
             }
         }

@@ -1,1 +1,277 @@
-fn main(){}
+//! The `echod` command line: `up`, `serve`, and the operator commands of SPEC §7.
+//! Parsing and printing only; the work happens in the service crates.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use common::{EchoConfig, ServiceName};
+
+#[derive(Parser)]
+#[command(name = "echod", version, about = "Echo: sign in, upload documents, ask questions answered with citations")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct Location {
+    /// The data directory (default ./echo-data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// A configuration file (default DATA_DIR/echo.yaml when present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every service in this process.
+    Up(#[command(flatten)] Location),
+    /// Run one service (for containers).
+    Serve {
+        service: String,
+        #[command(flatten)]
+        location: Location,
+    },
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage OIDC clients.
+    #[command(subcommand)]
+    Client(ClientCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a user (and the org if it is new).
+    Add {
+        username: String,
+        /// Read the password from standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        #[arg(long, default_value = "default")]
+        org: String,
+        #[arg(long, default_value = "member", value_parser = ["owner", "admin", "member", "viewer"])]
+        role: String,
+        #[arg(long)]
+        email: Option<String>,
+        #[command(flatten)]
+        location: Location,
+    },
+    /// List users.
+    List(#[command(flatten)] Location),
+    /// Set a user's password (read from standard input).
+    Passwd {
+        username: String,
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        location: Location,
+    },
+    /// Disable a user: sign-in stops and refresh tokens are revoked.
+    Disable {
+        username: String,
+        #[command(flatten)]
+        location: Location,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClientCommand {
+    /// Register an OIDC client with exact redirect URIs.
+    Add {
+        client_id: String,
+        #[arg(long = "redirect-uri", required = true)]
+        redirect_uris: Vec<String>,
+        /// A public client (PKCE, no secret). The default.
+        #[arg(long, conflicts_with = "secret_stdin")]
+        public: bool,
+        /// A confidential client whose secret is read from standard input.
+        #[arg(long)]
+        secret_stdin: bool,
+        #[command(flatten)]
+        location: Location,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify the hash chain; exit 0 when intact, 1 naming the first bad record.
+    Verify(#[command(flatten)] Location),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration and the Cedar policies.
+    Check(#[command(flatten)] Location),
+}
+
+fn read_secret_from_stdin(what: &str) -> anyhow::Result<String> {
+    let mut input = String::new();
+    std::io::stdin().take(4096).read_to_string(&mut input).with_context(|| format!("cannot read the {what} from standard input"))?;
+    let secret = input.trim_end_matches(['\n', '\r']).to_string();
+    if secret.is_empty() {
+        anyhow::bail!("the {what} on standard input is empty");
+    }
+    Ok(secret)
+}
+
+fn config_for(location: &Location) -> anyhow::Result<EchoConfig> {
+    echod::load_config(location.config.as_deref(), location.data_dir.as_deref())
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                shutdown.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    shutdown.cancel();
+}
+
+async fn up(location: Location) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let data_dir = location.data_dir.clone().unwrap_or_else(|| EchoConfig::default().data_dir);
+    if location.config.is_none() {
+        echod::write_default_config(&data_dir)?;
+    }
+    let config = echod::load_config(location.config.as_deref(), Some(&data_dir))?;
+    common::telemetry::init(&config.log);
+    let mut system = echod::up(config).await?;
+    echod::wait_ready(&system.config, Duration::from_secs(60)).await?;
+    let url = system.config.public_url();
+    println!();
+    println!("  Echo is ready at {url}   (started in {} ms)", started.elapsed().as_millis());
+    println!("  Data: {}", system.config.data_dir.display());
+    if let Some(password) = &system.admin_password {
+        println!();
+        println!("  First run: sign in as `admin` with this one-time password (it is not stored in clear anywhere):");
+        println!();
+        println!("      {password}");
+        println!();
+        println!("  Change it with: echod user passwd admin --password-stdin --data-dir {}", system.config.data_dir.display());
+    }
+    println!();
+    tokio::spawn(wait_for_signal(system.shutdown_token()));
+    let outcome = system.wait().await;
+    println!("Stopping Echo…");
+    system.stop().await;
+    outcome
+}
+
+async fn serve(service: String, location: Location) -> anyhow::Result<()> {
+    let service: ServiceName = service.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let config = config_for(&location)?;
+    common::telemetry::init(&config.log);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(wait_for_signal(shutdown.clone()));
+    echod::serve(config, service, shutdown).await
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Up(location) => up(location).await.map(|_| 0),
+        Command::Serve { service, location } => serve(service, location).await.map(|_| 0),
+        Command::User(UserCommand::Add { username, password_stdin, org, role, email, location }) => {
+            if !password_stdin {
+                anyhow::bail!("pass the password on standard input with --password-stdin (it never goes on the command line)");
+            }
+            let password = read_secret_from_stdin("password")?;
+            let config = config_for(&location)?;
+            let user = identity::add_user(&config, &username, &password, &org, &role, email).await?;
+            println!("created user {} ({}) in org {} with role {}", user.username, user.id, user.org, role);
+            Ok(0)
+        }
+        Command::User(UserCommand::List(location)) => {
+            let config = config_for(&location)?;
+            for user in identity::list_users(&config).await? {
+                let state = if user.disabled { "disabled" } else { "active" };
+                println!("{}\t{}\t{}\t{}\t{}", user.id, user.username, user.org, user.roles.join(","), state);
+            }
+            Ok(0)
+        }
+        Command::User(UserCommand::Passwd { username, password_stdin, location }) => {
+            if !password_stdin {
+                anyhow::bail!("pass the password on standard input with --password-stdin");
+            }
+            let password = read_secret_from_stdin("password")?;
+            identity::set_password(&config_for(&location)?, &username, &password).await?;
+            println!("password changed for {username}");
+            Ok(0)
+        }
+        Command::User(UserCommand::Disable { username, location }) => {
+            identity::disable_user(&config_for(&location)?, &username).await?;
+            println!("disabled {username}; their sessions and refresh tokens are revoked");
+            Ok(0)
+        }
+        Command::Client(ClientCommand::Add { client_id, redirect_uris, public: _, secret_stdin, location }) => {
+            let secret = if secret_stdin { Some(read_secret_from_stdin("client secret")?) } else { None };
+            identity::add_client(&config_for(&location)?, &client_id, redirect_uris.clone(), secret.as_deref()).await?;
+            let kind = if secret.is_some() { "confidential" } else { "public (PKCE required)" };
+            println!("registered {kind} client {client_id} with redirect URIs: {}", redirect_uris.join(", "));
+            Ok(0)
+        }
+        Command::Audit(AuditCommand::Verify(location)) => {
+            let verification = audit::verify(&config_for(&location)?).await?;
+            if verification.ok {
+                println!("audit chain intact: {} records, head {}", verification.n_records, verification.head_hash);
+                Ok(0)
+            } else {
+                eprintln!(
+                    "audit chain BROKEN at record {}: {}",
+                    verification.first_bad.unwrap_or_default(),
+                    verification.reason.unwrap_or_default()
+                );
+                Ok(1)
+            }
+        }
+        Command::Config(ConfigCommand::Check(location)) => {
+            let config = config_for(&location)?;
+            let n_policy_files = authz::check_policies()?;
+            println!("configuration valid (data dir {}); {n_policy_files} policy file(s) valid against the schema", config.data_dir.display());
+            Ok(0)
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            std::process::exit(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => std::process::exit(code),
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::exit(1);
+        }
+    }
+}

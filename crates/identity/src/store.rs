@@ -162,7 +162,7 @@ impl Store {
 
     pub(crate) async fn insert_user(&self, user: &User) -> Result<(), sqlx::Error> {
         let now = now_unix();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = common::db::begin_write(&self.pool).await?;
         sqlx::query("INSERT OR IGNORE INTO orgs (name, created_at) VALUES (?, ?)")
             .bind(&user.org)
             .bind(now)
@@ -218,7 +218,7 @@ impl Store {
     }
 
     pub(crate) async fn set_disabled(&self, user_id: &str, disabled: bool) -> Result<bool, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = common::db::begin_write(&self.pool).await?;
         let done = sqlx::query("UPDATE users SET disabled = ?, updated_at = ? WHERE id = ?")
             .bind(disabled as i64)
             .bind(now_unix())

@@ -92,7 +92,7 @@ impl CatalogStore {
         let document_id = uuid::Uuid::now_v7().to_string();
         let job_id = uuid::Uuid::now_v7().to_string();
         let event = make_event(&document_id, &job_id);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = common::db::begin_write(&self.pool).await?;
         sqlx::query(
             "INSERT INTO documents (id, collection_id, owner, filename, content_type, size, sha256, blob_id, status, job_id, created_at, updated_at)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
@@ -155,7 +155,7 @@ impl CatalogStore {
     /// Marks the document deleted and queues `echo.document.deleted`, atomically.
     pub(crate) async fn delete(&self, id: &str, event: &CloudEvent) -> Result<bool, sqlx::Error> {
         let now = now_unix();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = common::db::begin_write(&self.pool).await?;
         let done = sqlx::query("UPDATE documents SET deleted_at = ?, status = 'cancelled', updated_at = ? WHERE id = ? AND deleted_at IS NULL")
             .bind(now)
             .bind(now)
@@ -204,7 +204,7 @@ impl CatalogStore {
     /// Moves the job (and its document) to `status`, recording how long the previous stage took.
     pub(crate) async fn set_stage(&self, job_id: &str, status: &str, attempts: Option<i64>, error: Option<&str>) -> Result<(), sqlx::Error> {
         let now = now_unix();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = common::db::begin_write(&self.pool).await?;
         sqlx::query(
             "UPDATE jobs SET status = ?, attempts = COALESCE(?, attempts), error = ?, updated_at = ?,
                  timings = json_set(timings, '$.' || ?, ?)

@@ -84,7 +84,7 @@ fn spawn_consumer(ctx: &ServiceContext, state: AppState, ready: common::server::
 }
 
 async fn store(pool: &SqlitePool, records: &[LogRecord], _batch_id: &str) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = common::db::begin_write(&pool).await?;
     for record in records.iter().take(10_000) {
         sqlx::query("INSERT INTO records (ts_ms, service, level, target, message, fields, trace_id) VALUES (?, ?, ?, ?, ?, ?, ?)")
             .bind(record.ts_ms)

@@ -107,7 +107,7 @@ impl QueueStore {
     /// transaction. Returns the message ids (the existing id for a repeated key).
     pub(crate) async fn publish(&self, topic: &str, messages: Vec<NewMessage>) -> Result<Vec<String>, sqlx::Error> {
         let now = now_unix_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = common::db::begin_write(&self.pool).await?;
         let subscriptions: Vec<String> = sqlx::query_scalar("SELECT name FROM subscriptions WHERE topic = ?")
             .bind(topic)
             .fetch_all(&mut *tx)
@@ -152,7 +152,7 @@ impl QueueStore {
     /// a message whose deliveries are used up moves to the dead letters instead.
     pub(crate) async fn lease(&self, subscription: &str, max: usize) -> Result<Option<Vec<Delivery>>, sqlx::Error> {
         let now = now_unix_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = common::db::begin_write(&self.pool).await?;
         let spec: Option<(i64, i64)> = sqlx::query_as("SELECT max_deliveries, lease_ms FROM subscriptions WHERE name = ?")
             .bind(subscription)
             .fetch_optional(&mut *tx)

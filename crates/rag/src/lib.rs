@@ -109,7 +109,7 @@ async fn ask(State(state): State<AppState>, ActingUser(principal): ActingUser, J
         results.hits.into_iter().filter(|hit| allowed.contains(&hit.collection_id)).collect::<Vec<_>>()
     };
     let (text, citations) = answer::extractive(&question, &hits, config.max_citations);
-    let mut tx = state.pool.begin().await?;
+    let mut tx = common::db::begin_write(&state.pool).await?;
     for (role, content, cited) in [("user", question.as_str(), "[]".to_string()), ("assistant", text.as_str(), serde_json::to_string(&citations).unwrap_or_default())] {
         sqlx::query("INSERT INTO messages (conversation_id, role, content, citations, created_at) VALUES (?, ?, ?, ?, ?)")
             .bind(&conversation_id)

@@ -1,0 +1,46 @@
+//! Central logs across services. Its own test binary (its own process), because log
+//! shipping is per process: one process, one system, as in production.
+
+#[path = "system/helpers.rs"]
+mod helpers;
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use helpers::{TestSystem, eventually, password_of};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_ships_its_records_to_the_logs_service() {
+    let ts = TestSystem::start().await;
+    ts.add_user("ops", "acme", "admin").await;
+    ts.add_user("mia", "acme", "member").await;
+    let ops = ts.sign_in("ops", &password_of("ops")).await;
+    let mia = ts.sign_in("mia", &password_of("mia")).await;
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(b"Ship logs please.".to_vec()).file_name("note.txt").mime_str("text/plain").unwrap(),
+    );
+    let created: Value = ts.http.post(format!("{}/api/v1/documents", ts.gateway())).bearer_auth(&ops.access_token).multipart(form).send().await.unwrap().json().await.unwrap();
+    assert!(created["job_id"].is_string(), "{created}");
+    let records = eventually("the ingest worker's record in the logs", Duration::from_secs(30), || async {
+        let logs: Value = ts
+            .http
+            .get(format!("{}/api/v1/logs?service=ingest&q=indexed", ts.gateway()))
+            .bearer_auth(&ops.access_token)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let records = logs["records"].as_array()?.clone();
+        (!records.is_empty()).then_some(records)
+    })
+    .await;
+    assert_eq!(records[0]["level"], "info");
+    assert!(records[0]["message"].as_str().unwrap().contains("indexed"));
+    let denied = ts.http.get(format!("{}/api/v1/logs", ts.gateway())).bearer_auth(&mia.access_token).send().await.unwrap();
+    assert_eq!(denied.status(), 403, "members may not read the operator logs");
+    ts.system.stop().await;
+}

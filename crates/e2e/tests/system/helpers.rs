@@ -1,0 +1,132 @@
+//! Test helpers: a running system, OIDC sign-in as a real client would do it, and
+//! small HTTP conveniences. Everything goes over real sockets.
+
+use std::time::Duration;
+
+use base64::Engine;
+use sha2::Digest;
+
+use common::{EchoConfig, ServiceName};
+
+pub(crate) struct TestSystem {
+    pub(crate) system: echod::System,
+    pub(crate) config: EchoConfig,
+    pub(crate) http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+pub(crate) const CLIENT_ID: &str = "e2e-cli";
+pub(crate) const REDIRECT_URI: &str = "http://127.0.0.1:9/callback";
+
+impl TestSystem {
+    pub(crate) async fn start() -> TestSystem {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = EchoConfig::for_test(dir.path());
+        config.log.level = "info,tantivy=warn".into();
+        config.ingest.workers = 2;
+        common::telemetry::init(&config.log);
+        let system = echod::up(config).await.expect("echod up");
+        echod::wait_ready(&system.config, Duration::from_secs(60)).await.expect("ready");
+        let config = (*system.config).clone();
+        identity::add_client(&config, CLIENT_ID, vec![REDIRECT_URI.into()], None).await.expect("client add");
+        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+        TestSystem { system, config, http, _dir: dir }
+    }
+
+    pub(crate) fn gateway(&self) -> String {
+        self.config.url(ServiceName::Gateway)
+    }
+
+    pub(crate) fn issuer(&self) -> String {
+        self.config.issuer()
+    }
+
+    pub(crate) async fn add_user(&self, username: &str, org: &str, role: &str) {
+        identity::add_user(&self.config, username, &password_of(username), org, role, None).await.expect("user add");
+    }
+
+    /// Authorization code + PKCE through the login form, as a public client would.
+    pub(crate) async fn sign_in(&self, username: &str, password: &str) -> Tokens {
+        let verifier = format!("{username}-verifier-0123456789-abcdefghijklmnopqrstuvwxyz");
+        let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()));
+        let state = format!("state-{username}");
+        let nonce = format!("nonce-{username}");
+        let params = [
+            ("response_type", "code"),
+            ("client_id", CLIENT_ID),
+            ("redirect_uri", REDIRECT_URI),
+            ("scope", "openid profile offline_access"),
+            ("state", state.as_str()),
+            ("nonce", nonce.as_str()),
+            ("code_challenge", challenge.as_str()),
+            ("code_challenge_method", "S256"),
+        ];
+        let page = self.http.get(format!("{}/authorize", self.issuer())).query(&params).send().await.expect("authorize");
+        assert_eq!(page.status(), 200, "the login page is shown");
+        let html = page.text().await.expect("html");
+        assert!(html.contains("name=\"username\"") && html.contains("name=\"password\""));
+        let form_token = hidden_value(&html, "form_token").expect("form token");
+        let mut form: Vec<(&str, &str)> = params.to_vec();
+        form.extend([("username", username), ("password", password), ("form_token", form_token.as_str())]);
+        let answer = self.http.post(format!("{}/login", self.issuer())).form(&form).send().await.expect("login");
+        assert_eq!(answer.status(), 303, "good credentials redirect back to the client");
+        let location = url::Url::parse(answer.headers()["location"].to_str().expect("location")).expect("url");
+        assert!(location.as_str().starts_with(REDIRECT_URI));
+        let query: std::collections::HashMap<_, _> = location.query_pairs().into_owned().collect();
+        assert_eq!(query.get("state"), Some(&state));
+        let code = query.get("code").expect("code").clone();
+        let token = self
+            .http
+            .post(format!("{}/token", self.issuer()))
+            .form(&[("grant_type", "authorization_code"), ("code", &code), ("redirect_uri", REDIRECT_URI), ("client_id", CLIENT_ID), ("code_verifier", &verifier)])
+            .send()
+            .await
+            .expect("token");
+        assert_eq!(token.status(), 200);
+        let body: serde_json::Value = token.json().await.expect("json");
+        Tokens {
+            access_token: body["access_token"].as_str().expect("access token").to_string(),
+            id_token: body["id_token"].as_str().expect("id token").to_string(),
+            refresh_token: body["refresh_token"].as_str().map(str::to_string),
+            nonce,
+            code,
+            verifier,
+        }
+    }
+}
+
+pub(crate) struct Tokens {
+    pub(crate) access_token: String,
+    pub(crate) id_token: String,
+    pub(crate) refresh_token: Option<String>,
+    pub(crate) nonce: String,
+    pub(crate) code: String,
+    pub(crate) verifier: String,
+}
+
+pub(crate) fn password_of(username: &str) -> String {
+    format!("{username}-correct-horse-battery")
+}
+
+/// The value of a hidden input named `name` in `html`.
+pub(crate) fn hidden_value(html: &str, name: &str) -> Option<String> {
+    let marker = format!("name=\"{name}\" value=\"");
+    let start = html.find(&marker)? + marker.len();
+    let end = html[start..].find('"')? + start;
+    Some(html[start..end].replace("&amp;", "&").replace("&#x2f;", "/").replace("&#x2F;", "/").replace("&quot;", "\"").replace("&#39;", "'").replace("&#x27;", "'"))
+}
+
+pub(crate) async fn eventually<F, Fut, T>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,374 @@
+//! The walking skeleton end to end: sign in through OIDC, upload, wait for the job,
+//! search, ask with a citation, and try to reach the document from another org.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::multipart::{Form, Part};
+use serde_json::{Value, json};
+
+use crate::helpers::{TestSystem, eventually, hidden_value, password_of};
+
+const HANDBOOK: &str = "# Reactor handbook\n\n## Launch procedure\n\nBefore launch, the operator reads the checklist aloud. The launch code is tangerine-42 and it is rotated every Monday.\n\n## Cooling\n\nThe cooling pumps are inspected every spring by the maintenance crew.\n";
+
+async fn upload(ts: &TestSystem, token: &str, filename: &str, mime: &str, bytes: Vec<u8>, collection: Option<&str>) -> reqwest::Response {
+    let mut form = Form::new();
+    if let Some(collection) = collection {
+        form = form.text("collection", collection.to_string());
+    }
+    let part = Part::bytes(bytes).file_name(filename.to_string()).mime_str(mime).expect("mime");
+    form = form.part("file", part);
+    ts.http.post(format!("{}/api/v1/documents", ts.gateway())).bearer_auth(token).multipart(form).send().await.expect("upload")
+}
+
+async fn get(ts: &TestSystem, token: &str, path: &str) -> reqwest::Response {
+    ts.http.get(format!("{}{}", ts.gateway(), path)).bearer_auth(token).send().await.expect("get")
+}
+
+async fn post(ts: &TestSystem, token: &str, path: &str, body: Value) -> reqwest::Response {
+    ts.http.post(format!("{}{}", ts.gateway(), path)).bearer_auth(token).json(&body).send().await.expect("post")
+}
+
+async fn wait_for_job(ts: &TestSystem, token: &str, job_id: &str) -> Value {
+    eventually("the ingest job to finish", Duration::from_secs(60), || async {
+        let job: Value = get(ts, token, &format!("/api/v1/jobs/{job_id}")).await.json().await.ok()?;
+        matches!(job["status"].as_str(), Some("done" | "failed")).then_some(job)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_uploads_asks_gets_a_cited_answer_and_other_orgs_see_nothing() {
+    let ts = TestSystem::start().await;
+    ts.add_user("ann", "acme", "member").await;
+    ts.add_user("cat", "acme", "member").await;
+    ts.add_user("bob", "globex", "owner").await;
+    let ann = ts.sign_in("ann", &password_of("ann")).await;
+
+    // The ID token verifies against the JWKS with the client as audience and our nonce.
+    #[derive(serde::Deserialize)]
+    struct IdClaims {
+        nonce: String,
+        preferred_username: String,
+        org: String,
+    }
+    let verifier = common::auth::TokenVerifier::new(&ts.issuer(), &ts.issuer(), reqwest::Client::new());
+    let id: IdClaims = verifier.verify_as(&ann.id_token, crate::helpers::CLIENT_ID).await.expect("id token verifies");
+    assert_eq!((id.nonce.as_str(), id.preferred_username.as_str(), id.org.as_str()), (ann.nonce.as_str(), "ann", "acme"));
+
+    let me: Value = get(&ts, &ann.access_token, "/api/v1/me").await.json().await.unwrap();
+    assert_eq!(me["username"], "ann");
+    let collections: Value = get(&ts, &ann.access_token, "/api/v1/collections").await.json().await.unwrap();
+    let personal = collections.as_array().unwrap().iter().find(|c| c["personal"] == true).expect("a personal collection")["id"].as_str().unwrap().to_string();
+
+    let created = upload(&ts, &ann.access_token, "handbook.md", "text/markdown", HANDBOOK.as_bytes().to_vec(), None).await;
+    assert_eq!(created.status(), StatusCode::ACCEPTED);
+    let created: Value = created.json().await.unwrap();
+    let document_id = created["id"].as_str().unwrap().to_string();
+    let job = wait_for_job(&ts, &ann.access_token, created["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "done", "{job}");
+    assert_eq!(job["document_id"], document_id.as_str());
+
+    let document: Value = get(&ts, &ann.access_token, &format!("/api/v1/documents/{document_id}")).await.json().await.unwrap();
+    assert_eq!(document["collection"], personal.as_str());
+    assert_eq!(document["filename"], "handbook.md");
+    assert_eq!(document["status"], "done");
+    assert_eq!(document["size"], HANDBOOK.len());
+
+    let content = get(&ts, &ann.access_token, &format!("/api/v1/documents/{document_id}/content")).await;
+    assert_eq!(content.status(), StatusCode::OK);
+    assert_eq!(content.text().await.unwrap(), HANDBOOK);
+    let range = ts.http.get(format!("{}/api/v1/documents/{document_id}/content", ts.gateway())).bearer_auth(&ann.access_token).header("range", "bytes=2-9").send().await.unwrap();
+    assert_eq!(range.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(range.text().await.unwrap(), &HANDBOOK[2..10]);
+
+    let hits: Value = post(&ts, &ann.access_token, "/api/v1/search", json!({"query": "launch code", "k": 5})).await.json().await.unwrap();
+    let first = &hits["hits"][0];
+    assert_eq!(first["document_id"], document_id.as_str(), "{hits}");
+    assert!(first["text"].as_str().unwrap().contains("tangerine-42"));
+    assert_eq!(first["section"], "Reactor handbook > Launch procedure");
+
+    let answer: Value = post(&ts, &ann.access_token, "/api/v1/ask", json!({"question": "What is the launch code?"})).await.json().await.unwrap();
+    assert_eq!(answer["mode"], "extractive");
+    assert!(answer["answer"].as_str().unwrap().contains("tangerine-42"), "{answer}");
+    let citation = &answer["citations"][0];
+    assert_eq!(citation["document_id"], document_id.as_str());
+    assert!(citation["text"].as_str().unwrap().contains("tangerine-42"));
+    assert!(citation["chunk_id"].as_str().unwrap().starts_with(&document_id));
+    assert!(answer["conversation_id"].is_string());
+
+    // Streaming: the same answer as SSE, ending in an event that carries the citations.
+    let stream = ts
+        .http
+        .post(format!("{}/api/v1/ask", ts.gateway()))
+        .bearer_auth(&ann.access_token)
+        .header("accept", "text/event-stream")
+        .json(&json!({"question": "What is the launch code?"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(stream.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let body = stream.text().await.unwrap();
+    let last_event = body.split("\n\n").filter(|e| !e.trim().is_empty()).last().unwrap();
+    assert!(last_event.starts_with("event: citations"), "{last_event}");
+    assert!(last_event.contains(&document_id));
+
+    // Another org: the document does not exist for them, anywhere.
+    let bob = ts.sign_in("bob", &password_of("bob")).await;
+    let cat = ts.sign_in("cat", &password_of("cat")).await;
+    for outsider in [&bob.access_token, &cat.access_token] {
+        for path in [
+            format!("/api/v1/documents/{document_id}"),
+            format!("/api/v1/documents/{document_id}/content"),
+            format!("/api/v1/jobs/{}", created["job_id"].as_str().unwrap()),
+        ] {
+            let response = get(&ts, outsider, &path).await;
+            assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+            assert_eq!(response.headers()["content-type"], "application/problem+json");
+        }
+        let listed: Value = get(&ts, outsider, "/api/v1/documents").await.json().await.unwrap();
+        assert!(!listed.to_string().contains(&document_id));
+        let hits: Value = post(&ts, outsider, "/api/v1/search", json!({"query": "launch code tangerine", "k": 10})).await.json().await.unwrap();
+        assert_eq!(hits["hits"].as_array().unwrap().len(), 0, "{hits}");
+        let hits: Value = post(&ts, outsider, "/api/v1/search", json!({"query": "launch code", "k": 10, "collections": [personal.clone()]})).await.json().await.unwrap();
+        assert_eq!(hits["hits"].as_array().unwrap().len(), 0, "naming someone else's collection finds nothing");
+        let answer: Value = post(&ts, outsider, "/api/v1/ask", json!({"question": "What is the launch code?"})).await.json().await.unwrap();
+        assert!(!answer.to_string().contains("tangerine"), "{answer}");
+        assert_eq!(answer["citations"].as_array().unwrap().len(), 0);
+        let delete = ts.http.delete(format!("{}/api/v1/documents/{document_id}", ts.gateway())).bearer_auth(outsider).send().await.unwrap();
+        assert_eq!(delete.status(), StatusCode::NOT_FOUND);
+    }
+
+    // Sharing with a colleague lets them read; unsharing takes effect on the next request.
+    let cat_me: Value = get(&ts, &cat.access_token, "/api/v1/me").await.json().await.unwrap();
+    let bob_me: Value = get(&ts, &bob.access_token, "/api/v1/me").await.json().await.unwrap();
+    let share = |members: Value| {
+        let ts = &ts;
+        let token = ann.access_token.clone();
+        let personal = personal.clone();
+        async move { ts.http.put(format!("{}/api/v1/collections/{personal}/members", ts.gateway())).bearer_auth(token).json(&json!({"members": members})).send().await.unwrap() }
+    };
+    let cross_org = share(json!([{"user": bob_me["id"], "role": "viewer"}])).await;
+    assert_eq!(cross_org.status(), StatusCode::BAD_REQUEST, "users of another org cannot be named in a share");
+    assert_eq!(share(json!([{"user": cat_me["id"], "role": "viewer"}])).await.status(), StatusCode::OK);
+    assert_eq!(get(&ts, &cat.access_token, &format!("/api/v1/documents/{document_id}")).await.status(), StatusCode::OK);
+    let answer: Value = post(&ts, &cat.access_token, "/api/v1/ask", json!({"question": "What is the launch code?"})).await.json().await.unwrap();
+    assert!(answer["answer"].as_str().unwrap().contains("tangerine-42"));
+    assert_eq!(share(json!([])).await.status(), StatusCode::OK);
+    assert_eq!(get(&ts, &cat.access_token, &format!("/api/v1/documents/{document_id}")).await.status(), StatusCode::NOT_FOUND);
+
+    // Deleting removes the document from search.
+    let delete = ts.http.delete(format!("{}/api/v1/documents/{document_id}", ts.gateway())).bearer_auth(&ann.access_token).send().await.unwrap();
+    assert_eq!(delete.status(), StatusCode::NO_CONTENT);
+    assert_eq!(get(&ts, &ann.access_token, &format!("/api/v1/documents/{document_id}")).await.status(), StatusCode::NOT_FOUND);
+    eventually("the deleted document to leave the index", Duration::from_secs(20), || async {
+        let hits: Value = post(&ts, &ann.access_token, "/api/v1/search", json!({"query": "launch code", "k": 5})).await.json().await.ok()?;
+        hits["hits"].as_array()?.is_empty().then_some(())
+    })
+    .await;
+
+    // Audit: uploads, asks, deletes and logins reached the chain, and it verifies.
+    ts.add_user("root", "acme", "admin").await;
+    let admin = ts.sign_in("root", &password_of("root")).await;
+    let actions: Vec<String> = eventually("audit records", Duration::from_secs(20), || async {
+        let records: Value = get(&ts, &admin.access_token, "/api/v1/audit?limit=500").await.json().await.ok()?;
+        let actions: Vec<String> = records["records"].as_array()?.iter().filter_map(|r| r["action"].as_str().map(str::to_string)).collect();
+        let wanted = ["document.uploaded", "rag.asked", "document.deleted", "identity.login_succeeded"];
+        wanted.iter().all(|w| actions.iter().any(|a| a == w)).then_some(actions)
+    })
+    .await;
+    assert!(actions.iter().any(|a| a == "collection.shared"));
+    let verified: Value = get(&ts, &admin.access_token, "/api/v1/audit/verify").await.json().await.unwrap();
+    assert_eq!(verified["ok"], true, "{verified}");
+    let forbidden = get(&ts, &ann.access_token, "/api/v1/audit").await;
+    assert_eq!(forbidden.status(), StatusCode::FORBIDDEN, "members may not read the audit log");
+
+    ts.system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_uploads_and_bad_tokens_get_clear_errors() {
+    let ts = TestSystem::start().await;
+    ts.add_user("dan", "acme", "member").await;
+    let dan = ts.sign_in("dan", &password_of("dan")).await;
+
+    let empty = upload(&ts, &dan.access_token, "empty.txt", "text/plain", vec![], None).await;
+    assert_eq!(empty.status(), StatusCode::BAD_REQUEST);
+    let problem: Value = empty.json().await.unwrap();
+    assert_eq!(problem["code"], "document.empty");
+
+    let binary = upload(&ts, &dan.access_token, "tool.exe", "application/x-msdownload", b"MZ\x90\x00\x03\x00\x00\x00".to_vec(), None).await;
+    assert_eq!(binary.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(binary.json::<Value>().await.unwrap()["code"], "document.unsupported_type");
+
+    let corrupt = upload(&ts, &dan.access_token, "broken.pdf", "application/pdf", b"%PDF-1.7\n this is not really a pdf".to_vec(), None).await;
+    assert_eq!(corrupt.status(), StatusCode::ACCEPTED);
+    let created: Value = corrupt.json().await.unwrap();
+    let job = wait_for_job(&ts, &dan.access_token, created["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "failed");
+    assert!(job["error"].as_str().unwrap().contains("corrupt"), "{job}");
+
+    let unknown_collection = upload(&ts, &dan.access_token, "a.txt", "text/plain", b"hello".to_vec(), Some("0190f1e6-3b7a-7c2e-9d8f-1a2b3c4d5e6f")).await;
+    assert_eq!(unknown_collection.status(), StatusCode::NOT_FOUND);
+
+    let duplicate_a = upload(&ts, &dan.access_token, "a.txt", "text/plain", b"same bytes".to_vec(), None).await;
+    let duplicate_b = upload(&ts, &dan.access_token, "b.txt", "text/plain", b"same bytes".to_vec(), None).await;
+    assert_eq!(duplicate_a.status(), StatusCode::ACCEPTED);
+    assert_eq!(duplicate_b.status(), StatusCode::OK, "the same content in the same collection is detected");
+    let (a, b): (Value, Value) = (duplicate_a.json().await.unwrap(), duplicate_b.json().await.unwrap());
+    assert_eq!(a["id"], b["id"]);
+
+    let anonymous = ts.http.get(format!("{}/api/v1/documents", ts.gateway())).send().await.unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    assert!(anonymous.headers().contains_key("www-authenticate"));
+    assert_eq!(anonymous.json::<Value>().await.unwrap()["code"], "auth.unauthenticated");
+
+    // A tampered payload, `alg: none`, and an ID token used as an access token are refused.
+    let parts: Vec<&str> = dan.access_token.split('.').collect();
+    let mut payload: Value = serde_json::from_slice(&base64_decode(parts[1])).unwrap();
+    payload["org"] = json!("globex");
+    let tampered = format!("{}.{}.{}", parts[0], base64_encode(payload.to_string().as_bytes()), parts[2]);
+    let none = format!("{}.{}.", base64_encode(br#"{"alg":"none","typ":"JWT"}"#), parts[1]);
+    for (token, what) in [(tampered, "tampered"), (none, "alg none"), (dan.id_token.clone(), "id token")] {
+        let response = get(&ts, &token, "/api/v1/documents").await;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{what}");
+    }
+
+    // A code is single-use.
+    let replay = ts
+        .http
+        .post(format!("{}/token", ts.issuer()))
+        .form(&[("grant_type", "authorization_code"), ("code", dan.code.as_str()), ("redirect_uri", crate::helpers::REDIRECT_URI), ("client_id", crate::helpers::CLIENT_ID), ("code_verifier", dan.verifier.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(replay.json::<Value>().await.unwrap()["error"], "invalid_grant");
+
+    // Refresh tokens rotate; presenting a spent one revokes the family.
+    let refresh = dan.refresh_token.clone().expect("offline_access yields a refresh token");
+    let refresh_with = |token: String| {
+        let ts = &ts;
+        async move {
+            ts.http
+                .post(format!("{}/token", ts.issuer()))
+                .form(&[("grant_type", "refresh_token"), ("refresh_token", token.as_str()), ("client_id", crate::helpers::CLIENT_ID)])
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let rotated: Value = refresh_with(refresh.clone()).await.json().await.unwrap();
+    let next = rotated["refresh_token"].as_str().unwrap().to_string();
+    assert_ne!(next, refresh);
+    assert_eq!(refresh_with(refresh).await.status(), StatusCode::BAD_REQUEST, "a spent refresh token is refused");
+    assert_eq!(refresh_with(next).await.status(), StatusCode::BAD_REQUEST, "and its whole family is revoked");
+
+    // Unregistered redirect URIs get an error page, never a redirect.
+    let hostile = ts
+        .http
+        .get(format!("{}/authorize", ts.issuer()))
+        .query(&[("response_type", "code"), ("client_id", crate::helpers::CLIENT_ID), ("redirect_uri", "https://evil.example/cb"), ("code_challenge", "x".repeat(43).as_str()), ("code_challenge_method", "S256")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(hostile.status(), StatusCode::BAD_REQUEST);
+    assert!(!hostile.headers().contains_key("location"));
+
+    // Wrong password: the form again, with an error, and no code.
+    let page = ts.http.get(format!("{}/authorize", ts.issuer())).query(&[("response_type", "code"), ("client_id", crate::helpers::CLIENT_ID), ("redirect_uri", crate::helpers::REDIRECT_URI), ("scope", "openid"), ("code_challenge", "y".repeat(43).as_str()), ("code_challenge_method", "S256")]).send().await.unwrap().text().await.unwrap();
+    let form_token = hidden_value(&page, "form_token").unwrap();
+    let wrong = ts
+        .http
+        .post(format!("{}/login", ts.issuer()))
+        .form(&[("response_type", "code"), ("client_id", crate::helpers::CLIENT_ID), ("redirect_uri", crate::helpers::REDIRECT_URI), ("scope", "openid"), ("code_challenge", "y".repeat(43).as_str()), ("code_challenge_method", "S256"), ("username", "dan"), ("password", "wrong password"), ("form_token", form_token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    assert!(wrong.text().await.unwrap().contains("Invalid username or password"));
+    ts.system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_browser_signs_in_through_identity_and_writes_need_the_csrf_token() {
+    let ts = TestSystem::start().await;
+    ts.add_user("eve", "acme", "member").await;
+    let start = ts.http.get(format!("{}/documents", ts.gateway())).send().await.unwrap();
+    assert_eq!(start.status(), StatusCode::SEE_OTHER);
+    let login = ts.http.get(format!("{}{}", ts.gateway(), start.headers()["location"].to_str().unwrap())).send().await.unwrap();
+    let authorize = login.headers()["location"].to_str().unwrap().to_string();
+    assert!(authorize.starts_with(&format!("{}/authorize?", ts.issuer())), "{authorize}");
+    let page = ts.http.get(&authorize).send().await.unwrap();
+    assert_eq!(page.headers()["content-security-policy"].to_str().unwrap().contains("frame-ancestors 'none'"), true);
+    let html = page.text().await.unwrap();
+    let mut form: Vec<(String, String)> = ["response_type", "client_id", "redirect_uri", "scope", "state", "nonce", "code_challenge", "code_challenge_method", "form_token"]
+        .iter()
+        .map(|name| (name.to_string(), hidden_value(&html, name).unwrap_or_else(|| panic!("hidden {name}"))))
+        .collect();
+    form.push(("username".into(), "eve".into()));
+    form.push(("password".into(), password_of("eve")));
+    let back = ts.http.post(format!("{}/login", ts.issuer())).form(&form).send().await.unwrap();
+    assert_eq!(back.status(), StatusCode::SEE_OTHER);
+    let callback = back.headers()["location"].to_str().unwrap().to_string();
+    assert!(callback.starts_with(&format!("{}/auth/callback?", ts.gateway())));
+    let landed = ts.http.get(&callback).send().await.unwrap();
+    assert_eq!(landed.status(), StatusCode::SEE_OTHER);
+    let cookie = landed.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"));
+    let session = cookie.split(';').next().unwrap().to_string();
+    assert_eq!(landed.headers()["location"], "/documents");
+
+    let documents = ts.http.get(format!("{}/documents", ts.gateway())).header("cookie", &session).send().await.unwrap();
+    assert_eq!(documents.status(), StatusCode::OK);
+    let html = documents.text().await.unwrap();
+    assert!(html.contains("eve"));
+    let csrf = {
+        let marker = "name=\"csrf-token\" content=\"";
+        let start = html.find(marker).unwrap() + marker.len();
+        html[start..start + html[start..].find('"').unwrap()].to_string()
+    };
+    let me: Value = ts.http.get(format!("{}/api/v1/me", ts.gateway())).header("cookie", &session).send().await.unwrap().json().await.unwrap();
+    assert_eq!(me["username"], "eve");
+
+    let without = ts.http.post(format!("{}/api/v1/collections", ts.gateway())).header("cookie", &session).json(&json!({"name": "Team"})).send().await.unwrap();
+    assert_eq!(without.status(), StatusCode::FORBIDDEN);
+    assert_eq!(without.json::<Value>().await.unwrap()["code"], "auth.csrf");
+    let with = ts.http.post(format!("{}/api/v1/collections", ts.gateway())).header("cookie", &session).header("x-csrf-token", &csrf).json(&json!({"name": "Team"})).send().await.unwrap();
+    assert_eq!(with.status(), StatusCode::CREATED);
+
+    // The ask page answers with citations that link to their passages.
+    let part = Part::bytes(HANDBOOK.as_bytes().to_vec()).file_name("handbook.md").mime_str("text/markdown").unwrap();
+    let uploaded = ts
+        .http
+        .post(format!("{}/documents/upload", ts.gateway()))
+        .header("cookie", &session)
+        .multipart(Form::new().text("csrf", csrf.clone()).part("file", part))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(uploaded.status(), StatusCode::SEE_OTHER);
+    eventually("the page upload to be indexed", Duration::from_secs(60), || async {
+        let page = ts.http.get(format!("{}/documents", ts.gateway())).header("cookie", &session).send().await.ok()?.text().await.ok()?;
+        page.contains("class=\"status status-done\"").then_some(())
+    })
+    .await;
+    let answer = ts.http.post(format!("{}/ask", ts.gateway())).header("cookie", &session).form(&[("csrf", csrf.as_str()), ("question", "What is the launch code?")]).send().await.unwrap();
+    let html = answer.text().await.unwrap();
+    assert!(html.contains("href=\"#cite-1\""), "{html}");
+    assert!(html.contains("tangerine-42"));
+    let forged = ts.http.post(format!("{}/ask", ts.gateway())).header("cookie", &session).form(&[("csrf", "forged"), ("question", "x")]).send().await.unwrap();
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN);
+    assert!(forged.text().await.unwrap().contains("<html"), "browsers get an HTML error page");
+    ts.system.stop().await;
+}
+
+fn base64_decode(part: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).unwrap()
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}

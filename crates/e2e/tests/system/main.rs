@@ -1,0 +1,6 @@
+//! Whole-system tests: start every service as `echod up` does (ports chosen by the
+//! OS, a fresh data dir), then act as users through the public edges only: identity's
+//! OIDC endpoints and the gateway.
+
+mod helpers;
+mod journey;

@@ -1,0 +1,173 @@
+//! echod as a library: starting the whole system (`up`) or one service (`serve`).
+//! The binary in `main.rs` is the CLI around it; `crates/e2e` starts systems with it.
+//!
+//! Invariant: every listener is bound before any service starts, so ports chosen as 0
+//! are known (and written into the configuration) before identity registers the
+//! gateway's redirect URI and before any service computes a peer URL.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use common::{EchoConfig, ServiceContext, ServiceName};
+
+/// A running Echo: every service, each on its own port.
+pub struct System {
+    pub config: Arc<EchoConfig>,
+    /// The admin's one-time password when this start created the admin.
+    pub admin_password: Option<String>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<(ServiceName, anyhow::Result<()>)>,
+}
+
+impl System {
+    pub fn url(&self, service: ServiceName) -> String {
+        self.config.url(service)
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until a service exits (an error) or `stop` is requested.
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => Ok(()),
+            exited = self.tasks.join_next() => match exited {
+                Some(Ok((service, Ok(())))) => Err(anyhow::anyhow!("{service} stopped unexpectedly")),
+                Some(Ok((service, Err(error)))) => Err(error.context(format!("{service} failed"))),
+                Some(Err(error)) => Err(anyhow::anyhow!("a service panicked: {error}")),
+                None => Ok(()),
+            }
+        }
+    }
+
+    /// Stops every service and waits (bounded) for in-flight work to drain.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        let drain = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+            tracing::warn!("some services did not stop within 10 s");
+            self.tasks.abort_all();
+        }
+    }
+}
+
+/// Binds the listener of `service`: gateway and identity on `config.bind`, the
+/// others on loopback unless `public` (containers).
+async fn bind(config: &EchoConfig, service: ServiceName, public: bool) -> anyhow::Result<TcpListener> {
+    let host = if public || matches!(service, ServiceName::Gateway | ServiceName::Identity) { config.bind.as_str() } else { "127.0.0.1" };
+    let port = config.port(service);
+    let address: SocketAddr = format!("{host}:{port}").parse().with_context(|| format!("invalid bind address {host}:{port}"))?;
+    TcpListener::bind(address).await.with_context(|| {
+        format!("cannot listen on {address} for {service}: is another program using it? Set ports.{service} in echo.yaml or ECHO__PORTS__{}", service.as_str().to_uppercase())
+    })
+}
+
+/// Loads the configuration for a command: `--config` if given, else `DATA_DIR/echo.yaml`
+/// if present, else defaults; `--data-dir` overrides the file.
+pub fn load_config(config_file: Option<&Path>, data_dir: Option<&Path>) -> anyhow::Result<EchoConfig> {
+    let default_dir = data_dir.map(Path::to_path_buf).unwrap_or_else(|| EchoConfig::default().data_dir);
+    let in_data_dir = default_dir.join("echo.yaml");
+    let file = match config_file {
+        Some(file) => Some(file.to_path_buf()),
+        None if in_data_dir.exists() => Some(in_data_dir),
+        None => None,
+    };
+    let mut config = EchoConfig::load(file.as_deref())?;
+    if let Some(dir) = data_dir {
+        config.data_dir = dir.to_path_buf();
+    }
+    Ok(config)
+}
+
+/// Writes the commented default configuration into a new data dir.
+pub fn write_default_config(data_dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create the data dir {}", data_dir.display()))?;
+    let path = data_dir.join("echo.yaml");
+    if !path.exists() {
+        let text = common::config::EXAMPLE_YAML.replace("data_dir: ./echo-data", "# data_dir: ./echo-data   (this file lives in the data dir; `--data-dir` chooses it)");
+        std::fs::write(&path, text)?;
+    }
+    Ok(())
+}
+
+/// Starts every service in this process and returns once all are listening.
+pub async fn up(mut config: EchoConfig) -> anyhow::Result<System> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
+    let mut listeners = Vec::new();
+    for service in ServiceName::ALL {
+        let listener = bind(&config, service, false).await?;
+        config.ports.insert(service, listener.local_addr()?.port());
+        listeners.push((service, listener));
+    }
+    let bootstrap = identity::bootstrap(&config).await.context("identity set-up failed")?;
+    let config = Arc::new(config);
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let mut shipper = None;
+    for (service, listener) in listeners {
+        let ctx = ServiceContext::new(config.clone(), service, shutdown.child_token())?;
+        if service == ServiceName::Logs {
+            shipper = Some(ctx.bus.clone());
+        }
+        tasks.spawn(async move { (service, run_service(service, ctx, listener).await) });
+    }
+    if let Some(bus) = shipper {
+        common::telemetry::start_shipping(bus, shutdown.child_token());
+    }
+    Ok(System { config, admin_password: bootstrap.admin_password, shutdown, tasks })
+}
+
+/// Runs one service until its context's shutdown.
+pub async fn run_service(service: ServiceName, ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
+    match service {
+        ServiceName::Identity => identity::run(ctx, listener).await,
+        ServiceName::Queue => queue::run(ctx, listener).await,
+        ServiceName::Logs => logs::run(ctx, listener).await,
+        ServiceName::Audit => audit::run(ctx, listener).await,
+        ServiceName::Authz => authz::run(ctx, listener).await,
+        ServiceName::Storage => storage::run(ctx, listener).await,
+        ServiceName::Parser => parser::run(ctx, listener).await,
+        ServiceName::Search => search::run(ctx, listener).await,
+        ServiceName::Ingest => ingest::run(ctx, listener).await,
+        ServiceName::Rag => rag::run(ctx, listener).await,
+        ServiceName::Profile => profile::run(ctx, listener).await,
+        ServiceName::Chat => chat::run(ctx, listener).await,
+        ServiceName::Gateway => gateway::run(ctx, listener).await,
+    }
+}
+
+/// `echod serve SERVICE`: one service in this process, listening on `config.bind`.
+pub async fn serve(config: EchoConfig, service: ServiceName, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if service == ServiceName::Identity {
+        identity::bootstrap(&config).await.context("identity set-up failed")?;
+    }
+    let listener = bind(&config, service, true).await?;
+    let ctx = ServiceContext::new(Arc::new(config), service, shutdown.clone())?;
+    common::telemetry::start_shipping(ctx.bus.clone(), shutdown);
+    run_service(service, ctx, listener).await
+}
+
+/// Polls the gateway's `/readyz` until every service is ready or `timeout` passes.
+pub async fn wait_ready(config: &EchoConfig, timeout: Duration) -> anyhow::Result<()> {
+    let url = format!("{}/readyz", config.url(ServiceName::Gateway));
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        match http.get(&url).timeout(Duration::from_secs(3)).send().await {
+            Ok(response) if response.status().is_success() => return Ok(()),
+            Ok(response) => last = response.text().await.unwrap_or_default(),
+            Err(error) => last = error.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("Echo did not become ready within {timeout:?}: {last}")
+}

@@ -99,7 +99,16 @@ pub(crate) fn chunk_blocks(blocks: &[TextBlock], budget: usize, overlap: usize) 
     let mut block_char_offset: u64 = 0;
     for block in blocks {
         let text = block.text.as_str();
-        let ranges = block_ranges(text, budget.max(64), overlap.min(budget / 4));
+        // Offsets describe the chunk's text exactly, so trim each range first.
+        let ranges: Vec<(usize, usize)> = block_ranges(text, budget.max(64), overlap.min(budget / 4))
+            .into_iter()
+            .map(|(start, end)| {
+                let slice = &text[start..end];
+                let leading = slice.len() - slice.trim_start().len();
+                let trailing = slice.len() - slice.trim_end().len();
+                (start + leading, (end - trailing).max(start + leading))
+            })
+            .collect();
         // One sweep turns the (sorted) byte positions into character positions.
         let mut positions: Vec<usize> = ranges.iter().flat_map(|(s, e)| [*s, *e]).collect();
         positions.sort_unstable();
@@ -112,13 +121,11 @@ pub(crate) fn chunk_blocks(blocks: &[TextBlock], budget: usize, overlap: usize) 
             char_at.insert(position, chars);
         }
         for (start, end) in ranges {
-            let slice = &text[start..end];
-            let trimmed = slice.trim();
-            if trimmed.is_empty() {
+            if start == end {
                 continue;
             }
             drafts.push(Draft {
-                text: trimmed.to_string(),
+                text: text[start..end].to_string(),
                 page: block.page,
                 section: block.section.clone(),
                 char_start: block_char_offset + char_at.get(&start).copied().unwrap_or(0),
@@ -145,7 +152,7 @@ mod tests {
         assert_eq!(drafts[0].text, "Intro paragraph.\n\nSecond one.");
         assert_eq!(drafts[1].page, Some(2));
         assert_eq!(drafts[1].section.as_deref(), Some("A > B"));
-        assert_eq!(drafts[1].char_start, 30);
+        assert_eq!(drafts[1].char_start, 31);
     }
 
     #[test]
@@ -161,7 +168,7 @@ mod tests {
         for pair in drafts.windows(2) {
             assert!(pair[1].char_start < pair[0].char_end, "consecutive pieces overlap");
         }
-        assert_eq!(drafts.last().unwrap().char_end as usize, text.trim_end().len() + 1);
+        assert_eq!(drafts.last().unwrap().char_end as usize, text.trim_end().len());
     }
 
     #[test]
@@ -189,6 +196,6 @@ mod tests {
         let drafts = chunk_blocks(&[block(&text, None, None)], 1200, 150);
         assert!(drafts.len() > 800);
         assert!(drafts.iter().all(|d| d.text.len() <= 1200));
-        assert_eq!(drafts.last().unwrap().char_end as usize, text.len() - 1);
+        assert_eq!(drafts.last().unwrap().char_end as usize, text.trim_end().len());
     }
 }

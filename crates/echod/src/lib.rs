@@ -171,3 +171,46 @@ pub async fn wait_ready(config: &EchoConfig, timeout: Duration) -> anyhow::Resul
     }
     anyhow::bail!("Echo did not become ready within {timeout:?}: {last}")
 }
+
+/// Helpers for the per-service integration tests: a whole system on free ports in a
+/// temporary data dir, and a peer client that calls services as a given service would.
+pub mod testing {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use common::client::Peers;
+    use common::{EchoConfig, ServiceContext, ServiceName};
+
+    pub struct TestEcho {
+        pub system: super::System,
+        pub config: EchoConfig,
+        _dir: tempfile::TempDir,
+    }
+
+    impl TestEcho {
+        /// Starts every service on ports chosen by the OS and waits until all are ready.
+        pub async fn start() -> TestEcho {
+            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+            let config = EchoConfig::for_test(dir.path());
+            let system = super::up(config).await.unwrap_or_else(|e| panic!("echod up: {e:#}"));
+            super::wait_ready(&system.config, Duration::from_secs(60)).await.unwrap_or_else(|e| panic!("ready: {e:#}"));
+            let config = (*system.config).clone();
+            TestEcho { system, config, _dir: dir }
+        }
+
+        /// A client that authenticates as `caller` (its client-credentials tokens).
+        pub fn peers_as(&self, caller: ServiceName) -> Peers {
+            let ctx = ServiceContext::new(Arc::new(self.config.clone()), caller, tokio_util::sync::CancellationToken::new())
+                .unwrap_or_else(|e| panic!("context: {e:#}"));
+            ctx.peers
+        }
+
+        pub fn url(&self, service: ServiceName) -> String {
+            self.config.url(service)
+        }
+
+        pub async fn stop(self) {
+            self.system.stop().await;
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Identity over HTTP, started by its real `run` on a free port: discovery, JWKS,
+//! client credentials with audience binding, and refusals.
+
+use common::ServiceName;
+use echod::testing::TestEcho;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_jwks_and_service_tokens_work_and_wrong_secrets_do_not() {
+    let echo = TestEcho::start().await;
+    let http = reqwest::Client::new();
+    let issuer = echo.config.issuer();
+    let discovery: serde_json::Value = http.get(format!("{issuer}/.well-known/openid-configuration")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(discovery["issuer"], issuer.as_str());
+    assert_eq!(discovery["code_challenge_methods_supported"], serde_json::json!(["S256"]));
+    let jwks: serde_json::Value = http.get(discovery["jwks_uri"].as_str().unwrap()).send().await.unwrap().json().await.unwrap();
+    assert_eq!(jwks["keys"][0]["alg"], "RS256");
+    assert!(jwks["keys"][0]["kid"].is_string());
+
+    let secret = std::fs::read_to_string(echo.config.service_secret_path(ServiceName::Rag)).unwrap();
+    let token = |secret: String, audience: &'static str| {
+        let http = http.clone();
+        let url = format!("{issuer}/token");
+        async move {
+            http.post(url)
+                .basic_auth("svc-rag", Some(secret))
+                .form(&[("grant_type", "client_credentials"), ("audience", audience)])
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let granted = token(secret.clone(), "echo:search").await;
+    assert_eq!(granted.status(), 200);
+    let body: serde_json::Value = granted.json().await.unwrap();
+    let access = body["access_token"].as_str().unwrap().to_string();
+    let verifier = common::auth::TokenVerifier::new(&issuer, &issuer, reqwest::Client::new());
+    let claims = verifier.verify(&access, "echo:search").await.unwrap();
+    assert_eq!(claims.sub, "svc-rag");
+    assert!(verifier.verify(&access, "echo:authz").await.is_err(), "a token for search is not a token for authz");
+
+    // A token for search does not open authz's internal API.
+    let refused = http.get(format!("{}/v1/collections", echo.url(ServiceName::Authz))).bearer_auth(&access).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+
+    assert_eq!(token("wrong".into(), "echo:search").await.status(), 401);
+    let not_a_service = token(secret, "https://evil.example").await;
+    assert_eq!(not_a_service.status(), 400);
+    assert_eq!(not_a_service.json::<serde_json::Value>().await.unwrap()["error"], "invalid_target");
+    echo.stop().await;
+}

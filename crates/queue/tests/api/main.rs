@@ -1,0 +1,68 @@
+//! The queue service over HTTP, started by its real `run` on a free port: fan-out,
+//! competing consumers, nack and dead letters, redrive, event validation and auth.
+
+use std::time::Duration;
+
+use common::ServiceName;
+use common::bus::{Bus, PublishMessage, SubscriptionSpec};
+use common::wire::events;
+use echod::testing::TestEcho;
+
+fn spec(max_deliveries: i64) -> SubscriptionSpec {
+    SubscriptionSpec { topic: events::CHAT_MESSAGE_POSTED.into(), max_deliveries: Some(max_deliveries), lease_ms: Some(60_000) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_events_fan_out_and_poison_messages_are_dead_lettered_then_redriven() {
+    let echo = TestEcho::start().await;
+    let bus = Bus::new(echo.peers_as(ServiceName::Chat), ServiceName::Chat);
+    bus.subscribe("test-a", &spec(2)).await.unwrap();
+    bus.subscribe("test-b", &spec(2)).await.unwrap();
+    let event = bus.event(events::CHAT_MESSAGE_POSTED, None, serde_json::json!({"room_id": "r", "n": 1}));
+    bus.publish(vec![PublishMessage { event: event.clone(), key: Some("k1".into()), delay_ms: None }]).await.unwrap();
+    bus.publish(vec![PublishMessage { event: event.clone(), key: Some("k1".into()), delay_ms: None }]).await.unwrap();
+
+    let a = bus.pull("test-a", 10, Duration::from_secs(2)).await.unwrap();
+    let b = bus.pull("test-b", 10, Duration::from_secs(2)).await.unwrap();
+    assert_eq!((a.len(), b.len()), (1, 1), "each subscription gets the message once (idempotent publish)");
+    assert_eq!(a[0].event, event);
+    assert!(bus.pull("test-a", 10, Duration::from_millis(100)).await.unwrap().is_empty(), "a leased message is not handed out twice");
+    bus.ack("test-a", &a[0]).await.unwrap();
+
+    // test-b fails twice: the message goes to the dead letters with the last error.
+    bus.nack("test-b", &b[0], "first failure").await.unwrap();
+    let again = bus.pull("test-b", 10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempts, 2);
+    bus.nack("test-b", &again[0], "poison: cannot handle").await.unwrap();
+    let peers = echo.peers_as(ServiceName::Chat);
+    let dead: serde_json::Value = peers.get_json(ServiceName::Queue, "/v1/subscriptions/test-b/dead-letters", None).await.unwrap();
+    assert_eq!(dead["dead_letters"][0]["last_error"], "poison: cannot handle");
+    let stats: serde_json::Value = peers.get_json(ServiceName::Queue, "/v1/stats", None).await.unwrap();
+    let b_stats = stats["subscriptions"].as_array().unwrap().iter().find(|s| s["subscription"] == "test-b").unwrap().clone();
+    assert_eq!(b_stats["dead_letters"], 1);
+
+    let _: serde_json::Value = peers.post_json(ServiceName::Queue, "/v1/subscriptions/test-b/redrive", None, &serde_json::json!({})).await.unwrap();
+    let redriven = bus.pull("test-b", 10, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(redriven.len(), 1, "a redriven message is delivered again");
+    bus.ack("test-b", &redriven[0]).await.unwrap();
+    echo.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_events_and_unauthenticated_callers_are_refused() {
+    let echo = TestEcho::start().await;
+    let bus = Bus::new(echo.peers_as(ServiceName::Chat), ServiceName::Chat);
+    let unknown = bus.event("echo.not.a.type", None, serde_json::json!({}));
+    let error = bus.publish(vec![PublishMessage { event: unknown, key: None, delay_ms: None }]).await.unwrap_err();
+    assert_eq!(error.code, "queue.unknown_event_type");
+
+    let http = reqwest::Client::new();
+    let anonymous = http.get(format!("{}/v1/stats", echo.url(ServiceName::Queue))).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let health = http.get(format!("{}/healthz", echo.url(ServiceName::Queue))).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let metrics = http.get(format!("{}/metrics", echo.url(ServiceName::Queue))).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("echo_http_requests_total"), "{metrics}");
+    echo.stop().await;
+}

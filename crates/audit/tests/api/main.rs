@@ -1,0 +1,38 @@
+//! The audit service over HTTP, started by its real `run` on a free port: events on
+//! the bus are chained once each, and the chain verifies.
+
+use std::time::Duration;
+
+use common::ServiceName;
+use common::bus::{Bus, PublishMessage};
+use common::wire::{AuditEvent, events};
+use echod::testing::TestEcho;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_chained_once_and_the_chain_verifies() {
+    let echo = TestEcho::start().await;
+    let bus = Bus::new(echo.peers_as(ServiceName::Rag), ServiceName::Rag);
+    let audit = AuditEvent { actor: "ann".into(), action: "test.audited".into(), resource: "thing:1".into(), outcome: "success".into(), context: serde_json::json!({}) };
+    let event = bus.event(events::AUDIT_RECORDED, None, audit);
+    // The same event twice (an at-least-once redelivery) is recorded once.
+    bus.publish(vec![PublishMessage { event: event.clone(), key: None, delay_ms: None }]).await.unwrap();
+    bus.publish(vec![PublishMessage { event, key: None, delay_ms: None }]).await.unwrap();
+    let peers = echo.peers_as(ServiceName::Gateway);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let found: serde_json::Value = peers.get_json(ServiceName::Audit, "/v1/audit?action=test.audited", None).await.unwrap();
+        if found["records"].as_array().is_some_and(|r| !r.is_empty()) {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let found: serde_json::Value = peers.get_json(ServiceName::Audit, "/v1/audit?action=test.audited", None).await.unwrap();
+            assert_eq!(found["records"].as_array().unwrap().len(), 1);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the audit record never arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let verified: serde_json::Value = peers.get_json(ServiceName::Audit, "/v1/audit/verify", None).await.unwrap();
+    assert_eq!(verified["ok"], true);
+    let offline = audit::verify(&echo.config).await.unwrap();
+    assert!(offline.ok);
+    echo.stop().await;
+}

@@ -1,0 +1,25 @@
+//! The chat service over HTTP, started by its real `run` on a free port.
+
+use common::ServiceName;
+use common::wire::Principal;
+use echod::testing::TestEcho;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_keep_their_history_and_stay_inside_their_org() {
+    let echo = TestEcho::start().await;
+    let peers = echo.peers_as(ServiceName::Gateway);
+    let ann = Principal { sub: "ann".into(), username: "ann".into(), org: "acme".into(), roles: vec![] };
+    let room: serde_json::Value = peers.post_json(ServiceName::Chat, "/v1/rooms", Some(&ann), &serde_json::json!({"name": "general"})).await.unwrap();
+    let room_id = room["id"].as_str().unwrap();
+    for body in ["first", "second"] {
+        let _: serde_json::Value = peers.post_json(ServiceName::Chat, &format!("/v1/rooms/{room_id}/messages"), Some(&ann), &serde_json::json!({"body": body})).await.unwrap();
+    }
+    let history: Vec<serde_json::Value> = peers.get_json(ServiceName::Chat, &format!("/v1/rooms/{room_id}/messages"), Some(&ann)).await.unwrap();
+    assert_eq!(history.iter().map(|m| m["body"].as_str().unwrap()).collect::<Vec<_>>(), ["first", "second"]);
+    let outsider = Principal { sub: "eve".into(), username: "eve".into(), org: "globex".into(), roles: vec![] };
+    let hidden = peers.get_json::<serde_json::Value>(ServiceName::Chat, &format!("/v1/rooms/{room_id}/messages"), Some(&outsider)).await.unwrap_err();
+    assert_eq!(hidden.code, "chat.room_not_found");
+    let rooms: Vec<serde_json::Value> = peers.get_json(ServiceName::Chat, "/v1/rooms", Some(&outsider)).await.unwrap();
+    assert!(rooms.is_empty());
+    echo.stop().await;
+}

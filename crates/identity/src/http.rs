@@ -30,7 +30,7 @@ pub(crate) fn router(identity: Identity, ctx: ServiceContext) -> Router {
     Router::new()
         .route("/.well-known/openid-configuration", get(discovery))
         .route("/jwks", get(jwks))
-        .route("/authorize", get(authorize))
+        .route("/authorize", get(authorize).post(login))
         .route("/login", post(login))
         .route("/token", post(token))
         .route("/userinfo", get(userinfo).post(userinfo))
@@ -273,9 +273,10 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
 
 async fn token(State(identity): State<Identity>, headers: HeaderMap, Form(form): Form<TokenForm>) -> Response {
     let (client_id, secret) = match basic_credentials(&headers) {
-        Some((id, secret)) => (id, Some(secret)),
+        // Some libraries send public clients as Basic with an empty secret.
+        Some((id, secret)) => (id, Some(secret).filter(|s| !s.is_empty())),
         None => match form.client_id.clone() {
-            Some(id) => (id, form.client_secret.clone()),
+            Some(id) => (id, form.client_secret.clone().filter(|s| !s.is_empty())),
             None => return oauth_error(IdentityError::InvalidClient),
         },
     };

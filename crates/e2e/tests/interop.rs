@@ -1,0 +1,35 @@
+//! Interop with a third-party OIDC client: Authlib (Python) runs code + PKCE against a
+//! running Echo, submits the login form, validates the ID token with its own JOSE code
+//! against the JWKS, calls userinfo and rotates a refresh token. Needs a Python with
+//! Authlib named by `ECHO_INTEROP_PYTHON` (`.ci/run` creates one); skipped otherwise.
+
+#[path = "system/helpers.rs"]
+mod helpers;
+
+use helpers::{TestSystem, password_of};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authlib_completes_code_and_pkce_and_validates_the_id_token() {
+    let Ok(python) = std::env::var("ECHO_INTEROP_PYTHON") else {
+        println!("SKIPPED: set ECHO_INTEROP_PYTHON to a Python with authlib and requests (.ci/run does) to run the Authlib interop test");
+        return;
+    };
+    let ts = TestSystem::start().await;
+    ts.add_user("ivy", "acme", "member").await;
+    let redirect = "http://127.0.0.1:9/authlib-callback";
+    identity::add_client(&ts.config, "authlib", vec![redirect.into()], None).await.unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/interop/oidc_authlib.py");
+    let issuer = ts.issuer();
+    let password = password_of("ivy");
+    let output = tokio::process::Command::new(python)
+        .args([script, issuer.as_str(), "authlib", redirect, "ivy", password.as_str()])
+        .output()
+        .await
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "authlib interop failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("validated against the JWKS"), "{stdout}");
+    assert!(stdout.contains("refresh-token rotation"), "{stdout}");
+    ts.system.stop().await;
+}

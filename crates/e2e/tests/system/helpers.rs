@@ -33,6 +33,19 @@ impl TestSystem {
         TestSystem { system, config, http, _dir: dir }
     }
 
+    /// Stops every service and starts them again on the same data dir.
+    pub(crate) async fn restart(self) -> TestSystem {
+        let TestSystem { system, mut config, http, _dir } = self;
+        system.stop().await;
+        for port in config.ports.values_mut() {
+            *port = 0;
+        }
+        let system = echod::up(config).await.expect("echod up again");
+        echod::wait_ready(&system.config, Duration::from_secs(60)).await.expect("ready again");
+        let config = (*system.config).clone();
+        TestSystem { system, config, http, _dir }
+    }
+
     pub(crate) fn gateway(&self) -> String {
         self.config.url(ServiceName::Gateway)
     }

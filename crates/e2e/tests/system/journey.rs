@@ -372,3 +372,25 @@ fn base64_encode(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_start_keeps_users_documents_and_the_index() {
+    let ts = TestSystem::start().await;
+    assert!(ts.system.admin_password.is_some(), "the first start creates the admin");
+    ts.add_user("fay", "acme", "member").await;
+    let fay = ts.sign_in("fay", &password_of("fay")).await;
+    let created: Value = upload(&ts, &fay.access_token, "handbook.md", "text/markdown", HANDBOOK.as_bytes().to_vec(), None).await.json().await.unwrap();
+    let document_id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(wait_for_job(&ts, &fay.access_token, created["job_id"].as_str().unwrap()).await["status"], "done");
+
+    let ts = ts.restart().await;
+    assert!(ts.system.admin_password.is_none(), "the admin is created once");
+    let fay = ts.sign_in("fay", &password_of("fay")).await;
+    let document: Value = get(&ts, &fay.access_token, &format!("/api/v1/documents/{document_id}")).await.json().await.unwrap();
+    assert_eq!(document["status"], "done");
+    let hits: Value = post(&ts, &fay.access_token, "/api/v1/search", json!({"query": "launch code"})).await.json().await.unwrap();
+    assert_eq!(hits["hits"][0]["document_id"], document_id.as_str());
+    let content = get(&ts, &fay.access_token, &format!("/api/v1/documents/{document_id}/content")).await.text().await.unwrap();
+    assert_eq!(content, HANDBOOK);
+    ts.system.stop().await;
+}

@@ -20,10 +20,16 @@ pub(crate) const REDIRECT_URI: &str = "http://127.0.0.1:9/callback";
 
 impl TestSystem {
     pub(crate) async fn start() -> TestSystem {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with a configuration adjusted by `adjust` (limits, workers, …).
+    pub(crate) async fn start_with(adjust: impl FnOnce(&mut EchoConfig)) -> TestSystem {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = EchoConfig::for_test(dir.path());
         config.log.level = "info,tantivy=warn".into();
         config.ingest.workers = 2;
+        adjust(&mut config);
         common::telemetry::init(&config.log);
         let system = echod::up(config).await.expect("echod up");
         echod::wait_ready(&system.config, Duration::from_secs(60)).await.expect("ready");

@@ -394,3 +394,20 @@ async fn a_second_start_keeps_users_documents_and_the_index() {
     assert_eq!(content, HANDBOOK);
     ts.system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_over_the_size_limit_are_refused_and_nothing_is_stored() {
+    let ts = TestSystem::start_with(|config| config.gateway.max_upload_bytes = 4096).await;
+    ts.add_user("gus", "acme", "member").await;
+    let gus = ts.sign_in("gus", &password_of("gus")).await;
+    let huge = upload(&ts, &gus.access_token, "huge.txt", "text/plain", vec![b'a'; 200_000], None).await;
+    assert_eq!(huge.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(huge.json::<Value>().await.unwrap()["code"], "document.too_large");
+    let listed: Value = get(&ts, &gus.access_token, "/api/v1/documents").await.json().await.unwrap();
+    assert_eq!(listed["total"], 0);
+    let blobs = std::fs::read_dir(ts.config.data_dir.join("blobs")).unwrap().filter_map(Result::ok).filter(|e| e.file_name() != "tmp").count();
+    assert_eq!(blobs, 0, "no blob was kept");
+    let small = upload(&ts, &gus.access_token, "small.txt", "text/plain", vec![b'a'; 1000], None).await;
+    assert_eq!(small.status(), StatusCode::ACCEPTED);
+    ts.system.stop().await;
+}

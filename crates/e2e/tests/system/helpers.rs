@@ -1,6 +1,9 @@
 //! Test helpers: a running system, OIDC sign-in as a real client would do it, and
 //! small HTTP conveniences. Everything goes over real sockets.
 
+// Shared by several test binaries; each uses a subset.
+#![allow(dead_code)]
+
 use std::time::Duration;
 
 use base64::Engine;

@@ -2,7 +2,10 @@
 against a running Echo, submits the login form like a browser would, and validates
 the ID token with its own JOSE code against the published JWKS.
 
-Usage: python oidc_authlib.py ISSUER CLIENT_ID REDIRECT_URI USERNAME PASSWORD
+Then: refresh rotation, revocation (RFC 7009), introspection (RFC 7662) by a
+confidential client, and RP-initiated logout ending the identity session.
+
+Usage: python oidc_authlib.py ISSUER CLIENT_ID REDIRECT_URI USERNAME PASSWORD CONF_ID CONF_SECRET
 Exit 0 on success; prints what it checked.
 """
 import html.parser
@@ -31,7 +34,7 @@ class FormParser(html.parser.HTMLParser):
 
 
 def main():
-    issuer, client_id, redirect_uri, username, password = sys.argv[1:6]
+    issuer, client_id, redirect_uri, username, password, conf_id, conf_secret = sys.argv[1:8]
     discovery = requests.get(f"{issuer}/.well-known/openid-configuration", timeout=10).json()
     assert discovery["issuer"] == issuer, discovery
     verifier = generate_token(64)
@@ -66,6 +69,30 @@ def main():
     refreshed = client.refresh_token(discovery["token_endpoint"], refresh_token=token["refresh_token"])
     assert refreshed["access_token"] != token["access_token"]
     print("ok: userinfo and refresh-token rotation")
+
+    confidential = OAuth2Session(conf_id, conf_secret, token_endpoint_auth_method="client_secret_basic")
+    seen = confidential.introspect_token(discovery["introspection_endpoint"], token=refreshed["access_token"]).json()
+    assert seen["active"] is True and seen["sub"] == claims["sub"], seen
+    client.revoke_token(discovery["revocation_endpoint"], token=refreshed["access_token"], token_type_hint="access_token")
+    seen = confidential.introspect_token(discovery["introspection_endpoint"], token=refreshed["access_token"]).json()
+    assert seen["active"] is False, seen
+    client.revoke_token(discovery["revocation_endpoint"], token=refreshed["refresh_token"], token_type_hint="refresh_token")
+    try:
+        client.refresh_token(discovery["token_endpoint"], refresh_token=refreshed["refresh_token"])
+        raise AssertionError("a revoked refresh token still worked")
+    except Exception as error:  # authlib raises OAuthError
+        assert "invalid_grant" in str(error), error
+    public_introspection = requests.post(discovery["introspection_endpoint"], data={"token": token["access_token"], "client_id": client_id}, timeout=10)
+    assert public_introspection.status_code in (400, 401), public_introspection.text
+    print("ok: introspection, revocation of access and refresh tokens")
+
+    logout = browser.get(discovery["end_session_endpoint"], params={"client_id": client_id, "post_logout_redirect_uri": redirect_uri, "state": "bye"}, allow_redirects=False, timeout=10)
+    assert logout.status_code in (302, 303) and logout.headers["location"].startswith(redirect_uri), (logout.status_code, logout.headers)
+    again = browser.get(url, allow_redirects=False, timeout=10)
+    assert again.status_code == 200 and 'name="password"' in again.text, "after logout the login form is shown again"
+    hostile = browser.get(discovery["end_session_endpoint"], params={"client_id": client_id, "post_logout_redirect_uri": "https://evil.example/"}, allow_redirects=False, timeout=10)
+    assert hostile.status_code == 200 and "location" not in hostile.headers, "unregistered post-logout URIs are never followed"
+    print("ok: RP-initiated logout")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 //! Interop with a third-party OIDC client: Authlib (Python) runs code + PKCE against a
 //! running Echo, submits the login form, validates the ID token with its own JOSE code
-//! against the JWKS, calls userinfo and rotates a refresh token. Needs a Python with
+//! against the JWKS, calls userinfo, rotates a refresh token, introspects and revokes
+//! tokens, and logs out. Needs a Python with
 //! Authlib named by `ECHO_INTEROP_PYTHON` (`.ci/run` creates one); skipped otherwise.
 
 #[path = "system/helpers.rs"]
@@ -18,11 +19,12 @@ async fn authlib_completes_code_and_pkce_and_validates_the_id_token() {
     ts.add_user("ivy", "acme", "member").await;
     let redirect = "http://127.0.0.1:9/authlib-callback";
     identity::add_client(&ts.config, "authlib", vec![redirect.into()], None).await.unwrap();
+    identity::add_client(&ts.config, "authlib-backend", vec!["http://127.0.0.1:9/unused".into()], Some("backend-secret-0123456789")).await.unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/interop/oidc_authlib.py");
     let issuer = ts.issuer();
     let password = password_of("ivy");
     let output = tokio::process::Command::new(python)
-        .args([script, issuer.as_str(), "authlib", redirect, "ivy", password.as_str()])
+        .args([script, issuer.as_str(), "authlib", redirect, "ivy", password.as_str(), "authlib-backend", "backend-secret-0123456789"])
         .output()
         .await
         .expect("python runs");
@@ -31,5 +33,7 @@ async fn authlib_completes_code_and_pkce_and_validates_the_id_token() {
     assert!(output.status.success(), "authlib interop failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("validated against the JWKS"), "{stdout}");
     assert!(stdout.contains("refresh-token rotation"), "{stdout}");
+    assert!(stdout.contains("ok: introspection, revocation"), "{stdout}");
+    assert!(stdout.contains("ok: RP-initiated logout"), "{stdout}");
     ts.system.stop().await;
 }

@@ -34,6 +34,8 @@ pub(crate) fn router(identity: Identity, ctx: ServiceContext) -> Router {
         .route("/login", post(login))
         .route("/token", post(token))
         .route("/userinfo", get(userinfo).post(userinfo))
+        .route("/revoke", post(revoke))
+        .route("/introspect", post(introspect))
         .route("/logout", get(logout).post(logout))
         .with_state(identity)
         .merge(internal)
@@ -83,6 +85,10 @@ async fn discovery(State(identity): State<Identity>) -> Response {
         "userinfo_endpoint": format!("{issuer}/userinfo"),
         "jwks_uri": format!("{issuer}/jwks"),
         "end_session_endpoint": format!("{issuer}/logout"),
+        "revocation_endpoint": format!("{issuer}/revoke"),
+        "introspection_endpoint": format!("{issuer}/introspect"),
+        "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
         "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
@@ -272,15 +278,8 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
 }
 
 async fn token(State(identity): State<Identity>, headers: HeaderMap, Form(form): Form<TokenForm>) -> Response {
-    let (client_id, secret) = match basic_credentials(&headers) {
-        // Some libraries send public clients as Basic with an empty secret.
-        Some((id, secret)) => (id, Some(secret).filter(|s| !s.is_empty())),
-        None => match form.client_id.clone() {
-            Some(id) => (id, form.client_secret.clone().filter(|s| !s.is_empty())),
-            None => return oauth_error(IdentityError::InvalidClient),
-        },
-    };
-    let client = match identity.authenticate_client(&client_id, secret.as_deref()).await {
+    // Some libraries send public clients as Basic with an empty secret: treated as none.
+    let client = match client_from(&identity, &headers, form.client_id.clone(), form.client_secret.clone()).await {
         Ok(client) => client,
         Err(error) => return oauth_error(error),
     };
@@ -305,6 +304,59 @@ async fn token(State(identity): State<Identity>, headers: HeaderMap, Form(form):
     match result {
         Ok(tokens) => {
             let mut response = axum::Json(tokens).into_response();
+            response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            response
+        }
+        Err(error) => oauth_error(error),
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenOnlyForm {
+    token: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+}
+
+/// Client authentication shared by `/token`, `/revoke` and `/introspect`.
+async fn client_from(identity: &Identity, headers: &HeaderMap, client_id: Option<String>, client_secret: Option<String>) -> Result<crate::store::Client, IdentityError> {
+    let (client_id, secret) = match basic_credentials(headers) {
+        Some((id, secret)) => (id, Some(secret).filter(|s| !s.is_empty())),
+        None => match client_id {
+            Some(id) => (id, client_secret.filter(|s| !s.is_empty())),
+            None => return Err(IdentityError::InvalidClient),
+        },
+    };
+    identity.authenticate_client(&client_id, secret.as_deref()).await
+}
+
+async fn revoke(State(identity): State<Identity>, headers: HeaderMap, Form(form): Form<TokenOnlyForm>) -> Response {
+    let client = match client_from(&identity, &headers, form.client_id, form.client_secret).await {
+        Ok(client) => client,
+        Err(error) => return oauth_error(error),
+    };
+    let Some(token) = form.token.filter(|t| !t.is_empty() && t.len() <= 16 * 1024) else {
+        return oauth_error(IdentityError::InvalidRequest("token is required".into()));
+    };
+    match identity.revoke(&client, &token).await {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(error) => oauth_error(error),
+    }
+}
+
+async fn introspect(State(identity): State<Identity>, headers: HeaderMap, Form(form): Form<TokenOnlyForm>) -> Response {
+    // Only confidential clients (and services) may introspect.
+    match client_from(&identity, &headers, form.client_id, form.client_secret).await {
+        Ok(client) if client.kind != "public" => {}
+        Ok(_) => return oauth_error(IdentityError::UnauthorizedClient),
+        Err(error) => return oauth_error(error),
+    }
+    let Some(token) = form.token.filter(|t| !t.is_empty() && t.len() <= 16 * 1024) else {
+        return oauth_error(IdentityError::InvalidRequest("token is required".into()));
+    };
+    match identity.introspect(&token).await {
+        Ok(answer) => {
+            let mut response = axum::Json(answer).into_response();
             response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             response
         }

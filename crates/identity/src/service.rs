@@ -425,7 +425,76 @@ impl Identity {
         validation.set_audience(&[API_AUDIENCE]);
         validation.validate_nbf = true;
         let data = jsonwebtoken::decode::<AccessTokenClaims>(token, &decoding, &validation).map_err(|_| IdentityError::InvalidToken)?;
+        drop(keys);
+        if self.store.access_revoked(&data.claims.jti).await? {
+            return Err(IdentityError::InvalidToken);
+        }
         Ok(data.claims)
+    }
+
+    /// RFC 7009: revokes a refresh token (and its family) or an access token of this
+    /// client. Unknown tokens are not an error: the answer is the same either way.
+    pub(crate) async fn revoke(&self, client: &Client, token: &str) -> Result<(), IdentityError> {
+        let hash = common::rand::sha256_hex(token.as_bytes());
+        if let Some(refresh) = self.store.refresh(&hash).await? {
+            if refresh.client_id == client.client_id {
+                self.store.revoke_family(&refresh.family).await?;
+                self.audit(&refresh.user_id, "identity.token_revoked", &format!("client:{}", client.client_id), "success", serde_json::json!({"type": "refresh_token"})).await;
+            }
+            return Ok(());
+        }
+        if let Ok(claims) = self.verify_any_access(token).await {
+            if claims.client_id == client.client_id {
+                self.store.revoke_access(&claims.jti, claims.exp).await?;
+                self.audit(&claims.sub, "identity.token_revoked", &format!("client:{}", client.client_id), "success", serde_json::json!({"type": "access_token"})).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// RFC 7662: what a token is, for confidential clients.
+    pub(crate) async fn introspect(&self, token: &str) -> Result<serde_json::Value, IdentityError> {
+        let inactive = serde_json::json!({"active": false});
+        let hash = common::rand::sha256_hex(token.as_bytes());
+        if let Some(refresh) = self.store.refresh(&hash).await? {
+            let live = refresh.revoked_at.is_none() && refresh.used_at.is_none() && refresh.expires_at > now_unix();
+            let user = self.store.user_by_id(&refresh.user_id).await?.filter(|u| !u.disabled);
+            return Ok(match (live, user) {
+                (true, Some(user)) => serde_json::json!({
+                    "active": true, "token_type": "refresh_token", "client_id": refresh.client_id, "sub": user.id,
+                    "username": user.username, "scope": refresh.scope, "exp": refresh.expires_at, "iss": self.issuer,
+                }),
+                _ => inactive,
+            });
+        }
+        let Ok(claims) = self.verify_any_access(token).await else { return Ok(inactive) };
+        if self.store.access_revoked(&claims.jti).await? {
+            return Ok(inactive);
+        }
+        if claims.preferred_username.is_some() && self.store.user_by_id(&claims.sub).await?.filter(|u| !u.disabled).is_none() {
+            return Ok(inactive);
+        }
+        Ok(serde_json::json!({
+            "active": true, "token_type": "Bearer", "client_id": claims.client_id, "sub": claims.sub, "aud": claims.aud,
+            "iss": claims.iss, "exp": claims.exp, "iat": claims.iat, "nbf": claims.nbf, "jti": claims.jti, "scope": claims.scope,
+            "username": claims.preferred_username, "org": claims.org, "roles": claims.roles,
+        }))
+    }
+
+    /// Verifies one of our access tokens for any audience (users' and services').
+    async fn verify_any_access(&self, token: &str) -> Result<AccessTokenClaims, IdentityError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| IdentityError::InvalidToken)?;
+        if header.alg != Algorithm::RS256 {
+            return Err(IdentityError::InvalidToken);
+        }
+        let keys = self.keys.read().await;
+        let key = keys.iter().find(|k| Some(&k.kid) == header.kid.as_ref()).ok_or(IdentityError::InvalidToken)?;
+        let decoding = jsonwebtoken::DecodingKey::from_rsa_components(&key.n, &key.e).map_err(|_| IdentityError::InvalidToken)?;
+        let mut validation = jsonwebtoken::Validation::new(Algorithm::RS256);
+        validation.set_issuer(&[&self.issuer]);
+        validation.validate_aud = false;
+        validation.validate_nbf = true;
+        jsonwebtoken::decode::<AccessTokenClaims>(token, &decoding, &validation).map(|d| d.claims).map_err(|_| IdentityError::InvalidToken)
     }
 
     // ---- administration (CLI and bootstrap) ----

@@ -69,6 +69,8 @@ CREATE TABLE refresh_tokens (
     created_at INTEGER NOT NULL
 );
 CREATE INDEX refresh_tokens_family ON refresh_tokens(family);
+"#, r#"
+CREATE TABLE revoked_access_tokens (jti TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
 "#];
 
 #[derive(Clone, Debug)]
@@ -421,6 +423,18 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Records a revoked access token until it would have expired anyway.
+    pub(crate) async fn revoke_access(&self, jti: &str, expires_at: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM revoked_access_tokens WHERE expires_at < ?").bind(now_unix()).execute(&self.pool).await?;
+        sqlx::query("INSERT OR IGNORE INTO revoked_access_tokens (jti, expires_at) VALUES (?, ?)").bind(jti).bind(expires_at).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn access_revoked(&self, jti: &str) -> Result<bool, sqlx::Error> {
+        let found: Option<String> = sqlx::query_scalar("SELECT jti FROM revoked_access_tokens WHERE jti = ?").bind(jti).fetch_optional(&self.pool).await?;
+        Ok(found.is_some())
     }
 
     pub(crate) async fn revoke_family(&self, family: &str) -> Result<(), sqlx::Error> {

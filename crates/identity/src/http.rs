@@ -202,15 +202,37 @@ fn cross_site(headers: &HeaderMap) -> bool {
     headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()).is_some_and(|site| site == "cross-site")
 }
 
-async fn login(State(identity): State<Identity>, headers: HeaderMap, Form(form): Form<LoginForm>) -> Response {
+async fn login(
+    State(identity): State<Identity>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Response {
     let params = form.params;
+    let ip = peer.ip().to_string();
     if let Err(failure) = identity.validate_authorize(&params).await {
         return failure_response(failure);
     }
     if cross_site(&headers) || !identity.check_form_token(&params, &form.form_token) {
         return login_page(&identity, &params, "", Some("This sign-in form expired. Please sign in again."), StatusCode::BAD_REQUEST);
     }
-    match identity.authenticate(&form.username, &form.password).await {
+    match identity.throttled_for(&form.username, &ip).await {
+        Ok(0) => {}
+        Ok(wait) => {
+            let message = format!("Too many failed sign-in attempts. Try again in {wait} seconds.");
+            let mut response = login_page(&identity, &params, &form.username, Some(&message), StatusCode::TOO_MANY_REQUESTS);
+            if let Ok(value) = HeaderValue::from_str(&wait.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            return response;
+        }
+        Err(error) => return ApiError::from(error).into_response(),
+    }
+    let outcome = identity.authenticate(&form.username, &form.password).await;
+    if let Err(error) = identity.record_login_outcome(&form.username, &ip, outcome.is_ok()).await {
+        tracing::warn!(%error, "could not record the sign-in outcome");
+    }
+    match outcome {
         Ok(user) => {
             let (session_id, ttl) = match identity.start_session(&user).await {
                 Ok(session) => session,

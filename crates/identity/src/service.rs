@@ -185,6 +185,32 @@ impl Identity {
 
     // ---- sign-in ----
 
+    /// Seconds the caller must still wait before another attempt for `username` from
+    /// `ip`; 0 when free. Five failures are free; then 1 s, 2 s, 4 s … up to 15 min.
+    pub(crate) async fn throttled_for(&self, username: &str, ip: &str) -> Result<i64, IdentityError> {
+        let now = now_unix();
+        let mut wait = 0;
+        for key in [format!("user:{}", username.trim().to_lowercase()), format!("ip:{ip}")] {
+            let (failures, last_at) = self.store.failures(&key).await?;
+            if let Some(delay) = throttle_delay(failures) {
+                wait = wait.max(last_at + delay - now);
+            }
+        }
+        Ok(wait.max(0))
+    }
+
+    pub(crate) async fn record_login_outcome(&self, username: &str, ip: &str, succeeded: bool) -> Result<(), IdentityError> {
+        let user_key = format!("user:{}", username.trim().to_lowercase());
+        if succeeded {
+            self.store.clear_failures(&user_key).await?;
+        } else {
+            let now = now_unix();
+            self.store.record_failure(&user_key, now, FORGET_FAILURES_AFTER).await?;
+            self.store.record_failure(&format!("ip:{ip}"), now, FORGET_FAILURES_AFTER).await?;
+        }
+        Ok(())
+    }
+
     /// Checks credentials; unknown users and wrong passwords cost the same.
     pub(crate) async fn authenticate(&self, username: &str, password: &str) -> Result<User, IdentityError> {
         if username.len() > 256 || password.len() > 1024 {
@@ -554,6 +580,16 @@ impl Identity {
     }
 }
 
+/// Failures older than this are forgotten.
+const FORGET_FAILURES_AFTER: i64 = 3600;
+
+/// The delay after `failures` consecutive failures, or `None` while they are free.
+/// Per IP the same curve applies, so one address cannot spray many accounts fast.
+pub(crate) fn throttle_delay(failures: i64) -> Option<i64> {
+    const FREE: i64 = 5;
+    (failures >= FREE).then(|| (1i64 << (failures - FREE).min(10)).min(900))
+}
+
 pub(crate) struct NewUser {
     pub(crate) username: String,
     pub(crate) password: String,
@@ -611,4 +647,16 @@ pub(crate) struct TokenResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) refresh_token: Option<String>,
     pub(crate) scope: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::throttle_delay;
+
+    #[test]
+    fn failures_are_free_then_the_delay_doubles_up_to_a_cap() {
+        let delays: Vec<Option<i64>> = (0..8).map(throttle_delay).collect();
+        assert_eq!(delays, [None, None, None, None, None, Some(1), Some(2), Some(4)]);
+        assert_eq!(throttle_delay(100), Some(900));
+    }
 }

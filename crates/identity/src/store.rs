@@ -71,6 +71,7 @@ CREATE TABLE refresh_tokens (
 CREATE INDEX refresh_tokens_family ON refresh_tokens(family);
 "#, r#"
 CREATE TABLE revoked_access_tokens (jti TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
+CREATE TABLE login_failures (key TEXT PRIMARY KEY, failures INTEGER NOT NULL, last_at INTEGER NOT NULL);
 "#];
 
 #[derive(Clone, Debug)]
@@ -435,6 +436,30 @@ impl Store {
     pub(crate) async fn access_revoked(&self, jti: &str) -> Result<bool, sqlx::Error> {
         let found: Option<String> = sqlx::query_scalar("SELECT jti FROM revoked_access_tokens WHERE jti = ?").bind(jti).fetch_optional(&self.pool).await?;
         Ok(found.is_some())
+    }
+
+    /// (failures, last failure time) for a throttling key such as `user:ann` or `ip:10.0.0.1`.
+    pub(crate) async fn failures(&self, key: &str) -> Result<(i64, i64), sqlx::Error> {
+        let row: Option<(i64, i64)> = sqlx::query_as("SELECT failures, last_at FROM login_failures WHERE key = ?").bind(key).fetch_optional(&self.pool).await?;
+        Ok(row.unwrap_or((0, 0)))
+    }
+
+    pub(crate) async fn record_failure(&self, key: &str, now: i64, forget_after: i64) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO login_failures (key, failures, last_at) VALUES (?, 1, ?)
+             ON CONFLICT(key) DO UPDATE SET failures = CASE WHEN last_at < ? THEN 1 ELSE failures + 1 END, last_at = excluded.last_at",
+        )
+        .bind(key)
+        .bind(now)
+        .bind(now - forget_after)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn clear_failures(&self, key: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM login_failures WHERE key = ?").bind(key).execute(&self.pool).await?;
+        Ok(())
     }
 
     pub(crate) async fn revoke_family(&self, family: &str) -> Result<(), sqlx::Error> {

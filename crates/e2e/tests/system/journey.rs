@@ -411,3 +411,38 @@ async fn uploads_over_the_size_limit_are_refused_and_nothing_is_stored() {
     assert_eq!(small.status(), StatusCode::ACCEPTED);
     ts.system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_wrong_passwords_slow_the_account_down() {
+    let ts = TestSystem::start().await;
+    ts.add_user("hal", "acme", "member").await;
+    let challenge = "z".repeat(43);
+    let params = [
+        ("response_type", "code"),
+        ("client_id", crate::helpers::CLIENT_ID),
+        ("redirect_uri", crate::helpers::REDIRECT_URI),
+        ("scope", "openid"),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+    ];
+    let attempt = |password: String| {
+        let ts = &ts;
+        let params = params.clone();
+        async move {
+            let page = ts.http.get(format!("{}/authorize", ts.issuer())).query(&params).send().await.unwrap().text().await.unwrap();
+            let form_token = hidden_value(&page, "form_token").unwrap();
+            let mut form: Vec<(&str, String)> = params.iter().map(|(k, v)| (*k, v.to_string())).collect();
+            form.extend([("username", "hal".to_string()), ("password", password), ("form_token", form_token)]);
+            ts.http.post(format!("{}/login", ts.issuer())).form(&form).send().await.unwrap()
+        }
+    };
+    for _ in 0..5 {
+        assert_eq!(attempt("wrong password".into()).await.status(), StatusCode::UNAUTHORIZED);
+    }
+    let throttled = attempt(password_of("hal")).await;
+    assert_eq!(throttled.status(), StatusCode::TOO_MANY_REQUESTS, "even the right password waits after five failures");
+    assert!(throttled.headers().contains_key("retry-after"));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(attempt(password_of("hal")).await.status(), StatusCode::SEE_OTHER, "after the delay the right password works");
+    ts.system.stop().await;
+}

@@ -47,6 +47,9 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -109,6 +112,19 @@ enum ClientCommand {
 enum AuditCommand {
     /// Verify the hash chain; exit 0 when intact, 1 naming the first bad record.
     Verify(#[command(flatten)] Location),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Publish a new signing key now; it signs after the lead time, and the old key
+    /// stays published until every token it signed has expired.
+    Rotate {
+        /// Seconds between publishing the new key and signing with it.
+        #[arg(long, default_value_t = 120)]
+        lead_secs: i64,
+        #[command(flatten)]
+        location: Location,
+    },
 }
 
 #[derive(Subcommand)]
@@ -248,6 +264,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
                 Ok(1)
             }
+        }
+        Command::Keys(KeysCommand::Rotate { lead_secs, location }) => {
+            let kid = identity::rotate_keys(&config_for(&location)?, lead_secs).await?;
+            println!("published signing key {kid}; it signs from {lead_secs} s from now (a running identity picks it up within 2 s)");
+            Ok(0)
         }
         Command::Config(ConfigCommand::Check(location)) => {
             let config = config_for(&location)?;

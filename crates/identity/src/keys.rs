@@ -20,6 +20,13 @@ pub(crate) struct SigningKey {
     pub(crate) encoding: EncodingKey,
     pub(crate) n: String,
     pub(crate) e: String,
+    /// Signing starts at this time; before it the key is only published.
+    pub(crate) activate_at: i64,
+}
+
+/// The key that signs now: the most recently activated one whose time has come.
+pub(crate) fn signing_key(keys: &[SigningKey], now: i64) -> Option<&SigningKey> {
+    keys.iter().filter(|k| k.activate_at <= now).max_by_key(|k| k.activate_at)
 }
 
 /// Freshly generated key material to store: PKCS#8 DER plus the JWK components.
@@ -44,9 +51,9 @@ pub(crate) fn generate() -> Result<NewKey, KeyError> {
     Ok(NewKey { kid, pkcs8: pkcs8.as_ref().to_vec(), n, e })
 }
 
-pub(crate) fn load(kid: String, pkcs8: &[u8], n: String, e: String) -> Result<SigningKey, KeyError> {
+pub(crate) fn load(kid: String, pkcs8: &[u8], n: String, e: String, activate_at: i64) -> Result<SigningKey, KeyError> {
     let pkcs1 = pkcs8_inner_key(pkcs8).ok_or(KeyError::Malformed)?;
-    Ok(SigningKey { kid, encoding: EncodingKey::from_rsa_der(pkcs1), n, e })
+    Ok(SigningKey { kid, encoding: EncodingKey::from_rsa_der(pkcs1), n, e, activate_at })
 }
 
 #[derive(Serialize)]
@@ -123,7 +130,7 @@ mod tests {
     #[test]
     fn generated_keys_sign_tokens_that_verify_with_the_published_components() {
         let new = generate().unwrap();
-        let key = load(new.kid.clone(), &new.pkcs8, new.n.clone(), new.e.clone()).unwrap();
+        let key = load(new.kid.clone(), &new.pkcs8, new.n.clone(), new.e.clone(), 0).unwrap();
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
         header.kid = Some(key.kid.clone());
         let claims = serde_json::json!({"sub": "x", "exp": common::now_unix() + 60});
@@ -137,9 +144,19 @@ mod tests {
     }
 
     #[test]
+    fn the_newest_activated_key_signs_and_future_keys_wait() {
+        let new = generate().unwrap();
+        let key = |kid: &str, activate_at| load(kid.into(), &new.pkcs8, new.n.clone(), new.e.clone(), activate_at).unwrap();
+        let keys = [key("old", 0), key("current", 100), key("future", 200)];
+        assert_eq!(signing_key(&keys, 150).unwrap().kid, "current");
+        assert_eq!(signing_key(&keys, 200).unwrap().kid, "future");
+        assert_eq!(signing_key(&keys, 50).unwrap().kid, "old");
+    }
+
+    #[test]
     fn malformed_der_is_refused_not_panicked_on() {
         assert!(pkcs8_inner_key(&[0x30, 0x82, 0xff]).is_none());
         assert!(rsa_public_components(&[]).is_none());
-        assert!(load("k".into(), b"garbage", "n".into(), "e".into()).is_err());
+        assert!(load("k".into(), b"garbage", "n".into(), "e".into(), 0).is_err());
     }
 }

@@ -27,6 +27,7 @@ pub use common::wire::UserSummary;
 /// Runs the identity service on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
     let identity = service::Identity::new(ctx.config.clone(), Some(ctx.clone())).await?;
+    spawn_key_reload(identity.clone(), ctx.shutdown.clone());
     let store = identity.store.clone();
     let ready: common::server::ReadyCheck = Arc::new(move || {
         let store = store.clone();
@@ -35,6 +36,28 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     let router = common::server::service_router(ServiceName::Identity, http::router(identity, ctx.clone()), ready)
         .fallback(common::server::not_found);
     common::server::serve(listener, router, ctx.shutdown.clone()).await
+}
+
+/// Picks up rotations made by other processes and drops keys past their publication.
+fn spawn_key_reload(identity: service::Identity, shutdown: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            }
+            if let Err(error) = identity.reload_keys().await {
+                tracing::warn!(%error, "could not reload signing keys");
+            }
+        }
+    });
+}
+
+/// `echod keys rotate`: publishes a new signing key now; it signs after `lead_secs`.
+/// Returns the new key id.
+pub async fn rotate_keys(config: &EchoConfig, lead_secs: i64) -> Result<String, IdentityError> {
+    let identity = service::Identity::new(Arc::new(config.clone()), None).await?;
+    identity.rotate_keys(lead_secs).await
 }
 
 /// What the first run created.

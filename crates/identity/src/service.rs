@@ -82,27 +82,48 @@ impl Identity {
         })
     }
 
-    /// Loads the signing keys, generating the first one on a new data dir.
+    /// Loads the published keys, generating the first one on a new data dir.
     async fn ensure_keys(&self) -> Result<(), IdentityError> {
-        let mut stored = self.store.active_keys().await?;
-        if stored.is_empty() {
+        if self.store.published_keys().await?.is_empty() {
             let new = tokio::task::spawn_blocking(keys::generate)
                 .await
                 .map_err(|e| IdentityError::Internal(e.to_string()))??;
-            self.store.insert_key(&new.kid, &new.pkcs8, &new.n, &new.e).await?;
-            stored = self.store.active_keys().await?;
+            self.store.insert_key(&new.kid, &new.pkcs8, &new.n, &new.e, 0, None).await?;
         }
-        let loaded = stored
+        self.reload_keys().await
+    }
+
+    /// Re-reads the keys (a rotation may come from `echod keys rotate` in another process).
+    pub(crate) async fn reload_keys(&self) -> Result<(), IdentityError> {
+        let loaded = self
+            .store
+            .published_keys()
+            .await?
             .into_iter()
-            .map(|(kid, der, n, e)| keys::load(kid, &der, n, e))
+            .map(|k| keys::load(k.kid, &k.der, k.n, k.e, k.activate_at))
             .collect::<Result<Vec<_>, _>>()?;
         *self.keys.write().await = loaded;
         Ok(())
     }
 
+    /// Publishes a new key now that starts signing after `lead_secs`; the keys signing
+    /// until then stay published until every token they signed has expired.
+    pub(crate) async fn rotate_keys(&self, lead_secs: i64) -> Result<String, IdentityError> {
+        let new = tokio::task::spawn_blocking(keys::generate).await.map_err(|e| IdentityError::Internal(e.to_string()))??;
+        let activate_at = now_unix() + lead_secs.max(0);
+        let identity = &self.config.identity;
+        let longest = identity.access_token_ttl_secs.max(identity.id_token_ttl_secs).max(identity.service_token_ttl_secs);
+        // The verifiers' clock leeway (30 s) is added so no token outlives its key.
+        let publish_until = activate_at + longest + 60;
+        self.store.insert_key(&new.kid, &new.pkcs8, &new.n, &new.e, activate_at, Some(publish_until)).await?;
+        self.audit("system", "identity.key_rotated", &format!("key:{}", new.kid), "success", serde_json::json!({"activate_at": activate_at})).await;
+        self.reload_keys().await?;
+        Ok(new.kid)
+    }
+
     async fn sign<T: Serialize>(&self, claims: &T) -> Result<String, IdentityError> {
         let keys = self.keys.read().await;
-        let key = keys.first().ok_or_else(|| IdentityError::Internal("no signing key".into()))?;
+        let key = keys::signing_key(&keys, now_unix()).ok_or_else(|| IdentityError::Internal("no signing key".into()))?;
         let mut header = Header::new(Algorithm::RS256);
         header.kid = Some(key.kid.clone());
         header.typ = Some("JWT".into());

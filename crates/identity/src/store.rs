@@ -72,6 +72,9 @@ CREATE INDEX refresh_tokens_family ON refresh_tokens(family);
 "#, r#"
 CREATE TABLE revoked_access_tokens (jti TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
 CREATE TABLE login_failures (key TEXT PRIMARY KEY, failures INTEGER NOT NULL, last_at INTEGER NOT NULL);
+"#, r#"
+ALTER TABLE signing_keys ADD COLUMN activate_at INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE signing_keys ADD COLUMN publish_until INTEGER;
 "#];
 
 #[derive(Clone, Debug)]
@@ -129,6 +132,14 @@ pub(crate) struct RefreshToken {
     pub(crate) expires_at: i64,
     pub(crate) used_at: Option<i64>,
     pub(crate) revoked_at: Option<i64>,
+}
+
+pub(crate) struct StoredKey {
+    pub(crate) kid: String,
+    pub(crate) der: Vec<u8>,
+    pub(crate) n: String,
+    pub(crate) e: String,
+    pub(crate) activate_at: i64,
 }
 
 #[derive(Clone)]
@@ -275,25 +286,45 @@ impl Store {
 
     // ---- keys and settings ----
 
-    pub(crate) async fn active_keys(&self) -> Result<Vec<(String, Vec<u8>, String, String)>, sqlx::Error> {
-        let rows = sqlx::query("SELECT kid, private_der, n, e FROM signing_keys WHERE retired_at IS NULL ORDER BY created_at DESC")
-            .fetch_all(&self.pool)
-            .await?;
+    /// Keys still published in the JWKS, newest activation first.
+    pub(crate) async fn published_keys(&self) -> Result<Vec<StoredKey>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT kid, private_der, n, e, activate_at FROM signing_keys
+             WHERE publish_until IS NULL OR publish_until > ? ORDER BY activate_at DESC, created_at DESC",
+        )
+        .bind(now_unix())
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get("kid")?, r.try_get("private_der")?, r.try_get("n")?, r.try_get("e")?)))
+            .map(|r| {
+                Ok(StoredKey {
+                    kid: r.try_get("kid")?,
+                    der: r.try_get("private_der")?,
+                    n: r.try_get("n")?,
+                    e: r.try_get("e")?,
+                    activate_at: r.try_get("activate_at")?,
+                })
+            })
             .collect()
     }
 
-    pub(crate) async fn insert_key(&self, kid: &str, der: &[u8], n: &str, e: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("INSERT INTO signing_keys (kid, alg, private_der, n, e, created_at) VALUES (?, 'RS256', ?, ?, ?, ?)")
+    /// Adds a key that starts signing at `activate_at`; keys that sign until then stay
+    /// published until `old_publish_until`, when every token they signed has expired.
+    pub(crate) async fn insert_key(&self, kid: &str, der: &[u8], n: &str, e: &str, activate_at: i64, old_publish_until: Option<i64>) -> Result<(), sqlx::Error> {
+        let mut tx = common::db::begin_write(&self.pool).await?;
+        if let Some(until) = old_publish_until {
+            sqlx::query("UPDATE signing_keys SET publish_until = ? WHERE publish_until IS NULL").bind(until).execute(&mut *tx).await?;
+        }
+        sqlx::query("INSERT INTO signing_keys (kid, alg, private_der, n, e, created_at, activate_at) VALUES (?, 'RS256', ?, ?, ?, ?, ?)")
             .bind(kid)
             .bind(der)
             .bind(n)
             .bind(e)
             .bind(now_unix())
-            .execute(&self.pool)
+            .bind(activate_at)
+            .execute(&mut *tx)
             .await?;
-        Ok(())
+        tx.commit().await
     }
 
     pub(crate) async fn setting(&self, key: &str) -> Result<Option<String>, sqlx::Error> {

@@ -253,3 +253,52 @@ pub(crate) async fn chat_completions(State(app): State<AppState>, caller: Caller
 pub(crate) async fn openapi() -> Response {
     ([(axum::http::header::CONTENT_TYPE, "application/json")], crate::OPENAPI).into_response()
 }
+
+// ---- user administration (org admins, within their own org) ----
+
+pub(crate) async fn admin_users(State(app): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<common::wire::UserSummary>>> {
+    service::require_org_permission(&app, &caller.principal, "admin:manage_users").await?;
+    let path = format!("/internal/orgs/{}/users", common::client::encode(&caller.principal.org));
+    Ok(Json(app.ctx.peers.get_json(ServiceName::Identity, &path, Some(&caller.principal)).await?))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct NewUser {
+    username: String,
+    password: String,
+    #[serde(default = "default_role")]
+    role: String,
+    #[serde(default)]
+    email: Option<String>,
+}
+
+fn default_role() -> String {
+    "member".into()
+}
+
+pub(crate) async fn admin_create_user(State(app): State<AppState>, caller: Caller, Json(body): Json<NewUser>) -> ApiResult<(StatusCode, Json<common::wire::UserSummary>)> {
+    let created = service::create_user(&app, &caller.principal, &body.username, &body.password, &body.role, body.email.clone()).await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+pub(crate) async fn admin_disable_user(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<common::wire::UserSummary>> {
+    Ok(Json(service::disable_user(&app, &caller.principal, &id).await?))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct PasswordChange {
+    current_password: String,
+    new_password: String,
+}
+
+pub(crate) async fn change_password(State(app): State<AppState>, caller: Caller, Json(body): Json<PasswordChange>) -> ApiResult<StatusCode> {
+    let path = format!("/internal/users/{}/password", common::client::encode(&caller.principal.sub));
+    let request = app
+        .ctx
+        .peers
+        .request(ServiceName::Identity, reqwest::Method::POST, &path, Some(&caller.principal))
+        .await?
+        .json(&serde_json::json!({"current_password": body.current_password, "new_password": body.new_password}));
+    app.ctx.peers.send(ServiceName::Identity, request).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

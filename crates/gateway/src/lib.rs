@@ -72,6 +72,9 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     let upload_limit = DefaultBodyLimit::max(config.max_upload_bytes as usize + 64 * 1024);
     let api = Router::new()
         .route("/me", get(api::me).patch(api::patch_me))
+        .route("/me/password", post(api::change_password))
+        .route("/admin/users", get(api::admin_users).post(api::admin_create_user))
+        .route("/admin/users/{id}/disable", post(api::admin_disable_user))
         .route("/collections", get(api::list_collections).post(api::create_collection))
         .route("/collections/{id}/members", put(api::share_collection))
         .route("/documents", get(api::list_documents).post(api::upload).layer(upload_limit.clone()))
@@ -97,6 +100,8 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .route("/documents/{id}", get(pages::document))
         .route("/documents/{id}/delete", post(pages::delete_document))
         .route("/ask", get(pages::ask_form).post(pages::ask))
+        .route("/admin/users", get(pages::admin_users).post(pages::admin_create_user))
+        .route("/admin/users/{id}/disable", post(pages::admin_disable_user))
         .route("/auth/login", get(session::login))
         .route("/auth/callback", get(session::callback))
         .route("/auth/logout", post(session::logout))

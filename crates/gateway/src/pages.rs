@@ -254,6 +254,69 @@ pub(crate) async fn ask(State(app): State<AppState>, PageUser(session): PageUser
 }
 
 #[derive(Template)]
+#[template(path = "users.html")]
+struct UsersPage {
+    csrf: String,
+    username: String,
+    org: String,
+    users: Vec<common::wire::UserSummary>,
+    message: Option<String>,
+}
+
+async fn users_page(app: &AppState, session: &crate::session::Session, message: Option<String>) -> Response {
+    let principal = &session.principal;
+    let listed = async {
+        service::require_org_permission(app, principal, "admin:manage_users").await?;
+        let path = format!("/internal/orgs/{}/users", common::client::encode(&principal.org));
+        app.ctx.peers.get_json::<Vec<common::wire::UserSummary>>(ServiceName::Identity, &path, Some(principal)).await
+    }
+    .await;
+    match listed {
+        Ok(users) => render(
+            StatusCode::OK,
+            UsersPage { csrf: session.csrf.clone(), username: principal.username.clone(), org: principal.org.clone(), users, message }.render(),
+        ),
+        Err(error) => error_page(&error),
+    }
+}
+
+pub(crate) async fn admin_users(State(app): State<AppState>, PageUser(session): PageUser) -> Response {
+    users_page(&app, &session, None).await
+}
+
+#[derive(Deserialize)]
+pub(crate) struct NewUserForm {
+    csrf: String,
+    username: String,
+    password: String,
+    role: String,
+}
+
+pub(crate) async fn admin_create_user(State(app): State<AppState>, PageUser(session): PageUser, axum::Form(form): axum::Form<NewUserForm>) -> Response {
+    if !common::rand::constant_time_eq(form.csrf.as_bytes(), session.csrf.as_bytes()) {
+        return error_page(&ApiError::forbidden("auth.csrf", "the form expired; reload the page and try again"));
+    }
+    let message = match service::create_user(&app, &session.principal, &form.username, &form.password, &form.role, None).await {
+        Ok(user) => format!("Created {} ({}).", user.username, form.role),
+        Err(error) if error.kind != ErrorKind::Internal => format!("Could not create the user: {}", error.detail),
+        Err(error) => return error_page(&error),
+    };
+    users_page(&app, &session, Some(message)).await
+}
+
+pub(crate) async fn admin_disable_user(State(app): State<AppState>, PageUser(session): PageUser, Path(id): Path<String>, axum::Form(form): axum::Form<CsrfForm>) -> Response {
+    if !common::rand::constant_time_eq(form.csrf.as_bytes(), session.csrf.as_bytes()) {
+        return error_page(&ApiError::forbidden("auth.csrf", "the form expired; reload the page and try again"));
+    }
+    let message = match service::disable_user(&app, &session.principal, &id).await {
+        Ok(user) => format!("Disabled {}; their sign-ins and refresh tokens are revoked.", user.username),
+        Err(error) if error.kind != ErrorKind::Internal => format!("Could not disable the user: {}", error.detail),
+        Err(error) => return error_page(&error),
+    };
+    users_page(&app, &session, Some(message)).await
+}
+
+#[derive(Template)]
 #[template(source = "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Signed out · Echo</title></head><body style=\"font-family: system-ui, sans-serif; margin: 3rem;\"><h1>You are signed out</h1><p><a href=\"/auth/login\">Sign in again</a></p></body></html>", ext = "html")]
 struct SignedOut;
 

@@ -264,6 +264,31 @@ pub(crate) async fn download(app: &AppState, principal: &Principal, id: &str, he
     Ok(response)
 }
 
+/// Creates a user in the admin's own org. Only owners may create owners.
+pub(crate) async fn create_user(app: &AppState, admin: &Principal, username: &str, password: &str, role: &str, email: Option<String>) -> Result<common::wire::UserSummary, ApiError> {
+    require_org_permission(app, admin, "admin:manage_users").await?;
+    if role == "owner" && !admin.roles.iter().any(|r| r == "owner") {
+        return Err(ApiError::forbidden("admin.owner_only", "only owners may create owners"));
+    }
+    let body = serde_json::json!({"username": username, "password": password, "org": admin.org, "role": role, "email": email});
+    app.ctx.peers.post_json(ServiceName::Identity, "/internal/users", Some(admin), &body).await
+}
+
+/// Disables a user of the admin's own org; users of other orgs are not found.
+pub(crate) async fn disable_user(app: &AppState, admin: &Principal, id: &str) -> Result<common::wire::UserSummary, ApiError> {
+    require_org_permission(app, admin, "admin:manage_users").await?;
+    let not_found = || ApiError::not_found("admin.user_not_found", "no such user");
+    check_id(id).map_err(|_| not_found())?;
+    let user: common::wire::UserSummary = app.ctx.peers.get_json(ServiceName::Identity, &format!("/internal/users/{id}"), Some(admin)).await.map_err(|_| not_found())?;
+    if user.org != admin.org {
+        return Err(not_found());
+    }
+    if user.id == admin.sub {
+        return Err(ApiError::bad_request("admin.not_yourself", "you cannot disable yourself"));
+    }
+    app.ctx.peers.post_json(ServiceName::Identity, &format!("/internal/users/{id}/disable"), Some(admin), &serde_json::json!({})).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,9 @@ pub(crate) fn router(identity: Identity, ctx: ServiceContext) -> Router {
     let internal = Router::new()
         .route("/internal/users/{id}", get(internal_user))
         .route("/internal/orgs/{org}/users", get(internal_org_users))
+        .route("/internal/users", post(internal_create_user))
+        .route("/internal/users/{id}/disable", post(internal_disable_user))
+        .route("/internal/users/{id}/password", post(internal_change_password))
         .route_layer(middleware::from_fn_with_state(ctx, common::server::require_service_token))
         .with_state(identity.clone());
     Router::new()
@@ -437,4 +440,66 @@ async fn internal_user(State(identity): State<Identity>, Path(id): Path<String>)
 async fn internal_org_users(State(identity): State<Identity>, Path(org): Path<String>) -> Result<Json<Vec<common::wire::UserSummary>>, ApiError> {
     let users = identity.store.users_in_org(&org).await?;
     Ok(Json(users.iter().map(|u| u.summary()).collect()))
+}
+
+#[derive(Deserialize)]
+struct CreateUserBody {
+    username: String,
+    password: String,
+    org: String,
+    role: String,
+    #[serde(default)]
+    email: Option<String>,
+}
+
+async fn internal_create_user(
+    State(identity): State<Identity>,
+    common::server::ActingUser(actor): common::server::ActingUser,
+    Json(body): Json<CreateUserBody>,
+) -> Result<(StatusCode, Json<common::wire::UserSummary>), ApiError> {
+    let user = identity
+        .create_user(crate::service::NewUser { username: body.username, password: body.password, org: body.org, role: body.role, email: body.email })
+        .await?;
+    identity.audit(&actor.sub, "identity.user_created", &format!("user:{}", user.id), "success", serde_json::json!({"org": user.org})).await;
+    Ok((StatusCode::CREATED, Json(user.summary())))
+}
+
+async fn internal_disable_user(
+    State(identity): State<Identity>,
+    common::server::ActingUser(actor): common::server::ActingUser,
+    Path(id): Path<String>,
+) -> Result<Json<common::wire::UserSummary>, ApiError> {
+    if !identity.store.set_disabled(&id, true).await? {
+        return Err(IdentityError::NotFound.into());
+    }
+    identity.audit(&actor.sub, "identity.user_disabled", &format!("user:{id}"), "success", serde_json::json!({})).await;
+    let user = identity.store.user_by_id(&id).await?.ok_or(IdentityError::NotFound)?;
+    Ok(Json(user.summary()))
+}
+
+#[derive(Deserialize)]
+struct PasswordBody {
+    current_password: String,
+    new_password: String,
+}
+
+/// A user changes their own password; the current one is required.
+async fn internal_change_password(
+    State(identity): State<Identity>,
+    common::server::ActingUser(actor): common::server::ActingUser,
+    Path(id): Path<String>,
+    Json(body): Json<PasswordBody>,
+) -> Result<StatusCode, ApiError> {
+    if actor.sub != id {
+        return Err(ApiError::forbidden("identity.not_yourself", "users change only their own password"));
+    }
+    let user = identity.store.user_by_id(&id).await?.ok_or(IdentityError::NotFound)?;
+    if identity.authenticate(&user.username, &body.current_password).await.is_err() {
+        identity.audit(&id, "identity.password_change_failed", &format!("user:{id}"), "denied", serde_json::json!({})).await;
+        return Err(ApiError::forbidden("identity.wrong_password", "the current password is wrong"));
+    }
+    let hash = crate::password::hash(body.new_password).await.map_err(|e| IdentityError::BadRequest(e.to_string()))?;
+    identity.store.set_password(&id, &hash).await?;
+    identity.audit(&id, "identity.password_changed", &format!("user:{id}"), "success", serde_json::json!({})).await;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -446,3 +446,51 @@ async fn repeated_wrong_passwords_slow_the_account_down() {
     assert_eq!(attempt(password_of("hal")).await.status(), StatusCode::SEE_OTHER, "after the delay the right password works");
     ts.system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn org_admins_manage_their_own_users_and_users_change_their_password() {
+    let ts = TestSystem::start().await;
+    ts.add_user("ada", "acme", "admin").await;
+    ts.add_user("max", "acme", "member").await;
+    ts.add_user("zed", "globex", "member").await;
+    let ada = ts.sign_in("ada", &password_of("ada")).await;
+    let max = ts.sign_in("max", &password_of("max")).await;
+    let zed = ts.sign_in("zed", &password_of("zed")).await;
+
+    let listed: Value = get(&ts, &ada.access_token, "/api/v1/admin/users").await.json().await.unwrap();
+    let names: Vec<&str> = listed.as_array().unwrap().iter().map(|u| u["username"].as_str().unwrap()).collect();
+    assert!(names.contains(&"max") && !names.contains(&"zed"), "admins see their org only: {names:?}");
+    assert_eq!(get(&ts, &max.access_token, "/api/v1/admin/users").await.status(), StatusCode::FORBIDDEN);
+
+    let created = post(&ts, &ada.access_token, "/api/v1/admin/users", json!({"username": "new", "password": password_of("new"), "role": "member"})).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let created: Value = created.json().await.unwrap();
+    assert_eq!(created["org"], "acme", "created in the admin's org, whatever was asked");
+    let owner = post(&ts, &ada.access_token, "/api/v1/admin/users", json!({"username": "boss", "password": password_of("boss"), "role": "owner"})).await;
+    assert_eq!(owner.status(), StatusCode::FORBIDDEN, "admins cannot mint owners");
+
+    let zed_me: Value = get(&ts, &zed.access_token, "/api/v1/me").await.json().await.unwrap();
+    let cross = post(&ts, &ada.access_token, &format!("/api/v1/admin/users/{}/disable", zed_me["id"].as_str().unwrap()), json!({})).await;
+    assert_eq!(cross.status(), StatusCode::NOT_FOUND, "users of another org are not found");
+
+    let new_token = ts.sign_in("new", &password_of("new")).await;
+    let disabled = post(&ts, &ada.access_token, &format!("/api/v1/admin/users/{}/disable", created["id"].as_str().unwrap()), json!({})).await;
+    assert_eq!(disabled.status(), StatusCode::OK);
+    let refresh = ts
+        .http
+        .post(format!("{}/token", ts.issuer()))
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", new_token.refresh_token.unwrap().as_str()), ("client_id", crate::helpers::CLIENT_ID)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refresh.status(), StatusCode::BAD_REQUEST, "a disabled user's refresh tokens are revoked");
+    let userinfo = ts.http.get(format!("{}/userinfo", ts.issuer())).bearer_auth(&new_token.access_token).send().await.unwrap();
+    assert_eq!(userinfo.status(), StatusCode::UNAUTHORIZED);
+
+    let wrong = post(&ts, &max.access_token, "/api/v1/me/password", json!({"current_password": "not it", "new_password": "a-brand-new-password"})).await;
+    assert_eq!(wrong.status(), StatusCode::FORBIDDEN);
+    let changed = post(&ts, &max.access_token, "/api/v1/me/password", json!({"current_password": password_of("max"), "new_password": "a-brand-new-password"})).await;
+    assert_eq!(changed.status(), StatusCode::NO_CONTENT);
+    ts.sign_in("max", "a-brand-new-password").await;
+    ts.system.stop().await;
+}

@@ -25,6 +25,9 @@ impl FromRequestParts<AppState> for Caller {
         if let Some(token) = common::auth::bearer(&parts.headers) {
             let claims = app.ctx.verifier.verify(token, API_AUDIENCE).await?;
             let principal = claims.principal().ok_or_else(|| ApiError::unauthenticated("this token does not name a user"))?;
+            if session::is_disabled(&app.pool, &principal.sub).await? {
+                return Err(ApiError::unauthenticated("this account is disabled"));
+            }
             return Ok(Caller { principal });
         }
         let session = session::load(&app.pool, &parts.headers).await?.ok_or_else(|| ApiError::unauthenticated("sign in or send a bearer token"))?;

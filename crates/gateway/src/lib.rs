@@ -36,15 +36,19 @@ pub(crate) struct AppState {
 }
 
 /// Readiness: every service the gateway depends on answers its own `/readyz`.
-fn readiness(ctx: &ServiceContext, pool: SqlitePool) -> common::server::ReadyCheck {
+fn readiness(ctx: &ServiceContext, pool: SqlitePool, consumer_ready: common::server::ReadyFlag) -> common::server::ReadyCheck {
     let http = ctx.peers.http().clone();
     let config = ctx.config.clone();
     Arc::new(move || {
         let http = http.clone();
         let config = config.clone();
         let pool = pool.clone();
+        let consumer_ready = consumer_ready.clone();
         Box::pin(async move {
             sqlx::query("SELECT 1").execute(&pool).await.map_err(|e| format!("gateway database: {e}"))?;
+            if !consumer_ready.is_set() {
+                return Err("the gateway's user-disabled subscription is not declared yet".into());
+            }
             let checks = ServiceName::ALL.into_iter().filter(|s| *s != ServiceName::Gateway).map(|service| {
                 let http = http.clone();
                 let url = format!("{}/readyz", config.url(service));
@@ -68,6 +72,8 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     let pool = common::db::open_sqlite(&ctx.config.db_path(ServiceName::Gateway)).await?;
     common::db::migrate(&pool, session::MIGRATIONS).await?;
     let app = AppState { ctx: ctx.clone(), pool: pool.clone(), public_url: ctx.config.public_url() };
+    let consumer_ready = common::server::ReadyFlag::default();
+    session::spawn_disabled_consumer(app.clone(), consumer_ready.clone());
     let config = &ctx.config.gateway;
     let upload_limit = DefaultBodyLimit::max(config.max_upload_bytes as usize + 64 * 1024);
     let api = Router::new()
@@ -116,6 +122,6 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .layer(SetResponseHeaderLayer::if_not_present(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
         .layer(SetResponseHeaderLayer::if_not_present(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")))
         .with_state(app);
-    let router = common::server::service_router(ServiceName::Gateway, routes, readiness(&ctx, pool));
+    let router = common::server::service_router(ServiceName::Gateway, routes, readiness(&ctx, pool, consumer_ready));
     common::server::serve(listener, router, ctx.shutdown.clone()).await
 }

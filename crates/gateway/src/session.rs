@@ -38,6 +38,8 @@ CREATE TABLE logins (
     return_to TEXT NOT NULL,
     expires_at INTEGER NOT NULL
 );
+"#, r#"
+CREATE TABLE disabled_users (sub TEXT PRIMARY KEY, disabled_at INTEGER NOT NULL);
 "#];
 
 #[derive(Clone, Debug)]
@@ -51,7 +53,9 @@ pub(crate) async fn load(pool: &SqlitePool, headers: &HeaderMap) -> Result<Optio
     if id.len() > 128 {
         return Ok(None);
     }
-    let row = sqlx::query("SELECT * FROM sessions WHERE id_hash = ? AND expires_at > ?")
+    let row = sqlx::query(
+        "SELECT * FROM sessions s WHERE id_hash = ? AND expires_at > ? AND NOT EXISTS (SELECT 1 FROM disabled_users d WHERE d.sub = s.sub)",
+    )
         .bind(common::rand::sha256_hex(id.as_bytes()))
         .bind(now_unix())
         .fetch_optional(pool)
@@ -249,4 +253,39 @@ mod tests {
         assert_eq!(safe_return_to(Some("/\\evil.example")), "/documents");
         assert_eq!(safe_return_to(None), "/documents");
     }
+}
+
+/// Whether identity announced this user as disabled.
+pub(crate) async fn is_disabled(pool: &SqlitePool, sub: &str) -> Result<bool, sqlx::Error> {
+    let found: Option<String> = sqlx::query_scalar("SELECT sub FROM disabled_users WHERE sub = ?").bind(sub).fetch_optional(pool).await?;
+    Ok(found.is_some())
+}
+
+/// Consumes `echo.user.disabled`: the user's sessions end and their unexpired access
+/// tokens are refused from the next request on.
+pub(crate) fn spawn_disabled_consumer(app: AppState, ready: common::server::ReadyFlag) {
+    tokio::spawn(async move {
+        let ctx = app.ctx.clone();
+        let spec = common::bus::SubscriptionSpec { topic: common::wire::events::USER_DISABLED.into(), max_deliveries: None, lease_ms: None };
+        if !ctx.bus.declare("gateway-user-disabled", &spec, &ctx.shutdown).await {
+            return;
+        }
+        ready.set();
+        let pool = app.pool.clone();
+        ctx.bus.spawn_consumer("gateway-user-disabled", 1, ctx.shutdown.clone(), move |event, _| {
+            let pool = pool.clone();
+            async move {
+                let user: common::wire::UserSummary = event.data_as().map_err(|e| format!("bad event: {e}"))?;
+                let mut tx = common::db::begin_write(&pool).await.map_err(|e| e.to_string())?;
+                sqlx::query("INSERT OR IGNORE INTO disabled_users (sub, disabled_at) VALUES (?, ?)")
+                    .bind(&user.id)
+                    .bind(now_unix())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                sqlx::query("DELETE FROM sessions WHERE sub = ?").bind(&user.id).execute(&mut *tx).await.map_err(|e| e.to_string())?;
+                tx.commit().await.map_err(|e| e.to_string())
+            }
+        });
+    });
 }

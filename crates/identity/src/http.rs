@@ -461,6 +461,7 @@ async fn internal_create_user(
         .create_user(crate::service::NewUser { username: body.username, password: body.password, org: body.org, role: body.role, email: body.email })
         .await?;
     identity.audit(&actor.sub, "identity.user_created", &format!("user:{}", user.id), "success", serde_json::json!({"org": user.org})).await;
+    identity.publish_user_event(common::wire::events::USER_CREATED, &user).await;
     Ok((StatusCode::CREATED, Json(user.summary())))
 }
 
@@ -474,6 +475,7 @@ async fn internal_disable_user(
     }
     identity.audit(&actor.sub, "identity.user_disabled", &format!("user:{id}"), "success", serde_json::json!({})).await;
     let user = identity.store.user_by_id(&id).await?.ok_or(IdentityError::NotFound)?;
+    identity.publish_user_event(common::wire::events::USER_DISABLED, &user).await;
     Ok(Json(user.summary()))
 }
 

@@ -137,6 +137,15 @@ impl Identity {
         }
     }
 
+    /// Announces a user lifecycle change (`echo.user.*`) to the other services.
+    pub(crate) async fn publish_user_event(&self, type_: &str, user: &User) {
+        let Some(ctx) = &self.ctx else { return };
+        let event = ctx.bus.event(type_, Some(format!("user:{}", user.id)), user.summary());
+        if let Err(error) = ctx.bus.publish_one(event).await {
+            tracing::error!(%error, event = type_, "user event not published");
+        }
+    }
+
     // ---- authorization requests ----
 
     pub(crate) async fn validate_authorize(&self, params: &AuthorizeParams) -> Result<Client, AuthorizeFailure> {

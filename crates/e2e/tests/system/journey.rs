@@ -486,6 +486,10 @@ async fn org_admins_manage_their_own_users_and_users_change_their_password() {
     assert_eq!(refresh.status(), StatusCode::BAD_REQUEST, "a disabled user's refresh tokens are revoked");
     let userinfo = ts.http.get(format!("{}/userinfo", ts.issuer())).bearer_auth(&new_token.access_token).send().await.unwrap();
     assert_eq!(userinfo.status(), StatusCode::UNAUTHORIZED);
+    eventually("the gateway to refuse the disabled user's unexpired access token", Duration::from_secs(10), || async {
+        (get(&ts, &new_token.access_token, "/api/v1/me").await.status() == StatusCode::UNAUTHORIZED).then_some(())
+    })
+    .await;
 
     let wrong = post(&ts, &max.access_token, "/api/v1/me/password", json!({"current_password": "not it", "new_password": "a-brand-new-password"})).await;
     assert_eq!(wrong.status(), StatusCode::FORBIDDEN);

@@ -248,3 +248,56 @@ pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+    use proptest::prelude::*;
+
+    fn b64(bytes: &[u8]) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    fn verifier() -> TokenVerifier {
+        // Port 9 is closed: any attempt to fetch keys fails fast, so only structure is tested.
+        TokenVerifier::new("http://127.0.0.1:9", "http://127.0.0.1:9", reqwest::Client::new())
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_text_never_verifies(token in ".{0,400}") {
+            prop_assert!(runtime().block_on(verifier().verify(&token, "echo-api")).is_err());
+        }
+
+        #[test]
+        fn only_rs256_headers_get_as_far_as_key_lookup(
+            alg in prop::sample::select(vec!["none", "HS256", "HS512", "ES256", "EdDSA", "PS256", "RS384", "RS512"]),
+            kid in "[a-z0-9]{0,16}",
+            payload in prop::collection::vec(any::<u8>(), 0..64),
+            signature in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let header = serde_json::json!({"alg": alg, "typ": "JWT", "kid": kid}).to_string();
+            let token = format!("{}.{}.{}", b64(header.as_bytes()), b64(&payload), b64(&signature));
+            let outcome = runtime().block_on(verifier().verify(&token, "echo-api"));
+            prop_assert!(matches!(outcome, Err(TokenError::Algorithm) | Err(TokenError::Malformed)), "{:?}", outcome.err());
+        }
+
+        #[test]
+        fn rs256_without_a_kid_is_refused_before_any_network(
+            payload in prop::collection::vec(any::<u8>(), 0..64),
+            signature in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let header = serde_json::json!({"alg": "RS256", "typ": "JWT"}).to_string();
+            let token = format!("{}.{}.{}", b64(header.as_bytes()), b64(&payload), b64(&signature));
+            let outcome = runtime().block_on(verifier().verify(&token, "echo-api"));
+            prop_assert!(matches!(outcome, Err(TokenError::UnknownKey)), "{:?}", outcome.err());
+        }
+    }
+}

@@ -690,3 +690,90 @@ mod tests {
         assert_eq!(throttle_delay(100), Some(900));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const REGISTERED: &str = "https://app.example/callback";
+
+    /// One provider (key generation is the slow part) shared by every case.
+    fn identity() -> &'static (tempfile::TempDir, tokio::runtime::Runtime, Identity) {
+        static SHARED: std::sync::OnceLock<(tempfile::TempDir, tokio::runtime::Runtime, Identity)> = std::sync::OnceLock::new();
+        SHARED.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let config = Arc::new(EchoConfig::for_test(dir.path()));
+            let identity = runtime.block_on(async {
+                let identity = Identity::new(config, None).await.unwrap();
+                identity.register_client("app", vec![REGISTERED.into()], None, "public").await.unwrap();
+                identity
+            });
+            (dir, runtime, identity)
+        })
+    }
+
+    fn redirect_uri() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(REGISTERED.to_string()),
+            Just(format!("{REGISTERED}/")),
+            Just(format!("{REGISTERED}?x=1")),
+            Just("https://app.example/callback#frag".to_string()),
+            Just("https://APP.example/callback".to_string()),
+            Just("https://evil.example/callback".to_string()),
+            ".{0,60}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Whatever the request says, we redirect only to the exact registered URI.
+        #[test]
+        fn authorize_redirects_only_to_the_exact_registered_uri(
+            redirect in redirect_uri(),
+            response_type in prop_oneof![Just("code".to_string()), ".{0,8}"],
+            scope in prop_oneof![Just("openid".to_string()), Just("openid offline_access".to_string()), ".{0,20}"],
+            challenge in prop::option::of("[A-Za-z0-9_-]{0,130}"),
+            method in prop::option::of(prop_oneof![Just("S256".to_string()), Just("plain".to_string()), ".{0,6}"]),
+            state in prop::option::of(".{0,40}"),
+        ) {
+            let (_, runtime, identity) = identity();
+            let params = AuthorizeParams {
+                response_type, client_id: "app".into(), redirect_uri: redirect.clone(), scope, state,
+                nonce: None, code_challenge: challenge.clone(), code_challenge_method: method.clone(), prompt: None, max_age: None,
+            };
+            match runtime.block_on(identity.validate_authorize(&params)) {
+                Ok(_) => {
+                    prop_assert_eq!(redirect.as_str(), REGISTERED);
+                    prop_assert_eq!(method.as_deref(), Some("S256"), "a public client passed without S256");
+                    prop_assert!(challenge.is_some_and(|c| (43..=128).contains(&c.len())));
+                }
+                Err(AuthorizeFailure::Redirect { redirect_uri, .. }) => prop_assert_eq!(redirect_uri.as_str(), REGISTERED),
+                Err(AuthorizeFailure::Page(_)) => prop_assert_ne!(redirect.as_str(), REGISTERED),
+            }
+        }
+
+        /// Any change to a signed access token makes it invalid.
+        #[test]
+        fn tampered_access_tokens_never_verify(position in any::<prop::sample::Index>(), replacement in any::<u8>()) {
+            let (_, runtime, identity) = identity();
+            let claims = AccessTokenClaims {
+                iss: identity.issuer.clone(), sub: "u".into(), aud: API_AUDIENCE.into(), exp: now_unix() + 60, iat: now_unix(), nbf: now_unix(),
+                jti: "j".into(), scope: "openid".into(), client_id: "app".into(), preferred_username: Some("u".into()), org: Some("o".into()), roles: vec![],
+            };
+            let token = runtime.block_on(identity.sign(&claims)).unwrap();
+            prop_assert!(runtime.block_on(identity.verify_access(&token)).is_ok());
+            let mut bytes = token.clone().into_bytes();
+            let at = position.index(bytes.len());
+            let replacement = if bytes[at] == replacement { replacement.wrapping_add(1) } else { replacement };
+            bytes[at] = replacement;
+            let tampered = String::from_utf8_lossy(&bytes).into_owned();
+            prop_assert!(runtime.block_on(identity.verify_access(&tampered)).is_err(), "tampered at {at}: {tampered}");
+        }
+    }
+}

@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use common::{EchoConfig, ServiceContext, ServiceName};
 
+pub mod bench;
+
 /// A running Echo: every service, each on its own port.
 pub struct System {
     pub config: Arc<EchoConfig>,

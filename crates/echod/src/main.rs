@@ -53,6 +53,9 @@ enum Command {
     /// Configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Benchmarks measured on this machine (see docs/benchmarks.md).
+    #[command(subcommand)]
+    Bench(BenchCommand),
 }
 
 #[derive(Subcommand)]
@@ -124,6 +127,19 @@ enum KeysCommand {
         lead_secs: i64,
         #[command(flatten)]
         location: Location,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// B10: JWT verification p50/p99, password logins per second, known vs unknown rejection time.
+    Identity {
+        #[arg(long, default_value_t = 20_000)]
+        iterations: usize,
+        #[arg(long, default_value_t = 200)]
+        logins: usize,
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
     },
 }
 
@@ -268,6 +284,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Keys(KeysCommand::Rotate { lead_secs, location }) => {
             let kid = identity::rotate_keys(&config_for(&location)?, lead_secs).await?;
             println!("published signing key {kid}; it signs from {lead_secs} s from now (a running identity picks it up within 2 s)");
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Identity { iterations, logins, concurrency }) => {
+            echod::bench::identity(iterations, logins, concurrency).await?;
             Ok(0)
         }
         Command::Config(ConfigCommand::Check(location)) => {

@@ -220,9 +220,9 @@ impl Identity {
     pub(crate) async fn throttled_for(&self, username: &str, ip: &str) -> Result<i64, IdentityError> {
         let now = now_unix();
         let mut wait = 0;
-        for key in [format!("user:{}", username.trim().to_lowercase()), format!("ip:{ip}")] {
+        for (key, free) in [(format!("user:{}", username.trim().to_lowercase()), FREE_PER_ACCOUNT), (format!("ip:{ip}"), FREE_PER_IP)] {
             let (failures, last_at) = self.store.failures(&key).await?;
-            if let Some(delay) = throttle_delay(failures) {
+            if let Some(delay) = throttle_delay(failures, free) {
                 wait = wait.max(last_at + delay - now);
             }
         }
@@ -613,11 +613,15 @@ impl Identity {
 /// Failures older than this are forgotten.
 const FORGET_FAILURES_AFTER: i64 = 3600;
 
-/// The delay after `failures` consecutive failures, or `None` while they are free.
-/// Per IP the same curve applies, so one address cannot spray many accounts fast.
-pub(crate) fn throttle_delay(failures: i64) -> Option<i64> {
-    const FREE: i64 = 5;
-    (failures >= FREE).then(|| (1i64 << (failures - FREE).min(10)).min(900))
+/// Failures an account gets before sign-in slows down.
+const FREE_PER_ACCOUNT: i64 = 5;
+/// Failures one address gets (many people may share it behind a proxy) before its
+/// sign-ins slow down, so one address cannot spray passwords over many accounts fast.
+const FREE_PER_IP: i64 = 50;
+
+/// The delay after `failures` recent failures, or `None` while they are free.
+pub(crate) fn throttle_delay(failures: i64, free: i64) -> Option<i64> {
+    (failures >= free).then(|| (1i64 << (failures - free).min(10)).min(900))
 }
 
 pub(crate) struct NewUser {
@@ -685,9 +689,10 @@ mod tests {
 
     #[test]
     fn failures_are_free_then_the_delay_doubles_up_to_a_cap() {
-        let delays: Vec<Option<i64>> = (0..8).map(throttle_delay).collect();
+        let delays: Vec<Option<i64>> = (0..8).map(|n| throttle_delay(n, 5)).collect();
         assert_eq!(delays, [None, None, None, None, None, Some(1), Some(2), Some(4)]);
-        assert_eq!(throttle_delay(100), Some(900));
+        assert_eq!(throttle_delay(100, 5), Some(900));
+        assert_eq!(throttle_delay(49, 50), None);
     }
 }
 

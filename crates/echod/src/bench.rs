@@ -1,0 +1,134 @@
+//! `echod bench identity`: identity's figures of B10 on this machine, measured against a
+//! real system started in a temporary data dir (ports chosen by the OS).
+//!
+//! - JWT verification: p50/p99 of `common::auth::TokenVerifier::verify` (what every
+//!   service runs on every request), keys cached, over many iterations.
+//! - Password logins per second through the real login form at the configured argon2id
+//!   parameters (OWASP: m = 19 MiB, t = 2, p = 1), `concurrency` clients at once.
+//! - Rejection time for known vs unknown usernames (they must not differ measurably).
+
+use std::time::{Duration, Instant};
+
+use common::{EchoConfig, ServiceName};
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+struct LoginClient {
+    http: reqwest::Client,
+    issuer: String,
+}
+
+impl LoginClient {
+    /// One full form submission; returns the status.
+    async fn login(&self, username: &str, password: &str) -> anyhow::Result<u16> {
+        let challenge = "c".repeat(43);
+        let params = [
+            ("response_type", "code"),
+            ("client_id", "bench"),
+            ("redirect_uri", "http://127.0.0.1:9/cb"),
+            ("scope", "openid"),
+            ("code_challenge", challenge.as_str()),
+            ("code_challenge_method", "S256"),
+        ];
+        let page = self.http.get(format!("{}/authorize", self.issuer)).query(&params).send().await?.text().await?;
+        let marker = "name=\"form_token\" value=\"";
+        let start = page.find(marker).map(|i| i + marker.len()).ok_or_else(|| anyhow::anyhow!("no form token"))?;
+        let form_token = &page[start..start + page[start..].find('"').unwrap_or(0)];
+        let mut form: Vec<(&str, &str)> = params.to_vec();
+        form.extend([("username", username), ("password", password), ("form_token", form_token)]);
+        Ok(self.http.post(format!("{}/login", self.issuer)).form(&form).send().await?.status().as_u16())
+    }
+}
+
+pub async fn identity(iterations: usize, logins: usize, concurrency: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut config = EchoConfig::for_test(dir.path());
+    config.log.ship = false;
+    let system = crate::up(config).await?;
+    crate::wait_ready(&system.config, Duration::from_secs(60)).await?;
+    let config = (*system.config).clone();
+    identity::add_client(&config, "bench", vec!["http://127.0.0.1:9/cb".into()], None).await?;
+    let n_users = concurrency.max(1) * 2;
+    for i in 0..n_users {
+        identity::add_user(&config, &format!("bench{i}"), "bench-password-123", "bench", "member", None).await?;
+    }
+    let issuer = config.issuer();
+
+    // JWT verification, as every service does it.
+    let secret = std::fs::read_to_string(config.service_secret_path(ServiceName::Rag))?;
+    let http = reqwest::Client::new();
+    let answer: serde_json::Value = http
+        .post(format!("{issuer}/token"))
+        .basic_auth("svc-rag", Some(secret.trim()))
+        .form(&[("grant_type", "client_credentials"), ("audience", "echo:search")])
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = answer["access_token"].as_str().ok_or_else(|| anyhow::anyhow!("no token"))?.to_string();
+    let verifier = common::auth::TokenVerifier::new(&issuer, &config.url(ServiceName::Identity), http.clone());
+    verifier.verify(&token, "echo:search").await?;
+    let mut samples = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let started = Instant::now();
+        verifier.verify(&token, "echo:search").await?;
+        samples.push(started.elapsed());
+    }
+    samples.sort();
+    println!("jwt_verify_rs256: n={iterations} p50={:?} p99={:?} max={:?}", percentile(&samples, 0.5), percentile(&samples, 0.99), samples.last().copied().unwrap_or_default());
+
+    // Password logins per second through the form.
+    let client = std::sync::Arc::new(LoginClient { http: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?, issuer: issuer.clone() });
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..concurrency.max(1) {
+        let client = client.clone();
+        let share = logins / concurrency.max(1);
+        tasks.spawn(async move {
+            let mut ok = 0usize;
+            for i in 0..share {
+                // Alternate users so per-account throttling never applies.
+                let user = format!("bench{}", (worker * 2 + i % 2) % n_users);
+                if client.login(&user, "bench-password-123").await? == 303 {
+                    ok += 1;
+                }
+            }
+            anyhow::Ok(ok)
+        });
+    }
+    let mut ok = 0;
+    while let Some(done) = tasks.join_next().await {
+        ok += done??;
+    }
+    let elapsed = started.elapsed();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let per_second = ok as f64 / elapsed.as_secs_f64();
+    println!("password_logins: ok={ok} in {elapsed:?} = {per_second:.1}/s on {cores} cores = {:.1}/s/core (concurrency {concurrency})", per_second / cores as f64);
+
+    // Known vs unknown usernames: rejection time must not tell them apart. Few
+    // attempts per name so throttling does not start; fresh names for the unknowns.
+    let mut known = Vec::new();
+    let mut unknown = Vec::new();
+    for round in 0..4 {
+        for i in 0..n_users {
+            let started = Instant::now();
+            client.login(&format!("bench{i}"), "wrong-password").await?;
+            known.push(started.elapsed());
+            let started = Instant::now();
+            client.login(&format!("nobody-{round}-{i}"), "wrong-password").await?;
+            unknown.push(started.elapsed());
+        }
+    }
+    known.sort();
+    unknown.sort();
+    let (k, u) = (percentile(&known, 0.5), percentile(&unknown, 0.5));
+    println!("reject_known_user: median {k:?}; reject_unknown_user: median {u:?}; difference {:?}", k.abs_diff(u));
+    system.stop().await;
+    Ok(())
+}

@@ -40,6 +40,8 @@ pub(crate) fn router(identity: Identity, ctx: ServiceContext) -> Router {
         .route("/revoke", post(revoke))
         .route("/introspect", post(introspect))
         .route("/logout", get(logout).post(logout))
+        .route("/forgot", get(forgot_form).post(forgot))
+        .route("/reset", get(reset_form).post(reset))
         .with_state(identity)
         .merge(internal)
 }
@@ -504,4 +506,70 @@ async fn internal_change_password(
     identity.store.set_password(&id, &hash).await?;
     identity.audit(&id, "identity.password_changed", &format!("user:{id}"), "success", serde_json::json!({})).await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Template)]
+#[template(path = "forgot.html")]
+struct ForgotPage<'a> {
+    action: &'a str,
+    sent: bool,
+}
+
+async fn forgot_form(State(identity): State<Identity>) -> Response {
+    page(StatusCode::OK, ForgotPage { action: &format!("{}/forgot", identity.issuer), sent: false }.render())
+}
+
+#[derive(Deserialize)]
+struct ForgotForm {
+    #[serde(default)]
+    username: String,
+}
+
+async fn forgot(State(identity): State<Identity>, headers: HeaderMap, Form(form): Form<ForgotForm>) -> Response {
+    if cross_site(&headers) {
+        return message(StatusCode::BAD_REQUEST, "Request refused", "Cross-site requests are not accepted.");
+    }
+    if let Err(error) = identity.request_reset(&form.username.chars().take(256).collect::<String>()).await {
+        tracing::error!(%error, "password reset request failed");
+    }
+    page(StatusCode::OK, ForgotPage { action: &format!("{}/forgot", identity.issuer), sent: true }.render())
+}
+
+#[derive(Template)]
+#[template(path = "reset.html")]
+struct ResetPage<'a> {
+    action: &'a str,
+    token: &'a str,
+    error: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct ResetQuery {
+    #[serde(default)]
+    token: String,
+}
+
+async fn reset_form(State(identity): State<Identity>, Query(query): Query<ResetQuery>) -> Response {
+    page(StatusCode::OK, ResetPage { action: &format!("{}/reset", identity.issuer), token: &query.token, error: None }.render())
+}
+
+#[derive(Deserialize)]
+struct ResetForm {
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    password: String,
+}
+
+async fn reset(State(identity): State<Identity>, headers: HeaderMap, Form(form): Form<ResetForm>) -> Response {
+    if cross_site(&headers) {
+        return message(StatusCode::BAD_REQUEST, "Request refused", "Cross-site requests are not accepted.");
+    }
+    match identity.reset_password(&form.token, form.password).await {
+        Ok(()) => message(StatusCode::OK, "Password changed", "Your password is changed and your other sessions are signed out. You can sign in now."),
+        Err(IdentityError::BadRequest(reason)) => {
+            page(StatusCode::BAD_REQUEST, ResetPage { action: &format!("{}/reset", identity.issuer), token: &form.token, error: Some(&reason) }.render())
+        }
+        Err(error) => ApiError::from(error).into_response(),
+    }
 }

@@ -10,6 +10,7 @@
 mod error;
 mod http;
 mod keys;
+mod mailer;
 mod password;
 mod service;
 mod store;

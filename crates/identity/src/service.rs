@@ -146,6 +146,42 @@ impl Identity {
         }
     }
 
+    // ---- password reset ----
+
+    /// Sends a single-use reset link (valid one hour) when the user exists and has an
+    /// email address. Says nothing either way, so the answer cannot enumerate users.
+    pub(crate) async fn request_reset(&self, username: &str) -> Result<(), IdentityError> {
+        let Some(user) = self.store.user_by_username(username.trim()).await?.filter(|u| !u.disabled) else { return Ok(()) };
+        let Some(email) = user.email.clone() else { return Ok(()) };
+        let token = common::rand::token(32);
+        self.store.insert_reset(&common::rand::sha256_hex(token.as_bytes()), &user.id, now_unix() + 3600).await?;
+        let link = format!("{}/reset?token={token}", self.issuer);
+        crate::mailer::send(
+            &self.config.data_dir,
+            &email,
+            "Reset your Echo password",
+            &format!("Someone asked to reset the Echo password of {}.\n\nTo choose a new password, open this link within an hour:\n\n{link}\n\nIf it was not you, ignore this message.\n", user.username),
+        )
+        .map_err(|e| IdentityError::Internal(format!("mail not sent: {e}")))?;
+        self.audit(&user.id, "identity.password_reset_requested", &format!("user:{}", user.id), "success", serde_json::json!({})).await;
+        Ok(())
+    }
+
+    pub(crate) async fn reset_password(&self, token: &str, new_password: String) -> Result<(), IdentityError> {
+        password::check_policy(&new_password).map_err(|e| IdentityError::BadRequest(e.to_string()))?;
+        let user_id = self
+            .store
+            .take_reset(&common::rand::sha256_hex(token.as_bytes()))
+            .await?
+            .ok_or_else(|| IdentityError::BadRequest("this reset link is invalid, expired or already used".into()))?;
+        let hash = password::hash(new_password).await.map_err(|e| IdentityError::BadRequest(e.to_string()))?;
+        self.store.set_password(&user_id, &hash).await?;
+        self.store.end_user_sessions(&user_id).await?;
+        self.store.clear_failures(&format!("user:{user_id}")).await?;
+        self.audit(&user_id, "identity.password_reset", &format!("user:{user_id}"), "success", serde_json::json!({})).await;
+        Ok(())
+    }
+
     // ---- authorization requests ----
 
     pub(crate) async fn validate_authorize(&self, params: &AuthorizeParams) -> Result<Client, AuthorizeFailure> {

@@ -75,6 +75,13 @@ CREATE TABLE login_failures (key TEXT PRIMARY KEY, failures INTEGER NOT NULL, la
 "#, r#"
 ALTER TABLE signing_keys ADD COLUMN activate_at INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE signing_keys ADD COLUMN publish_until INTEGER;
+"#, r#"
+CREATE TABLE reset_tokens (
+    token_hash TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at INTEGER
+);
 "#];
 
 #[derive(Clone, Debug)]
@@ -491,6 +498,34 @@ impl Store {
     pub(crate) async fn clear_failures(&self, key: &str) -> Result<(), sqlx::Error> {
         sqlx::query("DELETE FROM login_failures WHERE key = ?").bind(key).execute(&self.pool).await?;
         Ok(())
+    }
+
+    pub(crate) async fn insert_reset(&self, token_hash: &str, user_id: &str, expires_at: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO reset_tokens (token_hash, user_id, expires_at) VALUES (?, ?, ?)")
+            .bind(token_hash)
+            .bind(user_id)
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Spends a reset token: the user it was for, once, before it expires.
+    pub(crate) async fn take_reset(&self, token_hash: &str) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar("UPDATE reset_tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL AND expires_at > ? RETURNING user_id")
+            .bind(now_unix())
+            .bind(token_hash)
+            .bind(now_unix())
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    /// After a password reset every refresh token and session of the user ends.
+    pub(crate) async fn end_user_sessions(&self, user_id: &str) -> Result<(), sqlx::Error> {
+        let mut tx = common::db::begin_write(&self.pool).await?;
+        sqlx::query("UPDATE refresh_tokens SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL").bind(now_unix()).bind(user_id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM sessions WHERE user_id = ?").bind(user_id).execute(&mut *tx).await?;
+        tx.commit().await
     }
 
     pub(crate) async fn revoke_family(&self, family: &str) -> Result<(), sqlx::Error> {

@@ -498,3 +498,40 @@ async fn org_admins_manage_their_own_users_and_users_change_their_password() {
     ts.sign_in("max", "a-brand-new-password").await;
     ts.system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_password_is_reset_once_through_the_mailed_link() {
+    let ts = TestSystem::start().await;
+    identity::add_user(&ts.config, "liv", &password_of("liv"), "acme", "member", Some("liv@example.org".into())).await.unwrap();
+    let before = ts.sign_in("liv", &password_of("liv")).await;
+    for username in ["liv", "nobody-at-all"] {
+        let answer = ts.http.post(format!("{}/forgot", ts.issuer())).form(&[("username", username)]).send().await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+        assert!(answer.text().await.unwrap().contains("If that account exists"), "the same answer for known and unknown users");
+    }
+    let outbox = ts.config.data_dir.join("outbox");
+    let mails: Vec<_> = std::fs::read_dir(&outbox).unwrap().filter_map(Result::ok).collect();
+    assert_eq!(mails.len(), 1, "one mail, for the account that exists");
+    let mail = std::fs::read_to_string(mails[0].path()).unwrap();
+    assert!(mail.contains("To: liv@example.org"));
+    let start = mail.find("token=").unwrap() + "token=".len();
+    let token: String = mail[start..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect();
+
+    let reset = |token: String, password: &'static str| {
+        let ts = &ts;
+        async move { ts.http.post(format!("{}/reset", ts.issuer())).form(&[("token", token.as_str()), ("password", password)]).send().await.unwrap() }
+    };
+    assert_eq!(reset(token.clone(), "short").await.status(), StatusCode::BAD_REQUEST, "the password policy applies");
+    assert_eq!(reset(token.clone(), "liv-new-password-2026").await.status(), StatusCode::OK);
+    assert_eq!(reset(token, "liv-another-password").await.status(), StatusCode::BAD_REQUEST, "the link works once");
+    ts.sign_in("liv", "liv-new-password-2026").await;
+    let refresh = ts
+        .http
+        .post(format!("{}/token", ts.issuer()))
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", before.refresh_token.unwrap().as_str()), ("client_id", crate::helpers::CLIENT_ID)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refresh.status(), StatusCode::BAD_REQUEST, "a reset ends the old refresh tokens");
+    ts.system.stop().await;
+}

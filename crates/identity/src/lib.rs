@@ -39,7 +39,8 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     common::server::serve(listener, router, ctx.shutdown.clone()).await
 }
 
-/// Picks up rotations made by other processes and drops keys past their publication.
+/// Picks up rotations made by other processes, drops keys past their publication, and
+/// relays audit events the CLI recorded.
 fn spawn_key_reload(identity: service::Identity, shutdown: tokio_util::sync::CancellationToken) {
     tokio::spawn(async move {
         loop {
@@ -49,6 +50,9 @@ fn spawn_key_reload(identity: service::Identity, shutdown: tokio_util::sync::Can
             }
             if let Err(error) = identity.reload_keys().await {
                 tracing::warn!(%error, "could not reload signing keys");
+            }
+            if let Err(error) = identity.relay_queued_audits().await {
+                tracing::debug!(%error, "audit outbox not relayed yet");
             }
         }
     });

@@ -130,11 +130,43 @@ impl Identity {
         jsonwebtoken::encode(&header, claims, &key.encoding).map_err(|e| IdentityError::Internal(e.to_string()))
     }
 
+    /// Records an audit event: published at once by the running service, or kept in
+    /// identity's audit outbox when there is no bus (the CLI) for the service to relay.
     pub(crate) async fn audit(&self, actor: &str, action: &str, resource: &str, outcome: &str, context: serde_json::Value) {
-        if let Some(ctx) = self.ctx.clone() {
-            let (actor, action, resource, outcome) = (actor.to_string(), action.to_string(), resource.to_string(), outcome.to_string());
-            tokio::spawn(async move { ctx.audit(&actor, &action, &resource, &outcome, context).await });
+        match self.ctx.clone() {
+            Some(ctx) => {
+                let (actor, action, resource, outcome) = (actor.to_string(), action.to_string(), resource.to_string(), outcome.to_string());
+                tokio::spawn(async move { ctx.audit(&actor, &action, &resource, &outcome, context).await });
+            }
+            None => {
+                let event = common::wire::AuditEvent {
+                    actor: actor.to_string(),
+                    action: action.to_string(),
+                    resource: resource.to_string(),
+                    outcome: outcome.to_string(),
+                    context,
+                };
+                if let Err(error) = self.store.queue_audit(&event).await {
+                    tracing::error!(%error, %action, "audit event could not be kept");
+                }
+            }
         }
+    }
+
+    /// Publishes the audit events the CLI left in the outbox.
+    pub(crate) async fn relay_queued_audits(&self) -> Result<usize, IdentityError> {
+        let Some(ctx) = &self.ctx else { return Ok(0) };
+        let queued = self.store.queued_audits().await?;
+        for (id, audit) in &queued {
+            let event = ctx.bus.event(common::wire::events::AUDIT_RECORDED, Some(audit.resource.clone()), audit);
+            let key = Some(format!("identity-audit-{id}"));
+            ctx.bus
+                .publish(vec![common::bus::PublishMessage { event, key, delay_ms: None }])
+                .await
+                .map_err(|e| IdentityError::Internal(e.to_string()))?;
+            self.store.drop_queued_audit(*id).await?;
+        }
+        Ok(queued.len())
     }
 
     /// Announces a user lifecycle change (`echo.user.*`) to the other services.
@@ -379,7 +411,9 @@ impl Identity {
             return Err(IdentityError::InvalidGrant("refresh token was already used; its family is revoked".into()));
         }
         let user = self.live_user(&token.user_id).await?;
-        self.issue_user_tokens(&user, client, &token.scope, None, token.auth_time, Some(token.family)).await
+        let tokens = self.issue_user_tokens(&user, client, &token.scope, None, token.auth_time, Some(token.family)).await?;
+        self.audit(&user.id, "identity.token_refreshed", &format!("client:{}", client.client_id), "success", serde_json::json!({})).await;
+        Ok(tokens)
     }
 
     async fn live_user(&self, user_id: &str) -> Result<User, IdentityError> {

@@ -76,6 +76,7 @@ CREATE TABLE login_failures (key TEXT PRIMARY KEY, failures INTEGER NOT NULL, la
 ALTER TABLE signing_keys ADD COLUMN activate_at INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE signing_keys ADD COLUMN publish_until INTEGER;
 "#, r#"
+CREATE TABLE audit_outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, event TEXT NOT NULL, created_at INTEGER NOT NULL);
 CREATE TABLE reset_tokens (
     token_hash TEXT PRIMARY KEY,
     user_id TEXT NOT NULL,
@@ -526,6 +527,27 @@ impl Store {
         sqlx::query("UPDATE refresh_tokens SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL").bind(now_unix()).bind(user_id).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM sessions WHERE user_id = ?").bind(user_id).execute(&mut *tx).await?;
         tx.commit().await
+    }
+
+    /// Keeps an audit event made without a bus connection (the CLI) until a running
+    /// identity relays it.
+    pub(crate) async fn queue_audit(&self, event: &common::wire::AuditEvent) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO audit_outbox (event, created_at) VALUES (?, ?)")
+            .bind(serde_json::to_string(event).unwrap_or_default())
+            .bind(now_unix())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn queued_audits(&self) -> Result<Vec<(i64, common::wire::AuditEvent)>, sqlx::Error> {
+        let rows: Vec<(i64, String)> = sqlx::query_as("SELECT id, event FROM audit_outbox ORDER BY id LIMIT 100").fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().filter_map(|(id, event)| serde_json::from_str(&event).ok().map(|e| (id, e))).collect())
+    }
+
+    pub(crate) async fn drop_queued_audit(&self, id: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM audit_outbox WHERE id = ?").bind(id).execute(&self.pool).await?;
+        Ok(())
     }
 
     pub(crate) async fn revoke_family(&self, family: &str) -> Result<(), sqlx::Error> {

@@ -173,7 +173,7 @@ async fn a_user_uploads_asks_gets_a_cited_answer_and_other_orgs_see_nothing() {
     let actions: Vec<String> = eventually("audit records", Duration::from_secs(20), || async {
         let records: Value = get(&ts, &admin.access_token, "/api/v1/audit?limit=500").await.json().await.ok()?;
         let actions: Vec<String> = records["records"].as_array()?.iter().filter_map(|r| r["action"].as_str().map(str::to_string)).collect();
-        let wanted = ["document.uploaded", "rag.asked", "document.deleted", "identity.login_succeeded"];
+        let wanted = ["document.uploaded", "rag.asked", "document.deleted", "identity.login_succeeded", "identity.token_issued", "identity.user_created"];
         wanted.iter().all(|w| actions.iter().any(|a| a == w)).then_some(actions)
     })
     .await;

@@ -363,11 +363,20 @@ impl Identity {
         redirect_uri: &str,
         code_verifier: Option<&str>,
     ) -> Result<TokenResponse, IdentityError> {
-        let record = self
-            .store
-            .take_code(&common::rand::sha256_hex(code.as_bytes()))
-            .await?
-            .ok_or_else(|| IdentityError::InvalidGrant("authorization code is invalid or was already used".into()))?;
+        let code_hash = common::rand::sha256_hex(code.as_bytes());
+        let Some(record) = self.store.take_code(&code_hash).await? else {
+            // A replayed code may mean it leaked: revoke what it was exchanged for.
+            if let Some((user_id, family, jti, exp)) = self.store.spent_code(&code_hash).await? {
+                if let Some(family) = family {
+                    self.store.revoke_family(&family).await?;
+                }
+                if let (Some(jti), Some(exp)) = (jti, exp) {
+                    self.store.revoke_access(&jti, exp).await?;
+                }
+                self.audit(&user_id, "identity.code_reuse_detected", &format!("client:{}", client.client_id), "denied", serde_json::json!({})).await;
+            }
+            return Err(IdentityError::InvalidGrant("authorization code is invalid or was already used".into()));
+        };
         if record.expires_at < now_unix() {
             return Err(IdentityError::InvalidGrant("authorization code expired".into()));
         }
@@ -393,7 +402,9 @@ impl Identity {
         }
         let user = self.live_user(&record.user_id).await?;
         let family = record.scope.split_whitespace().any(|s| s == "offline_access").then(|| uuid::Uuid::new_v4().to_string());
-        self.issue_user_tokens(&user, client, &record.scope, record.nonce.as_deref(), record.auth_time, family).await
+        let tokens = self.issue_user_tokens(&user, client, &record.scope, record.nonce.as_deref(), record.auth_time, family.clone()).await?;
+        self.store.record_code_issue(&code_hash, family.as_deref(), &tokens.jti, tokens.expires_at).await?;
+        Ok(tokens)
     }
 
     pub(crate) async fn exchange_refresh(&self, client: &Client, refresh_token: &str) -> Result<TokenResponse, IdentityError> {
@@ -499,6 +510,8 @@ impl Identity {
             id_token,
             refresh_token,
             scope: scope.to_string(),
+            jti: access.jti.clone(),
+            expires_at: access.exp,
         })
     }
 
@@ -534,6 +547,8 @@ impl Identity {
             id_token: None,
             refresh_token: None,
             scope: "service".into(),
+            jti: claims.jti.clone(),
+            expires_at: claims.exp,
         })
     }
 
@@ -751,6 +766,10 @@ pub(crate) struct TokenResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) refresh_token: Option<String>,
     pub(crate) scope: String,
+    #[serde(skip)]
+    pub(crate) jti: String,
+    #[serde(skip)]
+    pub(crate) expires_at: i64,
 }
 
 #[cfg(test)]

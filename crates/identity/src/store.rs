@@ -76,6 +76,9 @@ CREATE TABLE login_failures (key TEXT PRIMARY KEY, failures INTEGER NOT NULL, la
 ALTER TABLE signing_keys ADD COLUMN activate_at INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE signing_keys ADD COLUMN publish_until INTEGER;
 "#, r#"
+ALTER TABLE auth_codes ADD COLUMN issued_family TEXT;
+ALTER TABLE auth_codes ADD COLUMN issued_jti TEXT;
+ALTER TABLE auth_codes ADD COLUMN issued_exp INTEGER;
 CREATE TABLE audit_outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, event TEXT NOT NULL, created_at INTEGER NOT NULL);
 CREATE TABLE reset_tokens (
     token_hash TEXT PRIMARY KEY,
@@ -388,6 +391,26 @@ impl Store {
             })
         })
         .transpose()
+    }
+
+    /// Remembers what a code was exchanged for, so a replay can revoke it.
+    pub(crate) async fn record_code_issue(&self, code_hash: &str, family: Option<&str>, jti: &str, exp: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE auth_codes SET issued_family = ?, issued_jti = ?, issued_exp = ? WHERE code_hash = ?")
+            .bind(family)
+            .bind(jti)
+            .bind(exp)
+            .bind(code_hash)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// For a code presented again: (user, refresh family, access jti, access exp) issued from it.
+    pub(crate) async fn spent_code(&self, code_hash: &str) -> Result<Option<(String, Option<String>, Option<String>, Option<i64>)>, sqlx::Error> {
+        sqlx::query_as("SELECT user_id, issued_family, issued_jti, issued_exp FROM auth_codes WHERE code_hash = ? AND used_at IS NOT NULL")
+            .bind(code_hash)
+            .fetch_optional(&self.pool)
+            .await
     }
 
     // ---- sessions ----

@@ -244,8 +244,20 @@ async fn bad_uploads_and_bad_tokens_get_clear_errors() {
         .unwrap();
     assert_eq!(replay.status(), StatusCode::BAD_REQUEST);
     assert_eq!(replay.json::<Value>().await.unwrap()["error"], "invalid_grant");
+    // …and what the code was exchanged for is revoked (the code may have leaked).
+    let leaked = ts
+        .http
+        .post(format!("{}/token", ts.issuer()))
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", dan.refresh_token.clone().unwrap().as_str()), ("client_id", crate::helpers::CLIENT_ID)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(leaked.status(), StatusCode::BAD_REQUEST, "the refresh token issued from a replayed code is revoked");
+    let userinfo = ts.http.get(format!("{}/userinfo", ts.issuer())).bearer_auth(&dan.access_token).send().await.unwrap();
+    assert_eq!(userinfo.status(), StatusCode::UNAUTHORIZED, "so is the access token");
 
     // Refresh tokens rotate; presenting a spent one revokes the family.
+    let dan = ts.sign_in("dan", &password_of("dan")).await;
     let refresh = dan.refresh_token.clone().expect("offline_access yields a refresh token");
     let refresh_with = |token: String| {
         let ts = &ts;

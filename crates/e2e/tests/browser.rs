@@ -4,6 +4,8 @@
 //! citation. Skipped with a reason when Chromium or chromedriver is not installed
 //! (`.ci/run` installs Debian's `chromium` and `chromium-driver`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 #[path = "system/helpers.rs"]
 mod helpers;
 

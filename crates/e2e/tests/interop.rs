@@ -4,6 +4,8 @@
 //! tokens, and logs out. Needs a Python with
 //! Authlib named by `ECHO_INTEROP_PYTHON` (`.ci/run` creates one); skipped otherwise.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 #[path = "system/helpers.rs"]
 mod helpers;
 

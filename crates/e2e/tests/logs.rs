@@ -1,6 +1,8 @@
 //! Central logs across services. Its own test binary (its own process), because log
 //! shipping is per process: one process, one system, as in production.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 #[path = "system/helpers.rs"]
 mod helpers;
 

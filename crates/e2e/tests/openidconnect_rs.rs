@@ -3,6 +3,8 @@
 //! code against the JWKS (signature, issuer, audience, nonce, expiry, `at_hash`), and a
 //! refresh. The crate speaks HTTP through reqwest 0.13 here, via its closure client.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 #[path = "system/helpers.rs"]
 mod helpers;
 

@@ -1,6 +1,8 @@
 //! The audit service over HTTP, started by its real `run` on a free port: events on
 //! the bus are chained once each, and the chain verifies.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use std::time::Duration;
 
 use common::ServiceName;

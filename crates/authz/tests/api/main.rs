@@ -1,6 +1,8 @@
 //! authz over HTTP, started by its real `run` on a free port: personal collections,
 //! decisions with policy ids, and tenant isolation.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use common::ServiceName;
 use common::wire::{Collection, Decision, DecisionRequest, Principal, ReadableCollections};
 use echod::testing::TestEcho;

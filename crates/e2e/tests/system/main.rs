@@ -2,5 +2,7 @@
 //! OS, a fresh data dir), then act as users through the public edges only: identity's
 //! OIDC endpoints and the gateway.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 mod helpers;
 mod journey;

@@ -1,6 +1,8 @@
 //! The gateway over HTTP, started by its real `run` on a free port: readiness of the
 //! whole system, the API description, problem+json, and security headers.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use common::ServiceName;
 use echod::testing::TestEcho;
 

@@ -1,6 +1,8 @@
 //! Identity over HTTP, started by its real `run` on a free port: discovery, JWKS,
 //! client credentials with audience binding, and refusals.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use common::ServiceName;
 use echod::testing::TestEcho;
 

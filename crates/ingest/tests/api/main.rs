@@ -1,6 +1,8 @@
 //! The ingest service over HTTP, started by its real `run` on a free port: a document
 //! registered with a stored blob goes through the worker to `done`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use std::time::Duration;
 
 use common::ServiceName;

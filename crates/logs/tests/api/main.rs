@@ -1,6 +1,8 @@
 //! The logs service over HTTP, started by its real `run` on a free port: batches
 //! published on the bus become queryable records.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use std::time::Duration;
 
 use common::ServiceName;

@@ -1,6 +1,8 @@
 //! The queue service over HTTP, started by its real `run` on a free port: fan-out,
 //! competing consumers, nack and dead letters, redrive, event validation and auth.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use std::time::Duration;
 
 use common::ServiceName;

@@ -1,5 +1,7 @@
 //! The search service over HTTP, started by its real `run` on a free port.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use common::ServiceName;
 use common::wire::{Chunk, IndexRequest, SearchQuery, SearchResults};
 use echod::testing::TestEcho;

@@ -1,5 +1,7 @@
 //! The storage service over HTTP, started by its real `run` on a free port.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use common::ServiceName;
 use common::wire::{BlobInfo, Principal};
 use echod::testing::TestEcho;

@@ -55,9 +55,8 @@ pub struct Verification {
 /// to its predecessor, each hash matching its content.
 pub(crate) fn verify(records: impl IntoIterator<Item = Record>) -> Verification {
     let mut prev = GENESIS.to_string();
-    let mut expected_seq = 1;
     let mut n = 0;
-    for record in records {
+    for (expected_seq, record) in (1i64..).zip(records) {
         let fail = |reason: String| Verification { ok: false, n_records: n, head_hash: prev.clone(), first_bad: Some(record.seq), reason: Some(reason) };
         if record.seq != expected_seq {
             return Verification {
@@ -72,13 +71,13 @@ pub(crate) fn verify(records: impl IntoIterator<Item = Record>) -> Verification 
             return fail(format!("record {} was modified", record.seq));
         }
         prev = record.hash.clone();
-        expected_seq += 1;
         n += 1;
     }
     Verification { ok: true, n_records: n, head_hash: prev, first_bad: None, reason: None }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -279,6 +279,7 @@ async fn checkpoints(State(state): State<AppState>) -> ApiResult<Json<serde_json
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

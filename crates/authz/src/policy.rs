@@ -54,14 +54,13 @@ fn describe(error: &dyn miette::Diagnostic, source: &str) -> String {
     if let Some(help) = error.help() {
         message.push_str(&format!(" ({help})"));
     }
-    if let Some(mut labels) = error.labels() {
-        if let Some(label) = labels.next() {
+    if let Some(mut labels) = error.labels()
+        && let Some(label) = labels.next() {
             let offset = label.offset().min(source.len());
             let line = source[..offset].matches('\n').count() + 1;
             let column = offset - source[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
             message = format!("line {line}, column {column}: {message}");
         }
-    }
     if let Some(related) = error.related() {
         for inner in related {
             message.push_str("; ");
@@ -168,6 +167,7 @@ impl Engine {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

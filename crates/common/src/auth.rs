@@ -208,11 +208,10 @@ impl ServiceTokens {
     pub async fn token_for(&self, callee: ServiceName) -> Result<String, ApiError> {
         let audience = callee.audience();
         let mut cache = self.cache.lock().await;
-        if let Some((token, valid_until)) = cache.get(&audience) {
-            if Instant::now() < *valid_until {
+        if let Some((token, valid_until)) = cache.get(&audience)
+            && Instant::now() < *valid_until {
                 return Ok(token.clone());
             }
-        }
         let response = self
             .http
             .post(&self.token_url)
@@ -250,6 +249,7 @@ pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use base64::Engine;

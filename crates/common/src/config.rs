@@ -453,6 +453,7 @@ impl EchoConfig {
 pub const EXAMPLE_YAML: &str = include_str!("../../../echo.example.yaml");
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

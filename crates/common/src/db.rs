@@ -54,6 +54,7 @@ pub async fn migrate(pool: &SqlitePool, migrations: &[&'static str]) -> Result<(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

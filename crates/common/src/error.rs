@@ -49,7 +49,7 @@ impl ErrorKind {
             413 => ErrorKind::PayloadTooLarge,
             415 => ErrorKind::UnsupportedMediaType,
             429 => ErrorKind::TooManyRequests,
-            503 | 502 | 504 => ErrorKind::Unavailable,
+            502..=504 => ErrorKind::Unavailable,
             _ => ErrorKind::Internal,
         }
     }
@@ -185,7 +185,8 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
     fn from(rejection: axum::extract::rejection::JsonRejection) -> Self {
         let kind = ErrorKind::from_status(rejection.status().as_u16());
         let kind = if kind == ErrorKind::Internal { ErrorKind::BadRequest } else { kind };
-        ApiError::new(kind, "request.invalid_json", rejection.body_text())
+        let code = if kind == ErrorKind::PayloadTooLarge { "request.too_large" } else { "request.invalid_json" };
+        ApiError::new(kind, code, rejection.body_text())
     }
 }
 
@@ -214,6 +215,7 @@ impl<T: Serialize> IntoResponse for Json<T> {
 pub struct Query<T>(pub T);
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -78,10 +78,12 @@ fn looks_like_text(head: &[u8]) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::type_complexity)]
     fn detection_table() {
         let cases: &[(&str, &str, &[u8], Result<Format, ()>)] = &[
             ("application/pdf", "a.bin", b"", Ok(Format::Pdf)),

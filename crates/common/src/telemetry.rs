@@ -38,11 +38,10 @@ pub fn init(config: &LogConfig) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let ship = if config.ship {
         let (sender, receiver) = mpsc::channel(BUFFER);
-        if SENDER.set(sender).is_ok() {
-            if let Ok(mut slot) = RECEIVER.lock() {
+        if SENDER.set(sender).is_ok()
+            && let Ok(mut slot) = RECEIVER.lock() {
                 *slot = Some(receiver);
             }
-        }
         Some(ShipLayer)
     } else {
         None

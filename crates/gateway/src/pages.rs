@@ -325,6 +325,7 @@ pub(crate) async fn signed_out() -> Response {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

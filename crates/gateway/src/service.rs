@@ -290,6 +290,7 @@ pub(crate) async fn disable_user(app: &AppState, admin: &Principal, id: &str) ->
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -1,6 +1,6 @@
-//! Browser sessions and the sign-in flow against identity (authorization code + PKCE
-//! + state + nonce). The gateway owns only browser sessions: an opaque cookie whose
-//! SHA-256 keys a row in `gateway.db` holding the verified principal and a CSRF token.
+//! Browser sessions and the sign-in flow against identity (authorization code with
+//! PKCE, state and nonce). The gateway owns only browser sessions: an opaque cookie
+//! whose SHA-256 keys a row in `gateway.db` holding the verified principal and a CSRF token.
 
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -241,20 +241,6 @@ pub(crate) async fn logout(State(app): State<AppState>, headers: HeaderMap, axum
     response
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn return_to_accepts_only_local_paths() {
-        assert_eq!(safe_return_to(Some("/ask?q=1")), "/ask?q=1");
-        assert_eq!(safe_return_to(Some("//evil.example/")), "/documents");
-        assert_eq!(safe_return_to(Some("https://evil.example/")), "/documents");
-        assert_eq!(safe_return_to(Some("/\\evil.example")), "/documents");
-        assert_eq!(safe_return_to(None), "/documents");
-    }
-}
-
 /// Whether identity announced this user as disabled.
 pub(crate) async fn is_disabled(pool: &SqlitePool, sub: &str) -> Result<bool, sqlx::Error> {
     let found: Option<String> = sqlx::query_scalar("SELECT sub FROM disabled_users WHERE sub = ?").bind(sub).fetch_optional(pool).await?;
@@ -288,4 +274,19 @@ pub(crate) fn spawn_disabled_consumer(app: AppState, ready: common::server::Read
             }
         });
     });
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn return_to_accepts_only_local_paths() {
+        assert_eq!(safe_return_to(Some("/ask?q=1")), "/ask?q=1");
+        assert_eq!(safe_return_to(Some("//evil.example/")), "/documents");
+        assert_eq!(safe_return_to(Some("https://evil.example/")), "/documents");
+        assert_eq!(safe_return_to(Some("/\\evil.example")), "/documents");
+        assert_eq!(safe_return_to(None), "/documents");
+    }
 }

@@ -64,6 +64,7 @@ pub(crate) async fn verify(password: String, stored: Option<String>) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

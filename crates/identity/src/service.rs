@@ -584,12 +584,11 @@ impl Identity {
             }
             return Ok(());
         }
-        if let Ok(claims) = self.verify_any_access(token).await {
-            if claims.client_id == client.client_id {
+        if let Ok(claims) = self.verify_any_access(token).await
+            && claims.client_id == client.client_id {
                 self.store.revoke_access(&claims.jti, claims.exp).await?;
                 self.audit(&claims.sub, "identity.token_revoked", &format!("client:{}", client.client_id), "success", serde_json::json!({"type": "access_token"})).await;
             }
-        }
         Ok(())
     }
 
@@ -773,6 +772,7 @@ pub(crate) struct TokenResponse {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::throttle_delay;
 
@@ -786,6 +786,7 @@ mod tests {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod properties {
     use std::sync::Arc;
 

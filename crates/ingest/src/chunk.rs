@@ -138,6 +138,7 @@ pub(crate) fn chunk_blocks(blocks: &[TextBlock], budget: usize, overlap: usize) 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -153,6 +153,7 @@ async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> ApiRe
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -84,7 +84,7 @@ fn spawn_consumer(ctx: &ServiceContext, state: AppState, ready: common::server::
 }
 
 async fn store(pool: &SqlitePool, records: &[LogRecord], _batch_id: &str) -> Result<(), sqlx::Error> {
-    let mut tx = common::db::begin_write(&pool).await?;
+    let mut tx = common::db::begin_write(pool).await?;
     for record in records.iter().take(10_000) {
         sqlx::query("INSERT INTO records (ts_ms, service, level, target, message, fields, trace_id) VALUES (?, ?, ?, ?, ?, ?, ?)")
             .bind(record.ts_ms)
@@ -194,6 +194,7 @@ async fn query(State(state): State<AppState>, Query(params): Query<LogQuery>) ->
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -186,6 +186,7 @@ fn pdf(bytes: &[u8]) -> Result<Vec<TextBlock>, ParseError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -63,6 +63,7 @@ pub(crate) fn extractive(question: &str, hits: &[SearchHit], max_citations: usiz
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

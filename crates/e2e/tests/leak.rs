@@ -1,0 +1,242 @@
+//! Differential leak test: a random world of orgs, users, collections, shares and
+//! documents (each carrying a distinctive token) is built through the real gateway
+//! API; then many random (user, query) probes go through search, ask and document
+//! fetches, and every answer is compared with a brute-force reference model of the
+//! policy: nothing the model forbids may appear, and everything it allows must be
+//! findable by its token.
+//!
+//! `ECHO_LEAK_PROBES` (default 1500) and `ECHO_LEAK_SEED` (default: time) choose the
+//! run; the seed is printed so a failure can be replayed. A long run:
+//! `ECHO_LEAK_PROBES=10000 cargo test -p e2e --test leak -- --nocapture`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+#[path = "system/helpers.rs"]
+mod helpers;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use helpers::{TestSystem, eventually, password_of};
+
+/// xorshift64*: small, seedable, good enough to explore.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
+
+struct User {
+    name: String,
+    org: usize,
+    id: String,
+    token: String,
+}
+
+struct Doc {
+    id: String,
+    collection: String,
+    marker: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_probe_ever_sees_what_the_policy_forbids_and_every_allowed_document_is_found() {
+    let probes: usize = std::env::var("ECHO_LEAK_PROBES").ok().and_then(|v| v.parse().ok()).unwrap_or(1500);
+    let seed: u64 = std::env::var("ECHO_LEAK_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+    });
+    println!("leak test: seed {seed}, {probes} probes");
+    let mut rng = Rng(seed);
+    let ts = TestSystem::start().await;
+    let gateway = ts.gateway();
+    let orgs = ["acme", "globex", "initech"];
+
+    // People: 3 orgs × 4 users.
+    let mut users = Vec::new();
+    for (org_idx, org) in orgs.iter().enumerate() {
+        for n in 0..4 {
+            let name = format!("{org}-u{n}");
+            ts.add_user(&name, org, "member").await;
+            let token = ts.sign_in(&name, &password_of(&name)).await.access_token;
+            let me: Value = ts.http.get(format!("{gateway}/api/v1/me")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+            users.push(User { name, org: org_idx, id: me["id"].as_str().unwrap().to_string(), token });
+        }
+    }
+
+    // Collections: each user's personal one plus a random number of team collections.
+    // collection id -> (owner index, members: user index -> role)
+    let mut collections: BTreeMap<String, (usize, BTreeMap<usize, String>)> = BTreeMap::new();
+    for (idx, user) in users.iter().enumerate() {
+        let listed: Value = ts.http.get(format!("{gateway}/api/v1/collections")).bearer_auth(&user.token).send().await.unwrap().json().await.unwrap();
+        let personal = listed.as_array().unwrap().iter().find(|c| c["personal"] == true).unwrap()["id"].as_str().unwrap().to_string();
+        collections.insert(personal, (idx, BTreeMap::new()));
+        for t in 0..rng.below(3) {
+            let created: Value = ts
+                .http
+                .post(format!("{gateway}/api/v1/collections"))
+                .bearer_auth(&user.token)
+                .json(&json!({"name": format!("{} team {t}", user.name)}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            collections.insert(created["id"].as_str().unwrap().to_string(), (idx, BTreeMap::new()));
+        }
+    }
+
+    // Shares: random members of the same org with random roles; cross-org attempts must fail.
+    let roles = ["viewer", "editor", "manager", "answers"];
+    let ids: Vec<String> = collections.keys().cloned().collect();
+    for id in &ids {
+        let owner = collections[id].0;
+        let mut members = BTreeMap::new();
+        for (idx, user) in users.iter().enumerate() {
+            if idx != owner && user.org == users[owner].org && rng.chance(35) {
+                members.insert(idx, roles[rng.below(roles.len())].to_string());
+            }
+        }
+        if members.is_empty() && !rng.chance(50) {
+            continue;
+        }
+        let body: Vec<Value> = members.iter().map(|(idx, role)| json!({"user": users[*idx].id, "role": role})).collect();
+        let answer = ts.http.put(format!("{gateway}/api/v1/collections/{id}/members")).bearer_auth(&users[owner].token).json(&json!({"members": body})).send().await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK, "{}", answer.text().await.unwrap());
+        if rng.chance(30) {
+            let outsider = users.iter().find(|u| u.org != users[owner].org).unwrap();
+            let cross = ts
+                .http
+                .put(format!("{gateway}/api/v1/collections/{id}/members"))
+                .bearer_auth(&users[owner].token)
+                .json(&json!({"members": [{"user": outsider.id, "role": "viewer"}]}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(cross.status(), StatusCode::BAD_REQUEST, "a share across orgs must be refused");
+            // The refused share leaves the previous members in place.
+        }
+        collections.get_mut(id).unwrap().1 = members;
+    }
+
+    // Documents: two per collection, each with its own marker word.
+    let mut docs = Vec::new();
+    let mut jobs = Vec::new();
+    for (id, (owner, members)) in &collections {
+        // Uploaders: the owner, or a member who may write.
+        let writers: Vec<usize> = std::iter::once(*owner).chain(members.iter().filter(|(_, r)| *r == "editor" || *r == "manager").map(|(i, _)| *i)).collect();
+        for n in 0..2 {
+            let marker = format!("mk{:x}", rng.next() >> 16);
+            let text = format!("# Note {n}\n\nThis note belongs to a collection. Its marker word is {marker}. Nothing else of interest.\n");
+            let uploader = &users[writers[rng.below(writers.len())]];
+            let form = reqwest::multipart::Form::new()
+                .text("collection", id.clone())
+                .part("file", reqwest::multipart::Part::bytes(text.into_bytes()).file_name(format!("{marker}.md")).mime_str("text/markdown").unwrap());
+            let created: Value = ts.http.post(format!("{gateway}/api/v1/documents")).bearer_auth(&uploader.token).multipart(form).send().await.unwrap().json().await.unwrap();
+            let doc_id = created["id"].as_str().unwrap_or_else(|| panic!("upload refused: {created}")).to_string();
+            jobs.push((uploader.token.clone(), created["job_id"].as_str().unwrap().to_string()));
+            docs.push(Doc { id: doc_id, collection: id.clone(), marker });
+        }
+    }
+    for (token, job) in &jobs {
+        eventually("indexing", Duration::from_secs(120), || async {
+            let job: Value = ts.http.get(format!("{gateway}/api/v1/jobs/{job}")).bearer_auth(token).send().await.ok()?.json().await.ok()?;
+            (job["status"] == "done").then_some(())
+        })
+        .await;
+    }
+
+    // The reference model: who may read which collection.
+    let may_read = |user: usize, collection: &str| {
+        let (owner, members) = &collections[collection];
+        *owner == user || members.contains_key(&user)
+    };
+    let readable_docs = |user: usize| -> BTreeSet<String> { docs.iter().filter(|d| may_read(user, &d.collection)).map(|d| d.id.clone()).collect() };
+    let doc_by_id: BTreeMap<&str, &Doc> = docs.iter().map(|d| (d.id.as_str(), d)).collect();
+
+    let (mut leaks, mut misses, mut allowed_probes, mut denied_probes) = (Vec::new(), Vec::new(), 0usize, 0usize);
+    for probe in 0..probes {
+        let user_idx = rng.below(users.len());
+        let user = &users[user_idx];
+        let target = &docs[rng.below(docs.len())];
+        let allowed = readable_docs(user_idx);
+        let kind = probe % 10;
+        if kind < 7 {
+            // Search by the target's marker (sometimes with another marker too).
+            let mut query = target.marker.clone();
+            if rng.chance(30) {
+                query.push(' ');
+                query.push_str(&docs[rng.below(docs.len())].marker);
+            }
+            let hits: Value = ts.http.post(format!("{gateway}/api/v1/search")).bearer_auth(&user.token).json(&json!({"query": query, "k": 20})).send().await.unwrap().json().await.unwrap();
+            let found: BTreeSet<String> = hits["hits"].as_array().unwrap().iter().map(|h| h["document_id"].as_str().unwrap().to_string()).collect();
+            for id in &found {
+                if !allowed.contains(id) {
+                    leaks.push(format!("search: {} saw {} (marker {})", user.name, id, doc_by_id[id.as_str()].marker));
+                }
+            }
+            if allowed.contains(&target.id) {
+                allowed_probes += 1;
+                if !found.contains(&target.id) {
+                    misses.push(format!("search: {} did not find readable {} by {}", user.name, target.id, target.marker));
+                }
+            } else {
+                denied_probes += 1;
+            }
+        } else if kind < 9 {
+            let status = ts.http.get(format!("{gateway}/api/v1/documents/{}", target.id)).bearer_auth(&user.token).send().await.unwrap().status();
+            let expected = if allowed.contains(&target.id) { StatusCode::OK } else { StatusCode::NOT_FOUND };
+            if status != expected {
+                leaks.push(format!("get: {} got {status} for {} (expected {expected})", user.name, target.id));
+            }
+        } else {
+            let answer: Value = ts
+                .http
+                .post(format!("{gateway}/api/v1/ask"))
+                .bearer_auth(&user.token)
+                .json(&json!({"question": format!("What is the marker word {}?", target.marker)}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            for citation in answer["citations"].as_array().unwrap() {
+                let id = citation["document_id"].as_str().unwrap();
+                if !allowed.contains(id) {
+                    leaks.push(format!("ask: {} was cited {}", user.name, id));
+                }
+            }
+            for other in docs.iter().filter(|d| !allowed.contains(&d.id)) {
+                if answer["answer"].as_str().unwrap().contains(&other.marker) {
+                    leaks.push(format!("ask: {}'s answer quotes forbidden marker {}", user.name, other.marker));
+                }
+            }
+        }
+    }
+    println!(
+        "leak test: seed {seed}: {probes} probes over {} users, {} collections, {} documents; {allowed_probes} searches for readable targets, {denied_probes} for forbidden ones; {} leaks, {} misses",
+        users.len(),
+        collections.len(),
+        docs.len(),
+        leaks.len(),
+        misses.len()
+    );
+    assert!(leaks.is_empty(), "seed {seed}: {} leaks, first: {:?}", leaks.len(), leaks.iter().take(5).collect::<Vec<_>>());
+    assert!(misses.is_empty(), "seed {seed}: {} misses, first: {:?}", misses.len(), misses.iter().take(5).collect::<Vec<_>>());
+    ts.system.stop().await;
+}

@@ -55,6 +55,9 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .route("/v1/collections/{id}", get(get_collection))
         .route("/v1/collections/{id}/members", put(share_collection))
         .route("/v1/decide", post(decide))
+        .route("/v1/decide/batch", post(decide_batch))
+        .route("/v1/groups", get(list_groups).post(create_group))
+        .route("/v1/groups/{id}/members", put(set_group_members))
         .route("/v1/readable", post(readable))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
         .with_state(state);
@@ -214,6 +217,92 @@ async fn share_collection(
     state.ctx.audit(&principal.sub, "collection.shared", &format!("collection:{id}"), "success", serde_json::json!({"members": members.len()})).await;
     let role = state.role_of(&principal, &row).await?;
     Ok(Json(state.wire(&row, role)))
+}
+
+#[derive(Deserialize)]
+struct BatchRequest {
+    requests: Vec<DecisionRequest>,
+}
+
+/// Many decisions for one principal in one call (at most 1000), answered in order.
+async fn decide_batch(State(state): State<AppState>, ActingUser(principal): ActingUser, Json(batch): Json<BatchRequest>) -> ApiResult<Json<serde_json::Value>> {
+    if batch.requests.len() > 1000 {
+        return Err(ApiError::bad_request("authz.batch_too_large", "at most 1000 decisions per batch"));
+    }
+    let mut decisions = Vec::with_capacity(batch.requests.len());
+    for request in batch.requests {
+        let Json(decision) = decide(State(state.clone()), ActingUser(principal.clone()), Json(request)).await?;
+        decisions.push(decision);
+    }
+    Ok(Json(serde_json::json!({"decisions": decisions})))
+}
+
+async fn require_user_admin(state: &AppState, principal: &Principal) -> ApiResult<()> {
+    let groups = state.store.groups_of(&principal.sub).await?;
+    let entities = state
+        .engine
+        .entities(&Facts { user_id: &principal.sub, org: &principal.org, roles: &principal.roles, groups: &groups, collections: &[] })
+        .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
+    let outcome = state.engine.decide(&principal.sub, "admin:manage_users", "Org", &principal.org, &entities).map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
+    if outcome.allowed {
+        Ok(())
+    } else {
+        state.ctx.audit(&principal.sub, "authz.denied", &format!("org:{}", principal.org), "denied", serde_json::json!({"action": "admin:manage_users"})).await;
+        Err(ApiError::forbidden("authz.denied", "only org owners and admins manage groups"))
+    }
+}
+
+async fn list_groups(State(state): State<AppState>, ActingUser(principal): ActingUser) -> ApiResult<Json<serde_json::Value>> {
+    let groups = state.store.groups_in_org(&principal.org).await?;
+    let groups: Vec<_> = groups.into_iter().map(|(id, name, members)| serde_json::json!({"id": id, "name": name, "members": members})).collect();
+    Ok(Json(serde_json::json!(groups)))
+}
+
+async fn create_group(State(state): State<AppState>, ActingUser(principal): ActingUser, Json(body): Json<NewCollection>) -> ApiResult<Json<serde_json::Value>> {
+    require_user_admin(&state, &principal).await?;
+    let name = body.name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(ApiError::bad_request("authz.invalid_name", "group names are 1 to 200 characters"));
+    }
+    let id = state.store.create_group(&principal.org, name).await?;
+    state.ctx.audit(&principal.sub, "group.created", &format!("group:{id}"), "success", serde_json::json!({"name": name})).await;
+    Ok(Json(serde_json::json!({"id": id, "name": name, "members": []})))
+}
+
+#[derive(Deserialize)]
+struct GroupMembers {
+    users: Vec<String>,
+}
+
+async fn set_group_members(State(state): State<AppState>, ActingUser(principal): ActingUser, Path(id): Path<String>, Json(body): Json<GroupMembers>) -> ApiResult<Json<serde_json::Value>> {
+    require_user_admin(&state, &principal).await?;
+    if state.store.group_org(&id).await?.as_deref() != Some(principal.org.as_str()) {
+        return Err(ApiError::not_found("authz.group_not_found", "no such group"));
+    }
+    if body.users.len() > 10_000 {
+        return Err(ApiError::bad_request("authz.too_many_members", "at most 10000 members per group"));
+    }
+    for user_id in &body.users {
+        let path = format!("/internal/users/{}", common::client::encode(user_id));
+        match state.ctx.peers.get_json::<UserSummary>(ServiceName::Identity, &path, None).await {
+            Ok(user) if user.org == principal.org => {}
+            Ok(_) | Err(ApiError { kind: common::ErrorKind::NotFound, .. }) => {
+                return Err(ApiError::bad_request("authz.unknown_member", format!("no user `{user_id}` in this organisation")));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    state.store.replace_group_members(&id, &body.users).await?;
+    let event = state.ctx.bus.event(
+        events::RELATIONSHIP_CHANGED,
+        Some(format!("group:{id}")),
+        serde_json::json!({"object": format!("group:{id}"), "relation": "members", "subjects": body.users}),
+    );
+    if let Err(error) = state.ctx.bus.publish_one(event).await {
+        tracing::warn!(%error, "relationship change not published");
+    }
+    state.ctx.audit(&principal.sub, "group.members_changed", &format!("group:{id}"), "success", serde_json::json!({"members": body.users.len()})).await;
+    Ok(Json(serde_json::json!({"id": id, "members": body.users})))
 }
 
 async fn decide(State(state): State<AppState>, ActingUser(principal): ActingUser, Json(request): Json<DecisionRequest>) -> ApiResult<Json<Decision>> {

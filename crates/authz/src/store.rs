@@ -130,6 +130,32 @@ impl RelationStore {
         tx.commit().await
     }
 
+    pub(crate) async fn create_group(&self, org: &str, name: &str) -> Result<String, sqlx::Error> {
+        let id = uuid::Uuid::new_v4().to_string();
+        sqlx::query("INSERT INTO groups (id, org, name) VALUES (?, ?, ?)").bind(&id).bind(org).bind(name).execute(&self.pool).await?;
+        Ok(id)
+    }
+
+    /// (id, name, members) of every group of `org`.
+    pub(crate) async fn groups_in_org(&self, org: &str) -> Result<Vec<(String, String, Vec<String>)>, sqlx::Error> {
+        let groups: Vec<(String, String)> = sqlx::query_as("SELECT id, name FROM groups WHERE org = ? ORDER BY name").bind(org).fetch_all(&self.pool).await?;
+        let mut out = Vec::with_capacity(groups.len());
+        for (id, name) in groups {
+            let members: Vec<String> = sqlx::query_scalar("SELECT user_id FROM group_members WHERE group_id = ? ORDER BY user_id").bind(&id).fetch_all(&self.pool).await?;
+            out.push((id, name, members));
+        }
+        Ok(out)
+    }
+
+    pub(crate) async fn replace_group_members(&self, group_id: &str, members: &[String]) -> Result<(), sqlx::Error> {
+        let mut tx = common::db::begin_write(&self.pool).await?;
+        sqlx::query("DELETE FROM group_members WHERE group_id = ?").bind(group_id).execute(&mut *tx).await?;
+        for user in members {
+            sqlx::query("INSERT OR IGNORE INTO group_members (group_id, user_id) VALUES (?, ?)").bind(group_id).bind(user).execute(&mut *tx).await?;
+        }
+        tx.commit().await
+    }
+
     pub(crate) async fn group_org(&self, group_id: &str) -> Result<Option<String>, sqlx::Error> {
         sqlx::query_scalar("SELECT org FROM groups WHERE id = ?").bind(group_id).fetch_optional(&self.pool).await
     }

@@ -1,5 +1,5 @@
-//! Differential leak test: a random world of orgs, users, collections, shares and
-//! documents (each carrying a distinctive token) is built through the real gateway
+//! Differential leak test: a random world of orgs, users, groups, collections, shares
+//! (to users and to groups, with every role) and documents (each carrying a distinctive token) is built through the real gateway
 //! API; then many random (user, query) probes go through search, ask and document
 //! fetches, and every answer is compared with a brute-force reference model of the
 //! policy: nothing the model forbids may appear, and everything it allows must be
@@ -77,13 +77,35 @@ async fn no_probe_ever_sees_what_the_policy_forbids_and_every_allowed_document_i
         }
     }
 
+    // Groups: an admin per org makes two groups with random members of the org.
+    let mut groups: Vec<(String, usize, BTreeSet<usize>)> = Vec::new();
+    for (org_idx, org) in orgs.iter().enumerate() {
+        let admin = format!("{org}-admin");
+        ts.add_user(&admin, org, "admin").await;
+        let admin_token = ts.sign_in(&admin, &password_of(&admin)).await.access_token;
+        for g in 0..2 {
+            let created: Value = ts.http.post(format!("{gateway}/api/v1/groups")).bearer_auth(&admin_token).json(&json!({"name": format!("{org} group {g}")})).send().await.unwrap().json().await.unwrap();
+            let group_id = created["id"].as_str().unwrap_or_else(|| panic!("group refused: {created}")).to_string();
+            let members: BTreeSet<usize> = (0..users.len()).filter(|i| users[*i].org == org_idx && rng.chance(50)).collect();
+            let ids: Vec<&str> = members.iter().map(|i| users[*i].id.as_str()).collect();
+            let answer = ts.http.put(format!("{gateway}/api/v1/groups/{group_id}/members")).bearer_auth(&admin_token).json(&json!({"users": ids})).send().await.unwrap();
+            assert_eq!(answer.status(), StatusCode::OK, "{}", answer.text().await.unwrap());
+            groups.push((group_id, org_idx, members));
+        }
+        // A member (not an admin) may not manage groups.
+        let member = users.iter().find(|u| u.org == org_idx).unwrap();
+        let refused = ts.http.post(format!("{gateway}/api/v1/groups")).bearer_auth(&member.token).json(&json!({"name": "mine"})).send().await.unwrap();
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    }
+
     // Collections: each user's personal one plus a random number of team collections.
-    // collection id -> (owner index, members: user index -> role)
-    let mut collections: BTreeMap<String, (usize, BTreeMap<usize, String>)> = BTreeMap::new();
+    // collection id -> (owner index, user members -> role, group members -> role)
+    #[allow(clippy::type_complexity)]
+    let mut collections: BTreeMap<String, (usize, BTreeMap<usize, String>, BTreeMap<String, String>)> = BTreeMap::new();
     for (idx, user) in users.iter().enumerate() {
         let listed: Value = ts.http.get(format!("{gateway}/api/v1/collections")).bearer_auth(&user.token).send().await.unwrap().json().await.unwrap();
         let personal = listed.as_array().unwrap().iter().find(|c| c["personal"] == true).unwrap()["id"].as_str().unwrap().to_string();
-        collections.insert(personal, (idx, BTreeMap::new()));
+        collections.insert(personal, (idx, BTreeMap::new(), BTreeMap::new()));
         for t in 0..rng.below(3) {
             let created: Value = ts
                 .http
@@ -96,7 +118,7 @@ async fn no_probe_ever_sees_what_the_policy_forbids_and_every_allowed_document_i
                 .json()
                 .await
                 .unwrap();
-            collections.insert(created["id"].as_str().unwrap().to_string(), (idx, BTreeMap::new()));
+            collections.insert(created["id"].as_str().unwrap().to_string(), (idx, BTreeMap::new(), BTreeMap::new()));
         }
     }
 
@@ -111,10 +133,17 @@ async fn no_probe_ever_sees_what_the_policy_forbids_and_every_allowed_document_i
                 members.insert(idx, roles[rng.below(roles.len())].to_string());
             }
         }
-        if members.is_empty() && !rng.chance(50) {
+        let mut group_members = BTreeMap::new();
+        for (group_id, group_org, _) in &groups {
+            if *group_org == users[owner].org && rng.chance(30) {
+                group_members.insert(group_id.clone(), roles[rng.below(roles.len())].to_string());
+            }
+        }
+        if members.is_empty() && group_members.is_empty() && !rng.chance(50) {
             continue;
         }
-        let body: Vec<Value> = members.iter().map(|(idx, role)| json!({"user": users[*idx].id, "role": role})).collect();
+        let mut body: Vec<Value> = members.iter().map(|(idx, role)| json!({"user": users[*idx].id, "role": role})).collect();
+        body.extend(group_members.iter().map(|(group, role)| json!({"group": group, "role": role})));
         let answer = ts.http.put(format!("{gateway}/api/v1/collections/{id}/members")).bearer_auth(&users[owner].token).json(&json!({"members": body})).send().await.unwrap();
         assert_eq!(answer.status(), StatusCode::OK, "{}", answer.text().await.unwrap());
         if rng.chance(30) {
@@ -130,13 +159,15 @@ async fn no_probe_ever_sees_what_the_policy_forbids_and_every_allowed_document_i
             assert_eq!(cross.status(), StatusCode::BAD_REQUEST, "a share across orgs must be refused");
             // The refused share leaves the previous members in place.
         }
-        collections.get_mut(id).unwrap().1 = members;
+        let entry = collections.get_mut(id).unwrap();
+        entry.1 = members;
+        entry.2 = group_members;
     }
 
     // Documents: two per collection, each with its own marker word.
     let mut docs = Vec::new();
     let mut jobs = Vec::new();
-    for (id, (owner, members)) in &collections {
+    for (id, (owner, members, _)) in &collections {
         // Uploaders: the owner, or a member who may write.
         let writers: Vec<usize> = std::iter::once(*owner).chain(members.iter().filter(|(_, r)| *r == "editor" || *r == "manager").map(|(i, _)| *i)).collect();
         for n in 0..2 {
@@ -162,8 +193,10 @@ async fn no_probe_ever_sees_what_the_policy_forbids_and_every_allowed_document_i
 
     // The reference model: who may read which collection.
     let may_read = |user: usize, collection: &str| {
-        let (owner, members) = &collections[collection];
-        *owner == user || members.contains_key(&user)
+        let (owner, members, group_members) = &collections[collection];
+        *owner == user
+            || members.contains_key(&user)
+            || group_members.keys().any(|g| groups.iter().any(|(id, _, people)| id == g && people.contains(&user)))
     };
     let readable_docs = |user: usize| -> BTreeSet<String> { docs.iter().filter(|d| may_read(user, &d.collection)).map(|d| d.id.clone()).collect() };
     let doc_by_id: BTreeMap<&str, &Doc> = docs.iter().map(|d| (d.id.as_str(), d)).collect();
@@ -229,8 +262,9 @@ async fn no_probe_ever_sees_what_the_policy_forbids_and_every_allowed_document_i
         }
     }
     println!(
-        "leak test: seed {seed}: {probes} probes over {} users, {} collections, {} documents; {allowed_probes} searches for readable targets, {denied_probes} for forbidden ones; {} leaks, {} misses",
+        "leak test: seed {seed}: {probes} probes over {} users, {} groups, {} collections, {} documents; {allowed_probes} searches for readable targets, {denied_probes} for forbidden ones; {} leaks, {} misses",
         users.len(),
+        groups.len(),
         collections.len(),
         docs.len(),
         leaks.len(),

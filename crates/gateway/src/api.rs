@@ -302,3 +302,18 @@ pub(crate) async fn change_password(State(app): State<AppState>, caller: Caller,
     app.ctx.peers.send(ServiceName::Identity, request).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+// ---- groups (org admins) ----
+
+pub(crate) async fn groups(State(app): State<AppState>, caller: Caller) -> ApiResult<Json<serde_json::Value>> {
+    Ok(Json(app.ctx.peers.get_json(ServiceName::Authz, "/v1/groups", Some(&caller.principal)).await?))
+}
+
+pub(crate) async fn create_group(State(app): State<AppState>, caller: Caller, Json(body): Json<serde_json::Value>) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    Ok((StatusCode::CREATED, Json(app.ctx.peers.post_json(ServiceName::Authz, "/v1/groups", Some(&caller.principal), &body).await?)))
+}
+
+pub(crate) async fn set_group_members(State(app): State<AppState>, caller: Caller, Path(id): Path<String>, Json(body): Json<serde_json::Value>) -> ApiResult<Json<serde_json::Value>> {
+    service::check_id(&id).map_err(|_| ApiError::not_found("authz.group_not_found", "no such group"))?;
+    Ok(Json(app.ctx.peers.put_json(ServiceName::Authz, &format!("/v1/groups/{id}/members"), Some(&caller.principal), &body).await?))
+}

@@ -83,6 +83,8 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .route("/admin/users/{id}/disable", post(api::admin_disable_user))
         .route("/collections", get(api::list_collections).post(api::create_collection))
         .route("/collections/{id}/members", put(api::share_collection))
+        .route("/groups", get(api::groups).post(api::create_group))
+        .route("/groups/{id}/members", put(api::set_group_members))
         .route("/documents", get(api::list_documents).post(api::upload).layer(upload_limit))
         .route("/documents/{id}", get(api::get_document).delete(api::delete_document))
         .route("/documents/{id}/content", get(api::content))

@@ -154,6 +154,15 @@ async fn a_user_uploads_asks_gets_a_cited_answer_and_other_orgs_see_nothing() {
     assert_eq!(get(&ts, &cat.access_token, &format!("/api/v1/documents/{document_id}")).await.status(), StatusCode::OK);
     let answer: Value = post(&ts, &cat.access_token, "/api/v1/ask", json!({"question": "What is the launch code?"})).await.json().await.unwrap();
     assert!(answer["answer"].as_str().unwrap().contains("tangerine-42"));
+    assert_eq!(get(&ts, &cat.access_token, &format!("/api/v1/documents/{document_id}/content")).await.status(), StatusCode::OK);
+    // "Answers only": usable in answers, not downloadable.
+    assert_eq!(share(json!([{"user": cat_me["id"], "role": "answers"}])).await.status(), StatusCode::OK);
+    assert_eq!(get(&ts, &cat.access_token, &format!("/api/v1/documents/{document_id}")).await.status(), StatusCode::OK);
+    let refused = get(&ts, &cat.access_token, &format!("/api/v1/documents/{document_id}/content")).await;
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    assert_eq!(refused.json::<Value>().await.unwrap()["code"], "document.forbidden");
+    let answer: Value = post(&ts, &cat.access_token, "/api/v1/ask", json!({"question": "What is the launch code?"})).await.json().await.unwrap();
+    assert!(answer["answer"].as_str().unwrap().contains("tangerine-42"));
     assert_eq!(share(json!([])).await.status(), StatusCode::OK);
     assert_eq!(get(&ts, &cat.access_token, &format!("/api/v1/documents/{document_id}")).await.status(), StatusCode::NOT_FOUND);
 

@@ -44,11 +44,7 @@ pub fn check_policies() -> Result<usize, PolicyError> {
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
     let engine = Arc::new(Engine::builtin()?);
     let store = RelationStore::open(&ctx.config.db_path(ServiceName::Authz)).await?;
-    let ready_store = store.clone();
-    let ready: common::server::ReadyCheck = Arc::new(move || {
-        let store = ready_store.clone();
-        Box::pin(async move { sqlx::query("SELECT 1").execute(&store.pool).await.map(|_| ()).map_err(|e| e.to_string()) })
-    });
+    let ready = common::server::sqlite_ready(store.pool.clone(), vec![]);
     let state = AppState { ctx: ctx.clone(), engine, store };
     let routes = Router::new()
         .route("/v1/collections", get(list_collections).post(create_collection))
@@ -86,6 +82,16 @@ impl AppState {
             }
         }
         Ok(allowed)
+    }
+
+    /// A decision on an org-level action (`collection:create`, `admin:manage_users`, …).
+    async fn decide_on_org(&self, principal: &Principal, action: &str, org: &str) -> ApiResult<policy::Outcome> {
+        let groups = self.store.groups_of(&principal.sub).await?;
+        let entities = self
+            .engine
+            .entities(&Facts { user_id: &principal.sub, org: &principal.org, roles: &principal.roles, groups: &groups, collections: &[] })
+            .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
+        self.engine.decide(&principal.sub, action, "Org", org, &entities).map_err(|e| ApiError::bad_request("authz.invalid_request", e))
     }
 
     async fn candidates(&self, principal: &Principal) -> ApiResult<Vec<CollectionRow>> {
@@ -131,15 +137,7 @@ async fn create_collection(State(state): State<AppState>, ActingUser(principal):
     if name.is_empty() || name.chars().count() > 200 {
         return Err(ApiError::bad_request("authz.invalid_name", "collection names are 1 to 200 characters"));
     }
-    let groups = state.store.groups_of(&principal.sub).await?;
-    let entities = state
-        .engine
-        .entities(&Facts { user_id: &principal.sub, org: &principal.org, roles: &principal.roles, groups: &groups, collections: &[] })
-        .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
-    let outcome = state
-        .engine
-        .decide(&principal.sub, "collection:create", "Org", &principal.org, &entities)
-        .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
+    let outcome = state.decide_on_org(&principal, "collection:create", &principal.org).await?;
     if !outcome.allowed {
         state.ctx.audit(&principal.sub, "authz.denied", &format!("org:{}", principal.org), "denied", serde_json::json!({"action": "collection:create"})).await;
         return Err(ApiError::forbidden("authz.denied", "you may not create collections"));
@@ -238,12 +236,7 @@ async fn decide_batch(State(state): State<AppState>, ActingUser(principal): Acti
 }
 
 async fn require_user_admin(state: &AppState, principal: &Principal) -> ApiResult<()> {
-    let groups = state.store.groups_of(&principal.sub).await?;
-    let entities = state
-        .engine
-        .entities(&Facts { user_id: &principal.sub, org: &principal.org, roles: &principal.roles, groups: &groups, collections: &[] })
-        .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
-    let outcome = state.engine.decide(&principal.sub, "admin:manage_users", "Org", &principal.org, &entities).map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
+    let outcome = state.decide_on_org(principal, "admin:manage_users", &principal.org).await?;
     if outcome.allowed {
         Ok(())
     } else {
@@ -321,15 +314,7 @@ async fn decide(State(state): State<AppState>, ActingUser(principal): ActingUser
             }
         }
         "Org" => {
-            let groups = state.store.groups_of(&principal.sub).await?;
-            let entities = state
-                .engine
-                .entities(&Facts { user_id: &principal.sub, org: &principal.org, roles: &principal.roles, groups: &groups, collections: &[] })
-                .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
-            let outcome = state
-                .engine
-                .decide(&principal.sub, &request.action, "Org", &request.resource_id, &entities)
-                .map_err(|e| ApiError::bad_request("authz.invalid_request", e))?;
+            let outcome = state.decide_on_org(&principal, &request.action, &request.resource_id).await?;
             Decision { allowed: outcome.allowed, policies: outcome.policies }
         }
         other => return Err(ApiError::bad_request("authz.invalid_request", format!("unknown resource type `{other}`"))),

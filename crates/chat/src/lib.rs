@@ -5,8 +5,6 @@
 //! of another org are invisible (404). WebSocket delivery and `@echo` arrive with the
 //! chat issue; this is the REST core they build on.
 
-use std::sync::Arc;
-
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -70,11 +68,7 @@ struct Message {
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
     let pool = common::db::open_sqlite(&ctx.config.db_path(ServiceName::Chat)).await?;
     common::db::migrate(&pool, MIGRATIONS).await?;
-    let ready_pool = pool.clone();
-    let ready: common::server::ReadyCheck = Arc::new(move || {
-        let pool = ready_pool.clone();
-        Box::pin(async move { sqlx::query("SELECT 1").execute(&pool).await.map(|_| ()).map_err(|e| e.to_string()) })
-    });
+    let ready = common::server::sqlite_ready(pool.clone(), vec![]);
     let routes = Router::new()
         .route("/v1/rooms", get(list_rooms).post(create_room))
         .route("/v1/rooms/{id}/messages", get(list_messages).post(post_message))

@@ -29,11 +29,7 @@ pub use common::wire::UserSummary;
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
     let identity = service::Identity::new(ctx.config.clone(), Some(ctx.clone())).await?;
     spawn_key_reload(identity.clone(), ctx.shutdown.clone());
-    let store = identity.store.clone();
-    let ready: common::server::ReadyCheck = Arc::new(move || {
-        let store = store.clone();
-        Box::pin(async move { store.count_users().await.map(|_| ()).map_err(|e| e.to_string()) })
-    });
+    let ready = common::server::sqlite_ready(identity.store.pool.clone(), vec![]);
     let router = common::server::service_router(ServiceName::Identity, http::router(identity, ctx.clone()), ready)
         .fallback(common::server::not_found);
     common::server::serve(listener, router, ctx.shutdown.clone()).await

@@ -552,25 +552,14 @@ impl Identity {
         })
     }
 
-    /// Verifies one of our own access tokens (for `/userinfo`).
+    /// Verifies one of our own user access tokens (for `/userinfo`): audience `echo-api`,
+    /// not revoked.
     pub(crate) async fn verify_access(&self, token: &str) -> Result<AccessTokenClaims, IdentityError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| IdentityError::InvalidToken)?;
-        if header.alg != Algorithm::RS256 {
+        let claims = self.verify_any_access(token).await?;
+        if claims.aud != API_AUDIENCE || self.store.access_revoked(&claims.jti).await? {
             return Err(IdentityError::InvalidToken);
         }
-        let keys = self.keys.read().await;
-        let key = keys.iter().find(|k| Some(&k.kid) == header.kid.as_ref()).ok_or(IdentityError::InvalidToken)?;
-        let decoding = jsonwebtoken::DecodingKey::from_rsa_components(&key.n, &key.e).map_err(|_| IdentityError::InvalidToken)?;
-        let mut validation = jsonwebtoken::Validation::new(Algorithm::RS256);
-        validation.set_issuer(&[&self.issuer]);
-        validation.set_audience(&[API_AUDIENCE]);
-        validation.validate_nbf = true;
-        let data = jsonwebtoken::decode::<AccessTokenClaims>(token, &decoding, &validation).map_err(|_| IdentityError::InvalidToken)?;
-        drop(keys);
-        if self.store.access_revoked(&data.claims.jti).await? {
-            return Err(IdentityError::InvalidToken);
-        }
-        Ok(data.claims)
+        Ok(claims)
     }
 
     /// RFC 7009: revokes a refresh token (and its family) or an access token of this

@@ -3,8 +3,6 @@
 //! Public surface: `run`. Invariant: a profile is visible only to members of the same
 //! org; a user edits only their own. (Avatars arrive with the profile issue.)
 
-use std::sync::Arc;
-
 use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Router, middleware};
@@ -47,11 +45,7 @@ struct Profile {
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
     let pool = common::db::open_sqlite(&ctx.config.db_path(ServiceName::Profile)).await?;
     common::db::migrate(&pool, MIGRATIONS).await?;
-    let ready_pool = pool.clone();
-    let ready: common::server::ReadyCheck = Arc::new(move || {
-        let pool = ready_pool.clone();
-        Box::pin(async move { sqlx::query("SELECT 1").execute(&pool).await.map(|_| ()).map_err(|e| e.to_string()) })
-    });
+    let ready = common::server::sqlite_ready(pool.clone(), vec![]);
     let routes = Router::new()
         .route("/v1/me", get(me).patch(update_me))
         .route("/v1/profiles/{id}", get(profile_of))

@@ -37,11 +37,7 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     let store = QueueStore::open(&ctx.config.db_path(ServiceName::Queue)).await?;
     let state = AppState { store: store.clone(), wake: Arc::new(Notify::new()), config: ctx.config.queue.clone() };
     spawn_housekeeping(state.clone(), ctx.shutdown.clone());
-    let ready_store = store.clone();
-    let ready: common::server::ReadyCheck = Arc::new(move || {
-        let store = ready_store.clone();
-        Box::pin(async move { sqlx::query("SELECT 1").execute(&store.pool).await.map(|_| ()).map_err(|e| e.to_string()) })
-    });
+    let ready = common::server::sqlite_ready(store.pool.clone(), vec![]);
     let routes = Router::new()
         .route("/v1/topics/{topic}/publish", post(publish))
         .route("/v1/subscriptions/{name}", put(declare))

@@ -209,7 +209,9 @@ impl Identity {
         let hash = password::hash(new_password).await.map_err(|e| IdentityError::BadRequest(e.to_string()))?;
         self.store.set_password(&user_id, &hash).await?;
         self.store.end_user_sessions(&user_id).await?;
-        self.store.clear_failures(&format!("user:{user_id}")).await?;
+        if let Some(user) = self.store.user_by_id(&user_id).await? {
+            self.store.clear_failures(&format!("user:{}", user.username.to_lowercase())).await?;
+        }
         self.audit(&user_id, "identity.password_reset", &format!("user:{user_id}"), "success", serde_json::json!({})).await;
         Ok(())
     }
@@ -286,15 +288,17 @@ impl Identity {
     /// Seconds the caller must still wait before another attempt for `username` from
     /// `ip`; 0 when free. Five failures are free; then 1 s, 2 s, 4 s … up to 15 min.
     pub(crate) async fn throttled_for(&self, username: &str, ip: &str) -> Result<i64, IdentityError> {
-        let now = now_unix();
-        let mut wait = 0;
+        // Milliseconds, so a delay never ends early by crossing a second boundary.
+        let now_ms = common::now_unix_ms();
+        let mut wait_ms = 0;
         for (key, free) in [(format!("user:{}", username.trim().to_lowercase()), FREE_PER_ACCOUNT), (format!("ip:{ip}"), FREE_PER_IP)] {
-            let (failures, last_at) = self.store.failures(&key).await?;
+            let (failures, last_at_ms) = self.store.failures(&key).await?;
             if let Some(delay) = throttle_delay(failures, free) {
-                wait = wait.max(last_at + delay - now);
+                wait_ms = wait_ms.max(last_at_ms + delay * 1000 - now_ms);
             }
         }
-        Ok(wait.max(0))
+        // Whole seconds for Retry-After, rounded up.
+        Ok(if wait_ms > 0 { (wait_ms + 999) / 1000 } else { 0 })
     }
 
     pub(crate) async fn record_login_outcome(&self, username: &str, ip: &str, succeeded: bool) -> Result<(), IdentityError> {
@@ -302,9 +306,9 @@ impl Identity {
         if succeeded {
             self.store.clear_failures(&user_key).await?;
         } else {
-            let now = now_unix();
-            self.store.record_failure(&user_key, now, FORGET_FAILURES_AFTER).await?;
-            self.store.record_failure(&format!("ip:{ip}"), now, FORGET_FAILURES_AFTER).await?;
+            let now_ms = common::now_unix_ms();
+            self.store.record_failure(&user_key, now_ms, FORGET_FAILURES_AFTER * 1000).await?;
+            self.store.record_failure(&format!("ip:{ip}"), now_ms, FORGET_FAILURES_AFTER * 1000).await?;
         }
         Ok(())
     }

@@ -500,7 +500,7 @@ impl Store {
         Ok(found.is_some())
     }
 
-    /// (failures, last failure time) for a throttling key such as `user:ann` or `ip:10.0.0.1`.
+    /// (failures, last failure time in Unix ms) for a throttling key such as `user:ann` or `ip:10.0.0.1`.
     pub(crate) async fn failures(&self, key: &str) -> Result<(i64, i64), sqlx::Error> {
         let row: Option<(i64, i64)> = sqlx::query_as("SELECT failures, last_at FROM login_failures WHERE key = ?").bind(key).fetch_optional(&self.pool).await?;
         Ok(row.unwrap_or((0, 0)))

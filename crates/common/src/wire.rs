@@ -100,6 +100,45 @@ pub mod events {
     ];
 }
 
+/// A change of memberships or shares (`echo.relationship.changed`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RelationshipChanged {
+    pub object: String,
+    pub relation: String,
+    pub subjects: serde_json::Value,
+}
+
+/// A chat message was stored (`echo.chat.message.posted`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChatMessagePosted {
+    pub room_id: String,
+    pub message_id: String,
+    pub seq: i64,
+}
+
+/// Checks that `data` matches the schema of event `type_` at `version`: each event type
+/// has one typed struct per version here, and the queue refuses anything else.
+pub fn validate_event_data(type_: &str, version: &str, data: &serde_json::Value) -> Result<(), String> {
+    fn check<T: serde::de::DeserializeOwned>(data: &serde_json::Value) -> Result<(), String> {
+        serde_json::from_value::<T>(data.clone()).map(|_| ()).map_err(|e| e.to_string())
+    }
+    if version != "1" {
+        return Err(format!("unknown dataversion `{version}` for {type_}"));
+    }
+    match type_ {
+        events::DOCUMENT_UPLOADED => check::<DocumentUploaded>(data),
+        events::DOCUMENT_INDEXED => check::<DocumentIndexed>(data),
+        events::DOCUMENT_FAILED => check::<DocumentFailed>(data),
+        events::DOCUMENT_DELETED => check::<DocumentDeleted>(data),
+        events::USER_CREATED | events::USER_DISABLED => check::<UserSummary>(data),
+        events::RELATIONSHIP_CHANGED => check::<RelationshipChanged>(data),
+        events::CHAT_MESSAGE_POSTED => check::<ChatMessagePosted>(data),
+        events::AUDIT_RECORDED => check::<AuditEvent>(data),
+        events::LOG_BATCH => check::<LogBatch>(data),
+        other => Err(format!("`{other}` is not an Echo event type")),
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DocumentUploaded {
     pub document_id: String,
@@ -390,4 +429,21 @@ pub struct UserSummary {
     pub roles: Vec<String>,
     pub email: Option<String>,
     pub disabled: bool,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_event_type_has_a_schema_that_refuses_the_wrong_shape() {
+        for type_ in events::ALL {
+            let error = validate_event_data(type_, "1", &serde_json::json!({"unexpected": true})).unwrap_err();
+            assert!(error.contains("missing field"), "{type_}: {error}");
+        }
+        let deleted = serde_json::json!({"document_id": "d", "collection_id": "c", "blob_id": "b"});
+        assert!(validate_event_data(events::DOCUMENT_DELETED, "1", &deleted).is_ok());
+        assert!(validate_event_data(events::DOCUMENT_DELETED, "2", &deleted).is_err(), "unknown versions are refused");
+    }
 }

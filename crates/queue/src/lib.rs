@@ -115,6 +115,9 @@ async fn publish(State(state): State<AppState>, Path(topic): Path<String>, Json(
                 "events must be CloudEvents 1.0 with an id, a source and the topic as type",
             ));
         }
+        if let Err(reason) = common::wire::validate_event_data(&event.type_, &event.dataversion, &event.data) {
+            return Err(ApiError::bad_request("queue.invalid_event_data", format!("{} data does not match its schema: {reason}", event.type_)));
+        }
         let size = serde_json::to_vec(&event).map(|v| v.len()).unwrap_or(usize::MAX);
         if size > state.config.max_message_bytes {
             return Err(ApiError::new(common::ErrorKind::PayloadTooLarge, "queue.message_too_large", "message exceeds max_message_bytes"));

@@ -20,7 +20,7 @@ async fn published_events_fan_out_and_poison_messages_are_dead_lettered_then_red
     let bus = Bus::new(echo.peers_as(ServiceName::Chat), ServiceName::Chat);
     bus.subscribe("test-a", &spec(2)).await.unwrap();
     bus.subscribe("test-b", &spec(2)).await.unwrap();
-    let event = bus.event(events::CHAT_MESSAGE_POSTED, None, serde_json::json!({"room_id": "r", "n": 1}));
+    let event = bus.event(events::CHAT_MESSAGE_POSTED, None, serde_json::json!({"room_id": "r", "message_id": "m", "seq": 1}));
     bus.publish(vec![PublishMessage { event: event.clone(), key: Some("k1".into()), delay_ms: None }]).await.unwrap();
     bus.publish(vec![PublishMessage { event: event.clone(), key: Some("k1".into()), delay_ms: None }]).await.unwrap();
 
@@ -58,6 +58,9 @@ async fn invalid_events_and_unauthenticated_callers_are_refused() {
     let unknown = bus.event("echo.not.a.type", None, serde_json::json!({}));
     let error = bus.publish(vec![PublishMessage { event: unknown, key: None, delay_ms: None }]).await.unwrap_err();
     assert_eq!(error.code, "queue.unknown_event_type");
+    let malformed = bus.event(events::DOCUMENT_DELETED, None, serde_json::json!({"document_id": 7}));
+    let error = bus.publish(vec![PublishMessage { event: malformed, key: None, delay_ms: None }]).await.unwrap_err();
+    assert_eq!(error.code, "queue.invalid_event_data");
 
     let http = reqwest::Client::new();
     let anonymous = http.get(format!("{}/v1/stats", echo.url(ServiceName::Queue))).send().await.unwrap();

@@ -30,28 +30,29 @@ use store::{CollectionRow, RelationStore};
 #[derive(Clone)]
 struct AppState {
     ctx: ServiceContext,
-    engine: Arc<Engine>,
+    engine: Arc<std::sync::RwLock<Arc<Engine>>>,
     store: RelationStore,
 }
 
 /// Validates the built-in schema and policies (for `echod config check`).
-pub fn check_policies() -> Result<usize, PolicyError> {
-    Engine::builtin()?;
-    Ok(policy::POLICIES.len())
+pub fn check_policies(config: &common::EchoConfig) -> Result<usize, PolicyError> {
+    Ok(Engine::from_dir(config.authz.policy_dir.as_deref())?.1)
 }
 
 /// Runs the authz service on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
-    let engine = Arc::new(Engine::builtin()?);
+    let engine = Arc::new(std::sync::RwLock::new(Arc::new(Engine::from_dir(ctx.config.authz.policy_dir.as_deref())?.0)));
     let store = RelationStore::open(&ctx.config.db_path(ServiceName::Authz)).await?;
     let ready = common::server::sqlite_ready(store.pool.clone(), vec![]);
     let state = AppState { ctx: ctx.clone(), engine, store };
+    spawn_reload_on_hangup(state.clone());
     let routes = Router::new()
         .route("/v1/collections", get(list_collections).post(create_collection))
         .route("/v1/collections/{id}", get(get_collection))
         .route("/v1/collections/{id}/members", put(share_collection))
         .route("/v1/decide", post(decide))
         .route("/v1/decide/batch", post(decide_batch))
+        .route("/v1/policies/reload", post(reload_policies))
         .route("/v1/groups", get(list_groups).post(create_group))
         .route("/v1/groups/{id}/members", put(set_group_members))
         .route("/v1/readable", post(readable))
@@ -62,19 +63,34 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
 }
 
 impl AppState {
+    /// The policy set in force (a reload swaps it; in-flight decisions keep theirs).
+    fn engine(&self) -> Arc<Engine> {
+        self.engine.read().map(|e| e.clone()).unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+
+    /// Re-reads and validates the policies; an invalid set is refused and the old one stays.
+    fn reload(&self) -> Result<usize, PolicyError> {
+        let (engine, n_files) = Engine::from_dir(self.ctx.config.authz.policy_dir.as_deref())?;
+        match self.engine.write() {
+            Ok(mut slot) => *slot = Arc::new(engine),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(engine),
+        }
+        Ok(n_files)
+    }
+
     /// Evaluates `action` for `principal` on each of `collections`; returns the allowed ones
     /// with the policies that allowed them.
     async fn evaluate(&self, principal: &Principal, action: &str, collections: &[CollectionRow]) -> ApiResult<Vec<(CollectionRow, Vec<String>)>> {
         let groups = self.store.groups_of(&principal.sub).await?;
         let facts = self.store.facts(collections).await?;
-        let entities = self
-            .engine
+        // One policy set for the whole evaluation, even if a reload lands meanwhile.
+        let engine = self.engine();
+        let entities = engine
             .entities(&Facts { user_id: &principal.sub, org: &principal.org, roles: &principal.roles, groups: &groups, collections: &facts })
             .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
         let mut allowed = Vec::new();
         for collection in collections {
-            let outcome = self
-                .engine
+            let outcome = engine
                 .decide(&principal.sub, action, "Collection", &collection.id, &entities)
                 .map_err(|e| ApiError::bad_request("authz.invalid_request", e))?;
             if outcome.allowed {
@@ -88,10 +104,10 @@ impl AppState {
     async fn decide_on_org(&self, principal: &Principal, action: &str, org: &str) -> ApiResult<policy::Outcome> {
         let groups = self.store.groups_of(&principal.sub).await?;
         let entities = self
-            .engine
+            .engine()
             .entities(&Facts { user_id: &principal.sub, org: &principal.org, roles: &principal.roles, groups: &groups, collections: &[] })
             .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
-        self.engine.decide(&principal.sub, action, "Org", org, &entities).map_err(|e| ApiError::bad_request("authz.invalid_request", e))
+        self.engine().decide(&principal.sub, action, "Org", org, &entities).map_err(|e| ApiError::bad_request("authz.invalid_request", e))
     }
 
     async fn candidates(&self, principal: &Principal) -> ApiResult<Vec<CollectionRow>> {
@@ -215,6 +231,36 @@ async fn share_collection(
     state.ctx.audit(&principal.sub, "collection.shared", &format!("collection:{id}"), "success", serde_json::json!({"members": members.len()})).await;
     let role = state.role_of(&principal, &row).await?;
     Ok(Json(state.wire(&row, role)))
+}
+
+fn spawn_reload_on_hangup(state: AppState) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+        loop {
+            tokio::select! {
+                _ = state.ctx.shutdown.cancelled() => break,
+                received = hangups.recv() => if received.is_none() { break },
+            }
+            match state.reload() {
+                Ok(n) => tracing::info!(policy_files = n, "policies reloaded on SIGHUP"),
+                Err(error) => tracing::error!(%error, "policy reload refused; the previous policies stay in force"),
+            }
+        }
+    });
+}
+
+async fn reload_policies(State(state): State<AppState>, caller: common::server::Caller) -> ApiResult<Json<serde_json::Value>> {
+    match state.reload() {
+        Ok(n_files) => {
+            state.ctx.audit(&caller.client_id, "authz.policies_reloaded", "policies", "success", serde_json::json!({"files": n_files})).await;
+            Ok(Json(serde_json::json!({"reloaded": true, "policy_files": n_files})))
+        }
+        Err(error) => {
+            tracing::error!(%error, "policy reload refused; the previous policies stay in force");
+            Err(ApiError::bad_request("authz.invalid_policies", error.to_string()))
+        }
+    }
 }
 
 #[derive(Deserialize)]

@@ -98,6 +98,30 @@ impl Engine {
         Engine::load(SCHEMA, POLICIES)
     }
 
+    /// The policy set in `dir` (`echo.cedarschema` and every `*.cedar`), or the built-in
+    /// one when `dir` is `None`. Returns the engine and the number of policy files.
+    pub(crate) fn from_dir(dir: Option<&std::path::Path>) -> Result<(Engine, usize), PolicyError> {
+        let Some(dir) = dir else { return Ok((Engine::builtin()?, POLICIES.len())) };
+        let schema_path = dir.join("echo.cedarschema");
+        let schema = std::fs::read_to_string(&schema_path).map_err(|e| PolicyError::Schema(format!("{}: {e}", schema_path.display())))?;
+        let mut files: Vec<(String, String)> = Vec::new();
+        let entries = std::fs::read_dir(dir).map_err(|e| PolicyError::Policy { file: dir.display().to_string(), message: e.to_string() })?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "cedar") {
+                let text = std::fs::read_to_string(&path).map_err(|e| PolicyError::Policy { file: path.display().to_string(), message: e.to_string() })?;
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                files.push((name, text));
+            }
+        }
+        files.sort();
+        if files.is_empty() {
+            return Err(PolicyError::Policy { file: dir.display().to_string(), message: "no *.cedar files".into() });
+        }
+        let borrowed: Vec<(&str, &str)> = files.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect();
+        Ok((Engine::load(&schema, &borrowed)?, files.len()))
+    }
+
     pub(crate) fn entities(&self, facts: &Facts<'_>) -> Result<Entities, String> {
         let mut list = vec![json!({"uid": {"type": "Echo::Org", "id": facts.org}, "attrs": {}, "parents": []})];
         for group in facts.groups {

@@ -147,6 +147,15 @@ pub struct EchoConfig {
     pub rag: RagConfig,
     pub logs: LogsConfig,
     pub audit: AuditConfig,
+    pub authz: AuthzConfig,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthzConfig {
+    /// A directory with `echo.cedarschema` and `*.cedar` to use instead of the policies
+    /// built into the binary; re-read on SIGHUP and on `POST /v1/policies/reload`.
+    pub policy_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -264,6 +273,7 @@ impl Default for EchoConfig {
             rag: RagConfig::default(),
             logs: LogsConfig::default(),
             audit: AuditConfig::default(),
+            authz: AuthzConfig::default(),
         }
     }
 }

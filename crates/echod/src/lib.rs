@@ -192,8 +192,14 @@ pub mod testing {
     impl TestEcho {
         /// Starts every service on ports chosen by the OS and waits until all are ready.
         pub async fn start() -> TestEcho {
+            Self::start_with(|_| {}).await
+        }
+
+        /// As `start`, with the configuration adjusted by `adjust` (given the data dir).
+        pub async fn start_with(adjust: impl FnOnce(&mut EchoConfig)) -> TestEcho {
             let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-            let config = EchoConfig::for_test(dir.path());
+            let mut config = EchoConfig::for_test(dir.path());
+            adjust(&mut config);
             let system = super::up(config).await.unwrap_or_else(|e| panic!("echod up: {e:#}"));
             super::wait_ready(&system.config, Duration::from_secs(60)).await.unwrap_or_else(|e| panic!("ready: {e:#}"));
             let config = (*system.config).clone();

@@ -292,7 +292,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Config(ConfigCommand::Check(location)) => {
             let config = config_for(&location)?;
-            let n_policy_files = authz::check_policies()?;
+            let n_policy_files = authz::check_policies(&config)?;
             println!("configuration valid (data dir {}); {n_policy_files} policy file(s) valid against the schema", config.data_dir.display());
             Ok(0)
         }

@@ -40,3 +40,36 @@ async fn decisions_name_their_policies_and_never_cross_orgs() {
     assert_eq!(hidden.code, "authz.collection_not_found");
     echo.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_reload_from_their_directory_and_an_invalid_set_is_refused_with_its_line() {
+    let policies = tempfile::tempdir().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+    for name in ["echo.cedarschema", "echo.cedar"] {
+        std::fs::copy(root.join(name), policies.path().join(name)).unwrap();
+    }
+    let dir = policies.path().to_path_buf();
+    let echo = TestEcho::start_with(|config| config.authz.policy_dir = Some(dir)).await;
+    let peers = echo.peers_as(ServiceName::Gateway);
+    let ann = user("ann", "acme");
+    let collections: Vec<Collection> = peers.get_json(ServiceName::Authz, "/v1/collections", Some(&ann)).await.unwrap();
+    let decide = || {
+        let peers = peers.clone();
+        let ann = ann.clone();
+        let request = DecisionRequest { action: "document:read_chunks".into(), resource_type: "Collection".into(), resource_id: collections[0].id.clone() };
+        async move { peers.post_json::<_, Decision>(ServiceName::Authz, "/v1/decide", Some(&ann), &request).await.unwrap() }
+    };
+    assert!(decide().await.allowed);
+
+    std::fs::write(policies.path().join("broken.cedar"), "@id(\"broken\")\npermit (principal, action, resource)\nwhen { resource.no_such_attribute };\n").unwrap();
+    let refused = peers.post_json::<_, serde_json::Value>(ServiceName::Authz, "/v1/policies/reload", None, &serde_json::json!({})).await.unwrap_err();
+    assert_eq!(refused.code, "authz.invalid_policies");
+    assert!(refused.detail.contains("broken.cedar") && refused.detail.contains("line 3"), "{}", refused.detail);
+    assert!(decide().await.allowed, "the previous policies stay in force");
+
+    std::fs::write(policies.path().join("broken.cedar"), "@id(\"freeze-reading\")\nforbid (principal, action == Echo::Action::\"document:read_chunks\", resource);\n").unwrap();
+    let _: serde_json::Value = peers.post_json(ServiceName::Authz, "/v1/policies/reload", None, &serde_json::json!({})).await.unwrap();
+    let frozen = decide().await;
+    assert!(!frozen.allowed, "the reloaded forbid applies on the next decision");
+    echo.stop().await;
+}

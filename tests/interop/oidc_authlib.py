@@ -63,7 +63,8 @@ def main():
     })
     claims.validate()
     assert claims["preferred_username"] == username, claims
-    print(f"ok: code + PKCE via Authlib, ID token for {claims['sub']} validated against the JWKS (kid {jwt.decode(token['id_token'], jwks).header['kid']})")
+    header = jwt.decode(token["id_token"], jwks).header
+    print(f"ok: code + PKCE via Authlib, ID token for {claims['sub']} validated against the JWKS (alg {header['alg']}, kid {header['kid']})")
     userinfo = requests.get(discovery["userinfo_endpoint"], headers={"Authorization": f"Bearer {token['access_token']}"}, timeout=10).json()
     assert userinfo["sub"] == claims["sub"], userinfo
     refreshed = client.refresh_token(discovery["token_endpoint"], refresh_token=token["refresh_token"])

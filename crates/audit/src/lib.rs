@@ -52,6 +52,9 @@ CREATE TABLE checkpoints (
     public_key TEXT NOT NULL,
     created_at INTEGER NOT NULL
 );
+"#, r#"
+ALTER TABLE records ADD COLUMN org TEXT;
+CREATE INDEX records_org ON records(org, seq);
 "#];
 
 #[derive(Clone)]
@@ -60,11 +63,14 @@ struct AppState {
     append: Arc<Mutex<()>>,
     signer: Arc<Ed25519KeyPair>,
     checkpoint_every: i64,
+    /// Where actors' orgs are looked up (identity); `None` in unit tests.
+    ctx: Option<ServiceContext>,
+    /// actor → org, learned from identity (a user's org never changes).
+    orgs: Arc<Mutex<std::collections::HashMap<String, Option<String>>>>,
 }
 
 async fn open(config: &EchoConfig) -> Result<SqlitePool, sqlx::Error> {
-    let pool = common::db::open_sqlite(&config.db_path(ServiceName::Audit)).await?;
-    common::db::migrate(&pool, MIGRATIONS).await?;
+    let pool = common::db::open_migrated(&config.db_path(ServiceName::Audit), MIGRATIONS).await?;
     Ok(pool)
 }
 
@@ -93,7 +99,14 @@ fn load_signer(path: &FsPath) -> anyhow::Result<Ed25519KeyPair> {
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
     let pool = open(&ctx.config).await?;
     let signer = load_signer(&ctx.config.data_dir.join("keys").join("audit-checkpoint.pk8"))?;
-    let state = AppState { pool: pool.clone(), append: Arc::new(Mutex::new(())), signer: Arc::new(signer), checkpoint_every: ctx.config.audit.checkpoint_every.max(1) };
+    let state = AppState {
+        pool: pool.clone(),
+        append: Arc::new(Mutex::new(())),
+        signer: Arc::new(signer),
+        checkpoint_every: ctx.config.audit.checkpoint_every.max(1),
+        ctx: Some(ctx.clone()),
+        orgs: Arc::default(),
+    };
     let consumer_ready = common::server::ReadyFlag::default();
     spawn_consumer(&ctx, state.clone(), consumer_ready.clone());
     let ready = common::server::sqlite_ready(pool.clone(), vec![("the audit subscription", consumer_ready)]);
@@ -110,7 +123,7 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
 fn spawn_consumer(ctx: &ServiceContext, state: AppState, ready: common::server::ReadyFlag) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        let spec = common::bus::SubscriptionSpec { topic: events::AUDIT_RECORDED.into(), max_deliveries: Some(20), lease_ms: Some(30_000) };
+        let spec = common::bus::SubscriptionSpec { topic: events::AUDIT_RECORDED.into(), max_deliveries: Some(20), lease_ms: Some(30_000), ordered: None };
         if !ctx.bus.declare("audit", &spec, &ctx.shutdown).await {
             return;
         }
@@ -119,13 +132,40 @@ fn spawn_consumer(ctx: &ServiceContext, state: AppState, ready: common::server::
             let state = state.clone();
             async move {
                 let audit: AuditEvent = event.data_as().map_err(|e| format!("bad audit event: {e}"))?;
-                append(&state, &event.id, &audit).await.map_err(|e| e.to_string())
+                // Identity unreachable: retried later rather than stored without its org.
+                let org = org_of(&state, &audit).await.map_err(|e| format!("org of the actor unknown for now: {e}"))?;
+                append(&state, &event.id, &audit, org.as_deref()).await.map_err(|e| e.to_string())
             }
         });
     });
 }
 
-async fn append(state: &AppState, event_id: &str, event: &AuditEvent) -> Result<(), sqlx::Error> {
+/// The org a record belongs to, which decides which org admins may read it: the
+/// acting user's org, else an `org` the emitting service put in the context. Records
+/// of services, the CLI and unknown actors (a mistyped username) have none: only
+/// operators see them.
+async fn org_of(state: &AppState, event: &AuditEvent) -> Result<Option<String>, ApiError> {
+    let from_context = event.context.get("org").and_then(|v| v.as_str()).map(str::to_string);
+    let looks_like_user = uuid::Uuid::parse_str(&event.actor).is_ok();
+    let Some(ctx) = state.ctx.as_ref().filter(|_| looks_like_user) else { return Ok(from_context) };
+    if let Some(known) = state.orgs.lock().await.get(&event.actor) {
+        return Ok(known.clone().or(from_context));
+    }
+    let path = format!("/internal/users/{}", event.actor);
+    let org = match ctx.peers.get_json::<common::wire::UserSummary>(ServiceName::Identity, &path, None).await {
+        Ok(user) => Some(user.org),
+        Err(error) if error.kind == common::error::ErrorKind::NotFound => None,
+        Err(error) => return Err(error),
+    };
+    let mut cache = state.orgs.lock().await;
+    if cache.len() > 100_000 {
+        cache.clear();
+    }
+    cache.insert(event.actor.clone(), org.clone());
+    Ok(org.or(from_context))
+}
+
+async fn append(state: &AppState, event_id: &str, event: &AuditEvent, org: Option<&str>) -> Result<(), sqlx::Error> {
     let _guard = state.append.lock().await;
     let mut tx = common::db::begin_write(&state.pool).await?;
     let exists: Option<i64> = sqlx::query_scalar("SELECT seq FROM records WHERE event_id = ?").bind(event_id).fetch_optional(&mut *tx).await?;
@@ -147,7 +187,9 @@ async fn append(state: &AppState, event_id: &str, event: &AuditEvent) -> Result<
         hash: String::new(),
     };
     record.hash = record_hash(&prev_hash, &record);
-    sqlx::query("INSERT INTO records (seq, ts, event_id, actor, action, resource, outcome, context, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    // `org` decides visibility; it is not part of the chained evidence (records written
+    // before it existed have none), and the append-only triggers protect it as well.
+    sqlx::query("INSERT INTO records (seq, ts, event_id, actor, action, resource, outcome, context, prev_hash, hash, org) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
         .bind(record.seq)
         .bind(record.ts)
         .bind(&record.event_id)
@@ -158,6 +200,7 @@ async fn append(state: &AppState, event_id: &str, event: &AuditEvent) -> Result<
         .bind(&record.context)
         .bind(&record.prev_hash)
         .bind(&record.hash)
+        .bind(org)
         .execute(&mut *tx)
         .await?;
     if record.seq % state.checkpoint_every == 0 {
@@ -217,9 +260,18 @@ struct AuditQuery {
     /// Unix seconds or RFC 3339.
     since: Option<String>,
     limit: Option<i64>,
+    /// Only this org's records. Forced to the acting user's org unless an operator.
+    org: Option<String>,
 }
 
-async fn query(State(state): State<AppState>, Query(params): Query<AuditQuery>) -> ApiResult<Json<serde_json::Value>> {
+async fn query(
+    State(state): State<AppState>,
+    caller: common::server::Caller,
+    Query(mut params): Query<AuditQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    if let Some(principal) = caller.principal.as_ref().filter(|p| !p.is_operator()) {
+        params.org = Some(principal.org.clone());
+    }
     let since = match params.since.as_deref() {
         None => 0,
         Some(s) => s.parse::<i64>().or_else(|_| {
@@ -230,6 +282,7 @@ async fn query(State(state): State<AppState>, Query(params): Query<AuditQuery>) 
     };
     let rows = sqlx::query(
         "SELECT * FROM records WHERE ts >= ? AND (? IS NULL OR actor = ?) AND (? IS NULL OR action = ?) AND (? IS NULL OR resource = ?)
+           AND (? IS NULL OR org = ?)
          ORDER BY seq DESC LIMIT ?",
     )
     .bind(since)
@@ -239,6 +292,8 @@ async fn query(State(state): State<AppState>, Query(params): Query<AuditQuery>) 
     .bind(&params.action)
     .bind(&params.resource)
     .bind(&params.resource)
+    .bind(&params.org)
+    .bind(&params.org)
     .bind(params.limit.unwrap_or(200).clamp(1, 1000))
     .fetch_all(&state.pool)
     .await?;
@@ -253,6 +308,7 @@ async fn query(State(state): State<AppState>, Query(params): Query<AuditQuery>) 
                 "action": record.action,
                 "resource": record.resource,
                 "outcome": record.outcome,
+                "org": r.try_get::<Option<String>, _>("org")?,
                 "context": serde_json::from_str::<serde_json::Value>(&record.context).unwrap_or_default(),
                 "hash": record.hash,
             }))
@@ -288,7 +344,7 @@ mod tests {
         let config = EchoConfig::for_test(dir.path());
         let pool = open(&config).await.unwrap();
         let signer = load_signer(&dir.path().join("keys/k.pk8")).unwrap();
-        (dir, AppState { pool, append: Arc::new(Mutex::new(())), signer: Arc::new(signer), checkpoint_every: 2 })
+        (dir, AppState { pool, append: Arc::new(Mutex::new(())), signer: Arc::new(signer), checkpoint_every: 2, ctx: None, orgs: Arc::default() })
     }
 
     fn event(action: &str) -> AuditEvent {
@@ -296,11 +352,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn records_carry_their_org_and_the_org_column_is_append_only_too() {
+        let (_dir, state) = state().await;
+        let with_org = AuditEvent { context: serde_json::json!({"org": "acme"}), ..event("identity.user_created") };
+        let org = org_of(&state, &with_org).await.unwrap();
+        assert_eq!(org.as_deref(), Some("acme"), "the emitter's org context is used when the actor is not a user");
+        assert_eq!(org_of(&state, &event("rag.asked")).await.unwrap(), None, "no org: operators only");
+        append(&state, "o1", &with_org, org.as_deref()).await.unwrap();
+        let stored: Option<String> = sqlx::query_scalar("SELECT org FROM records WHERE event_id = 'o1'").fetch_one(&state.pool).await.unwrap();
+        assert_eq!(stored.as_deref(), Some("acme"));
+        assert!(sqlx::query("UPDATE records SET org = 'globex'").execute(&state.pool).await.is_err());
+    }
+
+    #[tokio::test]
     async fn appends_chain_deduplicate_and_verify() {
         let (_dir, state) = state().await;
-        append(&state, "e1", &event("document.uploaded")).await.unwrap();
-        append(&state, "e2", &event("rag.asked")).await.unwrap();
-        append(&state, "e2", &event("rag.asked")).await.unwrap();
+        append(&state, "e1", &event("document.uploaded"), None).await.unwrap();
+        append(&state, "e2", &event("rag.asked"), None).await.unwrap();
+        append(&state, "e2", &event("rag.asked"), None).await.unwrap();
         let verification = verify_pool(&state.pool).await.unwrap();
         assert!(verification.ok);
         assert_eq!(verification.n_records, 2);
@@ -312,7 +381,7 @@ mod tests {
     async fn the_database_refuses_updates_and_tampering_is_detected() {
         let (_dir, state) = state().await;
         for i in 0..3 {
-            append(&state, &format!("e{i}"), &event("document.uploaded")).await.unwrap();
+            append(&state, &format!("e{i}"), &event("document.uploaded"), None).await.unwrap();
         }
         let refused = sqlx::query("UPDATE records SET actor = 'mallory' WHERE seq = 2").execute(&state.pool).await;
         assert!(refused.is_err(), "append-only trigger must refuse updates");

@@ -32,7 +32,34 @@ struct AppState {
     ctx: ServiceContext,
     engine: Arc<std::sync::RwLock<Arc<Engine>>>,
     store: RelationStore,
+    /// Bumped on every policy reload.
+    policy_generation: Arc<std::sync::atomic::AtomicU64>,
+    /// Readable lists by principal and action, valid while neither the relationship
+    /// version nor the policy generation has moved: exact, never stale.
+    readable_cache: Arc<std::sync::Mutex<std::collections::HashMap<String, CachedList>>>,
+    facts_cache: Arc<std::sync::Mutex<FactsCache>>,
 }
+
+/// Relationship facts read from `authz.db` for single decisions, valid for one
+/// relationship version: when any write bumps the version, everything is read again.
+#[derive(Default)]
+struct FactsCache {
+    version: i64,
+    collections: std::collections::HashMap<String, Option<(CollectionRow, policy::CollectionFacts)>>,
+    groups: std::collections::HashMap<String, Vec<String>>,
+}
+
+/// Entries kept before the facts cache starts over.
+const FACTS_CACHE_ENTRIES: usize = 50_000;
+
+struct CachedList {
+    version: i64,
+    policy_generation: u64,
+    answer: Arc<ReadableCollections>,
+}
+
+/// Entries kept before the cache starts over (each is one principal and action).
+const READABLE_CACHE_ENTRIES: usize = 10_000;
 
 /// Validates the built-in schema and policies (for `echod config check`).
 pub fn check_policies(config: &common::EchoConfig) -> Result<usize, PolicyError> {
@@ -44,12 +71,12 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     let engine = Arc::new(std::sync::RwLock::new(Arc::new(Engine::from_dir(ctx.config.authz.policy_dir.as_deref())?.0)));
     let store = RelationStore::open(&ctx.config.db_path(ServiceName::Authz)).await?;
     let ready = common::server::sqlite_ready(store.pool.clone(), vec![]);
-    let state = AppState { ctx: ctx.clone(), engine, store };
+    let state = AppState { ctx: ctx.clone(), engine, store, policy_generation: Arc::default(), readable_cache: Arc::default(), facts_cache: Arc::default() };
     spawn_reload_on_hangup(state.clone());
     let routes = Router::new()
         .route("/v1/collections", get(list_collections).post(create_collection))
-        .route("/v1/collections/{id}", get(get_collection))
-        .route("/v1/collections/{id}/members", put(share_collection))
+        .route("/v1/collections/{id}", get(get_collection).delete(delete_collection))
+        .route("/v1/collections/{id}/members", put(share_collection).get(collection_members))
         .route("/v1/decide", post(decide))
         .route("/v1/decide/batch", post(decide_batch))
         .route("/v1/policies/reload", post(reload_policies))
@@ -75,23 +102,41 @@ impl AppState {
             Ok(mut slot) => *slot = Arc::new(engine),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(engine),
         }
+        self.policy_generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(n_files)
     }
 
     /// Evaluates `action` for `principal` on each of `collections`; returns the allowed ones
     /// with the policies that allowed them.
     async fn evaluate(&self, principal: &Principal, action: &str, collections: &[CollectionRow]) -> ApiResult<Vec<(CollectionRow, Vec<String>)>> {
+        self.evaluate_classified(principal, action, collections, None).await
+    }
+
+    /// The policy set in force (one for the whole evaluation, even if a reload lands
+    /// meanwhile) and the entities of `principal` with `collections`, read from the store.
+    async fn engine_and_entities(&self, principal: &Principal, collections: &[CollectionRow]) -> ApiResult<(Arc<Engine>, cedar_policy::Entities)> {
         let groups = self.store.groups_of(&principal.sub).await?;
         let facts = self.store.facts(collections).await?;
-        // One policy set for the whole evaluation, even if a reload lands meanwhile.
         let engine = self.engine();
         let entities = engine
             .entities(&Facts { user_id: &principal.sub, org: &principal.org, roles: &principal.roles, groups: &groups, collections: &facts })
             .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
+        Ok((engine, entities))
+    }
+
+    /// `evaluate` about a document of the given classification.
+    async fn evaluate_classified(
+        &self,
+        principal: &Principal,
+        action: &str,
+        collections: &[CollectionRow],
+        classification: Option<&str>,
+    ) -> ApiResult<Vec<(CollectionRow, Vec<String>)>> {
+        let (engine, entities) = self.engine_and_entities(principal, collections).await?;
         let mut allowed = Vec::new();
         for collection in collections {
             let outcome = engine
-                .decide(&principal.sub, action, "Collection", &collection.id, &entities)
+                .decide_classified(&principal.sub, action, "Collection", &collection.id, classification, &entities)
                 .map_err(|e| ApiError::bad_request("authz.invalid_request", e))?;
             if outcome.allowed {
                 allowed.push((collection.clone(), outcome.policies));
@@ -100,14 +145,88 @@ impl AppState {
         Ok(allowed)
     }
 
-    /// A decision on an org-level action (`collection:create`, `admin:manage_users`, …).
-    async fn decide_on_org(&self, principal: &Principal, action: &str, org: &str) -> ApiResult<policy::Outcome> {
+    /// For each collection, the classifications of its documents `principal` may do
+    /// `action` on (every one is evaluated: policies may use the classification either way).
+    async fn classes_allowed(&self, principal: &Principal, action: &str, collections: &[CollectionRow]) -> ApiResult<Vec<(String, Vec<String>)>> {
+        let (engine, entities) = self.engine_and_entities(principal, collections).await?;
+        let mut answer = Vec::with_capacity(collections.len());
+        for collection in collections {
+            let mut classes = Vec::new();
+            for class in common::wire::CLASSIFICATIONS {
+                let outcome = engine
+                    .decide_classified(&principal.sub, action, "Collection", &collection.id, Some(class), &entities)
+                    .map_err(|e| ApiError::bad_request("authz.invalid_request", e))?;
+                if outcome.allowed {
+                    classes.push(class.to_string());
+                }
+            }
+            answer.push((collection.id.clone(), classes));
+        }
+        Ok(answer)
+    }
+
+    /// One decision about one collection (and document classification), from facts
+    /// cached for the current relationship version: one small query when nothing
+    /// changed. `None` when there is no such collection.
+    async fn decide_one(&self, principal: &Principal, action: &str, id: &str, classification: Option<&str>) -> ApiResult<Option<policy::Outcome>> {
+        let version = self.store.version().await?;
+        let cached = {
+            let mut cache = self.facts_cache.lock().map_err(|_| ApiError::internal(anyhow::anyhow!("facts cache poisoned")))?;
+            if cache.version != version || cache.collections.len() + cache.groups.len() > FACTS_CACHE_ENTRIES {
+                *cache = FactsCache { version, ..FactsCache::default() };
+            }
+            (cache.collections.get(id).cloned(), cache.groups.get(&principal.sub).cloned())
+        };
+        let collection = match cached.0 {
+            Some(known) => known,
+            None => {
+                let loaded = match self.store.collection(id).await? {
+                    Some(row) => {
+                        let facts = self.store.facts(std::slice::from_ref(&row)).await?.into_iter().next();
+                        facts.map(|f| (row, f))
+                    }
+                    None => None,
+                };
+                if let Ok(mut cache) = self.facts_cache.lock()
+                    && cache.version == version
+                {
+                    cache.collections.insert(id.to_string(), loaded.clone());
+                }
+                loaded
+            }
+        };
+        let Some((_, facts)) = collection else { return Ok(None) };
+        let groups = match cached.1 {
+            Some(groups) => groups,
+            None => {
+                let groups = self.store.groups_of(&principal.sub).await?;
+                if let Ok(mut cache) = self.facts_cache.lock()
+                    && cache.version == version
+                {
+                    cache.groups.insert(principal.sub.clone(), groups.clone());
+                }
+                groups
+            }
+        };
+        let engine = self.engine();
+        let entities = engine
+            .entities(&Facts { user_id: &principal.sub, org: &principal.org, roles: &principal.roles, groups: &groups, collections: std::slice::from_ref(&facts) })
+            .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
+        engine
+            .decide_classified(&principal.sub, action, "Collection", id, classification, &entities)
+            .map(Some)
+            .map_err(|e| ApiError::bad_request("authz.invalid_request", e))
+    }
+
+    /// A decision on an org-level action (`collection:create`, `admin:manage_users`, …)
+    /// or, with `resource_type` `System`, an operator action.
+    async fn decide_on_org(&self, principal: &Principal, action: &str, resource_type: &str, org: &str) -> ApiResult<policy::Outcome> {
         let groups = self.store.groups_of(&principal.sub).await?;
         let entities = self
             .engine()
             .entities(&Facts { user_id: &principal.sub, org: &principal.org, roles: &principal.roles, groups: &groups, collections: &[] })
             .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
-        self.engine().decide(&principal.sub, action, "Org", org, &entities).map_err(|e| ApiError::bad_request("authz.invalid_request", e))
+        self.engine().decide(&principal.sub, action, resource_type, org, &entities).map_err(|e| ApiError::bad_request("authz.invalid_request", e))
     }
 
     async fn candidates(&self, principal: &Principal) -> ApiResult<Vec<CollectionRow>> {
@@ -116,7 +235,7 @@ impl AppState {
     }
 
     fn wire(&self, row: &CollectionRow, role: Option<String>) -> Collection {
-        Collection { id: row.id.clone(), name: row.name.clone(), org: row.org.clone(), owner: row.owner.clone(), personal: row.personal, role }
+        Collection { id: row.id.clone(), name: row.name.clone(), org: row.org.clone(), owner: row.owner.clone(), personal: row.personal, org_owned: row.org_owned, role }
     }
 
     async fn role_of(&self, principal: &Principal, row: &CollectionRow) -> ApiResult<Option<String>> {
@@ -146,6 +265,9 @@ async fn list_collections(State(state): State<AppState>, ActingUser(principal): 
 #[derive(Deserialize)]
 struct NewCollection {
     name: String,
+    /// Owned by the org rather than the creator (org owners and admins only).
+    #[serde(default)]
+    org_owned: bool,
 }
 
 async fn create_collection(State(state): State<AppState>, ActingUser(principal): ActingUser, Json(body): Json<NewCollection>) -> ApiResult<Json<Collection>> {
@@ -153,15 +275,27 @@ async fn create_collection(State(state): State<AppState>, ActingUser(principal):
     if name.is_empty() || name.chars().count() > 200 {
         return Err(ApiError::bad_request("authz.invalid_name", "collection names are 1 to 200 characters"));
     }
-    let outcome = state.decide_on_org(&principal, "collection:create", &principal.org).await?;
+    let outcome = state.decide_on_org(&principal, "collection:create", "Org", &principal.org).await?;
     if !outcome.allowed {
         state.ctx.audit(&principal.sub, "authz.denied", &format!("org:{}", principal.org), "denied", serde_json::json!({"action": "collection:create"})).await;
         return Err(ApiError::forbidden("authz.denied", "you may not create collections"));
     }
-    let id = state.store.create(name, &principal.org, &principal.sub).await?;
+    if body.org_owned {
+        // Collections of the org itself are for those who manage the org.
+        let admin = state.decide_on_org(&principal, "admin:manage_users", "Org", &principal.org).await?;
+        if !admin.allowed {
+            state.ctx.audit(&principal.sub, "authz.denied", &format!("org:{}", principal.org), "denied", serde_json::json!({"action": "collection:create", "org_owned": true})).await;
+            return Err(ApiError::forbidden("authz.denied", "only org owners and admins create collections owned by the org"));
+        }
+    }
+    let id = state.store.create(name, &principal.org, &principal.sub, body.org_owned).await?;
     let row = state.store.collection(&id).await?.ok_or_else(|| ApiError::internal(anyhow::anyhow!("collection vanished")))?;
-    state.ctx.audit(&principal.sub, "collection.created", &format!("collection:{id}"), "success", serde_json::json!({"name": name})).await;
-    Ok(Json(state.wire(&row, Some("owner".into()))))
+    state
+        .ctx
+        .audit(&principal.sub, "collection.created", &format!("collection:{id}"), "success", serde_json::json!({"name": name, "org_owned": body.org_owned}))
+        .await;
+    let role = state.role_of(&principal, &row).await?;
+    Ok(Json(state.wire(&row, role)))
 }
 
 /// The collection if the principal may read it; 404 otherwise (existence is not leaked).
@@ -233,6 +367,49 @@ async fn share_collection(
     Ok(Json(state.wire(&row, role)))
 }
 
+/// The collection if the principal may do `action` on it: not readable → 404, readable
+/// but not allowed → 403 (audited).
+async fn permitted_collection(state: &AppState, principal: &Principal, id: &str, action: &str) -> ApiResult<CollectionRow> {
+    let row = readable_collection(state, principal, id).await?;
+    if state.evaluate(principal, action, std::slice::from_ref(&row)).await?.is_empty() {
+        state.ctx.audit(&principal.sub, "authz.denied", &format!("collection:{id}"), "denied", serde_json::json!({"action": action})).await;
+        return Err(ApiError::forbidden("authz.denied", format!("your role on this collection does not allow {action}")));
+    }
+    Ok(row)
+}
+
+/// Who the collection is shared with, for those who may share it.
+async fn collection_members(State(state): State<AppState>, ActingUser(principal): ActingUser, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    let row = permitted_collection(&state, &principal, &id, "collection:share").await?;
+    let facts = state.store.facts(std::slice::from_ref(&row)).await?;
+    let members: Vec<serde_json::Value> = facts
+        .into_iter()
+        .flat_map(|f| f.shares)
+        .map(|(subject_type, subject_id, role)| serde_json::json!({subject_type: subject_id, "role": role}))
+        .collect();
+    Ok(Json(serde_json::json!({"collection": id, "members": members})))
+}
+
+/// Deletes a collection and its shares (its documents are purged by ingest first).
+/// Personal collections cannot be deleted.
+async fn delete_collection(State(state): State<AppState>, ActingUser(principal): ActingUser, Path(id): Path<String>) -> ApiResult<axum::http::StatusCode> {
+    let row = permitted_collection(&state, &principal, &id, "collection:delete").await?;
+    if row.personal {
+        return Err(ApiError::new(common::ErrorKind::Conflict, "collection.personal", "a personal collection cannot be deleted"));
+    }
+    state.store.delete_collection(&id).await?;
+    let event = state.ctx.bus.event(
+        events::RELATIONSHIP_CHANGED,
+        Some(format!("collection:{id}")),
+        serde_json::json!({"object": format!("collection:{id}"), "relation": "deleted", "subjects": []}),
+    );
+    if let Err(error) = state.ctx.bus.publish_one(event).await {
+        tracing::warn!(%error, "relationship change not published");
+    }
+    state.ctx.audit(&principal.sub, "collection.deleted", &format!("collection:{id}"), "success", serde_json::json!({"name": row.name})).await;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
 fn spawn_reload_on_hangup(state: AppState) {
     #[cfg(unix)]
     tokio::spawn(async move {
@@ -253,7 +430,12 @@ fn spawn_reload_on_hangup(state: AppState) {
 async fn reload_policies(State(state): State<AppState>, caller: common::server::Caller) -> ApiResult<Json<serde_json::Value>> {
     match state.reload() {
         Ok(n_files) => {
-            state.ctx.audit(&caller.client_id, "authz.policies_reloaded", "policies", "success", serde_json::json!({"files": n_files})).await;
+            // The operator on whose behalf the gateway asked, or the calling service.
+            let actor = caller.principal.as_ref().map(|p| p.sub.clone()).unwrap_or_else(|| caller.client_id.clone());
+            state
+                .ctx
+                .audit(&actor, "authz.policies_reloaded", "policies", "success", serde_json::json!({"files": n_files, "via": caller.client_id}))
+                .await;
             Ok(Json(serde_json::json!({"reloaded": true, "policy_files": n_files})))
         }
         Err(error) => {
@@ -282,7 +464,7 @@ async fn decide_batch(State(state): State<AppState>, ActingUser(principal): Acti
 }
 
 async fn require_user_admin(state: &AppState, principal: &Principal) -> ApiResult<()> {
-    let outcome = state.decide_on_org(principal, "admin:manage_users", &principal.org).await?;
+    let outcome = state.decide_on_org(principal, "admin:manage_users", "Org", &principal.org).await?;
     if outcome.allowed {
         Ok(())
     } else {
@@ -347,20 +529,17 @@ async fn set_group_members(State(state): State<AppState>, ActingUser(principal):
 async fn decide(State(state): State<AppState>, ActingUser(principal): ActingUser, Json(request): Json<DecisionRequest>) -> ApiResult<Json<Decision>> {
     let decision = match request.resource_type.as_str() {
         "Collection" => {
-            let row = state.store.collection(&request.resource_id).await?;
-            match row {
-                None => Decision { allowed: false, policies: vec![] },
-                Some(row) => {
-                    let allowed = state.evaluate(&principal, &request.action, std::slice::from_ref(&row)).await?;
-                    match allowed.into_iter().next() {
-                        Some((_, policies)) => Decision { allowed: true, policies },
-                        None => Decision { allowed: false, policies: vec![] },
-                    }
-                }
+            let classification = request.classification.as_deref();
+            if classification.is_some_and(|c| !common::wire::is_classification(c)) {
+                return Err(ApiError::bad_request("authz.invalid_classification", "classification is public, internal, confidential or restricted"));
+            }
+            match state.decide_one(&principal, &request.action, &request.resource_id, classification).await? {
+                Some(outcome) if outcome.allowed => Decision { allowed: true, policies: outcome.policies },
+                _ => Decision { allowed: false, policies: vec![] },
             }
         }
-        "Org" => {
-            let outcome = state.decide_on_org(&principal, &request.action, &request.resource_id).await?;
+        "Org" | "System" => {
+            let outcome = state.decide_on_org(&principal, &request.action, &request.resource_type, &request.resource_id).await?;
             Decision { allowed: outcome.allowed, policies: outcome.policies }
         }
         other => return Err(ApiError::bad_request("authz.invalid_request", format!("unknown resource type `{other}`"))),
@@ -384,8 +563,115 @@ fn default_read_action() -> String {
     "document:read_chunks".into()
 }
 
+/// Every collection of the principal's org is evaluated (exact, whatever the policies
+/// say); the answer is reused until a relationship or the policy set changes.
 async fn readable(State(state): State<AppState>, ActingUser(principal): ActingUser, Json(request): Json<ReadableRequest>) -> ApiResult<Json<ReadableCollections>> {
-    let candidates = state.candidates(&principal).await?;
-    let allowed = state.evaluate(&principal, &request.action, &candidates).await?;
-    Ok(Json(ReadableCollections { collections: allowed.into_iter().map(|(row, _)| row.id).collect() }))
+    state.store.ensure_personal(&principal.sub, &principal.username, &principal.org).await?;
+    // Read both before evaluating: a change that lands meanwhile leaves an entry
+    // tagged with the older version, which the next request will not use.
+    let policy_generation = state.policy_generation.load(std::sync::atomic::Ordering::SeqCst);
+    let version = state.store.version().await?;
+    let key = format!("{}\u{1f}{}\u{1f}{}\u{1f}{}", principal.sub, principal.org, principal.roles.join(","), request.action);
+    let cached = state.readable_cache.lock().ok().and_then(|cache| {
+        cache.get(&key).filter(|c| c.version == version && c.policy_generation == policy_generation).map(|c| c.answer.clone())
+    });
+    if let Some(answer) = cached {
+        metrics::counter!("echo_authz_readable_cache_hits_total").increment(1);
+        return Ok(Json(answer.as_ref().clone()));
+    }
+    let candidates = state.store.collections_in_org(&principal.org).await?;
+    let answer = if request.action.starts_with("document:") {
+        // Per classification: a collection is listed when any may be read, and
+        // restricted to those when not all may.
+        let mut answer = ReadableCollections { collections: Vec::new(), restricted: Default::default() };
+        for (id, classes) in state.classes_allowed(&principal, &request.action, &candidates).await? {
+            if classes.is_empty() {
+                continue;
+            }
+            if classes.len() < common::wire::CLASSIFICATIONS.len() {
+                answer.restricted.insert(id.clone(), classes);
+            }
+            answer.collections.push(id);
+        }
+        answer
+    } else {
+        let allowed = state.evaluate(&principal, &request.action, &candidates).await?;
+        ReadableCollections { collections: allowed.into_iter().map(|(row, _)| row.id).collect(), restricted: Default::default() }
+    };
+    let answer = Arc::new(answer);
+    if let Ok(mut cache) = state.readable_cache.lock() {
+        if cache.len() >= READABLE_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(key, CachedList { version, policy_generation, answer: answer.clone() });
+    }
+    Ok(Json(answer.as_ref().clone()))
+}
+
+/// Figures for `echod bench authz`, measured on the built-in policies without IO.
+pub mod bench {
+    use std::time::{Duration, Instant};
+
+    use crate::policy::{CollectionFacts, Engine, Facts};
+
+    pub struct InProcess {
+        /// One `document:read_chunks` decision: entities for one collection built and evaluated.
+        pub single: Vec<Duration>,
+        /// Every collection of an org of `n` evaluated, as the readable list does.
+        pub list: Vec<Duration>,
+        pub n_readable: usize,
+    }
+
+    /// `n` collections owned by someone else, every tenth shared with the reader.
+    fn collections(n: usize) -> Vec<CollectionFacts> {
+        (0..n)
+            .map(|i| CollectionFacts {
+                id: format!("c{i}"),
+                org: "bench".into(),
+                owner: "owner".into(),
+                personal: false,
+                org_owned: false,
+                shares: if i % 10 == 0 { vec![("user".into(), "reader".into(), "viewer".into())] } else { vec![] },
+            })
+            .collect()
+    }
+
+    pub fn in_process(n_collections: usize, iterations: usize, list_rounds: usize) -> Result<InProcess, String> {
+        let engine = Engine::builtin().map_err(|e| e.to_string())?;
+        let all = collections(n_collections.max(1));
+        let roles = vec!["member".to_string()];
+        let groups = vec!["g1".to_string()];
+        let mut single = Vec::with_capacity(iterations);
+        for i in 0..iterations {
+            let one = std::slice::from_ref(&all[i % all.len()]);
+            let started = Instant::now();
+            let entities = engine.entities(&Facts { user_id: "reader", org: "bench", roles: &roles, groups: &groups, collections: one })?;
+            let outcome = engine.decide("reader", "document:read_chunks", "Collection", &one[0].id, &entities)?;
+            single.push(started.elapsed());
+            std::hint::black_box(outcome.allowed);
+        }
+        let mut list = Vec::with_capacity(list_rounds);
+        let mut n_readable = 0;
+        for _ in 0..list_rounds {
+            let started = Instant::now();
+            let entities = engine.entities(&Facts { user_id: "reader", org: "bench", roles: &roles, groups: &groups, collections: &all })?;
+            let mut readable = 0;
+            for collection in &all {
+                if engine.decide("reader", "document:read_chunks", "Collection", &collection.id, &entities)?.allowed {
+                    readable += 1;
+                }
+            }
+            list.push(started.elapsed());
+            n_readable = readable;
+        }
+        Ok(InProcess { single, list, n_readable })
+    }
+
+    /// Adds `n` collections to `org` in authz's database (owned by `owner`, every tenth
+    /// shared with `reader`), for the HTTP measurements against a running system.
+    pub async fn seed(config: &common::EchoConfig, org: &str, owner: &str, reader: &str, n: usize) -> anyhow::Result<()> {
+        let store = crate::store::RelationStore::open(&config.db_path(common::ServiceName::Authz)).await?;
+        store.seed(org, owner, reader, n).await?;
+        Ok(())
+    }
 }

@@ -3,8 +3,10 @@
 
 use std::str::FromStr;
 
-use cedar_policy::{Authorizer, Context, Decision, Entities, EntityUid, Policy, PolicyId, PolicySet, Request, Schema, ValidationMode, Validator};
-use serde_json::json;
+use cedar_policy::{
+    Authorizer, Context, Decision, Entities, Entity, EntityUid, Policy, PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode,
+    Validator,
+};
 
 pub(crate) const SCHEMA: &str = include_str!("../../../policies/echo.cedarschema");
 pub(crate) const POLICIES: &[(&str, &str)] = &[("echo.cedar", include_str!("../../../policies/echo.cedar"))];
@@ -19,9 +21,33 @@ pub enum PolicyError {
 
 /// A validated policy set with its schema.
 pub(crate) struct Engine {
-    schema: Schema,
     policies: PolicySet,
     authorizer: Authorizer,
+    types: Types,
+}
+
+/// The entity type names, parsed once instead of on every decision.
+struct Types {
+    user: cedar_policy::EntityTypeName,
+    group: cedar_policy::EntityTypeName,
+    org: cedar_policy::EntityTypeName,
+    collection: cedar_policy::EntityTypeName,
+    system: cedar_policy::EntityTypeName,
+    action: cedar_policy::EntityTypeName,
+}
+
+impl Types {
+    fn new() -> Result<Types, PolicyError> {
+        let parse = |name: &str| cedar_policy::EntityTypeName::from_str(name).map_err(|e| PolicyError::Schema(e.to_string()));
+        Ok(Types {
+            user: parse("Echo::User")?,
+            group: parse("Echo::Group")?,
+            org: parse("Echo::Org")?,
+            collection: parse("Echo::Collection")?,
+            system: parse("Echo::System")?,
+            action: parse("Echo::Action")?,
+        })
+    }
 }
 
 /// The facts one decision needs: who, in which org and groups, and the collections.
@@ -39,6 +65,7 @@ pub(crate) struct CollectionFacts {
     pub(crate) org: String,
     pub(crate) owner: String,
     pub(crate) personal: bool,
+    pub(crate) org_owned: bool,
     /// (subject type `user`|`group`, subject id, role `viewer`|`editor`|`manager`|`answers`)
     pub(crate) shares: Vec<(String, String, String)>,
 }
@@ -91,7 +118,7 @@ impl Engine {
                 return Err(PolicyError::Policy { file: file.to_string(), message: messages.join("; ") });
             }
         }
-        Ok(Engine { schema, policies, authorizer: Authorizer::new() })
+        Ok(Engine { policies, authorizer: Authorizer::new(), types: Types::new()? })
     }
 
     pub(crate) fn builtin() -> Result<Engine, PolicyError> {
@@ -122,64 +149,94 @@ impl Engine {
         Ok((Engine::load(&schema, &borrowed)?, files.len()))
     }
 
+    /// The entities of one decision, built directly (no JSON round trip): the org,
+    /// the principal's groups, the principal, and the collections with their shares.
     pub(crate) fn entities(&self, facts: &Facts<'_>) -> Result<Entities, String> {
-        let mut list = vec![json!({"uid": {"type": "Echo::Org", "id": facts.org}, "attrs": {}, "parents": []})];
+        use std::collections::{HashMap, HashSet};
+        let types = &self.types;
+        let uid = |type_name: &cedar_policy::EntityTypeName, id: &str| -> Result<EntityUid, String> {
+            Ok(EntityUid::from_type_name_and_id(type_name.clone(), cedar_policy::EntityId::new(id)))
+        };
+        let org = uid(&types.org, facts.org)?;
+        let mut list = Vec::with_capacity(facts.collections.len() + facts.groups.len() + 2);
+        list.push(Entity::new_no_attrs(org.clone(), HashSet::new()));
+        let mut parents = HashSet::from([org.clone()]);
         for group in facts.groups {
-            list.push(json!({"uid": {"type": "Echo::Group", "id": group}, "attrs": {}, "parents": [{"type": "Echo::Org", "id": facts.org}]}));
+            let group = uid(&types.group, group)?;
+            list.push(Entity::new_no_attrs(group.clone(), HashSet::from([org.clone()])));
+            parents.insert(group);
         }
-        let mut parents = vec![json!({"type": "Echo::Org", "id": facts.org})];
-        parents.extend(facts.groups.iter().map(|g| json!({"type": "Echo::Group", "id": g})));
-        list.push(json!({
-            "uid": {"type": "Echo::User", "id": facts.user_id},
-            "attrs": {"org": {"__entity": {"type": "Echo::Org", "id": facts.org}}, "roles": facts.roles},
-            "parents": parents,
-        }));
+        let user_attrs = HashMap::from([
+            ("org".to_string(), RestrictedExpression::new_entity_uid(org.clone())),
+            ("roles".to_string(), RestrictedExpression::new_set(facts.roles.iter().map(|r| RestrictedExpression::new_string(r.clone())))),
+        ]);
+        list.push(Entity::new(uid(&types.user, facts.user_id)?, user_attrs, parents).map_err(|e| e.to_string())?);
+        let (user_type, group_type) = (&types.user, &types.group);
         for collection in facts.collections {
-            let refs = |subject: &str, role: &str| -> Vec<serde_json::Value> {
-                let entity_type = if subject == "user" { "Echo::User" } else { "Echo::Group" };
-                collection
-                    .shares
-                    .iter()
-                    .filter(|(s, _, r)| s == subject && r == role)
-                    .map(|(_, id, _)| json!({"__entity": {"type": entity_type, "id": id}}))
-                    .collect()
+            let refs = |subject: &str, role: &str| {
+                let entity_type = if subject == "user" { user_type } else { group_type };
+                RestrictedExpression::new_set(
+                    collection
+                        .shares
+                        .iter()
+                        .filter(|(s, _, r)| s == subject && r == role)
+                        .map(|(_, id, _)| RestrictedExpression::new_entity_uid(EntityUid::from_type_name_and_id(entity_type.clone(), cedar_policy::EntityId::new(id)))),
+                )
             };
-            list.push(json!({
-                "uid": {"type": "Echo::Collection", "id": collection.id},
-                "attrs": {
-                    "org": {"__entity": {"type": "Echo::Org", "id": collection.org}},
-                    "owner": {"__entity": {"type": "Echo::User", "id": collection.owner}},
-                    "personal": collection.personal,
-                    "viewers": refs("user", "viewer"),
-                    "viewer_groups": refs("group", "viewer"),
-                    "editors": refs("user", "editor"),
-                    "editor_groups": refs("group", "editor"),
-                    "managers": refs("user", "manager"),
-                    "manager_groups": refs("group", "manager"),
-                    "answer_readers": refs("user", "answers"),
-                    "answer_groups": refs("group", "answers"),
-                },
-                "parents": [],
-            }));
+            let attrs = HashMap::from([
+                ("org".to_string(), RestrictedExpression::new_entity_uid(uid(&types.org, &collection.org)?)),
+                ("owner".to_string(), RestrictedExpression::new_entity_uid(uid(&types.user, &collection.owner)?)),
+                ("personal".to_string(), RestrictedExpression::new_bool(collection.personal)),
+                ("org_owned".to_string(), RestrictedExpression::new_bool(collection.org_owned)),
+                ("viewers".to_string(), refs("user", "viewer")),
+                ("viewer_groups".to_string(), refs("group", "viewer")),
+                ("editors".to_string(), refs("user", "editor")),
+                ("editor_groups".to_string(), refs("group", "editor")),
+                ("managers".to_string(), refs("user", "manager")),
+                ("manager_groups".to_string(), refs("group", "manager")),
+                ("answer_readers".to_string(), refs("user", "answers")),
+                ("answer_groups".to_string(), refs("group", "answers")),
+            ]);
+            list.push(Entity::new(uid(&types.collection, &collection.id)?, attrs, HashSet::new()).map_err(|e| e.to_string())?);
         }
         // Collections may name users and orgs not otherwise present; Cedar treats
         // missing entities as having no attributes and no parents, which is what we want.
-        Entities::from_json_value(serde_json::Value::Array(list), None).map_err(|e| e.to_string())
+        Entities::from_entities(list, None).map_err(|e| e.to_string())
     }
 
     pub(crate) fn decide(&self, user_id: &str, action: &str, resource_type: &str, resource_id: &str, entities: &Entities) -> Result<Outcome, String> {
-        let principal = EntityUid::from_type_name_and_id(
-            "Echo::User".parse().map_err(|e| format!("{e}"))?,
-            cedar_policy::EntityId::new(user_id),
-        );
-        let action = EntityUid::from_type_name_and_id("Echo::Action".parse().map_err(|e| format!("{e}"))?, cedar_policy::EntityId::new(action));
+        self.decide_classified(user_id, action, resource_type, resource_id, None, entities)
+    }
+
+    /// A decision about one document of the collection: its classification is
+    /// `context.classification` (document actions only; others take no context).
+    pub(crate) fn decide_classified(
+        &self,
+        user_id: &str,
+        action: &str,
+        resource_type: &str,
+        resource_id: &str,
+        classification: Option<&str>,
+        entities: &Entities,
+    ) -> Result<Outcome, String> {
+        let principal = EntityUid::from_type_name_and_id(self.types.user.clone(), cedar_policy::EntityId::new(user_id));
+        let action = EntityUid::from_type_name_and_id(self.types.action.clone(), cedar_policy::EntityId::new(action));
         let resource_type = match resource_type {
-            "Collection" => "Echo::Collection",
-            "Org" => "Echo::Org",
+            "Collection" => &self.types.collection,
+            "Org" => &self.types.org,
+            "System" => &self.types.system,
             other => return Err(format!("unknown resource type `{other}`")),
         };
-        let resource = EntityUid::from_type_name_and_id(resource_type.parse().map_err(|e| format!("{e}"))?, cedar_policy::EntityId::new(resource_id));
-        let request = Request::new(principal, action, resource, Context::empty(), Some(&self.schema)).map_err(|e| e.to_string())?;
+        let resource = EntityUid::from_type_name_and_id(resource_type.clone(), cedar_policy::EntityId::new(resource_id));
+        let context = match classification {
+            Some(class) if action_name_is_document(&action) => {
+                Context::from_pairs([("classification".to_string(), RestrictedExpression::new_string(class.to_string()))]).map_err(|e| e.to_string())?
+            }
+            _ => Context::empty(),
+        };
+        // Requests are built here, well-typed by construction; the policies were validated
+        // against the schema when loaded, so the request is not validated again.
+        let request = Request::new(principal, action, resource, context, None).map_err(|e| e.to_string())?;
         let response = self.authorizer.is_authorized(&request, &self.policies, entities);
         let policies = response.diagnostics().reason().map(|id| id.to_string()).collect();
         let errors: Vec<String> = response.diagnostics().errors().map(|e| e.to_string()).collect();
@@ -188,6 +245,10 @@ impl Engine {
         }
         Ok(Outcome { allowed: response.decision() == Decision::Allow, policies })
     }
+}
+
+fn action_name_is_document(action: &EntityUid) -> bool {
+    action.id().unescaped().starts_with("document:")
 }
 
 #[cfg(test)]
@@ -201,6 +262,7 @@ mod tests {
             org: org.into(),
             owner: owner.into(),
             personal: false,
+            org_owned: false,
             shares: shares.iter().map(|(s, i, r)| (s.to_string(), i.to_string(), r.to_string())).collect(),
         }
     }
@@ -259,6 +321,131 @@ mod tests {
         for case in cases {
             check(case);
         }
+    }
+
+    /// Classified documents: (user, groups, action, classification, allowed, deciding policy).
+    #[test]
+    fn table_of_classified_decisions() {
+        let engine = Engine::builtin().unwrap();
+        let collection = collection(
+            "c1",
+            "acme",
+            "ann",
+            &[("user", "vic", "viewer"), ("user", "ada", "answers"), ("user", "eve", "editor"), ("group", "leads", "manager")],
+        );
+        type Row<'a> = (&'a str, &'a [&'a str], &'a str, Option<&'a str>, bool, &'a str);
+        let cases: &[Row] = &[
+            ("vic", &[], "document:read_chunks", Some("public"), true, "shared-readers"),
+            ("vic", &[], "document:read_chunks", Some("internal"), true, "shared-readers"),
+            ("vic", &[], "document:download", Some("internal"), true, "shared-readers"),
+            ("vic", &[], "document:read_chunks", Some("confidential"), true, "shared-readers"),
+            ("vic", &[], "document:download", Some("confidential"), false, "confidential-downloads-for-editors"),
+            ("vic", &[], "document:read_chunks", Some("restricted"), false, "restricted-documents-for-editors"),
+            ("vic", &[], "document:download", Some("restricted"), false, "restricted-documents-for-editors"),
+            ("ada", &[], "document:read_chunks", Some("confidential"), true, "answers-only-readers"),
+            ("ada", &[], "document:read_chunks", Some("restricted"), false, "restricted-documents-for-editors"),
+            ("eve", &[], "document:read_chunks", Some("restricted"), true, "shared-readers"),
+            ("eve", &[], "document:download", Some("confidential"), true, "shared-readers"),
+            ("max", &["leads"], "document:download", Some("restricted"), true, "shared-readers"),
+            ("ann", &[], "document:download", Some("restricted"), true, "owner-full-control"),
+            // Without a classification (a decision about the collection), nothing is forbidden by one.
+            ("vic", &[], "document:read_chunks", None, true, "shared-readers"),
+            // An outsider gets nothing at any classification.
+            ("zed", &[], "document:read_chunks", Some("public"), false, ""),
+        ];
+        for (user, groups, action, classification, allowed, decided_by) in cases {
+            let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+            let roles = vec!["member".to_string()];
+            let facts = Facts { user_id: user, org: "acme", roles: &roles, groups: &groups, collections: std::slice::from_ref(&collection) };
+            let entities = engine.entities(&facts).unwrap();
+            let outcome = engine.decide_classified(user, action, "Collection", "c1", *classification, &entities).unwrap();
+            assert_eq!(outcome.allowed, *allowed, "{user} {action} {classification:?}");
+            if !decided_by.is_empty() {
+                assert!(outcome.policies.iter().any(|p| p == decided_by), "{user} {action} {classification:?}: decided by {:?}", outcome.policies);
+            }
+        }
+    }
+
+    /// Collections owned by the org: its owners and admins manage them; nobody else
+    /// gets anything from the ownership.
+    #[test]
+    fn table_of_org_owned_collection_decisions() {
+        let engine = Engine::builtin().unwrap();
+        let org_owned = CollectionFacts { org_owned: true, ..collection("c5", "acme", "org:acme", &[("user", "vic", "viewer")]) };
+        type Row<'a> = (&'a str, &'a str, &'a [&'a str], &'a str, Option<&'a str>, bool);
+        let cases: &[Row] = &[
+            ("ada", "acme", &["admin"], "collection:delete", None, true),
+            ("oz", "acme", &["owner"], "collection:share", None, true),
+            ("ada", "acme", &["admin"], "document:download", Some("restricted"), true),
+            ("mo", "acme", &["member"], "document:read_chunks", Some("internal"), false),
+            ("mo", "acme", &["member"], "collection:delete", None, false),
+            ("vic", "acme", &["member"], "document:read_chunks", Some("internal"), true),
+            ("vic", "acme", &["member"], "document:read_chunks", Some("restricted"), false),
+            ("vic", "acme", &["member"], "collection:delete", None, false),
+            ("gus", "globex", &["admin"], "document:read_chunks", Some("public"), false),
+        ];
+        for (user, org, roles, action, classification, allowed) in cases {
+            let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+            let facts = Facts { user_id: user, org, roles: &roles, groups: &[], collections: std::slice::from_ref(&org_owned) };
+            let entities = engine.entities(&facts).unwrap();
+            let outcome = engine.decide_classified(user, action, "Collection", "c5", *classification, &entities).unwrap();
+            assert_eq!(outcome.allowed, *allowed, "{user} ({roles:?} of {org}) {action} {classification:?}: {:?}", outcome.policies);
+        }
+        // A user-owned collection gives org admins nothing by itself.
+        let owned = collection("c6", "acme", "ann", &[]);
+        let roles = vec!["admin".to_string()];
+        let facts = Facts { user_id: "ada", org: "acme", roles: &roles, groups: &[], collections: std::slice::from_ref(&owned) };
+        let entities = engine.entities(&facts).unwrap();
+        assert!(!engine.decide("ada", "document:read_chunks", "Collection", "c6", &entities).unwrap().allowed);
+    }
+
+    /// Org-level and operator actions: (user's org, roles, action, resource type and id,
+    /// allowed, deciding policy).
+    #[test]
+    fn table_of_org_and_operator_decisions() {
+        let engine = Engine::builtin().unwrap();
+        type Row<'a> = (&'a str, &'a [&'a str], &'a str, &'a str, &'a str, bool, &'a str);
+        let cases: &[Row] = &[
+            ("acme", &["member"], "collection:create", "Org", "acme", true, "members-create-collections"),
+            ("acme", &["viewer"], "collection:create", "Org", "acme", false, ""),
+            ("acme", &["member"], "collection:create", "Org", "globex", false, ""),
+            ("acme", &["admin"], "admin:manage_users", "Org", "acme", true, "org-admins-operate"),
+            ("acme", &["owner"], "audit:read", "Org", "acme", true, "org-admins-operate"),
+            ("acme", &["member"], "audit:read", "Org", "acme", false, ""),
+            ("acme", &["owner"], "admin:manage_users", "Org", "globex", false, ""),
+            ("acme", &["owner"], "logs:read", "Org", "globex", false, ""),
+            // Operators: the only path across orgs, and only through the operator role.
+            ("acme", &["owner"], "system:rotate_keys", "System", "echo", false, ""),
+            ("acme", &["admin"], "system:read_all_audit", "System", "echo", false, ""),
+            ("infra", &["member", "operator"], "system:rotate_keys", "System", "echo", true, "operators-run-the-installation"),
+            ("infra", &["member", "operator"], "system:reload_policies", "System", "echo", true, "operators-run-the-installation"),
+            ("infra", &["member", "operator"], "system:read_all_logs", "System", "echo", true, "operators-run-the-installation"),
+            ("infra", &["member", "operator"], "system:manage_queue", "System", "echo", true, "operators-run-the-installation"),
+            ("acme", &["owner"], "system:manage_queue", "System", "echo", false, ""),
+            // The operator role gives nothing inside another org's collections or users.
+            ("infra", &["member", "operator"], "admin:manage_users", "Org", "acme", false, ""),
+        ];
+        for (org, roles, action, resource_type, resource_id, allowed, decided_by) in cases {
+            let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+            let facts = Facts { user_id: "u", org, roles: &roles, groups: &[], collections: &[] };
+            let entities = engine.entities(&facts).unwrap();
+            let outcome = engine.decide("u", action, resource_type, resource_id, &entities).unwrap();
+            assert_eq!(outcome.allowed, *allowed, "{roles:?} of {org}: {action} on {resource_type}::{resource_id}");
+            if !decided_by.is_empty() {
+                assert_eq!(outcome.policies, vec![decided_by.to_string()]);
+            }
+        }
+        let operator = Case {
+            user: "op",
+            org: "infra",
+            roles: &["member", "operator"],
+            groups: &[],
+            action: "document:read_chunks",
+            collection: collection("c9", "acme", "ann", &[]),
+            allowed: false,
+            decided_by: "tenant-isolation",
+        };
+        check(operator);
     }
 
     #[test]

@@ -29,6 +29,21 @@ CREATE TABLE group_members (
     user_id TEXT NOT NULL,
     PRIMARY KEY (group_id, user_id)
 );
+"#, r#"
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO meta (key, value) VALUES ('version', 0);
+CREATE TRIGGER collections_ins AFTER INSERT ON collections BEGIN UPDATE meta SET value = value + 1 WHERE key = 'version'; END;
+CREATE TRIGGER collections_upd AFTER UPDATE ON collections BEGIN UPDATE meta SET value = value + 1 WHERE key = 'version'; END;
+CREATE TRIGGER collections_del AFTER DELETE ON collections BEGIN UPDATE meta SET value = value + 1 WHERE key = 'version'; END;
+CREATE TRIGGER shares_ins AFTER INSERT ON shares BEGIN UPDATE meta SET value = value + 1 WHERE key = 'version'; END;
+CREATE TRIGGER shares_upd AFTER UPDATE ON shares BEGIN UPDATE meta SET value = value + 1 WHERE key = 'version'; END;
+CREATE TRIGGER shares_del AFTER DELETE ON shares BEGIN UPDATE meta SET value = value + 1 WHERE key = 'version'; END;
+CREATE TRIGGER groups_ins AFTER INSERT ON groups BEGIN UPDATE meta SET value = value + 1 WHERE key = 'version'; END;
+CREATE TRIGGER groups_del AFTER DELETE ON groups BEGIN UPDATE meta SET value = value + 1 WHERE key = 'version'; END;
+CREATE TRIGGER members_ins AFTER INSERT ON group_members BEGIN UPDATE meta SET value = value + 1 WHERE key = 'version'; END;
+CREATE TRIGGER members_del AFTER DELETE ON group_members BEGIN UPDATE meta SET value = value + 1 WHERE key = 'version'; END;
+"#, r#"
+ALTER TABLE collections ADD COLUMN org_owned INTEGER NOT NULL DEFAULT 0;
 "#];
 
 #[derive(Clone)]
@@ -43,13 +58,20 @@ pub(crate) struct CollectionRow {
     pub(crate) org: String,
     pub(crate) owner: String,
     pub(crate) personal: bool,
+    /// Owned by the org (managed by its owners and admins), not by a person.
+    pub(crate) org_owned: bool,
 }
 
 impl RelationStore {
     pub(crate) async fn open(path: &std::path::Path) -> Result<RelationStore, sqlx::Error> {
-        let pool = common::db::open_sqlite(path).await?;
-        common::db::migrate(&pool, MIGRATIONS).await?;
+        let pool = common::db::open_migrated(path, MIGRATIONS).await?;
         Ok(RelationStore { pool })
+    }
+
+    /// Bumped by triggers on every change to collections, shares, groups or
+    /// memberships: a cached answer computed at an older version is stale.
+    pub(crate) async fn version(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT value FROM meta WHERE key = 'version'").fetch_one(&self.pool).await
     }
 
     /// The user's personal collection, created on first use.
@@ -66,14 +88,18 @@ impl RelationStore {
         sqlx::query_scalar("SELECT id FROM collections WHERE owner = ? AND personal = 1").bind(user_id).fetch_one(&self.pool).await
     }
 
-    pub(crate) async fn create(&self, name: &str, org: &str, owner: &str) -> Result<String, sqlx::Error> {
+    /// A collection owned by `owner`, or by the org itself when `org_owned` (its owner
+    /// is then recorded as `org:<org>`, which is nobody's user id).
+    pub(crate) async fn create(&self, name: &str, org: &str, owner: &str, org_owned: bool) -> Result<String, sqlx::Error> {
         let id = uuid::Uuid::new_v4().to_string();
-        sqlx::query("INSERT INTO collections (id, name, org, owner, personal, created_at) VALUES (?, ?, ?, ?, 0, ?)")
+        let owner = if org_owned { format!("org:{org}") } else { owner.to_string() };
+        sqlx::query("INSERT INTO collections (id, name, org, owner, personal, created_at, org_owned) VALUES (?, ?, ?, ?, 0, ?, ?)")
             .bind(&id)
             .bind(name)
             .bind(org)
-            .bind(owner)
+            .bind(&owner)
             .bind(common::now_unix())
+            .bind(org_owned as i64)
             .execute(&self.pool)
             .await?;
         Ok(id)
@@ -93,25 +119,63 @@ impl RelationStore {
         sqlx::query_scalar("SELECT group_id FROM group_members WHERE user_id = ?").bind(user_id).fetch_all(&self.pool).await
     }
 
+    /// The facts of `collections` with their shares, read in one query (the list of
+    /// readable collections asks this for every collection of an org).
     pub(crate) async fn facts(&self, collections: &[CollectionRow]) -> Result<Vec<CollectionFacts>, sqlx::Error> {
-        let mut facts = Vec::with_capacity(collections.len());
-        for collection in collections {
-            let shares = sqlx::query("SELECT subject_type, subject_id, role FROM shares WHERE collection_id = ?")
-                .bind(&collection.id)
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(|r| Ok((r.try_get("subject_type")?, r.try_get("subject_id")?, r.try_get("role")?)))
-                .collect::<Result<Vec<_>, sqlx::Error>>()?;
-            facts.push(CollectionFacts {
+        let ids: Vec<&str> = collections.iter().map(|c| c.id.as_str()).collect();
+        let rows = sqlx::query("SELECT collection_id, subject_type, subject_id, role FROM shares WHERE collection_id IN (SELECT value FROM json_each(?))")
+            .bind(serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into()))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut shares: std::collections::HashMap<String, Vec<(String, String, String)>> = std::collections::HashMap::new();
+        for row in &rows {
+            shares.entry(row.try_get("collection_id")?).or_default().push((row.try_get("subject_type")?, row.try_get("subject_id")?, row.try_get("role")?));
+        }
+        Ok(collections
+            .iter()
+            .map(|collection| CollectionFacts {
                 id: collection.id.clone(),
                 org: collection.org.clone(),
                 owner: collection.owner.clone(),
                 personal: collection.personal,
-                shares,
-            });
+                org_owned: collection.org_owned,
+                shares: shares.remove(&collection.id).unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    /// `echod bench authz`: `n` collections in `org` owned by `owner`, every tenth shared
+    /// with `reader` (viewer), in one transaction.
+    pub(crate) async fn seed(&self, org: &str, owner: &str, reader: &str, n: usize) -> Result<(), sqlx::Error> {
+        let mut tx = common::db::begin_write(&self.pool).await?;
+        for i in 0..n {
+            let id = uuid::Uuid::new_v4().to_string();
+            sqlx::query("INSERT INTO collections (id, name, org, owner, personal, created_at) VALUES (?, ?, ?, ?, 0, ?)")
+                .bind(&id)
+                .bind(format!("bench {i}"))
+                .bind(org)
+                .bind(owner)
+                .bind(common::now_unix())
+                .execute(&mut *tx)
+                .await?;
+            if i % 10 == 0 {
+                sqlx::query("INSERT INTO shares (collection_id, subject_type, subject_id, role) VALUES (?, 'user', ?, 'viewer')")
+                    .bind(&id)
+                    .bind(reader)
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
-        Ok(facts)
+        tx.commit().await
+    }
+
+    /// Removes a collection and its shares in one transaction.
+    pub(crate) async fn delete_collection(&self, id: &str) -> Result<bool, sqlx::Error> {
+        let mut tx = common::db::begin_write(&self.pool).await?;
+        sqlx::query("DELETE FROM shares WHERE collection_id = ?").bind(id).execute(&mut *tx).await?;
+        let done = sqlx::query("DELETE FROM collections WHERE id = ? AND personal = 0").bind(id).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Replaces the collection's shares with `members` in one transaction.
@@ -168,5 +232,6 @@ fn collection_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<CollectionRow, s
         org: row.try_get("org")?,
         owner: row.try_get("owner")?,
         personal: row.try_get::<i64, _>("personal")? != 0,
+        org_owned: row.try_get::<i64, _>("org_owned")? != 0,
     })
 }

@@ -66,8 +66,7 @@ struct Message {
 
 /// Runs the chat service on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
-    let pool = common::db::open_sqlite(&ctx.config.db_path(ServiceName::Chat)).await?;
-    common::db::migrate(&pool, MIGRATIONS).await?;
+    let pool = common::db::open_migrated(&ctx.config.db_path(ServiceName::Chat), MIGRATIONS).await?;
     let ready = common::server::sqlite_ready(pool.clone(), vec![]);
     let routes = Router::new()
         .route("/v1/rooms", get(list_rooms).post(create_room))

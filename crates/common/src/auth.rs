@@ -1,7 +1,8 @@
 //! Token verification (every service) and service tokens (every caller).
 //!
 //! `TokenVerifier` checks a JWT fully: `kid` against the issuer's JWKS, signature,
-//! `alg` from an allow-list (RS256 only here; never `none`, never HMAC), `iss`, `aud`,
+//! `alg` from an allow-list (RS256, ES256, EdDSA; never `none`, never HMAC) that must
+//! also equal the `alg` the JWKS publishes for that `kid`, `iss`, `aud`,
 //! `exp` and `nbf`. `ServiceTokens` mints client-credentials tokens whose audience
 //! is the callee and caches them until shortly before they expire.
 
@@ -75,8 +76,12 @@ impl From<TokenError> for ApiError {
     }
 }
 
+/// The asymmetric algorithms identity signs with. Anything else is refused unread.
+pub const ALLOWED_ALGS: [Algorithm; 3] = [Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA];
+
 struct KeyCache {
-    keys: HashMap<String, DecodingKey>,
+    /// `kid` → key and the algorithm its JWK declares.
+    keys: HashMap<String, (DecodingKey, Algorithm)>,
     fetched_at: Option<Instant>,
 }
 
@@ -118,12 +123,16 @@ impl TokenVerifier {
             return Err(TokenError::Malformed);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
-        if header.alg != Algorithm::RS256 {
+        if !ALLOWED_ALGS.contains(&header.alg) {
             return Err(TokenError::Algorithm);
         }
         let kid = header.kid.ok_or(TokenError::UnknownKey)?;
-        let key = self.key(&kid).await?;
-        let mut validation = Validation::new(Algorithm::RS256);
+        let (key, key_alg) = self.key(&kid).await?;
+        // A key signs for one algorithm only: no switching an EC key to another family.
+        if key_alg != header.alg {
+            return Err(TokenError::Algorithm);
+        }
+        let mut validation = Validation::new(key_alg);
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&[audience]);
         validation.validate_nbf = true;
@@ -133,7 +142,7 @@ impl TokenVerifier {
         Ok(data.claims)
     }
 
-    async fn key(&self, kid: &str) -> Result<DecodingKey, TokenError> {
+    async fn key(&self, kid: &str) -> Result<(DecodingKey, Algorithm), TokenError> {
         if let Some(key) = self.cache.read().await.keys.get(kid) {
             return Ok(key.clone());
         }
@@ -160,8 +169,10 @@ impl TokenVerifier {
             .map_err(|e| TokenError::Unavailable(e.to_string()))?;
         let mut keys = HashMap::new();
         for jwk in &jwks.keys {
-            if let (Some(id), Ok(key)) = (jwk.common.key_id.clone(), DecodingKey::from_jwk(jwk)) {
-                keys.insert(id, key);
+            // Only keys that name an allowed algorithm are usable.
+            let alg = jwk.common.key_algorithm.and_then(|a| a.to_string().parse::<Algorithm>().ok()).filter(|a| ALLOWED_ALGS.contains(a));
+            if let (Some(id), Some(alg), Ok(key)) = (jwk.common.key_id.clone(), alg, DecodingKey::from_jwk(jwk)) {
+                keys.insert(id, (key, alg));
             }
         }
         let mut cache = self.cache.write().await;
@@ -277,8 +288,8 @@ mod tests {
         }
 
         #[test]
-        fn only_rs256_headers_get_as_far_as_key_lookup(
-            alg in prop::sample::select(vec!["none", "HS256", "HS512", "ES256", "EdDSA", "PS256", "RS384", "RS512"]),
+        fn only_allowed_algorithms_get_as_far_as_key_lookup(
+            alg in prop::sample::select(vec!["none", "None", "HS256", "HS384", "HS512", "ES384", "PS256", "RS384", "RS512", "rs256", ""]),
             kid in "[a-z0-9]{0,16}",
             payload in prop::collection::vec(any::<u8>(), 0..64),
             signature in prop::collection::vec(any::<u8>(), 0..64),
@@ -290,11 +301,12 @@ mod tests {
         }
 
         #[test]
-        fn rs256_without_a_kid_is_refused_before_any_network(
+        fn allowed_algorithms_without_a_kid_are_refused_before_any_network(
+            alg in prop::sample::select(vec!["RS256", "ES256", "EdDSA"]),
             payload in prop::collection::vec(any::<u8>(), 0..64),
             signature in prop::collection::vec(any::<u8>(), 0..64),
         ) {
-            let header = serde_json::json!({"alg": "RS256", "typ": "JWT"}).to_string();
+            let header = serde_json::json!({"alg": alg, "typ": "JWT"}).to_string();
             let token = format!("{}.{}.{}", b64(header.as_bytes()), b64(&payload), b64(&signature));
             let outcome = runtime().block_on(verifier().verify(&token, "echo-api"));
             prop_assert!(matches!(outcome, Err(TokenError::UnknownKey)), "{:?}", outcome.err());

@@ -30,6 +30,10 @@ pub struct PublishMessage {
     /// Idempotency key: a second publish with the same key on the topic is a no-op.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// Messages with the same ordering key reach a subscription declared `ordered`
+    /// one at a time, in publish order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delay_ms: Option<i64>,
 }
@@ -51,6 +55,9 @@ pub struct SubscriptionSpec {
     pub max_deliveries: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_ms: Option<i64>,
+    /// Deliver messages of one ordering key one at a time, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordered: Option<bool>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -65,6 +72,10 @@ pub struct Delivery {
     pub lease: String,
     pub attempts: i64,
     pub event: CloudEvent,
+    /// How long the lease lasts from the pull (what `spawn_consumer` keeps extending
+    /// while a handler runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<i64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -107,7 +118,7 @@ impl Bus {
     }
 
     pub async fn publish_one(&self, event: CloudEvent) -> Result<(), ApiError> {
-        self.publish(vec![PublishMessage { event, key: None, delay_ms: None }]).await.map(|_| ())
+        self.publish(vec![PublishMessage { event, key: None, ordering_key: None, delay_ms: None }]).await.map(|_| ())
     }
 
     /// Creates the subscription if missing (idempotent).
@@ -141,6 +152,15 @@ impl Bus {
         Ok(())
     }
 
+    /// Extends a delivery's lease to `lease_ms` from now (for work that takes longer
+    /// than the subscription's lease).
+    pub async fn extend(&self, subscription: &str, delivery: &Delivery, lease_ms: i64) -> Result<(), ApiError> {
+        let path = format!("/v1/subscriptions/{}/extend", encode(subscription));
+        let body = serde_json::json!({"seq": delivery.seq, "lease": delivery.lease, "lease_ms": lease_ms});
+        let _: serde_json::Value = self.peers.post_json(ServiceName::Queue, &path, None, &body).await?;
+        Ok(())
+    }
+
     /// Declares `subscription` on `topic`, retrying until the queue answers or `shutdown`.
     pub async fn declare(&self, subscription: &str, spec: &SubscriptionSpec, shutdown: &CancellationToken) -> bool {
         let mut delay = Duration::from_millis(50);
@@ -159,6 +179,8 @@ impl Bus {
 
     /// Runs `handler` over every delivery of `subscription` until `shutdown`, with
     /// `concurrency` handlers in flight. The subscription must already be declared.
+    /// While a handler runs, its lease is extended every half lease, so a long job is
+    /// not handed to a second consumer; if the consumer dies, the lease runs out.
     pub fn spawn_consumer<F, Fut>(
         &self,
         subscription: &'static str,
@@ -211,7 +233,22 @@ impl Bus {
                     let bus = bus.clone();
                     let handler = handler.clone();
                     tokio::spawn(async move {
+                        let keep_alive = delivery.lease_ms.filter(|ms| *ms >= 200).map(|lease_ms| {
+                            let (bus, delivery) = (bus.clone(), delivery.clone());
+                            tokio::spawn(async move {
+                                loop {
+                                    tokio::time::sleep(Duration::from_millis(lease_ms as u64 / 2)).await;
+                                    if let Err(error) = bus.extend(subscription, &delivery, lease_ms).await {
+                                        tracing::warn!(%subscription, seq = delivery.seq, %error, "could not extend a lease");
+                                        break;
+                                    }
+                                }
+                            })
+                        });
                         let outcome = handler(delivery.event.clone(), delivery.attempts).await;
+                        if let Some(keep_alive) = keep_alive {
+                            keep_alive.abort();
+                        }
                         let result = match outcome {
                             Ok(()) => bus.ack(subscription, &delivery).await,
                             Err(error) => {

@@ -178,7 +178,35 @@ pub struct IdentityConfig {
     pub refresh_token_ttl_days: i64,
     pub session_ttl_hours: i64,
     pub service_token_ttl_secs: i64,
+    /// Anyone may create an account (a `member` of `signup_org`) from the sign-in page.
     pub open_signup: bool,
+    pub signup_org: String,
+    /// `smtp://host:port` (STARTTLS when offered), `smtps://…` (TLS) or
+    /// `smtp://user:password@host:port?tls=required`; empty writes mail to
+    /// `data_dir/outbox`. Carries credentials: set it through `ECHO__IDENTITY__SMTP_URL`.
+    pub smtp_url: Secret,
+    pub mail_from: String,
+}
+
+/// A configuration value that must never be printed (credentials in URLs).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.trim().is_empty()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_empty() { "\"\"" } else { "\"<redacted>\"" })
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -195,9 +223,15 @@ pub struct GatewayConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueueConfig {
+    /// Where messages live: unset or `sqlite:` (the embedded default, `queue.db` under
+    /// the data dir), `sqlite:///path/to/file.db`, `postgres://user@host/db` or
+    /// `nats://host:4222?stream=ECHO`. Passwords in it are never logged.
+    pub url: Option<Secret>,
     pub max_deliveries: i64,
     pub lease_ms: i64,
     pub max_message_bytes: usize,
+    /// How long a publish's idempotency key is remembered.
+    pub idempotency_window_secs: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -294,6 +328,9 @@ impl Default for IdentityConfig {
             session_ttl_hours: 12,
             service_token_ttl_secs: 600,
             open_signup: false,
+            signup_org: "default".into(),
+            smtp_url: Secret::default(),
+            mail_from: "Echo <echo@localhost>".into(),
         }
     }
 }
@@ -312,7 +349,7 @@ impl Default for GatewayConfig {
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        QueueConfig { max_deliveries: 5, lease_ms: 60_000, max_message_bytes: 1024 * 1024 }
+        QueueConfig { url: None, max_deliveries: 5, lease_ms: 60_000, max_message_bytes: 1024 * 1024, idempotency_window_secs: 24 * 3600 }
     }
 }
 
@@ -405,6 +442,17 @@ impl EchoConfig {
         }
         if self.identity.access_token_ttl_secs < 30 || self.identity.access_token_ttl_secs > 86_400 {
             return invalid("identity.access_token_ttl_secs", "must be between 30 and 86400");
+        }
+        if !self.identity.smtp_url.is_empty() {
+            let scheme = url::Url::parse(self.identity.smtp_url.expose()).ok().map(|u| u.scheme().to_string());
+            if !matches!(scheme.as_deref(), Some("smtp" | "smtps")) {
+                // The value may hold a password: never echo it.
+                return invalid("identity.smtp_url", "must be an smtp:// or smtps:// URL (the value is not shown)");
+            }
+        }
+        let valid_org = |org: &str| !org.is_empty() && org.len() <= 64 && org.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+        if !valid_org(&self.identity.signup_org) {
+            return invalid("identity.signup_org", "must be 1 to 64 letters, digits, '_' or '-'");
         }
         if self.ingest.chunk_chars < 200 || self.ingest.chunk_overlap_chars >= self.ingest.chunk_chars / 2 {
             return invalid("ingest.chunk_chars", "must be at least 200 and more than twice chunk_overlap_chars");

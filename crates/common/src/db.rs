@@ -31,11 +31,30 @@ pub async fn begin_write(pool: &SqlitePool) -> Result<sqlx::Transaction<'static,
 
 /// Applies, in order and each in its own transaction, the migrations not yet applied.
 /// Versions are the 1-based positions in `migrations`; never reorder or edit one that shipped.
+/// Opens `path` and applies `migrations`. When any was applied, the pool is closed
+/// and opened again, so that no connection keeps the schema it saw before: SQLite
+/// re-prepares a cached `SELECT *` after an `ALTER TABLE` with more columns than the
+/// statement cache knows, which sqlx cannot read.
+pub async fn open_migrated(path: &Path, migrations: &[&'static str]) -> Result<SqlitePool, sqlx::Error> {
+    let pool = open_sqlite(path).await?;
+    if migrate_counting(&pool, migrations).await? == 0 {
+        return Ok(pool);
+    }
+    pool.close().await;
+    open_sqlite(path).await
+}
+
 pub async fn migrate(pool: &SqlitePool, migrations: &[&'static str]) -> Result<(), sqlx::Error> {
+    migrate_counting(pool, migrations).await.map(|_| ())
+}
+
+/// Applies the migrations not yet applied, in order; returns how many were.
+async fn migrate_counting(pool: &SqlitePool, migrations: &[&'static str]) -> Result<usize, sqlx::Error> {
     sqlx::query("CREATE TABLE IF NOT EXISTS _migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
         .execute(pool)
         .await?;
     let applied: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM _migrations").fetch_one(pool).await?;
+    let mut n_applied = 0;
     for (idx, sql) in migrations.iter().enumerate() {
         let version = idx as i64 + 1;
         if version <= applied {
@@ -49,14 +68,41 @@ pub async fn migrate(pool: &SqlitePool, migrations: &[&'static str]) -> Result<(
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        n_applied += 1;
     }
-    Ok(())
+    Ok(n_applied)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    /// Columns added by later migrations are read by every connection of the pool,
+    /// whichever connection ran which migration.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn select_star_sees_columns_added_by_migrations_on_every_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let migrations: &[&'static str] = &[
+            "CREATE TABLE t (a INTEGER NOT NULL); INSERT INTO t (a) VALUES (1);",
+            "ALTER TABLE t ADD COLUMN b INTEGER NOT NULL DEFAULT 2;",
+            "ALTER TABLE t ADD COLUMN c INTEGER NOT NULL DEFAULT 3;",
+        ];
+        let pool = open_migrated(&path, migrations).await.unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let pool = pool.clone();
+            tasks.push(tokio::spawn(async move {
+                let row = sqlx::query("SELECT * FROM t").fetch_one(&pool).await.unwrap();
+                use sqlx::Row;
+                (row.len(), row.get::<i64, _>("c"))
+            }));
+        }
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), (3, 3));
+        }
+    }
 
     #[tokio::test]
     async fn migrations_apply_once_and_in_order() {

@@ -83,7 +83,7 @@ pub fn start_shipping(bus: Bus, shutdown: CancellationToken) {
                 let event = bus.event(events::LOG_BATCH, None, data);
                 // Failures here must not log through the shipper again (that would loop),
                 // so they are counted as drops and left at that.
-                if bus.publish(vec![PublishMessage { event, key: None, delay_ms: None }]).await.is_err() {
+                if bus.publish(vec![PublishMessage { event, key: None, ordering_key: None, delay_ms: None }]).await.is_err() {
                     DROPPED.fetch_add(1, Ordering::Relaxed);
                 }
             }

@@ -16,9 +16,16 @@ pub struct Principal {
     pub roles: Vec<String>,
 }
 
+/// The role that reaches across orgs; granted only by `echod user operator`.
+pub const OPERATOR_ROLE: &str = "operator";
+
 impl Principal {
     pub fn is_admin(&self) -> bool {
         self.roles.iter().any(|r| r == "owner" || r == "admin")
+    }
+
+    pub fn is_operator(&self) -> bool {
+        self.roles.iter().any(|r| r == OPERATOR_ROLE)
     }
 }
 
@@ -150,6 +157,27 @@ pub struct DocumentUploaded {
     pub content_type: String,
     pub filename: String,
     pub version: i64,
+    /// Events written before classifications existed carry none: `internal`.
+    #[serde(default = "default_classification")]
+    pub classification: String,
+}
+
+// ---- document classification ----
+
+/// The classifications a document can carry, from least to most protected. Policies
+/// see the one of the document in question as `context.classification`.
+pub const CLASSIFICATIONS: [&str; 4] = ["public", "internal", "confidential", "restricted"];
+
+/// What a document is when nobody said otherwise (and what documents stored before
+/// classifications existed are).
+pub const DEFAULT_CLASSIFICATION: &str = "internal";
+
+pub fn default_classification() -> String {
+    DEFAULT_CLASSIFICATION.to_string()
+}
+
+pub fn is_classification(value: &str) -> bool {
+    CLASSIFICATIONS.contains(&value)
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -249,6 +277,8 @@ pub struct NewDocument {
     pub size: u64,
     pub sha256: String,
     pub blob_id: String,
+    #[serde(default = "default_classification")]
+    pub classification: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -266,6 +296,8 @@ pub struct Document {
     pub blob_id: String,
     pub created_at: String,
     pub updated_at: String,
+    #[serde(default = "default_classification")]
+    pub classification: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -307,6 +339,8 @@ pub struct Chunk {
     pub section: Option<String>,
     pub char_start: u64,
     pub char_end: u64,
+    #[serde(default = "default_classification")]
+    pub classification: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -322,6 +356,9 @@ pub struct SearchQuery {
     pub query: String,
     pub k: usize,
     pub collections: Vec<String>,
+    /// Collections of `collections` where only these classifications may be read.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub restricted: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -335,6 +372,8 @@ pub struct SearchHit {
     pub page: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub section: Option<String>,
+    #[serde(default = "default_classification")]
+    pub classification: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -351,6 +390,9 @@ pub struct Collection {
     pub org: String,
     pub owner: String,
     pub personal: bool,
+    /// Owned by the org (its owners and admins manage it), not by a person.
+    #[serde(default)]
+    pub org_owned: bool,
     #[serde(default)]
     pub role: Option<String>,
 }
@@ -361,6 +403,10 @@ pub struct DecisionRequest {
     /// `Collection::"<id>"` style resource: type and id.
     pub resource_type: String,
     pub resource_id: String,
+    /// For document actions: the classification of the document in question
+    /// (`context.classification` in the policies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classification: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -371,7 +417,20 @@ pub struct Decision {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReadableCollections {
+    /// Every collection where at least one classification may be read.
     pub collections: Vec<String>,
+    /// Those of `collections` where only some classifications may be read, with them;
+    /// every other listed collection may be read whatever the classification.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub restricted: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl ReadableCollections {
+    /// Whether a document of `collection` with `classification` is in this set.
+    pub fn allows(&self, collection: &str, classification: &str) -> bool {
+        self.collections.iter().any(|c| c == collection)
+            && self.restricted.get(collection).is_none_or(|classes| classes.iter().any(|c| c == classification))
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -154,6 +154,30 @@ async fn a_person_signs_in_uploads_and_follows_a_citation_in_chromium() {
     assert!(page.contains("tangerine-42"));
     assert!(page.contains("handbook.md"), "the citation names its document");
     browser.screenshot(&shots.join("ask.png")).await;
+
+    // Collections: create one, share it with a colleague, take the share back, delete it.
+    ts.add_user("ivo", "acme", "member").await;
+    browser.click("header a[href='/collections']").await;
+    browser.wait_for("the collections page", |s| s.contains("<h1>Collections</h1>")).await;
+    browser.type_into("form[action='/collections'] input[name=name]", "Team handbook").await;
+    browser.click("form[action='/collections'] button").await;
+    let page = browser.wait_for("the new collection", |s| s.contains("Created the collection Team handbook.")).await;
+    let heading = page.find("<h2 style=\"margin-top: 0\">Team handbook</h2>").expect("the collection is listed");
+    let marker = "data-collection=\"";
+    let start = page[..heading].rfind(marker).unwrap() + marker.len();
+    let id = page[start..start + page[start..].find('"').unwrap()].to_string();
+    let section = format!("section[data-collection='{id}']");
+    browser.click(&format!("{section} select[name=member] option")).await;
+    browser.click(&format!("{section} form button.primary")).await;
+    let page = browser.wait_for("the share", |s| s.contains("Shared as viewer.")).await;
+    let shared = &page[page.find(&format!("data-collection=\"{id}\"")).unwrap()..];
+    assert!(shared.contains("<td>ivo</td><td>viewer</td>"), "the member is listed by name and role");
+    browser.click(&format!("{section} table form button")).await;
+    browser.wait_for("the share to go", |s| s.contains("Removed.")).await;
+    browser.click(&format!("{section} form[action$='/delete'] button")).await;
+    browser.call(reqwest::Method::POST, "/alert/accept", Some(json!({}))).await;
+    let page = browser.wait_for("the deletion", |s| s.contains("Deleted the collection and its documents.")).await;
+    assert!(!page.contains("Team handbook"));
     browser.quit().await;
     ts.system.stop().await;
 }

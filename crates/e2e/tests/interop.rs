@@ -22,22 +22,26 @@ async fn authlib_completes_code_and_pkce_and_validates_the_id_token() {
     let ts = TestSystem::start().await;
     ts.add_user("ivy", "acme", "member").await;
     let redirect = "http://127.0.0.1:9/authlib-callback";
-    identity::add_client(&ts.config, "authlib", vec![redirect.into()], None).await.unwrap();
-    identity::add_client(&ts.config, "authlib-backend", vec!["http://127.0.0.1:9/unused".into()], Some("backend-secret-0123456789")).await.unwrap();
+    identity::add_client(&ts.config, "authlib-backend", vec!["http://127.0.0.1:9/unused".into()], Some("backend-secret-0123456789"), "RS256").await.unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/interop/oidc_authlib.py");
     let issuer = ts.issuer();
     let password = password_of("ivy");
-    let output = tokio::process::Command::new(python)
-        .args([script, issuer.as_str(), "authlib", redirect, "ivy", password.as_str(), "authlib-backend", "backend-secret-0123456789"])
-        .output()
-        .await
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "authlib interop failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("validated against the JWKS"), "{stdout}");
-    assert!(stdout.contains("refresh-token rotation"), "{stdout}");
-    assert!(stdout.contains("ok: introspection, revocation"), "{stdout}");
-    assert!(stdout.contains("ok: RP-initiated logout"), "{stdout}");
+    // One public client per algorithm a client may choose; Authlib validates each.
+    for alg in ["RS256", "ES256", "EdDSA"] {
+        let client_id = format!("authlib-{}", alg.to_ascii_lowercase());
+        identity::add_client(&ts.config, &client_id, vec![redirect.into()], None, alg).await.unwrap();
+        let output = tokio::process::Command::new(&python)
+            .args([script, issuer.as_str(), client_id.as_str(), redirect, "ivy", password.as_str(), "authlib-backend", "backend-secret-0123456789"])
+            .output()
+            .await
+            .expect("python runs");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "authlib interop failed for {alg}:\n{stdout}\n{stderr}");
+        assert!(stdout.contains(&format!("validated against the JWKS (alg {alg},")), "{stdout}");
+        assert!(stdout.contains("refresh-token rotation"), "{stdout}");
+        assert!(stdout.contains("ok: introspection, revocation"), "{stdout}");
+        assert!(stdout.contains("ok: RP-initiated logout"), "{stdout}");
+    }
     ts.system.stop().await;
 }

@@ -1,14 +1,15 @@
 //! Interop with the Rust `openidconnect` crate (a third-party client library): discovery,
 //! code + PKCE through the login form, the ID token verified by the crate's own JOSE
 //! code against the JWKS (signature, issuer, audience, nonce, expiry, `at_hash`), and a
-//! refresh. The crate speaks HTTP through reqwest 0.13 here, via its closure client.
+//! refresh — once per signing algorithm a client can choose (RS256, ES256, EdDSA). The
+//! crate speaks HTTP through reqwest 0.13 here, via its closure client.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 #[path = "system/helpers.rs"]
 mod helpers;
 
-use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreProviderMetadata};
+use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreJwsSigningAlgorithm, CoreProviderMetadata};
 use openidconnect::{
     AccessTokenHash, AuthorizationCode, ClientId, CsrfToken, IssuerUrl, Nonce, OAuth2TokenResponse, PkceCodeChallenge, RedirectUrl, Scope,
     TokenResponse,
@@ -31,8 +32,20 @@ impl std::error::Error for HttpError {}
 async fn the_openidconnect_crate_signs_in_and_verifies_the_id_token() {
     let ts = TestSystem::start().await;
     ts.add_user("oli", "acme", "member").await;
+    for (alg, expected) in [
+        ("RS256", CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256),
+        ("ES256", CoreJwsSigningAlgorithm::EcdsaP256Sha256),
+        ("EdDSA", CoreJwsSigningAlgorithm::EdDsa),
+    ] {
+        sign_in_and_verify(&ts, alg, expected).await;
+    }
+    ts.system.stop().await;
+}
+
+async fn sign_in_and_verify(ts: &TestSystem, alg: &str, expected: CoreJwsSigningAlgorithm) {
     let redirect = "http://127.0.0.1:9/rust-callback";
-    identity::add_client(&ts.config, "oidc-rs", vec![redirect.into()], None).await.unwrap();
+    let client_id = format!("oidc-rs-{}", alg.to_ascii_lowercase());
+    identity::add_client(&ts.config, &client_id, vec![redirect.into()], None, alg).await.unwrap();
 
     let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
     let transport = http.clone();
@@ -57,7 +70,7 @@ async fn the_openidconnect_crate_signs_in_and_verifies_the_id_token() {
     };
 
     let metadata = CoreProviderMetadata::discover_async(IssuerUrl::new(ts.issuer()).unwrap(), &http_client).await.expect("discovery");
-    let client = CoreClient::from_provider_metadata(metadata, ClientId::new("oidc-rs".into()), None).set_redirect_uri(RedirectUrl::new(redirect.into()).unwrap());
+    let client = CoreClient::from_provider_metadata(metadata, ClientId::new(client_id.clone()), None).set_redirect_uri(RedirectUrl::new(redirect.into()).unwrap());
     let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
     let (url, csrf, nonce) = client
         .authorize_url(CoreAuthenticationFlow::AuthorizationCode, CsrfToken::new_random, Nonce::new_random)
@@ -85,7 +98,9 @@ async fn the_openidconnect_crate_signs_in_and_verifies_the_id_token() {
         .await
         .expect("code exchange");
     let id_token = tokens.id_token().expect("an ID token");
-    let id_verifier = client.id_token_verifier();
+    assert_eq!(id_token.signing_alg().unwrap(), &expected, "{client_id} gets tokens signed with its algorithm");
+    // The crate accepts only RS256 unless told otherwise, as a careful client does.
+    let id_verifier = client.id_token_verifier().set_allowed_algs(vec![expected.clone()]);
     let claims = id_token.claims(&id_verifier, &nonce).expect("the ID token verifies against the JWKS");
     assert_eq!(claims.preferred_username().map(|u| u.as_str()), Some("oli"));
     let expected_hash = claims.access_token_hash().expect("at_hash");
@@ -95,5 +110,7 @@ async fn the_openidconnect_crate_signs_in_and_verifies_the_id_token() {
 
     let refreshed = client.exchange_refresh_token(tokens.refresh_token().unwrap()).unwrap().request_async(&http_client).await.expect("refresh");
     assert_ne!(refreshed.access_token().secret(), tokens.access_token().secret());
-    ts.system.stop().await;
+    // The gateway accepts the access token, whatever the algorithm.
+    let me = http.get(format!("{}/api/v1/me", ts.gateway())).bearer_auth(refreshed.access_token().secret()).send().await.unwrap();
+    assert_eq!(me.status(), 200, "{alg} access token accepted by the gateway");
 }

@@ -221,4 +221,90 @@ pub mod testing {
             self.system.stop().await;
         }
     }
+
+    /// A scale-path server a test uses: a fresh PostgreSQL database or a fresh
+    /// JetStream stream, removed by `cleanup`. The servers are the machine's own at
+    /// their usual addresses (`ECHO_TEST_POSTGRES_URL`, `ECHO_TEST_NATS_URL` override).
+    pub struct ScratchServer {
+        /// What to put in `queue.url`.
+        pub url: String,
+        kind: ScratchKind,
+    }
+
+    enum ScratchKind {
+        Postgres { admin: String, database: String },
+        Nats { server: String, stream: String },
+    }
+
+    /// `None`, after printing why, when the server is not there; under CI (`CI` set)
+    /// a missing server fails the test instead, since `.ci/run` starts them.
+    fn absent(what: &str, error: impl std::fmt::Display) -> Option<ScratchServer> {
+        let reason = format!("{what} is not reachable ({error})");
+        assert!(std::env::var_os("CI").is_none(), "CI must run the {what} tests: {reason}");
+        println!("skipped: {reason}");
+        None
+    }
+
+    fn scratch_name(prefix: &str) -> String {
+        format!("{prefix}{}", uuid_like())
+    }
+
+    fn uuid_like() -> String {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{:x}{:x}{n}", nanos, std::process::id())
+    }
+
+    impl ScratchServer {
+        /// A new, empty database on the test PostgreSQL.
+        pub async fn postgres() -> Option<ScratchServer> {
+            use sqlx::Connection;
+            let admin = std::env::var("ECHO_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+            let mut conn = match tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&admin)).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(error)) => return absent("PostgreSQL", error),
+                Err(_) => return absent("PostgreSQL", "connection timed out"),
+            };
+            let database = scratch_name("echo_test_");
+            // The name is ours (letters, digits, '_'): safe to splice.
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}"))).execute(&mut conn).await.unwrap_or_else(|e| panic!("CREATE DATABASE: {e}"));
+            let mut url = url::Url::parse(&admin).unwrap_or_else(|e| panic!("ECHO_TEST_POSTGRES_URL: {e}"));
+            url.set_path(&format!("/{database}"));
+            Some(ScratchServer { url: url.to_string(), kind: ScratchKind::Postgres { admin, database } })
+        }
+
+        /// A stream name of its own on the test NATS server (which must run JetStream:
+        /// opening the backend fails loudly otherwise).
+        pub async fn nats() -> Option<ScratchServer> {
+            let server = std::env::var("ECHO_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+            let client = match tokio::time::timeout(Duration::from_secs(5), async_nats::connect(&server)).await {
+                Ok(Ok(client)) => client,
+                Ok(Err(error)) => return absent("NATS", error),
+                Err(_) => return absent("NATS", "connection timed out"),
+            };
+            drop(client);
+            let stream = scratch_name("T");
+            Some(ScratchServer { url: format!("{server}?stream={stream}"), kind: ScratchKind::Nats { server, stream } })
+        }
+
+        /// Removes the database or streams (best effort: a failed test may leave them).
+        pub async fn cleanup(self) {
+            match self.kind {
+                ScratchKind::Postgres { admin, database } => {
+                    use sqlx::Connection;
+                    if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+                        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))).execute(&mut conn).await;
+                    }
+                }
+                ScratchKind::Nats { server, stream } => {
+                    if let Ok(client) = async_nats::connect(&server).await {
+                        let js = async_nats::jetstream::new(client);
+                        let _ = js.delete_stream(&stream).await;
+                        let _ = js.delete_stream(format!("{stream}_DLQ")).await;
+                    }
+                }
+            }
+        }
+    }
 }

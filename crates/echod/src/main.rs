@@ -91,6 +91,17 @@ enum UserCommand {
         #[command(flatten)]
         location: Location,
     },
+    /// Grant or revoke the operator role (rotate keys, reload policies, read every
+    /// org's audit and logs). Audited; applies from the user's next token.
+    Operator {
+        username: String,
+        #[arg(long, conflicts_with = "revoke", required_unless_present = "revoke")]
+        grant: bool,
+        #[arg(long)]
+        revoke: bool,
+        #[command(flatten)]
+        location: Location,
+    },
 }
 
 #[derive(Subcommand)]
@@ -103,6 +114,9 @@ enum ClientCommand {
         /// A public client (PKCE, no secret). The default.
         #[arg(long, conflicts_with = "secret_stdin")]
         public: bool,
+        /// Algorithm for this client's ID and access tokens: RS256 (default), ES256 or EdDSA.
+        #[arg(long = "signing-alg", default_value = "RS256")]
+        signing_alg: String,
         /// A confidential client whose secret is read from standard input.
         #[arg(long)]
         secret_stdin: bool,
@@ -140,6 +154,28 @@ enum BenchCommand {
         logins: usize,
         #[arg(long, default_value_t = 2)]
         concurrency: usize,
+    },
+    /// Authorization: in-process decision p50/p99, decisions over HTTP at a fixed rate,
+    /// and the readable-collections list at many collections.
+    Authz {
+        #[arg(long, default_value_t = 20_000)]
+        iterations: usize,
+        #[arg(long, default_value_t = 10_000)]
+        collections: usize,
+        /// Decisions per second offered over HTTP (open loop).
+        #[arg(long, default_value_t = 5_000)]
+        rate: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// B8: durable publish → deliver → ack for each bus backend beside Redis Streams and raw JetStream.
+    Queue {
+        #[arg(long, default_value_t = 20_000)]
+        messages: u64,
+        #[arg(long, default_value_t = 8)]
+        producers: usize,
+        #[arg(long, default_value_t = 4)]
+        consumers: usize,
     },
 }
 
@@ -260,11 +296,17 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("disabled {username}; their sessions and refresh tokens are revoked");
             Ok(0)
         }
-        Command::Client(ClientCommand::Add { client_id, redirect_uris, public: _, secret_stdin, location }) => {
+        Command::User(UserCommand::Operator { username, grant, revoke: _, location }) => {
+            let user = identity::set_operator(&config_for(&location)?, &username, grant).await?;
+            let verb = if grant { "is now an operator" } else { "is no longer an operator" };
+            println!("{} {verb} (roles: {}); it applies from their next sign-in or token refresh", user.username, user.roles.join(","));
+            Ok(0)
+        }
+        Command::Client(ClientCommand::Add { client_id, redirect_uris, public: _, signing_alg, secret_stdin, location }) => {
             let secret = if secret_stdin { Some(read_secret_from_stdin("client secret")?) } else { None };
-            identity::add_client(&config_for(&location)?, &client_id, redirect_uris.clone(), secret.as_deref()).await?;
+            identity::add_client(&config_for(&location)?, &client_id, redirect_uris.clone(), secret.as_deref(), &signing_alg).await?;
             let kind = if secret.is_some() { "confidential" } else { "public (PKCE required)" };
-            println!("registered {kind} client {client_id} with redirect URIs: {}", redirect_uris.join(", "));
+            println!("registered {kind} client {client_id} ({signing_alg}) with redirect URIs: {}", redirect_uris.join(", "));
             Ok(0)
         }
         Command::Audit(AuditCommand::Verify(location)) => {
@@ -282,12 +324,20 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
         }
         Command::Keys(KeysCommand::Rotate { lead_secs, location }) => {
-            let kid = identity::rotate_keys(&config_for(&location)?, lead_secs).await?;
-            println!("published signing key {kid}; it signs from {lead_secs} s from now (a running identity picks it up within 2 s)");
+            let kids = identity::rotate_keys(&config_for(&location)?, lead_secs).await?;
+            println!("published signing keys {}; they sign from {lead_secs} s from now (a running identity picks them up within 2 s)", kids.join(", "));
             Ok(0)
         }
         Command::Bench(BenchCommand::Identity { iterations, logins, concurrency }) => {
             echod::bench::identity(iterations, logins, concurrency).await?;
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Authz { iterations, collections, rate, seconds }) => {
+            echod::bench::authz(iterations, collections, rate, seconds).await?;
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Queue { messages, producers, consumers }) => {
+            echod::bench::queue::run(messages, producers, consumers).await?;
             Ok(0)
         }
         Command::Config(ConfigCommand::Check(location)) => {

@@ -52,6 +52,18 @@ pub(crate) async fn share_collection(State(app): State<AppState>, caller: Caller
     Ok(Json(app.ctx.peers.put_json(ServiceName::Authz, &path, Some(&caller.principal), &body).await?))
 }
 
+pub(crate) async fn collection_members(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    service::check_id(&id).map_err(|_| ApiError::not_found("authz.collection_not_found", "no such collection"))?;
+    Ok(Json(app.ctx.peers.get_json(ServiceName::Authz, &format!("/v1/collections/{id}/members"), Some(&caller.principal)).await?))
+}
+
+/// `DELETE /api/v1/collections/{id}`: its documents leave the catalogue, the index and
+/// storage, then the collection and its shares go.
+pub(crate) async fn delete_collection(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    service::delete_collection(&app, &caller.principal, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 pub(crate) async fn upload(State(app): State<AppState>, caller: Caller, multipart: Multipart) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     let created = service::upload(&app, &caller.principal, multipart, None).await?;
     let status = if created.duplicate_of.is_some() { StatusCode::OK } else { StatusCode::ACCEPTED };
@@ -154,18 +166,28 @@ fn passthrough_query(uri: &axum::http::Uri) -> String {
     uri.query().map(|q| format!("?{q}")).unwrap_or_default()
 }
 
+/// Org admins read their own org's records; operators (Cedar `system:*`) every org's.
+/// The audit and logs services also force the org for anyone who is not an operator.
+async fn require_read(app: &AppState, principal: &common::wire::Principal, org_action: &str, operator_action: &str) -> ApiResult<()> {
+    if principal.is_operator() {
+        require_operator(app, principal, operator_action).await
+    } else {
+        service::require_org_permission(app, principal, org_action).await
+    }
+}
+
 pub(crate) async fn logs(State(app): State<AppState>, caller: Caller, uri: axum::http::Uri) -> ApiResult<Json<serde_json::Value>> {
-    service::require_org_permission(&app, &caller.principal, "logs:read").await?;
+    require_read(&app, &caller.principal, "logs:read", "system:read_all_logs").await?;
     Ok(Json(app.ctx.peers.get_json(ServiceName::Logs, &format!("/v1/logs{}", passthrough_query(&uri)), Some(&caller.principal)).await?))
 }
 
 pub(crate) async fn audit(State(app): State<AppState>, caller: Caller, uri: axum::http::Uri) -> ApiResult<Json<serde_json::Value>> {
-    service::require_org_permission(&app, &caller.principal, "audit:read").await?;
+    require_read(&app, &caller.principal, "audit:read", "system:read_all_audit").await?;
     Ok(Json(app.ctx.peers.get_json(ServiceName::Audit, &format!("/v1/audit{}", passthrough_query(&uri)), Some(&caller.principal)).await?))
 }
 
 pub(crate) async fn audit_verify(State(app): State<AppState>, caller: Caller) -> ApiResult<Json<serde_json::Value>> {
-    service::require_org_permission(&app, &caller.principal, "audit:read").await?;
+    require_read(&app, &caller.principal, "audit:read", "system:read_all_audit").await?;
     Ok(Json(app.ctx.peers.get_json(ServiceName::Audit, "/v1/audit/verify", Some(&caller.principal)).await?))
 }
 
@@ -252,6 +274,54 @@ pub(crate) async fn chat_completions(State(app): State<AppState>, caller: Caller
 
 pub(crate) async fn openapi() -> Response {
     ([(axum::http::header::CONTENT_TYPE, "application/json")], crate::OPENAPI).into_response()
+}
+
+// ---- operator actions (the audited role that reaches across orgs) ----
+
+/// The permission check for an operator action; anyone else gets 403.
+pub(crate) async fn require_operator(app: &AppState, principal: &common::wire::Principal, action: &str) -> ApiResult<()> {
+    if service::decide(app, principal, action, "System", "echo").await? {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("auth.operator_required", "only an Echo operator may do this (granted with `echod user operator`)"))
+    }
+}
+
+/// `POST /api/v1/admin/keys/rotate {"lead_secs": 60}`: publishes new signing keys
+/// now; they sign after the lead, and the old ones stay published while their tokens live.
+pub(crate) async fn admin_rotate_keys(State(app): State<AppState>, caller: Caller, body: axum::body::Bytes) -> ApiResult<Json<serde_json::Value>> {
+    require_operator(&app, &caller.principal, "system:rotate_keys").await?;
+    let body: serde_json::Value = if body.iter().all(u8::is_ascii_whitespace) {
+        serde_json::json!({})
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("request.invalid_json", format!("the body is not valid JSON: {e}")))?
+    };
+    Ok(Json(app.ctx.peers.post_json(ServiceName::Identity, "/internal/keys/rotate", Some(&caller.principal), &body).await?))
+}
+
+/// `POST /api/v1/admin/policies/reload`: re-reads `authz.policy_dir`; an invalid set
+/// is refused (400 with file, line and message) and the previous one stays in force.
+pub(crate) async fn admin_reload_policies(State(app): State<AppState>, caller: Caller) -> ApiResult<Json<serde_json::Value>> {
+    require_operator(&app, &caller.principal, "system:reload_policies").await?;
+    Ok(Json(app.ctx.peers.post_json(ServiceName::Authz, "/v1/policies/reload", Some(&caller.principal), &serde_json::json!({})).await?))
+}
+
+/// `GET /api/v1/admin/queue`: per subscription, depth, in flight, dead letters and
+/// the age of the oldest undelivered message.
+pub(crate) async fn admin_queue(State(app): State<AppState>, caller: Caller) -> ApiResult<Json<serde_json::Value>> {
+    require_operator(&app, &caller.principal, "system:manage_queue").await?;
+    Ok(Json(app.ctx.peers.get_json(ServiceName::Queue, "/v1/stats", Some(&caller.principal)).await?))
+}
+
+pub(crate) async fn admin_dead_letters(State(app): State<AppState>, caller: Caller, Path(name): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    require_operator(&app, &caller.principal, "system:manage_queue").await?;
+    let path = format!("/v1/subscriptions/{}/dead-letters", common::client::encode(&name));
+    Ok(Json(app.ctx.peers.get_json(ServiceName::Queue, &path, Some(&caller.principal)).await?))
+}
+
+/// `POST /api/v1/admin/queue/{subscription}/redrive {"seq": n}` (or `{}` for all).
+pub(crate) async fn admin_redrive(State(app): State<AppState>, caller: Caller, Path(name): Path<String>, Json(body): Json<serde_json::Value>) -> ApiResult<Json<serde_json::Value>> {
+    Ok(Json(service::redrive(&app, &caller.principal, &name, body.get("seq").and_then(|v| v.as_i64())).await?))
 }
 
 // ---- user administration (org admins, within their own org) ----

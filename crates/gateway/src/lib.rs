@@ -19,7 +19,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderValue, header};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use sqlx::SqlitePool;
 use tokio::net::TcpListener;
 use tower_http::set_header::SetResponseHeaderLayer;
@@ -69,8 +69,7 @@ fn readiness(ctx: &ServiceContext, pool: SqlitePool, consumer_ready: common::ser
 
 /// Runs the gateway on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
-    let pool = common::db::open_sqlite(&ctx.config.db_path(ServiceName::Gateway)).await?;
-    common::db::migrate(&pool, session::MIGRATIONS).await?;
+    let pool = common::db::open_migrated(&ctx.config.db_path(ServiceName::Gateway), session::MIGRATIONS).await?;
     let app = AppState { ctx: ctx.clone(), pool: pool.clone(), public_url: ctx.config.public_url() };
     let consumer_ready = common::server::ReadyFlag::default();
     session::spawn_disabled_consumer(app.clone(), consumer_ready.clone());
@@ -81,8 +80,14 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .route("/me/password", post(api::change_password))
         .route("/admin/users", get(api::admin_users).post(api::admin_create_user))
         .route("/admin/users/{id}/disable", post(api::admin_disable_user))
+        .route("/admin/keys/rotate", post(api::admin_rotate_keys))
+        .route("/admin/policies/reload", post(api::admin_reload_policies))
+        .route("/admin/queue", get(api::admin_queue))
+        .route("/admin/queue/{name}/dead-letters", get(api::admin_dead_letters))
+        .route("/admin/queue/{name}/redrive", post(api::admin_redrive))
         .route("/collections", get(api::list_collections).post(api::create_collection))
-        .route("/collections/{id}/members", put(api::share_collection))
+        .route("/collections/{id}", delete(api::delete_collection))
+        .route("/collections/{id}/members", put(api::share_collection).get(api::collection_members))
         .route("/groups", get(api::groups).post(api::create_group))
         .route("/groups/{id}/members", put(api::set_group_members))
         .route("/documents", get(api::list_documents).post(api::upload).layer(upload_limit))
@@ -108,6 +113,11 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .route("/documents/{id}", get(pages::document))
         .route("/documents/{id}/delete", post(pages::delete_document))
         .route("/ask", get(pages::ask_form).post(pages::ask))
+        .route("/collections", get(pages::collections).post(pages::create_collection))
+        .route("/collections/{id}/members", post(pages::collection_member))
+        .route("/collections/{id}/delete", post(pages::delete_collection))
+        .route("/admin/queue", get(pages::admin_queue))
+        .route("/admin/queue/{name}/redrive", post(pages::admin_redrive))
         .route("/admin/users", get(pages::admin_users).post(pages::admin_create_user))
         .route("/admin/users/{id}/disable", post(pages::admin_disable_user))
         .route("/auth/login", get(session::login))

@@ -1,5 +1,6 @@
 //! Server-rendered pages: documents (upload, live status), a document, ask (answer
-//! with clickable citations), and friendly error pages. Forms carry the session's
+//! with clickable citations), collections with their sharing, users (admins), and
+//! friendly error pages. Forms carry the session's
 //! CSRF token; every page carries the security headers.
 
 use askama::Template;
@@ -336,5 +337,297 @@ mod tests {
         assert_eq!(cites, [1, 2]);
         let text: String = parts.iter().map(|s| s.text.as_str()).collect();
         assert_eq!(text, "See  and , not [9] or [x].");
+    }
+}
+
+// ---- collections and sharing ----
+
+/// One member of a collection as the page shows it.
+struct MemberView {
+    kind: &'static str,
+    id: String,
+    name: String,
+    role: String,
+}
+
+struct CollectionView {
+    collection: Collection,
+    /// Listed (with add and remove forms) when the viewer may share the collection.
+    members: Option<Vec<MemberView>>,
+    deletable: bool,
+}
+
+#[derive(Template)]
+#[template(path = "collections.html")]
+struct CollectionsPage {
+    csrf: String,
+    username: String,
+    org: String,
+    collections: Vec<CollectionView>,
+    users: Vec<common::wire::UserSummary>,
+    groups: Vec<(String, String)>,
+    message: Option<String>,
+    /// Org owners and admins may create collections owned by the org.
+    org_admin: bool,
+}
+
+async fn collections_page(app: &AppState, session: &crate::session::Session, message: Option<String>) -> Response {
+    let principal = &session.principal;
+    let loaded = async {
+        let collections = service::collections(app, principal).await?;
+        // The org's directory, to share by name (members of an org see its usernames).
+        let path = format!("/internal/orgs/{}/users", common::client::encode(&principal.org));
+        let users: Vec<common::wire::UserSummary> = app.ctx.peers.get_json(ServiceName::Identity, &path, Some(principal)).await?;
+        let groups: serde_json::Value = app.ctx.peers.get_json(ServiceName::Authz, "/v1/groups", Some(principal)).await?;
+        let groups: Vec<(String, String)> = groups
+            .as_array()
+            .map(|list| list.iter().filter_map(|g| Some((g["id"].as_str()?.to_string(), g["name"].as_str()?.to_string()))).collect())
+            .unwrap_or_default();
+        let mut views = Vec::with_capacity(collections.len());
+        for collection in collections {
+            let manages = matches!(collection.role.as_deref(), Some("owner" | "manager"));
+            let members = if manages {
+                let listed: serde_json::Value =
+                    app.ctx.peers.get_json(ServiceName::Authz, &format!("/v1/collections/{}/members", collection.id), Some(principal)).await?;
+                let members = listed["members"].as_array().cloned().unwrap_or_default();
+                Some(
+                    members
+                        .iter()
+                        .filter_map(|m| {
+                            let role = m["role"].as_str()?.to_string();
+                            if let Some(id) = m["user"].as_str() {
+                                let name = users.iter().find(|u| u.id == id).map(|u| u.username.clone()).unwrap_or_else(|| id.to_string());
+                                Some(MemberView { kind: "user", id: id.to_string(), name, role })
+                            } else {
+                                let id = m["group"].as_str()?;
+                                let name = groups.iter().find(|(g, _)| g == id).map(|(_, n)| format!("group {n}")).unwrap_or_else(|| id.to_string());
+                                Some(MemberView { kind: "group", id: id.to_string(), name, role })
+                            }
+                        })
+                        .collect(),
+                )
+            } else {
+                None
+            };
+            // Only to show the button: deleting is decided by Cedar.
+            let deletable = !collection.personal && (collection.role.as_deref() == Some("owner") || (collection.org_owned && principal.is_admin()));
+            views.push(CollectionView { collection, members, deletable });
+        }
+        Ok::<_, ApiError>((views, users, groups))
+    }
+    .await;
+    match loaded {
+        Ok((collections, users, groups)) => render(
+            StatusCode::OK,
+            CollectionsPage {
+                csrf: session.csrf.clone(),
+                username: principal.username.clone(),
+                org: principal.org.clone(),
+                collections,
+                users: users.into_iter().filter(|u| !u.disabled && u.id != principal.sub).collect(),
+                groups,
+                message,
+                org_admin: principal.is_admin(),
+            }
+            .render(),
+        ),
+        Err(error) => error_page(&error),
+    }
+}
+
+fn csrf_ok(session: &crate::session::Session, csrf: &str) -> bool {
+    common::rand::constant_time_eq(csrf.as_bytes(), session.csrf.as_bytes())
+}
+
+fn csrf_refused() -> Response {
+    error_page(&ApiError::forbidden("auth.csrf", "the form expired; reload the page and try again"))
+}
+
+/// The collections page again with what happened; internal errors get the error page.
+async fn collections_after(app: &AppState, session: &crate::session::Session, result: Result<String, ApiError>) -> Response {
+    match result {
+        Ok(message) => collections_page(app, session, Some(message)).await,
+        Err(error) if error.kind != ErrorKind::Internal => collections_page(app, session, Some(format!("Not done: {}", error.detail))).await,
+        Err(error) => error_page(&error),
+    }
+}
+
+pub(crate) async fn collections(State(app): State<AppState>, PageUser(session): PageUser) -> Response {
+    collections_page(&app, &session, None).await
+}
+
+#[derive(Deserialize)]
+pub(crate) struct NewCollectionForm {
+    csrf: String,
+    name: String,
+    #[serde(default)]
+    org_owned: Option<String>,
+}
+
+pub(crate) async fn create_collection(State(app): State<AppState>, PageUser(session): PageUser, axum::Form(form): axum::Form<NewCollectionForm>) -> Response {
+    if !csrf_ok(&session, &form.csrf) {
+        return csrf_refused();
+    }
+    let created: Result<Collection, ApiError> =
+        app.ctx.peers.post_json(ServiceName::Authz, "/v1/collections", Some(&session.principal), &serde_json::json!({"name": form.name, "org_owned": form.org_owned.is_some()})).await;
+    collections_after(&app, &session, created.map(|c| format!("Created the collection {}.", c.name))).await
+}
+
+#[derive(Deserialize)]
+pub(crate) struct MemberForm {
+    csrf: String,
+    /// `user:<id>` or `group:<id>`.
+    member: String,
+    #[serde(default)]
+    role: String,
+}
+
+/// Adds, changes (`role` set) or removes (`role` empty) one member, keeping the others.
+async fn change_member(app: &AppState, session: &crate::session::Session, id: &str, form: &MemberForm) -> Result<String, ApiError> {
+    service::check_id(id).map_err(|_| ApiError::not_found("authz.collection_not_found", "no such collection"))?;
+    let (kind, subject) = form
+        .member
+        .split_once(':')
+        .filter(|(kind, subject)| matches!(*kind, "user" | "group") && !subject.is_empty())
+        .ok_or_else(|| ApiError::bad_request("collection.invalid_member", "choose a user or a group"))?;
+    let principal = &session.principal;
+    let listed: serde_json::Value = app.ctx.peers.get_json(ServiceName::Authz, &format!("/v1/collections/{id}/members"), Some(principal)).await?;
+    let mut members: Vec<serde_json::Value> =
+        listed["members"].as_array().cloned().unwrap_or_default().into_iter().filter(|m| m[kind].as_str() != Some(subject)).collect();
+    if !form.role.is_empty() {
+        members.push(serde_json::json!({kind: subject, "role": form.role}));
+    }
+    let _: Collection =
+        app.ctx.peers.put_json(ServiceName::Authz, &format!("/v1/collections/{id}/members"), Some(principal), &serde_json::json!({"members": members})).await?;
+    Ok(if form.role.is_empty() { "Removed.".to_string() } else { format!("Shared as {}.", form.role) })
+}
+
+pub(crate) async fn collection_member(
+    State(app): State<AppState>,
+    PageUser(session): PageUser,
+    Path(id): Path<String>,
+    axum::Form(form): axum::Form<MemberForm>,
+) -> Response {
+    if !csrf_ok(&session, &form.csrf) {
+        return csrf_refused();
+    }
+    let changed = change_member(&app, &session, &id, &form).await;
+    collections_after(&app, &session, changed).await
+}
+
+pub(crate) async fn delete_collection(State(app): State<AppState>, PageUser(session): PageUser, Path(id): Path<String>, axum::Form(form): axum::Form<CsrfForm>) -> Response {
+    if !csrf_ok(&session, &form.csrf) {
+        return csrf_refused();
+    }
+    let deleted = service::delete_collection(&app, &session.principal, &id).await.map(|()| "Deleted the collection and its documents.".to_string());
+    collections_after(&app, &session, deleted).await
+}
+
+// ---- the event bus, for operators ----
+
+struct SubscriptionView {
+    name: String,
+    topic: String,
+    depth: i64,
+    in_flight: i64,
+    dead_letters: i64,
+    oldest: String,
+    letters: Vec<DeadLetterView>,
+}
+
+struct DeadLetterView {
+    seq: i64,
+    attempts: i64,
+    error: String,
+    event_type: String,
+    event_id: String,
+}
+
+#[derive(Template)]
+#[template(path = "queue.html")]
+struct QueuePage {
+    csrf: String,
+    username: String,
+    org: String,
+    subscriptions: Vec<SubscriptionView>,
+    /// Which backend keeps the messages (`sqlite`, `postgres`, `nats`).
+    backend: String,
+    message: Option<String>,
+}
+
+fn age(ms: Option<i64>) -> String {
+    match ms {
+        None => "—".into(),
+        Some(ms) if ms < 1000 => format!("{ms} ms"),
+        Some(ms) if ms < 120_000 => format!("{} s", ms / 1000),
+        Some(ms) if ms < 7_200_000 => format!("{} min", ms / 60_000),
+        Some(ms) => format!("{} h", ms / 3_600_000),
+    }
+}
+
+async fn queue_page(app: &AppState, session: &crate::session::Session, message: Option<String>) -> Response {
+    let principal = &session.principal;
+    let loaded = async {
+        crate::api::require_operator(app, principal, "system:manage_queue").await?;
+        let stats: serde_json::Value = app.ctx.peers.get_json(ServiceName::Queue, "/v1/stats", Some(principal)).await?;
+        let mut subscriptions = Vec::new();
+        for s in stats["subscriptions"].as_array().cloned().unwrap_or_default() {
+            let name = s["subscription"].as_str().unwrap_or_default().to_string();
+            let dead_letters = s["dead_letters"].as_i64().unwrap_or(0);
+            let mut letters = Vec::new();
+            if dead_letters > 0 {
+                let path = format!("/v1/subscriptions/{}/dead-letters?limit=20", common::client::encode(&name));
+                let listed: serde_json::Value = app.ctx.peers.get_json(ServiceName::Queue, &path, Some(principal)).await?;
+                for letter in listed["dead_letters"].as_array().cloned().unwrap_or_default() {
+                    letters.push(DeadLetterView {
+                        seq: letter["seq"].as_i64().unwrap_or(0),
+                        attempts: letter["attempts"].as_i64().unwrap_or(0),
+                        error: letter["last_error"].as_str().unwrap_or_default().chars().take(300).collect(),
+                        event_type: letter["event"]["type"].as_str().unwrap_or_default().to_string(),
+                        event_id: letter["event"]["id"].as_str().unwrap_or_default().to_string(),
+                    });
+                }
+            }
+            subscriptions.push(SubscriptionView {
+                name,
+                topic: s["topic"].as_str().unwrap_or_default().to_string(),
+                depth: s["depth"].as_i64().unwrap_or(0),
+                in_flight: s["in_flight"].as_i64().unwrap_or(0),
+                dead_letters,
+                oldest: age(s["oldest_age_ms"].as_i64()),
+                letters,
+            });
+        }
+        let backend = stats["backend"].as_str().unwrap_or("unknown").to_string();
+        Ok::<_, ApiError>((subscriptions, backend))
+    }
+    .await;
+    match loaded {
+        Ok((subscriptions, backend)) => render(
+            StatusCode::OK,
+            QueuePage { csrf: session.csrf.clone(), username: principal.username.clone(), org: principal.org.clone(), subscriptions, backend, message }.render(),
+        ),
+        Err(error) => error_page(&error),
+    }
+}
+
+pub(crate) async fn admin_queue(State(app): State<AppState>, PageUser(session): PageUser) -> Response {
+    queue_page(&app, &session, None).await
+}
+
+#[derive(Deserialize)]
+pub(crate) struct RedriveForm {
+    csrf: String,
+    #[serde(default)]
+    seq: Option<i64>,
+}
+
+pub(crate) async fn admin_redrive(State(app): State<AppState>, PageUser(session): PageUser, Path(name): Path<String>, axum::Form(form): axum::Form<RedriveForm>) -> Response {
+    if !csrf_ok(&session, &form.csrf) {
+        return csrf_refused();
+    }
+    match service::redrive(&app, &session.principal, &name, form.seq).await {
+        Ok(answer) => queue_page(&app, &session, Some(format!("Redelivering {} message(s) of {name}.", answer["redriven"]))).await,
+        Err(error) => error_page(&error),
     }
 }

@@ -26,13 +26,31 @@ pub(crate) async fn collections(app: &AppState, principal: &Principal) -> Result
     app.ctx.peers.get_json(ServiceName::Authz, "/v1/collections", Some(principal)).await
 }
 
-pub(crate) async fn readable(app: &AppState, principal: &Principal, action: &str) -> Result<Vec<String>, ApiError> {
-    let readable: ReadableCollections = app.ctx.peers.post_json(ServiceName::Authz, "/v1/readable", Some(principal), &serde_json::json!({"action": action})).await?;
-    Ok(readable.collections)
+/// The collections (and, where only some may be read, the classifications) `principal`
+/// may do `action` on.
+pub(crate) async fn readable(app: &AppState, principal: &Principal, action: &str) -> Result<ReadableCollections, ApiError> {
+    app.ctx.peers.post_json(ServiceName::Authz, "/v1/readable", Some(principal), &serde_json::json!({"action": action})).await
 }
 
 pub(crate) async fn decide(app: &AppState, principal: &Principal, action: &str, resource_type: &str, resource_id: &str) -> Result<bool, ApiError> {
-    let request = DecisionRequest { action: action.into(), resource_type: resource_type.into(), resource_id: resource_id.into() };
+    decide_classified(app, principal, action, resource_type, resource_id, None).await
+}
+
+/// A decision about one document: the collection, with the document's classification.
+pub(crate) async fn decide_classified(
+    app: &AppState,
+    principal: &Principal,
+    action: &str,
+    resource_type: &str,
+    resource_id: &str,
+    classification: Option<&str>,
+) -> Result<bool, ApiError> {
+    let request = DecisionRequest {
+        action: action.into(),
+        resource_type: resource_type.into(),
+        resource_id: resource_id.into(),
+        classification: classification.map(str::to_string),
+    };
     let decision: Decision = app.ctx.peers.post_json(ServiceName::Authz, "/v1/decide", Some(principal), &request).await?;
     Ok(decision.allowed)
 }
@@ -45,14 +63,51 @@ pub(crate) async fn require_org_permission(app: &AppState, principal: &Principal
     }
 }
 
+/// Moves a subscription's dead letters (one, or all) back to delivery; operators only,
+/// audited.
+pub(crate) async fn redrive(app: &AppState, principal: &Principal, subscription: &str, seq: Option<i64>) -> Result<serde_json::Value, ApiError> {
+    if !principal.is_operator() || !decide(app, principal, "system:manage_queue", "System", "echo").await? {
+        return Err(ApiError::forbidden("auth.operator_required", "only an Echo operator may do this (granted with `echod user operator`)"));
+    }
+    let path = format!("/v1/subscriptions/{}/redrive", common::client::encode(subscription));
+    let body = match seq {
+        Some(seq) => serde_json::json!({"seq": seq}),
+        None => serde_json::json!({}),
+    };
+    let answer: serde_json::Value = app.ctx.peers.post_json(ServiceName::Queue, &path, Some(principal), &body).await?;
+    app.ctx
+        .audit(&principal.sub, "queue.redriven", &format!("subscription:{subscription}"), "success", serde_json::json!({"seq": seq, "redriven": answer["redriven"]}))
+        .await;
+    Ok(answer)
+}
+
+/// Deletes a collection the principal may delete: documents first (so a failure
+/// leaves the collection and its access as they were, and a retry finishes the job),
+/// then the collection and its shares. Personal collections cannot be deleted.
+pub(crate) async fn delete_collection(app: &AppState, principal: &Principal, id: &str) -> Result<(), ApiError> {
+    let not_found = || ApiError::not_found("authz.collection_not_found", "no such collection");
+    check_id(id).map_err(|_| not_found())?;
+    let collection: Collection = app.ctx.peers.get_json(ServiceName::Authz, &format!("/v1/collections/{id}"), Some(principal)).await?;
+    if collection.personal {
+        return Err(ApiError::new(common::ErrorKind::Conflict, "collection.personal", "a personal collection cannot be deleted"));
+    }
+    if !decide(app, principal, "collection:delete", "Collection", id).await? {
+        return Err(ApiError::forbidden("collection.forbidden", "only the collection's owner (or, for one owned by the org, its owners and admins) may delete it"));
+    }
+    let _: serde_json::Value = app.ctx.peers.post_json(ServiceName::Ingest, &format!("/v1/collections/{id}/purge"), Some(principal), &serde_json::json!({})).await?;
+    let path = format!("/v1/collections/{id}");
+    app.ctx.peers.delete(ServiceName::Authz, &path, Some(principal)).await
+}
+
 /// The document if `principal` may read its chunks and, when `action` is stronger, do `action`.
 pub(crate) async fn authorized_document(app: &AppState, principal: &Principal, id: &str, action: &str) -> Result<Document, ApiError> {
     check_id(id)?;
     let document: Document = app.ctx.peers.get_json(ServiceName::Ingest, &format!("/v1/documents/{id}"), Some(principal)).await?;
-    if !decide(app, principal, "document:read_chunks", "Collection", &document.collection).await? {
+    let class = Some(document.classification.as_str());
+    if !decide_classified(app, principal, "document:read_chunks", "Collection", &document.collection, class).await? {
         return Err(not_found());
     }
-    if action != "document:read_chunks" && !decide(app, principal, action, "Collection", &document.collection).await? {
+    if action != "document:read_chunks" && !decide_classified(app, principal, action, "Collection", &document.collection, class).await? {
         return Err(ApiError::forbidden("document.forbidden", "you may read answers from this document but not do this"));
     }
     Ok(document)
@@ -74,11 +129,13 @@ pub(crate) struct DocumentPage {
 }
 
 pub(crate) async fn list_documents(app: &AppState, principal: &Principal, collection: Option<&str>, limit: Option<i64>, offset: Option<i64>) -> Result<DocumentPage, ApiError> {
-    let mut collections = readable(app, principal, "document:read_chunks").await?;
+    let readable = readable(app, principal, "document:read_chunks").await?;
+    let mut collections = readable.collections;
     if let Some(wanted) = collection {
         collections.retain(|c| c == wanted);
     }
-    let body = serde_json::json!({"collections": collections, "limit": limit, "offset": offset});
+    let restricted: std::collections::BTreeMap<&String, &Vec<String>> = readable.restricted.iter().filter(|(c, _)| collections.contains(c)).collect();
+    let body = serde_json::json!({"collections": collections, "restricted": restricted, "limit": limit, "offset": offset});
     app.ctx.peers.post_json(ServiceName::Ingest, "/v1/documents/query", Some(principal), &body).await
 }
 
@@ -88,16 +145,17 @@ pub(crate) async fn search(app: &AppState, principal: &Principal, query: &str, k
     }
     let allowed = readable(app, principal, "document:read_chunks").await?;
     let collections: Vec<String> = match wanted {
-        Some(wanted) => allowed.iter().filter(|c| wanted.contains(c)).cloned().collect(),
-        None => allowed.clone(),
+        Some(wanted) => allowed.collections.iter().filter(|c| wanted.contains(c)).cloned().collect(),
+        None => allowed.collections.clone(),
     };
     if collections.is_empty() {
         return Ok(vec![]);
     }
-    let request = SearchQuery { query: query.to_string(), k: k.clamp(1, 100), collections };
+    let restricted = allowed.restricted.iter().filter(|(c, _)| collections.contains(c)).map(|(c, v)| (c.clone(), v.clone())).collect();
+    let request = SearchQuery { query: query.to_string(), k: k.clamp(1, 100), collections, restricted };
     let results: SearchResults = app.ctx.peers.post_json(ServiceName::Search, "/v1/search", None, &request).await?;
     // Every hit is re-checked against the authz answer of this request.
-    Ok(results.hits.into_iter().filter(|hit| allowed.contains(&hit.collection_id)).collect())
+    Ok(results.hits.into_iter().filter(|hit| allowed.allows(&hit.collection_id, &hit.classification)).collect())
 }
 
 pub(crate) async fn ask(app: &AppState, principal: &Principal, request: &AskRequest) -> Result<Answer, ApiError> {
@@ -129,6 +187,7 @@ pub(crate) async fn upload(app: &AppState, principal: &Principal, mut multipart:
         }
     };
     let mut collection: Option<String> = None;
+    let mut classification = common::wire::default_classification();
     let mut csrf_ok = expected_csrf.is_none();
     while let Some(field) = multipart.next_field().await.map_err(bad)? {
         match field.name() {
@@ -140,6 +199,16 @@ pub(crate) async fn upload(app: &AppState, principal: &Principal, mut multipart:
                 let value = field.text().await.map_err(bad)?;
                 let value = value.trim().to_string();
                 collection = (!value.is_empty()).then_some(value);
+            }
+            Some("classification") => {
+                let value = field.text().await.map_err(bad)?;
+                let value = value.trim();
+                if !value.is_empty() {
+                    if !common::wire::is_classification(value) {
+                        return Err(ApiError::bad_request("document.invalid_classification", "classification is public, internal, confidential or restricted"));
+                    }
+                    classification = value.to_string();
+                }
             }
             Some("file") => {
                 if !csrf_ok {
@@ -158,7 +227,7 @@ pub(crate) async fn upload(app: &AppState, principal: &Principal, mut multipart:
                 if !decide(app, principal, "document:create", "Collection", &collection).await? {
                     return Err(ApiError::forbidden("collection.read_only", "you may not add documents to this collection"));
                 }
-                return store_file(app, principal, &collection, field, bad).await;
+                return store_file(app, principal, &collection, &classification, field, bad).await;
             }
             _ => {}
         }
@@ -170,6 +239,7 @@ async fn store_file(
     app: &AppState,
     principal: &Principal,
     collection: &str,
+    classification: &str,
     mut field: Field<'_>,
     bad: impl Fn(axum::extract::multipart::MultipartError) -> ApiError,
 ) -> Result<CreatedDocument, ApiError> {
@@ -221,6 +291,7 @@ async fn store_file(
         size: blob.size,
         sha256: blob.sha256.clone(),
         blob_id: blob.blob_id.clone(),
+        classification: classification.to_string(),
     };
     let created: CreatedDocument = app.ctx.peers.post_json(ServiceName::Ingest, "/v1/documents", Some(principal), &new).await?;
     if created.duplicate_of.is_some() {
@@ -228,7 +299,7 @@ async fn store_file(
         let _ = app.ctx.peers.delete(ServiceName::Storage, &format!("/v1/blobs/{}", blob.blob_id), Some(principal)).await;
     } else {
         app.ctx
-            .audit(&principal.sub, "document.uploaded", &format!("document:{}", created.id), "success", serde_json::json!({"collection": collection, "sha256": blob.sha256, "size": blob.size}))
+            .audit(&principal.sub, "document.uploaded", &format!("document:{}", created.id), "success", serde_json::json!({"collection": collection, "sha256": blob.sha256, "size": blob.size, "classification": classification}))
             .await;
     }
     Ok(created)

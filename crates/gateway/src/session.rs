@@ -252,7 +252,7 @@ pub(crate) async fn is_disabled(pool: &SqlitePool, sub: &str) -> Result<bool, sq
 pub(crate) fn spawn_disabled_consumer(app: AppState, ready: common::server::ReadyFlag) {
     tokio::spawn(async move {
         let ctx = app.ctx.clone();
-        let spec = common::bus::SubscriptionSpec { topic: common::wire::events::USER_DISABLED.into(), max_deliveries: None, lease_ms: None };
+        let spec = common::bus::SubscriptionSpec { topic: common::wire::events::USER_DISABLED.into(), max_deliveries: None, lease_ms: None, ordered: None };
         if !ctx.bus.declare("gateway-user-disabled", &spec, &ctx.shutdown).await {
             return;
         }

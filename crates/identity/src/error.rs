@@ -27,6 +27,8 @@ pub enum IdentityError {
     Conflict(String),
     #[error("not found")]
     NotFound,
+    #[error("too many attempts; try again in {0} seconds")]
+    Throttled(i64),
     #[error("internal error: {0}")]
     Internal(String),
     #[error(transparent)]
@@ -49,7 +51,11 @@ impl IdentityError {
             IdentityError::UnsupportedGrantType => "unsupported_grant_type",
             IdentityError::InvalidTarget => "invalid_target",
             IdentityError::InvalidToken => "invalid_token",
-            IdentityError::InvalidRequest(_) | IdentityError::BadRequest(_) | IdentityError::Conflict(_) | IdentityError::NotFound => {
+            IdentityError::InvalidRequest(_)
+            | IdentityError::BadRequest(_)
+            | IdentityError::Conflict(_)
+            | IdentityError::NotFound
+            | IdentityError::Throttled(_) => {
                 "invalid_request"
             }
             IdentityError::Internal(_) | IdentityError::Database(_) => "server_error",
@@ -65,6 +71,7 @@ impl From<IdentityError> for ApiError {
             IdentityError::BadRequest(message) => ApiError::new(ErrorKind::BadRequest, "identity.bad_request", message),
             IdentityError::Conflict(message) => ApiError::new(ErrorKind::Conflict, "identity.conflict", message),
             IdentityError::NotFound => ApiError::not_found("identity.not_found", "no such user"),
+            IdentityError::Throttled(_) => ApiError::new(ErrorKind::TooManyRequests, "identity.throttled", error.to_string()),
             IdentityError::Internal(message) => ApiError::internal(anyhow::anyhow!(message)),
             IdentityError::Database(error) => ApiError::internal(error),
             other => ApiError::new(ErrorKind::BadRequest, "identity.oauth_error", other.to_string()),

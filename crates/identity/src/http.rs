@@ -28,6 +28,7 @@ pub(crate) fn router(identity: Identity, ctx: ServiceContext) -> Router {
         .route("/internal/users", post(internal_create_user))
         .route("/internal/users/{id}/disable", post(internal_disable_user))
         .route("/internal/users/{id}/password", post(internal_change_password))
+        .route("/internal/keys/rotate", post(internal_rotate_keys))
         .route_layer(middleware::from_fn_with_state(ctx, common::server::require_service_token))
         .with_state(identity.clone());
     Router::new()
@@ -42,6 +43,7 @@ pub(crate) fn router(identity: Identity, ctx: ServiceContext) -> Router {
         .route("/logout", get(logout).post(logout))
         .route("/forgot", get(forgot_form).post(forgot))
         .route("/reset", get(reset_form).post(reset))
+        .route("/signup", get(signup_form).post(signup))
         .with_state(identity)
         .merge(internal)
 }
@@ -54,6 +56,20 @@ struct LoginPage<'a> {
     params: &'a AuthorizeParams,
     form_token: String,
     username: &'a str,
+    error: Option<&'a str>,
+    /// Where "Create an account" leads, when open sign-up is on.
+    signup_href: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "signup.html")]
+struct SignupPage<'a> {
+    action: &'a str,
+    params: &'a AuthorizeParams,
+    form_token: String,
+    username: &'a str,
+    email: &'a str,
+    org: &'a str,
     error: Option<&'a str>,
 }
 
@@ -98,7 +114,7 @@ async fn discovery(State(identity): State<Identity>) -> Response {
         "response_modes_supported": ["query"],
         "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
         "subject_types_supported": ["public"],
-        "id_token_signing_alg_values_supported": ["RS256"],
+        "id_token_signing_alg_values_supported": ["RS256", "ES256", "EdDSA"],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
         "code_challenge_methods_supported": ["S256"],
         "scopes_supported": ["openid", "profile", "email", "offline_access"],
@@ -146,25 +162,111 @@ fn failure_response(failure: AuthorizeFailure) -> Response {
 
 async fn issue_and_redirect(identity: &Identity, params: &AuthorizeParams, user: &crate::store::User, auth_time: i64) -> Response {
     match identity.issue_code(params, user, auth_time).await {
-        Ok(code) => {
-            let mut pairs = vec![("code", code.as_str())];
-            if let Some(state) = params.state.as_deref() {
-                pairs.push(("state", state));
-            }
-            pairs.push(("iss", identity.issuer.as_str()));
-            redirect_with(&params.redirect_uri, &pairs)
-        }
+        Ok(code) => redirect_with_code(identity, params, &code),
         Err(error) => ApiError::from(error).into_response(),
     }
+}
+
+/// Back to the client with the code, its `state` and our `iss` (RFC 9207).
+fn redirect_with_code(identity: &Identity, params: &AuthorizeParams, code: &str) -> Response {
+    let mut pairs = vec![("code", code)];
+    if let Some(state) = params.state.as_deref() {
+        pairs.push(("state", state));
+    }
+    pairs.push(("iss", identity.issuer.as_str()));
+    redirect_with(&params.redirect_uri, &pairs)
 }
 
 fn login_page(identity: &Identity, params: &AuthorizeParams, username: &str, error: Option<&str>, status: StatusCode) -> Response {
     let form_token = identity.form_token(params, now_unix() + 600);
     let action = format!("{}/login", identity.issuer);
+    let signup_href = identity
+        .config
+        .identity
+        .open_signup
+        .then(|| format!("{}/signup?{}", identity.issuer, serde_urlencoded::to_string(params).unwrap_or_default()));
     page(
         status,
-        LoginPage { action: &action, client_id: &params.client_id, params, form_token, username, error }.render(),
+        LoginPage { action: &action, client_id: &params.client_id, params, form_token, username, error, signup_href }.render(),
     )
+}
+
+fn signup_page(identity: &Identity, params: &AuthorizeParams, username: &str, email: &str, error: Option<&str>, status: StatusCode) -> Response {
+    let form_token = identity.form_token(params, now_unix() + 600);
+    let action = format!("{}/signup", identity.issuer);
+    let org = &identity.config.identity.signup_org;
+    page(status, SignupPage { action: &action, params, form_token, username, email, org, error }.render())
+}
+
+const SIGNUP_CLOSED: &str = "Accounts are created by your administrator. Ask them for one.";
+
+async fn signup_form(State(identity): State<Identity>, Query(params): Query<AuthorizeParams>) -> Response {
+    if !identity.config.identity.open_signup {
+        return message(StatusCode::NOT_FOUND, "Sign-up is closed", SIGNUP_CLOSED);
+    }
+    if let Err(failure) = identity.validate_authorize(&params).await {
+        return failure_response(failure);
+    }
+    signup_page(&identity, &params, "", "", None, StatusCode::OK)
+}
+
+#[derive(Deserialize)]
+struct SignupForm {
+    #[serde(flatten)]
+    params: AuthorizeParams,
+    #[serde(default)]
+    username: String,
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    form_token: String,
+}
+
+/// Creates the account, signs the new user in and continues the authorization
+/// request they came with, as a successful sign-in does.
+async fn signup(
+    State(identity): State<Identity>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<SignupForm>,
+) -> Response {
+    if !identity.config.identity.open_signup {
+        return message(StatusCode::NOT_FOUND, "Sign-up is closed", SIGNUP_CLOSED);
+    }
+    let params = form.params;
+    if let Err(failure) = identity.validate_authorize(&params).await {
+        return failure_response(failure);
+    }
+    let username: String = form.username.chars().take(64).collect();
+    let email: String = form.email.chars().take(254).collect();
+    if cross_site(&headers) || !identity.check_form_token(&params, &form.form_token) {
+        return signup_page(&identity, &params, &username, &email, Some("This form expired. Please try again."), StatusCode::BAD_REQUEST);
+    }
+    let user = match identity.sign_up(&username, Some(email.clone()), form.password, &peer.ip().to_string()).await {
+        Ok(user) => user,
+        Err(IdentityError::Throttled(wait)) => {
+            let text = format!("Too many new accounts from your address. Try again in {wait} seconds.");
+            let mut response = signup_page(&identity, &params, &username, &email, Some(&text), StatusCode::TOO_MANY_REQUESTS);
+            if let Ok(value) = HeaderValue::from_str(&wait.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            return response;
+        }
+        Err(IdentityError::BadRequest(text)) => return signup_page(&identity, &params, &username, &email, Some(&text), StatusCode::BAD_REQUEST),
+        Err(IdentityError::Conflict(_)) => {
+            return signup_page(&identity, &params, &username, &email, Some("That username is taken."), StatusCode::CONFLICT);
+        }
+        Err(error) => return ApiError::from(error).into_response(),
+    };
+    let (session_id, ttl) = match identity.start_session(&user).await {
+        Ok(session) => session,
+        Err(error) => return ApiError::from(error).into_response(),
+    };
+    let mut response = issue_and_redirect(&identity, &params, &user, now_unix()).await;
+    response.headers_mut().append(header::SET_COOKIE, set_cookie(SESSION_COOKIE, &session_id, ttl, secure(&identity)));
+    response
 }
 
 async fn authorize(State(identity): State<Identity>, headers: HeaderMap, Query(params): Query<AuthorizeParams>) -> Response {
@@ -234,17 +336,20 @@ async fn login(
         Err(error) => return ApiError::from(error).into_response(),
     }
     let outcome = identity.authenticate(&form.username, &form.password).await;
-    if let Err(error) = identity.record_login_outcome(&form.username, &ip, outcome.is_ok()).await {
-        tracing::warn!(%error, "could not record the sign-in outcome");
+    if outcome.is_err()
+        && let Err(error) = identity.record_login_outcome(&form.username, &ip, false).await
+    {
+        tracing::warn!(%error, "could not record the failed sign-in");
     }
     match outcome {
         Ok(user) => {
-            let (session_id, ttl) = match identity.start_session(&user).await {
-                Ok(session) => session,
+            // Failures forgotten, session and code stored: one transaction.
+            let (session_id, ttl, code) = match identity.complete_login(&user, &form.username, &params).await {
+                Ok(done) => done,
                 Err(error) => return ApiError::from(error).into_response(),
             };
             identity.audit(&user.id, "identity.login_succeeded", &format!("user:{}", user.id), "success", serde_json::json!({"client_id": params.client_id})).await;
-            let mut response = issue_and_redirect(&identity, &params, &user, now_unix()).await;
+            let mut response = redirect_with_code(&identity, &params, &code);
             response.headers_mut().append(header::SET_COOKIE, set_cookie(SESSION_COOKIE, &session_id, ttl, secure(&identity)));
             response
         }
@@ -572,4 +677,30 @@ async fn reset(State(identity): State<Identity>, headers: HeaderMap, Form(form):
         }
         Err(error) => ApiError::from(error).into_response(),
     }
+}
+
+#[derive(Deserialize)]
+struct RotateBody {
+    #[serde(default = "default_lead_secs")]
+    lead_secs: i64,
+}
+
+/// Long enough for every verifier to refetch the JWKS (they do on an unknown `kid`,
+/// at most every 5 s) before the new keys sign.
+fn default_lead_secs() -> i64 {
+    60
+}
+
+/// Key rotation for the gateway's operator API (the gateway has checked the
+/// operator's permission; the acting user is recorded in the audit event).
+async fn internal_rotate_keys(
+    State(identity): State<Identity>,
+    common::server::ActingUser(actor): common::server::ActingUser,
+    Json(body): Json<RotateBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if !(10..=86_400).contains(&body.lead_secs) {
+        return Err(ApiError::bad_request("identity.bad_lead", "lead_secs must be between 10 and 86400"));
+    }
+    let kids = identity.rotate_keys(body.lead_secs, &actor.sub).await?;
+    Ok(Json(serde_json::json!({"kids": kids, "activate_at": now_unix() + body.lead_secs})))
 }

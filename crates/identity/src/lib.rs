@@ -54,11 +54,17 @@ fn spawn_key_reload(identity: service::Identity, shutdown: tokio_util::sync::Can
     });
 }
 
-/// `echod keys rotate`: publishes a new signing key now; it signs after `lead_secs`.
-/// Returns the new key id.
-pub async fn rotate_keys(config: &EchoConfig, lead_secs: i64) -> Result<String, IdentityError> {
+/// `echod keys rotate`: publishes a new signing key of every algorithm now; they sign
+/// after `lead_secs`. Returns the new key ids.
+pub async fn rotate_keys(config: &EchoConfig, lead_secs: i64) -> Result<Vec<String>, IdentityError> {
     let identity = service::Identity::new(Arc::new(config.clone()), None).await?;
-    identity.rotate_keys(lead_secs).await
+    identity.rotate_keys(lead_secs, "cli").await
+}
+
+/// For `echod bench identity`: `n` argon2id verifications at Echo's parameters (OWASP:
+/// m = 19 MiB, t = 2, p = 1) timed one by one on the calling thread.
+pub fn time_password_verifications(n: usize) -> Vec<std::time::Duration> {
+    password::time_verifications(n)
 }
 
 /// What the first run created.
@@ -68,9 +74,10 @@ pub struct Bootstrap {
     pub admin_password: Option<String>,
 }
 
-/// Prepares identity's data: signing key, service clients (secrets under
+/// Prepares identity's data: signing keys, service clients (secrets under
 /// `data_dir/secrets`, mode 0600), the web client for the gateway, and on a new data
-/// dir an `admin` user in org `default` with a random password.
+/// dir an `admin` user — owner of org `default` and the installation's operator — with
+/// a random password.
 pub async fn bootstrap(config: &EchoConfig) -> Result<Bootstrap, IdentityError> {
     let identity = service::Identity::new(Arc::new(config.clone()), None).await?;
     std::fs::create_dir_all(config.secrets_dir()).map_err(|e| IdentityError::Internal(e.to_string()))?;
@@ -86,7 +93,7 @@ pub async fn bootstrap(config: &EchoConfig) -> Result<Bootstrap, IdentityError> 
                 secret
             }
         };
-        identity.register_client(&service.client_id(), vec![], Some(&secret), "service").await?;
+        identity.register_client(&service.client_id(), vec![], Some(&secret), "service", "RS256").await?;
     }
     let callback = format!("{}/auth/callback", config.public_url());
     let mut uris = identity.store.client(WEB_CLIENT_ID).await?.map(|c| c.redirect_uris).unwrap_or_default();
@@ -97,11 +104,11 @@ pub async fn bootstrap(config: &EchoConfig) -> Result<Bootstrap, IdentityError> 
     if !uris.contains(&signed_out) {
         uris.push(signed_out);
     }
-    identity.register_client(WEB_CLIENT_ID, uris, None, "public").await?;
+    identity.register_client(WEB_CLIENT_ID, uris, None, "public", "RS256").await?;
     let mut report = Bootstrap::default();
     if identity.store.count_users().await? == 0 {
         let password = common::rand::token(15);
-        identity
+        let admin = identity
             .create_user(service::NewUser {
                 username: "admin".into(),
                 password: password.clone(),
@@ -110,6 +117,11 @@ pub async fn bootstrap(config: &EchoConfig) -> Result<Bootstrap, IdentityError> 
                 email: None,
             })
             .await?;
+        // The person who installs Echo runs it: the first admin is also its operator
+        // (audited like every grant; `echod user operator admin --revoke` takes it back).
+        let roles = vec!["owner".to_string(), common::wire::OPERATOR_ROLE.to_string()];
+        identity.store.set_roles(&admin.id, &roles).await?;
+        identity.audit("bootstrap", "identity.operator_granted", &format!("user:{}", admin.id), "success", serde_json::json!({"username": "admin"})).await;
         report.admin_password = Some(password);
     }
     Ok(report)
@@ -160,6 +172,23 @@ pub async fn set_password(config: &EchoConfig, username: &str, password: &str) -
     Ok(())
 }
 
+/// `echod user operator USER --grant|--revoke`: the one role that reaches across
+/// orgs (key rotation, policy reload, every org's audit and logs). Only this command
+/// grants it; it is audited, and takes effect with the user's next token.
+pub async fn set_operator(config: &EchoConfig, username: &str, grant: bool) -> Result<UserSummary, IdentityError> {
+    let identity = service::Identity::new(Arc::new(config.clone()), None).await?;
+    let user = identity.store.user_by_username(username).await?.ok_or(IdentityError::NotFound)?;
+    let mut roles: Vec<String> = user.roles.iter().filter(|r| r.as_str() != common::wire::OPERATOR_ROLE).cloned().collect();
+    if grant {
+        roles.push(common::wire::OPERATOR_ROLE.to_string());
+    }
+    identity.store.set_roles(&user.id, &roles).await?;
+    let action = if grant { "identity.operator_granted" } else { "identity.operator_revoked" };
+    identity.audit("cli", action, &format!("user:{}", user.id), "success", serde_json::json!({"username": user.username})).await;
+    let user = identity.store.user_by_id(&user.id).await?.ok_or(IdentityError::NotFound)?;
+    Ok(user.summary())
+}
+
 /// `echod user disable`: also revokes the user's refresh tokens and sessions.
 pub async fn disable_user(config: &EchoConfig, username: &str) -> Result<(), IdentityError> {
     let identity = service::Identity::new(Arc::new(config.clone()), None).await?;
@@ -168,8 +197,15 @@ pub async fn disable_user(config: &EchoConfig, username: &str) -> Result<(), Ide
     Ok(())
 }
 
-/// `echod client add`: a public client (PKCE) or a confidential one with a secret.
-pub async fn add_client(config: &EchoConfig, client_id: &str, redirect_uris: Vec<String>, secret: Option<&str>) -> Result<(), IdentityError> {
+/// `echod client add`: a public client (PKCE) or a confidential one with a secret,
+/// whose tokens are signed with `signing_alg` (`RS256`, `ES256` or `EdDSA`).
+pub async fn add_client(
+    config: &EchoConfig,
+    client_id: &str,
+    redirect_uris: Vec<String>,
+    secret: Option<&str>,
+    signing_alg: &str,
+) -> Result<(), IdentityError> {
     if redirect_uris.is_empty() {
         return Err(IdentityError::BadRequest("at least one --redirect-uri is required".into()));
     }
@@ -178,5 +214,5 @@ pub async fn add_client(config: &EchoConfig, client_id: &str, redirect_uris: Vec
     }
     let identity = service::Identity::new(Arc::new(config.clone()), None).await?;
     let kind = if secret.is_some() { "confidential" } else { "public" };
-    identity.register_client(client_id, redirect_uris, secret, kind).await
+    identity.register_client(client_id, redirect_uris, secret, kind, signing_alg).await
 }

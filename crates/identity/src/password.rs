@@ -63,6 +63,21 @@ pub(crate) async fn verify(password: String, stored: Option<String>) -> bool {
     known && matched
 }
 
+/// Wall time of `n` verifications of a correct password at Echo's parameters on the
+/// calling thread: the cost every sign-in pays, for `echod bench identity`.
+pub(crate) fn time_verifications(n: usize) -> Vec<std::time::Duration> {
+    let Ok(stored) = hash_blocking("bench-password-123") else { return Vec::new() };
+    let Ok(parsed) = PasswordHash::new(&stored) else { return Vec::new() };
+    (0..n)
+        .map(|_| {
+            let started = std::time::Instant::now();
+            let ok = hasher().verify_password(b"bench-password-123", &parsed).is_ok();
+            debug_assert!(ok);
+            started.elapsed()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

@@ -24,6 +24,7 @@ pub(crate) struct Identity {
     pub(crate) config: Arc<EchoConfig>,
     pub(crate) issuer: String,
     pub(crate) form_key: Arc<aws_lc_rs::hmac::Key>,
+    pub(crate) mailer: crate::mailer::Mailer,
     pub(crate) ctx: Option<ServiceContext>,
 }
 
@@ -48,8 +49,25 @@ pub(crate) struct AuthorizeParams {
     pub(crate) code_challenge_method: Option<String>,
     #[serde(default)]
     pub(crate) prompt: Option<String>,
-    #[serde(default)]
+    /// Accepted as a number or a string: the login form re-posts it inside a flattened
+    /// form, where every value arrives as a string.
+    #[serde(default, deserialize_with = "max_age_from_any", skip_serializing_if = "Option::is_none")]
     pub(crate) max_age: Option<i64>,
+}
+
+fn max_age_from_any<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumberOrText {
+        Number(i64),
+        Text(String),
+    }
+    match Option::<NumberOrText>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(NumberOrText::Number(n)) => Ok(Some(n)),
+        Some(NumberOrText::Text(text)) if text.is_empty() => Ok(None),
+        Some(NumberOrText::Text(text)) => text.parse().map(Some).map_err(|_| serde::de::Error::custom("max_age must be a whole number of seconds")),
+    }
 }
 
 /// Why an authorization request fails: shown on our own page when the client or
@@ -65,12 +83,14 @@ const SCOPES: [&str; 5] = ["openid", "profile", "email", "offline_access", "echo
 impl Identity {
     pub(crate) async fn new(config: Arc<EchoConfig>, ctx: Option<ServiceContext>) -> Result<Identity, IdentityError> {
         let store = Store::open(&config.db_path(ServiceName::Identity)).await?;
+        let mailer = crate::mailer::Mailer::from_config(&config).map_err(IdentityError::BadRequest)?;
         let identity = Identity {
             store: store.clone(),
             keys: Arc::new(RwLock::new(Vec::new())),
             issuer: config.issuer(),
             config,
             form_key: Arc::new(aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &[0u8; 32])),
+            mailer,
             ctx,
         };
         identity.ensure_keys().await?;
@@ -82,13 +102,15 @@ impl Identity {
         })
     }
 
-    /// Loads the published keys, generating the first one on a new data dir.
+    /// Loads the published keys, generating the first key of each algorithm on a new
+    /// data dir (and, on an older one, of an algorithm added since).
     async fn ensure_keys(&self) -> Result<(), IdentityError> {
-        if self.store.published_keys().await?.is_empty() {
-            let new = tokio::task::spawn_blocking(keys::generate)
-                .await
-                .map_err(|e| IdentityError::Internal(e.to_string()))??;
-            self.store.insert_key(&new.kid, &new.pkcs8, &new.n, &new.e, 0, None).await?;
+        let stored = self.store.published_keys().await?;
+        for alg in keys::SIGNING_ALGS {
+            if !stored.iter().any(|k| k.alg == keys::alg_name(alg)) {
+                let new = generate_key(alg).await?;
+                self.store.insert_key(&new_stored(&new, 0), None).await?;
+            }
         }
         self.reload_keys().await
     }
@@ -100,31 +122,44 @@ impl Identity {
             .published_keys()
             .await?
             .into_iter()
-            .map(|k| keys::load(k.kid, &k.der, k.n, k.e, k.activate_at))
+            .map(|k| keys::load(k.kid, &k.alg, &k.der, k.n, k.e, k.public_jwk.as_deref(), k.activate_at))
             .collect::<Result<Vec<_>, _>>()?;
         *self.keys.write().await = loaded;
         Ok(())
     }
 
-    /// Publishes a new key now that starts signing after `lead_secs`; the keys signing
-    /// until then stay published until every token they signed has expired.
-    pub(crate) async fn rotate_keys(&self, lead_secs: i64) -> Result<String, IdentityError> {
-        let new = tokio::task::spawn_blocking(keys::generate).await.map_err(|e| IdentityError::Internal(e.to_string()))??;
+    /// Publishes a new key of every algorithm now, each starting to sign after
+    /// `lead_secs`; the keys signing until then stay published until every token they
+    /// signed has expired. Returns the new key ids.
+    pub(crate) async fn rotate_keys(&self, lead_secs: i64, actor: &str) -> Result<Vec<String>, IdentityError> {
         let activate_at = now_unix() + lead_secs.max(0);
         let identity = &self.config.identity;
         let longest = identity.access_token_ttl_secs.max(identity.id_token_ttl_secs).max(identity.service_token_ttl_secs);
         // The verifiers' clock leeway (30 s) is added so no token outlives its key.
         let publish_until = activate_at + longest + 60;
-        self.store.insert_key(&new.kid, &new.pkcs8, &new.n, &new.e, activate_at, Some(publish_until)).await?;
-        self.audit("system", "identity.key_rotated", &format!("key:{}", new.kid), "success", serde_json::json!({"activate_at": activate_at})).await;
+        let mut kids = Vec::new();
+        for alg in keys::SIGNING_ALGS {
+            let new = generate_key(alg).await?;
+            self.store.insert_key(&new_stored(&new, activate_at), Some(publish_until)).await?;
+            kids.push(new.kid);
+        }
+        self.audit(
+            actor,
+            "identity.key_rotated",
+            &format!("key:{}", kids.join(",")),
+            "success",
+            serde_json::json!({"activate_at": activate_at, "kids": kids}),
+        )
+        .await;
         self.reload_keys().await?;
-        Ok(new.kid)
+        Ok(kids)
     }
 
-    async fn sign<T: Serialize>(&self, claims: &T) -> Result<String, IdentityError> {
+    /// Signs `claims` with the current key of `alg`.
+    async fn sign<T: Serialize>(&self, claims: &T, alg: Algorithm) -> Result<String, IdentityError> {
         let keys = self.keys.read().await;
-        let key = keys::signing_key(&keys, now_unix()).ok_or_else(|| IdentityError::Internal("no signing key".into()))?;
-        let mut header = Header::new(Algorithm::RS256);
+        let key = keys::signing_key(&keys, alg, now_unix()).ok_or_else(|| IdentityError::Internal(format!("no {alg:?} signing key")))?;
+        let mut header = Header::new(alg);
         header.kid = Some(key.kid.clone());
         header.typ = Some("JWT".into());
         jsonwebtoken::encode(&header, claims, &key.encoding).map_err(|e| IdentityError::Internal(e.to_string()))
@@ -161,7 +196,7 @@ impl Identity {
             let event = ctx.bus.event(common::wire::events::AUDIT_RECORDED, Some(audit.resource.clone()), audit);
             let key = Some(format!("identity-audit-{id}"));
             ctx.bus
-                .publish(vec![common::bus::PublishMessage { event, key, delay_ms: None }])
+                .publish(vec![common::bus::PublishMessage { event, key, ordering_key: None, delay_ms: None }])
                 .await
                 .map_err(|e| IdentityError::Internal(e.to_string()))?;
             self.store.drop_queued_audit(*id).await?;
@@ -188,13 +223,18 @@ impl Identity {
         let token = common::rand::token(32);
         self.store.insert_reset(&common::rand::sha256_hex(token.as_bytes()), &user.id, now_unix() + 3600).await?;
         let link = format!("{}/reset?token={token}", self.issuer);
-        crate::mailer::send(
-            &self.config.data_dir,
-            &email,
-            "Reset your Echo password",
-            &format!("Someone asked to reset the Echo password of {}.\n\nTo choose a new password, open this link within an hour:\n\n{link}\n\nIf it was not you, ignore this message.\n", user.username),
-        )
-        .map_err(|e| IdentityError::Internal(format!("mail not sent: {e}")))?;
+        let body = format!(
+            "Someone asked to reset the Echo password of {}.\n\nTo choose a new password, open this link within an hour:\n\n{link}\n\nIf it was not you, ignore this message.\n",
+            user.username
+        );
+        // Delivered in the background: the answer takes the same time whether or not
+        // the user exists, however slow the mail server is.
+        let mailer = self.mailer.clone();
+        tokio::spawn(async move {
+            if let Err(error) = mailer.send(&email, "Reset your Echo password", &body).await {
+                tracing::error!(%error, "password reset mail could not be sent or kept");
+            }
+        });
         self.audit(&user.id, "identity.password_reset_requested", &format!("user:{}", user.id), "success", serde_json::json!({})).await;
         Ok(())
     }
@@ -313,6 +353,43 @@ impl Identity {
         Ok(())
     }
 
+    /// Open sign-up (only when `identity.open_signup` is on): a new `member` of
+    /// `identity.signup_org`. Each address may create `FREE_SIGNUPS_PER_IP` accounts an
+    /// hour before it must wait, growing as sign-ins do.
+    pub(crate) async fn sign_up(&self, username: &str, email: Option<String>, password: String, ip: &str) -> Result<User, IdentityError> {
+        if !self.config.identity.open_signup {
+            return Err(IdentityError::NotFound);
+        }
+        let key = format!("signup:{ip}");
+        let (count, last_at_ms) = self.store.failures(&key).await?;
+        if let Some(delay) = throttle_delay(count, FREE_SIGNUPS_PER_IP) {
+            let wait_ms = last_at_ms + delay * 1000 - common::now_unix_ms();
+            if wait_ms > 0 {
+                return Err(IdentityError::Throttled((wait_ms + 999) / 1000));
+            }
+        }
+        let email = email.map(|e| e.trim().to_string()).filter(|e| !e.is_empty());
+        if let Some(email) = &email {
+            let plausible = email.len() <= 254 && email.split_once('@').is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.'));
+            if !plausible || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(IdentityError::BadRequest("enter a valid email address, or leave it empty".into()));
+            }
+        }
+        password::check_policy(&password).map_err(|e| IdentityError::BadRequest(e.to_string()))?;
+        let user = self
+            .create_user(NewUser {
+                username: username.to_string(),
+                password,
+                org: self.config.identity.signup_org.clone(),
+                role: "member".into(),
+                email,
+            })
+            .await?;
+        self.store.record_failure(&key, common::now_unix_ms(), FORGET_FAILURES_AFTER * 1000).await?;
+        self.audit(&user.id, "identity.signed_up", &format!("user:{}", user.id), "success", serde_json::json!({"org": user.org})).await;
+        Ok(user)
+    }
+
     /// Checks credentials; unknown users and wrong passwords cost the same.
     pub(crate) async fn authenticate(&self, username: &str, password: &str) -> Result<User, IdentityError> {
         if username.len() > 256 || password.len() > 1024 {
@@ -324,6 +401,35 @@ impl Identity {
             Some(user) if ok && !user.disabled => Ok(user),
             _ => Err(IdentityError::InvalidCredentials),
         }
+    }
+
+    /// After a correct password: forgets the account's failures and stores the new
+    /// identity session and the authorization code together. Returns (session id,
+    /// session lifetime in seconds, code).
+    pub(crate) async fn complete_login(&self, user: &User, username: &str, params: &AuthorizeParams) -> Result<(String, i64, String), IdentityError> {
+        let now = now_unix();
+        let (session_id, code) = (common::rand::token(32), common::rand::token(32));
+        let ttl = self.config.identity.session_ttl_hours * 3600;
+        let record = AuthCode {
+            client_id: params.client_id.clone(),
+            redirect_uri: params.redirect_uri.clone(),
+            user_id: user.id.clone(),
+            scope: params.scope.clone(),
+            nonce: params.nonce.clone(),
+            code_challenge: params.code_challenge.clone(),
+            auth_time: now,
+            expires_at: now + self.config.identity.code_ttl_secs,
+        };
+        self.store
+            .complete_login(
+                &format!("user:{}", username.trim().to_lowercase()),
+                &common::rand::sha256_hex(session_id.as_bytes()),
+                &common::rand::sha256_hex(code.as_bytes()),
+                &record,
+                now + ttl,
+            )
+            .await?;
+        Ok((session_id, ttl, code))
     }
 
     pub(crate) async fn start_session(&self, user: &User) -> Result<(String, i64), IdentityError> {
@@ -464,10 +570,10 @@ impl Identity {
             org: Some(user.org.clone()),
             roles: user.roles.clone(),
         };
-        let access_token = self.sign(&access).await?;
+        let alg = keys::parse_alg(&client.signing_alg)?;
+        let access_token = self.sign(&access, alg).await?;
         let id_token = if scope.split_whitespace().any(|s| s == "openid") {
-            let digest = sha2::Sha256::digest(access_token.as_bytes());
-            let at_hash = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..16]);
+            let at_hash = at_hash(&access_token, alg);
             let claims = IdTokenClaims {
                 iss: self.issuer.clone(),
                 sub: user.id.clone(),
@@ -484,7 +590,7 @@ impl Identity {
                 org: user.org.clone(),
                 roles: user.roles.clone(),
             };
-            Some(self.sign(&claims).await?)
+            Some(self.sign(&claims, alg).await?)
         } else {
             None
         };
@@ -545,7 +651,7 @@ impl Identity {
             roles: vec![],
         };
         Ok(TokenResponse {
-            access_token: self.sign(&claims).await?,
+            access_token: self.sign(&claims, Algorithm::RS256).await?,
             token_type: "Bearer",
             expires_in: ttl,
             id_token: None,
@@ -617,13 +723,14 @@ impl Identity {
     /// Verifies one of our access tokens for any audience (users' and services').
     async fn verify_any_access(&self, token: &str) -> Result<AccessTokenClaims, IdentityError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| IdentityError::InvalidToken)?;
-        if header.alg != Algorithm::RS256 {
-            return Err(IdentityError::InvalidToken);
-        }
         let keys = self.keys.read().await;
         let key = keys.iter().find(|k| Some(&k.kid) == header.kid.as_ref()).ok_or(IdentityError::InvalidToken)?;
-        let decoding = jsonwebtoken::DecodingKey::from_rsa_components(&key.n, &key.e).map_err(|_| IdentityError::InvalidToken)?;
-        let mut validation = jsonwebtoken::Validation::new(Algorithm::RS256);
+        // The key decides the algorithm: a header naming another one is refused.
+        if header.alg != key.alg {
+            return Err(IdentityError::InvalidToken);
+        }
+        let decoding = key.decoding().map_err(|_| IdentityError::InvalidToken)?;
+        let mut validation = jsonwebtoken::Validation::new(key.alg);
         validation.set_issuer(&[&self.issuer]);
         validation.validate_aud = false;
         validation.validate_nbf = true;
@@ -666,7 +773,15 @@ impl Identity {
         Ok(user)
     }
 
-    pub(crate) async fn register_client(&self, client_id: &str, redirect_uris: Vec<String>, secret: Option<&str>, kind: &str) -> Result<(), IdentityError> {
+    pub(crate) async fn register_client(
+        &self,
+        client_id: &str,
+        redirect_uris: Vec<String>,
+        secret: Option<&str>,
+        kind: &str,
+        signing_alg: &str,
+    ) -> Result<(), IdentityError> {
+        keys::parse_alg(signing_alg).map_err(|e| IdentityError::BadRequest(e.to_string()))?;
         for uri in &redirect_uris {
             let parsed = url::Url::parse(uri).map_err(|_| IdentityError::BadRequest(format!("`{uri}` is not an absolute URL")))?;
             if parsed.fragment().is_some() || !matches!(parsed.scheme(), "http" | "https") {
@@ -681,14 +796,46 @@ impl Identity {
             secret_hash: secret.map(|s| common::rand::sha256_hex(s.as_bytes())),
             redirect_uris,
             kind: kind.to_string(),
+            signing_alg: signing_alg.to_string(),
         };
         self.store.upsert_client(&client).await?;
         Ok(())
     }
 }
 
+/// `at_hash`: the left half of the access token's hash, with the hash of the ID
+/// token's algorithm (SHA-256 for RS256 and ES256; SHA-512 for EdDSA over Ed25519, as
+/// OIDC libraries such as `openidconnect` expect).
+fn at_hash(access_token: &str, alg: Algorithm) -> String {
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    match alg {
+        Algorithm::EdDSA => b64.encode(&sha2::Sha512::digest(access_token.as_bytes())[..32]),
+        _ => b64.encode(&sha2::Sha256::digest(access_token.as_bytes())[..16]),
+    }
+}
+
+async fn generate_key(alg: Algorithm) -> Result<keys::NewKey, IdentityError> {
+    tokio::task::spawn_blocking(move || keys::generate(alg)).await.map_err(|e| IdentityError::Internal(e.to_string()))?.map_err(Into::into)
+}
+
+fn new_stored(new: &keys::NewKey, activate_at: i64) -> crate::store::NewStoredKey<'_> {
+    let (n, e) = new.rsa_components();
+    crate::store::NewStoredKey {
+        kid: &new.kid,
+        alg: keys::alg_name(new.alg),
+        der: &new.pkcs8,
+        n,
+        e,
+        public_jwk: serde_json::Value::Object(new.public.clone()).to_string(),
+        activate_at,
+    }
+}
+
 /// Failures older than this are forgotten.
 const FORGET_FAILURES_AFTER: i64 = 3600;
+
+/// Accounts one address may open in an hour before sign-up slows down.
+const FREE_SIGNUPS_PER_IP: i64 = 10;
 
 /// Failures an account gets before sign-in slows down.
 const FREE_PER_ACCOUNT: i64 = 5;
@@ -798,7 +945,7 @@ mod properties {
             let config = Arc::new(EchoConfig::for_test(dir.path()));
             let identity = runtime.block_on(async {
                 let identity = Identity::new(config, None).await.unwrap();
-                identity.register_client("app", vec![REGISTERED.into()], None, "public").await.unwrap();
+                identity.register_client("app", vec![REGISTERED.into()], None, "public", "RS256").await.unwrap();
                 identity
             });
             (dir, runtime, identity)
@@ -848,13 +995,17 @@ mod properties {
 
         /// Any change to a signed access token makes it invalid.
         #[test]
-        fn tampered_access_tokens_never_verify(position in any::<prop::sample::Index>(), replacement in any::<u8>()) {
+        fn tampered_access_tokens_never_verify(
+            position in any::<prop::sample::Index>(),
+            replacement in any::<u8>(),
+            alg in prop::sample::select(keys::SIGNING_ALGS.to_vec()),
+        ) {
             let (_, runtime, identity) = identity();
             let claims = AccessTokenClaims {
                 iss: identity.issuer.clone(), sub: "u".into(), aud: API_AUDIENCE.into(), exp: now_unix() + 60, iat: now_unix(), nbf: now_unix(),
                 jti: "j".into(), scope: "openid".into(), client_id: "app".into(), preferred_username: Some("u".into()), org: Some("o".into()), roles: vec![],
             };
-            let token = runtime.block_on(identity.sign(&claims)).unwrap();
+            let token = runtime.block_on(identity.sign(&claims, alg)).unwrap();
             prop_assert!(runtime.block_on(identity.verify_access(&token)).is_ok());
             let mut bytes = token.clone().into_bytes();
             let at = position.index(bytes.len());

@@ -86,6 +86,9 @@ CREATE TABLE reset_tokens (
     expires_at INTEGER NOT NULL,
     used_at INTEGER
 );
+"#, r#"
+ALTER TABLE signing_keys ADD COLUMN public_jwk TEXT;
+ALTER TABLE clients ADD COLUMN signing_alg TEXT NOT NULL DEFAULT 'RS256';
 "#];
 
 #[derive(Clone, Debug)]
@@ -119,6 +122,8 @@ pub(crate) struct Client {
     pub(crate) secret_hash: Option<String>,
     pub(crate) redirect_uris: Vec<String>,
     pub(crate) kind: String,
+    /// `RS256` (default), `ES256` or `EdDSA`: signs this client's ID and access tokens.
+    pub(crate) signing_alg: String,
 }
 
 #[derive(Clone, Debug)]
@@ -145,8 +150,21 @@ pub(crate) struct RefreshToken {
     pub(crate) revoked_at: Option<i64>,
 }
 
+/// A key to insert.
+pub(crate) struct NewStoredKey<'a> {
+    pub(crate) kid: &'a str,
+    pub(crate) alg: &'a str,
+    pub(crate) der: &'a [u8],
+    pub(crate) n: &'a str,
+    pub(crate) e: &'a str,
+    pub(crate) public_jwk: String,
+    pub(crate) activate_at: i64,
+}
+
 pub(crate) struct StoredKey {
     pub(crate) kid: String,
+    pub(crate) alg: String,
+    pub(crate) public_jwk: Option<String>,
     pub(crate) der: Vec<u8>,
     pub(crate) n: String,
     pub(crate) e: String,
@@ -174,8 +192,7 @@ fn user_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<User, sqlx::Error> {
 
 impl Store {
     pub(crate) async fn open(path: &std::path::Path) -> Result<Store, sqlx::Error> {
-        let pool = common::db::open_sqlite(path).await?;
-        common::db::migrate(&pool, MIGRATIONS).await?;
+        let pool = common::db::open_migrated(path, MIGRATIONS).await?;
         Ok(Store { pool })
     }
 
@@ -242,6 +259,16 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    pub(crate) async fn set_roles(&self, user_id: &str, roles: &[String]) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query("UPDATE users SET roles = ?, updated_at = ? WHERE id = ?")
+            .bind(serde_json::to_string(roles).unwrap_or_else(|_| "[]".into()))
+            .bind(now_unix())
+            .bind(user_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     pub(crate) async fn set_disabled(&self, user_id: &str, disabled: bool) -> Result<bool, sqlx::Error> {
         let mut tx = common::db::begin_write(&self.pool).await?;
         let done = sqlx::query("UPDATE users SET disabled = ?, updated_at = ? WHERE id = ?")
@@ -273,6 +300,7 @@ impl Store {
                 secret_hash: row.try_get("secret_hash")?,
                 redirect_uris: serde_json::from_str(&uris).unwrap_or_default(),
                 kind: row.try_get("kind")?,
+                signing_alg: row.try_get("signing_alg")?,
             })
         })
         .transpose()
@@ -281,15 +309,16 @@ impl Store {
     /// Creates or replaces a client registration.
     pub(crate) async fn upsert_client(&self, client: &Client) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "INSERT INTO clients (client_id, secret_hash, redirect_uris, kind, created_at) VALUES (?, ?, ?, ?, ?)
+            "INSERT INTO clients (client_id, secret_hash, redirect_uris, kind, created_at, signing_alg) VALUES (?, ?, ?, ?, ?, ?)
              ON CONFLICT(client_id) DO UPDATE SET secret_hash = excluded.secret_hash,
-                 redirect_uris = excluded.redirect_uris, kind = excluded.kind",
+                 redirect_uris = excluded.redirect_uris, kind = excluded.kind, signing_alg = excluded.signing_alg",
         )
         .bind(&client.client_id)
         .bind(&client.secret_hash)
         .bind(serde_json::to_string(&client.redirect_uris).unwrap_or_else(|_| "[]".into()))
         .bind(&client.kind)
         .bind(now_unix())
+        .bind(&client.signing_alg)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -300,7 +329,7 @@ impl Store {
     /// Keys still published in the JWKS, newest activation first.
     pub(crate) async fn published_keys(&self) -> Result<Vec<StoredKey>, sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT kid, private_der, n, e, activate_at FROM signing_keys
+            "SELECT kid, alg, public_jwk, private_der, n, e, activate_at FROM signing_keys
              WHERE publish_until IS NULL OR publish_until > ? ORDER BY activate_at DESC, created_at DESC",
         )
         .bind(now_unix())
@@ -310,6 +339,8 @@ impl Store {
             .map(|r| {
                 Ok(StoredKey {
                     kid: r.try_get("kid")?,
+                    alg: r.try_get("alg")?,
+                    public_jwk: r.try_get("public_jwk")?,
                     der: r.try_get("private_der")?,
                     n: r.try_get("n")?,
                     e: r.try_get("e")?,
@@ -319,22 +350,31 @@ impl Store {
             .collect()
     }
 
-    /// Adds a key that starts signing at `activate_at`; keys that sign until then stay
-    /// published until `old_publish_until`, when every token they signed has expired.
-    pub(crate) async fn insert_key(&self, kid: &str, der: &[u8], n: &str, e: &str, activate_at: i64, old_publish_until: Option<i64>) -> Result<(), sqlx::Error> {
+    /// Adds a key of `alg` that starts signing at `activate_at`; the keys of that
+    /// algorithm signing until then stay published until `old_publish_until`, when every
+    /// token they signed has expired.
+    pub(crate) async fn insert_key(&self, key: &NewStoredKey<'_>, old_publish_until: Option<i64>) -> Result<(), sqlx::Error> {
         let mut tx = common::db::begin_write(&self.pool).await?;
         if let Some(until) = old_publish_until {
-            sqlx::query("UPDATE signing_keys SET publish_until = ? WHERE publish_until IS NULL").bind(until).execute(&mut *tx).await?;
+            sqlx::query("UPDATE signing_keys SET publish_until = ? WHERE publish_until IS NULL AND alg = ?")
+                .bind(until)
+                .bind(key.alg)
+                .execute(&mut *tx)
+                .await?;
         }
-        sqlx::query("INSERT INTO signing_keys (kid, alg, private_der, n, e, created_at, activate_at) VALUES (?, 'RS256', ?, ?, ?, ?, ?)")
-            .bind(kid)
-            .bind(der)
-            .bind(n)
-            .bind(e)
-            .bind(now_unix())
-            .bind(activate_at)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO signing_keys (kid, alg, private_der, n, e, public_jwk, created_at, activate_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(key.kid)
+        .bind(key.alg)
+        .bind(key.der)
+        .bind(key.n)
+        .bind(key.e)
+        .bind(&key.public_jwk)
+        .bind(now_unix())
+        .bind(key.activate_at)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await
     }
 
@@ -350,22 +390,8 @@ impl Store {
     // ---- codes ----
 
     pub(crate) async fn insert_code(&self, code_hash: &str, code: &AuthCode) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO auth_codes (code_hash, client_id, redirect_uri, user_id, scope, nonce, code_challenge, auth_time, expires_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(code_hash)
-        .bind(&code.client_id)
-        .bind(&code.redirect_uri)
-        .bind(&code.user_id)
-        .bind(&code.scope)
-        .bind(&code.nonce)
-        .bind(&code.code_challenge)
-        .bind(code.auth_time)
-        .bind(code.expires_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let mut conn = self.pool.acquire().await?;
+        insert_code_on(&mut conn, code_hash, code).await
     }
 
     /// Marks the code used and returns it; `Ok(None)` when unknown or already used.
@@ -415,15 +441,19 @@ impl Store {
 
     // ---- sessions ----
 
+    /// A successful sign-in in one durable transaction: the account's failures are
+    /// forgotten, the identity session and the authorization code are stored.
+    pub(crate) async fn complete_login(&self, failures_key: &str, session_hash: &str, code_hash: &str, code: &AuthCode, session_expires_at: i64) -> Result<(), sqlx::Error> {
+        let mut tx = common::db::begin_write(&self.pool).await?;
+        sqlx::query("DELETE FROM login_failures WHERE key = ?").bind(failures_key).execute(&mut *tx).await?;
+        insert_session_on(&mut tx, session_hash, &code.user_id, code.auth_time, session_expires_at).await?;
+        insert_code_on(&mut tx, code_hash, code).await?;
+        tx.commit().await
+    }
+
     pub(crate) async fn insert_session(&self, id_hash: &str, user_id: &str, auth_time: i64, expires_at: i64) -> Result<(), sqlx::Error> {
-        sqlx::query("INSERT INTO sessions (id_hash, user_id, auth_time, expires_at) VALUES (?, ?, ?, ?)")
-            .bind(id_hash)
-            .bind(user_id)
-            .bind(auth_time)
-            .bind(expires_at)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        let mut conn = self.pool.acquire().await?;
+        insert_session_on(&mut conn, id_hash, user_id, auth_time, expires_at).await
     }
 
     /// The live session's (user id, auth_time).
@@ -581,4 +611,34 @@ impl Store {
             .await?;
         Ok(())
     }
+}
+
+async fn insert_code_on(conn: &mut sqlx::SqliteConnection, code_hash: &str, code: &AuthCode) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO auth_codes (code_hash, client_id, redirect_uri, user_id, scope, nonce, code_challenge, auth_time, expires_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(code_hash)
+    .bind(&code.client_id)
+    .bind(&code.redirect_uri)
+    .bind(&code.user_id)
+    .bind(&code.scope)
+    .bind(&code.nonce)
+    .bind(&code.code_challenge)
+    .bind(code.auth_time)
+    .bind(code.expires_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn insert_session_on(conn: &mut sqlx::SqliteConnection, id_hash: &str, user_id: &str, auth_time: i64, expires_at: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO sessions (id_hash, user_id, auth_time, expires_at) VALUES (?, ?, ?, ?)")
+        .bind(id_hash)
+        .bind(user_id)
+        .bind(auth_time)
+        .bind(expires_at)
+        .execute(conn)
+        .await?;
+    Ok(())
 }

@@ -51,6 +51,7 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .route("/v1/documents", post(create_document))
         .route("/v1/documents/query", post(list_documents))
         .route("/v1/documents/{id}", get(get_document).delete(delete_document))
+        .route("/v1/collections/{id}/purge", post(purge_collection))
         .route("/v1/jobs/{id}", get(get_job))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
         .with_state(state);
@@ -72,6 +73,9 @@ async fn create_document(
 ) -> ApiResult<(StatusCode, Json<CreatedDocument>)> {
     new.filename = sanitize_filename(&new.filename);
     new.owner = principal.sub.clone();
+    if !common::wire::is_classification(&new.classification) {
+        return Err(ApiError::bad_request("document.invalid_classification", "classification is public, internal, confidential or restricted"));
+    }
     if let Some(existing) = state.store.duplicate(&new.collection_id, &new.sha256).await? {
         return Ok((
             StatusCode::OK,
@@ -95,6 +99,7 @@ async fn create_document(
                     content_type: new.content_type.clone(),
                     filename: new.filename.clone(),
                     version: 1,
+                    classification: new.classification.clone(),
                 },
             )
         })
@@ -106,6 +111,9 @@ async fn create_document(
 #[derive(Deserialize)]
 struct ListRequest {
     collections: Vec<String>,
+    /// Collections where only these classifications may be listed.
+    #[serde(default)]
+    restricted: std::collections::BTreeMap<String, Vec<String>>,
     #[serde(default)]
     limit: Option<i64>,
     #[serde(default)]
@@ -121,7 +129,7 @@ struct DocumentPage {
 async fn list_documents(State(state): State<AppState>, Json(request): Json<ListRequest>) -> ApiResult<Json<DocumentPage>> {
     let limit = request.limit.unwrap_or(50).clamp(1, 500);
     let offset = request.offset.unwrap_or(0).max(0);
-    let (documents, total) = state.store.list(&request.collections, limit, offset).await?;
+    let (documents, total) = state.store.list(&request.collections, &request.restricted, limit, offset).await?;
     Ok(Json(DocumentPage { documents, total }))
 }
 
@@ -146,6 +154,32 @@ async fn delete_document(State(state): State<AppState>, ActingUser(principal): A
     state.wake_relay.notify_one();
     state.ctx.audit(&principal.sub, "document.deleted", &format!("document:{id}"), "success", serde_json::json!({"collection": document.collection})).await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Deletes every document of a collection that is being deleted (the gateway has
+/// checked `collection:delete`): each in its own transaction with its
+/// `echo.document.deleted` event, so search and storage let go of it too.
+async fn purge_collection(State(state): State<AppState>, ActingUser(principal): ActingUser, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    let mut deleted = 0usize;
+    loop {
+        let batch = state.store.documents_in(&id, 500).await?;
+        if batch.is_empty() {
+            break;
+        }
+        for document in batch {
+            let event = state.ctx.bus.event(
+                events::DOCUMENT_DELETED,
+                Some(format!("document:{}", document.id)),
+                DocumentDeleted { document_id: document.id.clone(), collection_id: id.clone(), blob_id: document.blob_id.clone() },
+            );
+            if state.store.delete(&document.id, &event).await? {
+                deleted += 1;
+            }
+        }
+        state.wake_relay.notify_one();
+    }
+    state.ctx.audit(&principal.sub, "collection.purged", &format!("collection:{id}"), "success", serde_json::json!({"documents": deleted})).await;
+    Ok(Json(serde_json::json!({"deleted": deleted})))
 }
 
 async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Job>> {

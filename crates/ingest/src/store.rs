@@ -43,6 +43,8 @@ CREATE TABLE outbox (
     event TEXT NOT NULL,
     created_at INTEGER NOT NULL
 );
+"#, r#"
+ALTER TABLE documents ADD COLUMN classification TEXT NOT NULL DEFAULT 'internal';
 "#];
 
 #[derive(Clone)]
@@ -65,14 +67,14 @@ fn document_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Document, sqlx::Er
         blob_id: row.try_get("blob_id")?,
         created_at: rfc3339(row.try_get("created_at")?),
         updated_at: rfc3339(row.try_get("updated_at")?),
+        classification: row.try_get("classification")?,
         error: row.try_get("error")?,
     })
 }
 
 impl CatalogStore {
     pub(crate) async fn open(path: &std::path::Path) -> Result<CatalogStore, sqlx::Error> {
-        let pool = common::db::open_sqlite(path).await?;
-        common::db::migrate(&pool, MIGRATIONS).await?;
+        let pool = common::db::open_migrated(path, MIGRATIONS).await?;
         Ok(CatalogStore { pool })
     }
 
@@ -94,8 +96,8 @@ impl CatalogStore {
         let event = make_event(&document_id, &job_id);
         let mut tx = common::db::begin_write(&self.pool).await?;
         sqlx::query(
-            "INSERT INTO documents (id, collection_id, owner, filename, content_type, size, sha256, blob_id, status, job_id, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+            "INSERT INTO documents (id, collection_id, owner, filename, content_type, size, sha256, blob_id, status, job_id, created_at, updated_at, classification)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
         )
         .bind(&document_id)
         .bind(&new.collection_id)
@@ -108,6 +110,7 @@ impl CatalogStore {
         .bind(&job_id)
         .bind(now)
         .bind(now)
+        .bind(&new.classification)
         .execute(&mut *tx)
         .await?;
         sqlx::query("INSERT INTO jobs (id, document_id, status, created_at, updated_at) VALUES (?, ?, 'queued', ?, ?)")
@@ -131,22 +134,42 @@ impl CatalogStore {
         row.as_ref().map(document_from_row).transpose()
     }
 
-    pub(crate) async fn list(&self, collections: &[String], limit: i64, offset: i64) -> Result<(Vec<Document>, i64), sqlx::Error> {
+    /// Live documents of `collections`; in those of `restricted` only the listed
+    /// classifications.
+    pub(crate) async fn list(
+        &self,
+        collections: &[String],
+        restricted: &std::collections::BTreeMap<String, Vec<String>>,
+        limit: i64,
+        offset: i64,
+    ) -> Result<(Vec<Document>, i64), sqlx::Error> {
         if collections.is_empty() {
             return Ok((vec![], 0));
         }
-        let ids = serde_json::to_string(collections).unwrap_or_else(|_| "[]".into());
-        let rows = sqlx::query(
-            "SELECT * FROM documents WHERE deleted_at IS NULL AND collection_id IN (SELECT value FROM json_each(?))
-             ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
-        )
-        .bind(&ids)
-        .bind(limit)
-        .bind(offset)
-        .fetch_all(&self.pool)
-        .await?;
-        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM documents WHERE deleted_at IS NULL AND collection_id IN (SELECT value FROM json_each(?))")
-            .bind(&ids)
+        let full: Vec<&String> = collections.iter().filter(|c| !restricted.contains_key(*c)).collect();
+        let pairs: Vec<String> = collections
+            .iter()
+            .filter_map(|c| restricted.get(c).map(|classes| (c, classes)))
+            .flat_map(|(c, classes)| classes.iter().map(move |class| format!("{c}#{class}")))
+            .collect();
+        let full = serde_json::to_string(&full).unwrap_or_else(|_| "[]".into());
+        let pairs = serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".into());
+        macro_rules! visible {
+            () => {
+                "deleted_at IS NULL AND (collection_id IN (SELECT value FROM json_each(?))
+                 OR collection_id || '#' || classification IN (SELECT value FROM json_each(?)))"
+            };
+        }
+        let rows = sqlx::query(concat!("SELECT * FROM documents WHERE ", visible!(), " ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"))
+            .bind(&full)
+            .bind(&pairs)
+            .bind(limit)
+            .bind(offset)
+            .fetch_all(&self.pool)
+            .await?;
+        let total: i64 = sqlx::query_scalar(concat!("SELECT COUNT(*) FROM documents WHERE ", visible!()))
+            .bind(&full)
+            .bind(&pairs)
             .fetch_one(&self.pool)
             .await?;
         Ok((rows.iter().map(document_from_row).collect::<Result<_, _>>()?, total))
@@ -177,6 +200,12 @@ impl CatalogStore {
             .await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// Live documents of a collection (for deleting the collection), at most `limit`.
+    pub(crate) async fn documents_in(&self, collection_id: &str, limit: i64) -> Result<Vec<Document>, sqlx::Error> {
+        let (documents, _) = self.list(&[collection_id.to_string()], &Default::default(), limit, 0).await?;
+        Ok(documents)
     }
 
     pub(crate) async fn job(&self, id: &str) -> Result<Option<Job>, sqlx::Error> {

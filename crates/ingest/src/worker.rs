@@ -53,7 +53,7 @@ async fn relay_once(ctx: &ServiceContext, store: &CatalogStore) -> Result<usize,
         // The event id is the idempotency key: a crash between publish and delete
         // republishes, and the queue drops the duplicate.
         let key = Some(event.id.clone());
-        ctx.bus.publish(vec![PublishMessage { event: event.clone(), key, delay_ms: None }]).await?;
+        ctx.bus.publish(vec![PublishMessage { event: event.clone(), key, ordering_key: None, delay_ms: None }]).await?;
         store.outbox_done(*id).await?;
     }
     Ok(batch.len())
@@ -67,6 +67,7 @@ pub(crate) fn spawn_workers(ctx: ServiceContext, store: CatalogStore, ready: com
             topic: events::DOCUMENT_UPLOADED.into(),
             max_deliveries: Some(ctx.config.ingest.max_attempts),
             lease_ms: Some(5 * 60 * 1000),
+            ordered: None,
         };
         if !ctx.bus.declare(SUBSCRIPTION, &spec, &ctx.shutdown).await {
             return;
@@ -177,6 +178,7 @@ async fn run_stages(ctx: &ServiceContext, store: &CatalogStore, uploaded: &Docum
             section: draft.section,
             char_start: draft.char_start,
             char_end: draft.char_end,
+            classification: uploaded.classification.clone(),
         })
         .collect();
     let n_chunks = chunks.len();

@@ -47,8 +47,7 @@ struct AppState {
 
 /// Runs the logs service on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
-    let pool = common::db::open_sqlite(&ctx.config.db_path(ServiceName::Logs)).await?;
-    common::db::migrate(&pool, MIGRATIONS).await?;
+    let pool = common::db::open_migrated(&ctx.config.db_path(ServiceName::Logs), MIGRATIONS).await?;
     let state = AppState { pool: pool.clone() };
     let consumer_ready = common::server::ReadyFlag::default();
     spawn_consumer(&ctx, state.clone(), consumer_ready.clone());
@@ -65,7 +64,7 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
 fn spawn_consumer(ctx: &ServiceContext, state: AppState, ready: common::server::ReadyFlag) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        let spec = common::bus::SubscriptionSpec { topic: events::LOG_BATCH.into(), max_deliveries: Some(3), lease_ms: Some(30_000) };
+        let spec = common::bus::SubscriptionSpec { topic: events::LOG_BATCH.into(), max_deliveries: Some(3), lease_ms: Some(30_000), ordered: None };
         if !ctx.bus.declare("logs", &spec, &ctx.shutdown).await {
             return;
         }
@@ -125,6 +124,9 @@ struct LogQuery {
     /// Unix milliseconds or RFC 3339.
     since: Option<String>,
     limit: Option<i64>,
+    /// Only records whose `org` field is this org. The gateway sets it for everyone
+    /// but operators; the service forces it for any non-operator acting user.
+    org: Option<String>,
 }
 
 fn parse_since(since: &str) -> Result<i64, ApiError> {
@@ -141,7 +143,15 @@ fn fts_query(text: &str) -> String {
     text.split_whitespace().take(16).map(|w| format!("\"{}\"", w.replace('"', "\"\""))).collect::<Vec<_>>().join(" ")
 }
 
-async fn query(State(state): State<AppState>, Query(params): Query<LogQuery>) -> ApiResult<Json<serde_json::Value>> {
+async fn query(
+    State(state): State<AppState>,
+    caller: common::server::Caller,
+    Query(mut params): Query<LogQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    // Whoever the gateway acts for sees their org's records only, unless an operator.
+    if let Some(principal) = caller.principal.as_ref().filter(|p| !p.is_operator()) {
+        params.org = Some(principal.org.clone());
+    }
     let since = params.since.as_deref().map(parse_since).transpose()?.unwrap_or(0);
     let limit = params.limit.unwrap_or(200).clamp(1, 1000);
     let levels: Vec<&str> = match params.level.as_deref() {
@@ -161,6 +171,7 @@ async fn query(State(state): State<AppState>, Query(params): Query<LogQuery>) ->
            AND r.level IN (SELECT value FROM json_each(?))
            AND (? IS NULL OR r.trace_id = ?)
            AND (? IS NULL OR r.id IN (SELECT rowid FROM records_fts WHERE records_fts MATCH ?))
+           AND (? IS NULL OR json_extract(r.fields, '$.org') = ?)
          ORDER BY r.id DESC LIMIT ?",
     )
     .bind(since)
@@ -171,6 +182,8 @@ async fn query(State(state): State<AppState>, Query(params): Query<LogQuery>) ->
     .bind(&params.trace_id)
     .bind(&fts)
     .bind(&fts)
+    .bind(&params.org)
+    .bind(&params.org)
     .bind(limit)
     .fetch_all(&state.pool)
     .await?;
@@ -207,18 +220,25 @@ mod tests {
     #[tokio::test]
     async fn stored_records_are_found_by_text_service_and_trace() {
         let dir = tempfile::tempdir().unwrap();
-        let pool = common::db::open_sqlite(&dir.path().join("logs.db")).await.unwrap();
-        common::db::migrate(&pool, MIGRATIONS).await.unwrap();
+        let pool = common::db::open_migrated(&dir.path().join("logs.db"), MIGRATIONS).await.unwrap();
         let record = |service: &str, message: &str, trace: &str| LogRecord {
             ts_ms: common::now_unix_ms(),
             service: service.into(),
             level: "info".into(),
             target: "t".into(),
             message: message.into(),
-            fields: Default::default(),
+            fields: serde_json::json!({"org": if service == "ingest" { "acme" } else { "globex" }}).as_object().cloned().unwrap_or_default(),
             trace_id: Some(trace.into()),
         };
         store(&pool, &[record("ingest", "document indexed quickly", "t1"), record("search", "query served", "t2")], "b").await.unwrap();
+        let operator = common::server::Caller {
+            client_id: "svc-gateway".into(),
+            principal: Some(common::wire::Principal { sub: "op".into(), username: "op".into(), org: "infra".into(), roles: vec!["operator".into()] }),
+        };
+        let acme_admin = common::server::Caller {
+            client_id: "svc-gateway".into(),
+            principal: Some(common::wire::Principal { sub: "a".into(), username: "a".into(), org: "acme".into(), roles: vec!["admin".into()] }),
+        };
         let state = AppState { pool };
         let q = |service: Option<&str>, q: Option<&str>, trace: Option<&str>| LogQuery {
             service: service.map(str::to_string),
@@ -227,12 +247,19 @@ mod tests {
             trace_id: trace.map(str::to_string),
             since: None,
             limit: None,
+            org: Some("globex".into()),
         };
-        let Json(found) = query(State(state.clone()), Query(q(None, Some("indexed"), None))).await.unwrap();
+        // Operators may ask for any org; everyone else gets their own, whatever they ask.
+        let Json(found) = query(State(state.clone()), operator.clone(), Query(LogQuery { org: None, ..q(None, Some("indexed"), None) })).await.unwrap();
         assert_eq!(found["records"].as_array().unwrap().len(), 1);
-        let Json(found) = query(State(state.clone()), Query(q(Some("search"), None, None))).await.unwrap();
+        let Json(found) = query(State(state.clone()), operator.clone(), Query(q(Some("search"), None, None))).await.unwrap();
         assert_eq!(found["records"][0]["message"], "query served");
-        let Json(found) = query(State(state), Query(q(None, None, Some("t1")))).await.unwrap();
+        let Json(found) = query(State(state.clone()), operator, Query(LogQuery { org: None, ..q(None, None, Some("t1")) })).await.unwrap();
         assert_eq!(found["records"][0]["service"], "ingest");
+        let Json(found) = query(State(state.clone()), acme_admin.clone(), Query(q(None, None, None))).await.unwrap();
+        let services: Vec<&str> = found["records"].as_array().unwrap().iter().map(|r| r["service"].as_str().unwrap()).collect();
+        assert_eq!(services, ["ingest"], "asking for globex's records as an acme admin returns acme's only");
+        let Json(found) = query(State(state), acme_admin, Query(q(Some("search"), None, None))).await.unwrap();
+        assert!(found["records"].as_array().unwrap().is_empty());
     }
 }

@@ -43,8 +43,7 @@ struct Profile {
 
 /// Runs the profile service on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
-    let pool = common::db::open_sqlite(&ctx.config.db_path(ServiceName::Profile)).await?;
-    common::db::migrate(&pool, MIGRATIONS).await?;
+    let pool = common::db::open_migrated(&ctx.config.db_path(ServiceName::Profile), MIGRATIONS).await?;
     let ready = common::server::sqlite_ready(pool.clone(), vec![]);
     let routes = Router::new()
         .route("/v1/me", get(me).patch(update_me))

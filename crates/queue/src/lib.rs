@@ -5,8 +5,15 @@
 //! lease. Publish answers only after the transaction is durable. Public surface: `run`.
 //! Invariants: a message is removed from a subscription only by an ack carrying its
 //! current lease; after `max_deliveries` it is dead-lettered, never dropped.
+//!
+//! Where messages live is a `backend::Backend` chosen by `queue.url`: SQLite (the
+//! embedded default), PostgreSQL or NATS JetStream. This file is the REST facade
+//! over that trait and knows nothing of any backend.
 
-mod store;
+pub mod backend;
+mod nats;
+mod postgres;
+mod sqlite;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,28 +23,36 @@ use axum::routing::{get, post, put};
 use axum::{Router, middleware};
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 
 use common::bus::{AckRequest, NackRequest, PublishBatch, PublishResult, PullRequest, PullResponse, SubscriptionSpec};
 use common::error::{ApiResult, Json, Query};
 use common::wire::events;
 use common::{ApiError, ServiceContext, ServiceName};
 
-use store::{NewMessage, QueueStore};
+use backend::{Backend, Declared, NewMessage, Subscription};
 
 #[derive(Clone)]
 struct AppState {
-    store: QueueStore,
-    wake: Arc<Notify>,
+    backend: Arc<dyn Backend>,
     config: common::config::QueueConfig,
+}
+
+/// Opens the backend `config.queue.url` names (the embedded SQLite file by default).
+pub async fn open_backend(config: &common::EchoConfig) -> anyhow::Result<Arc<dyn Backend>> {
+    let options = backend::Options { idempotency_window: Duration::from_secs(config.queue.idempotency_window_secs.max(1)) };
+    backend::open(config.queue.url.as_ref().map(|u| u.expose()), &config.db_path(ServiceName::Queue), options).await
 }
 
 /// Runs the queue service on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
-    let store = QueueStore::open(&ctx.config.db_path(ServiceName::Queue)).await?;
-    let state = AppState { store: store.clone(), wake: Arc::new(Notify::new()), config: ctx.config.queue.clone() };
+    let backend = open_backend(&ctx.config).await?;
+    tracing::info!(backend = backend.kind(), "queue backend open");
+    let state = AppState { backend: backend.clone(), config: ctx.config.queue.clone() };
     spawn_housekeeping(state.clone(), ctx.shutdown.clone());
-    let ready = common::server::sqlite_ready(store.pool.clone(), vec![]);
+    let ready: common::server::ReadyCheck = Arc::new(move || {
+        let backend = backend.clone();
+        Box::pin(async move { backend.ping().await.map_err(|e| format!("{} backend: {e}", backend.kind())) })
+    });
     let routes = Router::new()
         .route("/v1/topics/{topic}/publish", post(publish))
         .route("/v1/subscriptions/{name}", put(declare))
@@ -50,6 +65,8 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .route("/v1/stats", get(stats))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
         .with_state(state);
+    // The API description is public (no token), like the service's health endpoints.
+    let routes = routes.route("/v1/openapi.json", get(openapi));
     let router = common::server::service_router(ServiceName::Queue, routes, ready).fallback(common::server::not_found);
     common::server::serve(listener, router, ctx.shutdown.clone()).await
 }
@@ -61,10 +78,7 @@ fn spawn_housekeeping(state: AppState, shutdown: tokio_util::sync::CancellationT
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
-            // Delayed, backed-off and expired messages become available with time, not
-            // with a publish: wake the long-polls once a second so they look again.
-            state.wake.notify_waiters();
-            if let Ok(stats) = state.store.stats().await {
+            if let Ok(stats) = state.backend.stats().await {
                 for s in stats {
                     let labels = [("subscription", s.subscription.clone())];
                     metrics::gauge!("echo_queue_depth", &labels).set(s.depth as f64);
@@ -72,8 +86,10 @@ fn spawn_housekeeping(state: AppState, shutdown: tokio_util::sync::CancellationT
                     metrics::gauge!("echo_queue_dead_letters", &labels).set(s.dead_letters as f64);
                 }
             }
-            if common::now_unix() % 600 == 0 {
-                let _ = state.store.collect_garbage().await;
+            if common::now_unix() % 600 == 0
+                && let Err(error) = state.backend.housekeeping().await
+            {
+                tracing::warn!(%error, "queue housekeeping failed");
             }
         }
     });
@@ -93,10 +109,12 @@ async fn declare(State(state): State<AppState>, Path(name): Path<String>, Json(s
     check_name("topic", &spec.topic)?;
     let max_deliveries = spec.max_deliveries.unwrap_or(state.config.max_deliveries).clamp(1, 100);
     let lease_ms = spec.lease_ms.unwrap_or(state.config.lease_ms).clamp(100, 12 * 3600 * 1000);
-    if !state.store.declare(&name, &spec.topic, max_deliveries, lease_ms).await? {
+    let ordered = spec.ordered.unwrap_or(false);
+    let subscription = Subscription { name: name.clone(), topic: spec.topic.clone(), max_deliveries, lease_ms, ordered };
+    if state.backend.declare(&subscription).await.map_err(ApiError::internal)? == Declared::Conflict {
         return Err(ApiError::conflict("queue.subscription_exists", format!("subscription `{name}` exists on another topic")));
     }
-    Ok(Json(serde_json::json!({"subscription": name, "topic": spec.topic, "max_deliveries": max_deliveries, "lease_ms": lease_ms})))
+    Ok(Json(serde_json::json!({"subscription": name, "topic": spec.topic, "max_deliveries": max_deliveries, "lease_ms": lease_ms, "ordered": ordered})))
 }
 
 async fn publish(State(state): State<AppState>, Path(topic): Path<String>, Json(batch): Json<PublishBatch>) -> ApiResult<Json<PublishResult>> {
@@ -122,36 +140,37 @@ async fn publish(State(state): State<AppState>, Path(topic): Path<String>, Json(
         if size > state.config.max_message_bytes {
             return Err(ApiError::new(common::ErrorKind::PayloadTooLarge, "queue.message_too_large", "message exceeds max_message_bytes"));
         }
-        messages.push(NewMessage { event, key: message.key, delay_ms: message.delay_ms.unwrap_or(0).clamp(0, 7 * 86_400_000) });
+        for (field, value) in [("key", &message.key), ("ordering_key", &message.ordering_key)] {
+            if value.as_ref().is_some_and(|v| v.is_empty() || v.len() > 256 || v.chars().any(char::is_control)) {
+                return Err(ApiError::bad_request("queue.invalid_key", format!("`{field}` is 1 to 256 characters, none of them control characters")));
+            }
+        }
+        messages.push(NewMessage {
+            event,
+            key: message.key,
+            ordering_key: message.ordering_key,
+            delay_ms: message.delay_ms.unwrap_or(0).clamp(0, 7 * 86_400_000),
+        });
     }
-    let ids = state.store.publish(&topic, messages).await?;
+    let ids = state.backend.publish(&topic, messages).await.map_err(ApiError::internal)?;
     metrics::counter!("echo_queue_published_total", "topic" => topic).increment(ids.len() as u64);
-    state.wake.notify_waiters();
     Ok(Json(PublishResult { ids }))
 }
 
 async fn pull(State(state): State<AppState>, Path(name): Path<String>, Json(request): Json<PullRequest>) -> ApiResult<Json<PullResponse>> {
     let max = request.max.clamp(1, 100);
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(request.wait_ms.min(30_000));
-    loop {
-        let notified = state.wake.notified();
-        let leased = state
-            .store
-            .lease(&name, max)
-            .await?
-            .ok_or_else(|| ApiError::not_found("queue.subscription_not_found", format!("no subscription `{name}`")))?;
-        if !leased.is_empty() || tokio::time::Instant::now() >= deadline {
-            return Ok(Json(PullResponse { messages: leased }));
-        }
-        tokio::select! {
-            _ = notified => {}
-            _ = tokio::time::sleep_until(deadline) => {}
-        }
-    }
+    let wait = Duration::from_millis(request.wait_ms.min(30_000));
+    let leased = state
+        .backend
+        .pull(&name, max, wait)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found("queue.subscription_not_found", format!("no subscription `{name}`")))?;
+    Ok(Json(PullResponse { messages: leased }))
 }
 
 async fn ack(State(state): State<AppState>, Path(name): Path<String>, Json(request): Json<AckRequest>) -> ApiResult<Json<serde_json::Value>> {
-    let acked = state.store.ack(&name, request.seq, &request.lease).await?;
+    let acked = state.backend.ack(&name, request.seq, &request.lease).await.map_err(ApiError::internal)?;
     if !acked {
         return Err(ApiError::conflict("queue.lease_lost", "the lease expired or the message was already settled"));
     }
@@ -160,7 +179,7 @@ async fn ack(State(state): State<AppState>, Path(name): Path<String>, Json(reque
 
 async fn nack(State(state): State<AppState>, Path(name): Path<String>, Json(request): Json<NackRequest>) -> ApiResult<Json<serde_json::Value>> {
     let error: String = request.error.chars().take(2000).collect();
-    let nacked = state.store.nack(&name, request.seq, &request.lease, &error).await?;
+    let nacked = state.backend.nack(&name, request.seq, &request.lease, &error).await.map_err(ApiError::internal)?;
     if !nacked {
         return Err(ApiError::conflict("queue.lease_lost", "the lease expired or the message was already settled"));
     }
@@ -175,15 +194,24 @@ struct ExtendRequest {
 }
 
 async fn extend(State(state): State<AppState>, Path(name): Path<String>, Json(request): Json<ExtendRequest>) -> ApiResult<Json<serde_json::Value>> {
-    let extended = state.store.extend(&name, request.seq, &request.lease, request.lease_ms.clamp(100, 12 * 3600 * 1000)).await?;
+    let lease_ms = request.lease_ms.clamp(100, 12 * 3600 * 1000);
+    let extended = state.backend.extend(&name, request.seq, &request.lease, lease_ms).await.map_err(ApiError::internal)?;
     if !extended {
         return Err(ApiError::conflict("queue.lease_lost", "the lease expired or the message was already settled"));
     }
     Ok(Json(serde_json::json!({"extended": true})))
 }
 
+/// The REST API of the bus, OpenAPI 3.1.
+const OPENAPI: &str = include_str!("../openapi.json");
+
+async fn openapi() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
 async fn stats(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
-    Ok(Json(serde_json::json!({"subscriptions": state.store.stats().await?})))
+    Ok(Json(serde_json::json!({"backend": state.backend.kind(), "subscriptions": state.backend.stats().await.map_err(ApiError::internal)?})))
 }
 
 #[derive(Deserialize)]
@@ -192,7 +220,7 @@ struct DeadLetterQuery {
 }
 
 async fn dead_letters(State(state): State<AppState>, Path(name): Path<String>, Query(query): Query<DeadLetterQuery>) -> ApiResult<Json<serde_json::Value>> {
-    let letters = state.store.dead_letters(&name, query.limit.unwrap_or(100).clamp(1, 1000)).await?;
+    let letters = state.backend.dead_letters(&name, query.limit.unwrap_or(100).clamp(1, 1000)).await.map_err(ApiError::internal)?;
     Ok(Json(serde_json::json!({"dead_letters": letters})))
 }
 
@@ -202,7 +230,7 @@ struct RedriveRequest {
 }
 
 async fn redrive(State(state): State<AppState>, Path(name): Path<String>, Json(request): Json<RedriveRequest>) -> ApiResult<Json<serde_json::Value>> {
-    let n = state.store.redrive(&name, request.seq).await?;
-    state.wake.notify_waiters();
+    let n = state.backend.redrive(&name, request.seq).await.map_err(ApiError::internal)?;
     Ok(Json(serde_json::json!({"redriven": n})))
 }
+

@@ -49,8 +49,7 @@ struct AppState {
 
 /// Runs the rag service on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
-    let pool = common::db::open_sqlite(&ctx.config.db_path(ServiceName::Rag)).await?;
-    common::db::migrate(&pool, MIGRATIONS).await?;
+    let pool = common::db::open_migrated(&ctx.config.db_path(ServiceName::Rag), MIGRATIONS).await?;
     let state = AppState { ctx: ctx.clone(), pool };
     let routes = Router::new()
         .route("/v1/ask", post(ask))
@@ -62,10 +61,8 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     common::server::serve(listener, router, ctx.shutdown.clone()).await
 }
 
-async fn readable(ctx: &ServiceContext, principal: &Principal) -> ApiResult<Vec<String>> {
-    let readable: ReadableCollections =
-        ctx.peers.post_json(ServiceName::Authz, "/v1/readable", Some(principal), &serde_json::json!({"action": "document:read_chunks"})).await?;
-    Ok(readable.collections)
+async fn readable(ctx: &ServiceContext, principal: &Principal) -> ApiResult<ReadableCollections> {
+    ctx.peers.post_json(ServiceName::Authz, "/v1/readable", Some(principal), &serde_json::json!({"action": "document:read_chunks"})).await
 }
 
 async fn ask(State(state): State<AppState>, ActingUser(principal): ActingUser, Json(request): Json<AskRequest>) -> ApiResult<Json<Answer>> {
@@ -95,18 +92,21 @@ async fn ask(State(state): State<AppState>, ActingUser(principal): ActingUser, J
             id
         }
     };
-    let allowed: HashSet<String> = readable(&state.ctx, &principal).await?.into_iter().collect();
+    let readable = readable(&state.ctx, &principal).await?;
+    let allowed: HashSet<String> = readable.collections.iter().cloned().collect();
     let collections: Vec<String> = match &request.collections {
         Some(requested) => requested.iter().filter(|c| allowed.contains(*c)).cloned().collect(),
         None => allowed.iter().cloned().collect(),
     };
+    let restricted = readable.restricted.iter().filter(|(c, _)| collections.contains(c)).map(|(c, v)| (c.clone(), v.clone())).collect();
     let config = &state.ctx.config.rag;
     let hits = if collections.is_empty() {
         vec![]
     } else {
-        let query = SearchQuery { query: question.clone(), k: config.top_k, collections };
+        let query = SearchQuery { query: question.clone(), k: config.top_k, collections, restricted };
         let results: SearchResults = state.ctx.peers.post_json(ServiceName::Search, "/v1/search", None, &query).await?;
-        results.hits.into_iter().filter(|hit| allowed.contains(&hit.collection_id)).collect::<Vec<_>>()
+        // Re-checked against the same answer: collection and classification.
+        results.hits.into_iter().filter(|hit| readable.allows(&hit.collection_id, &hit.classification)).collect::<Vec<_>>()
     };
     let (text, citations) = answer::extractive(&question, &hits, config.max_citations);
     let mut tx = common::db::begin_write(&state.pool).await?;
@@ -160,6 +160,13 @@ async fn list_conversations(State(state): State<AppState>, ActingUser(principal)
     Ok(Json(list))
 }
 
+/// What an assistant message says in the history when it quoted a document the reader
+/// may no longer read (access revoked, classification changed, document deleted).
+const WITHDRAWN: &str = "This answer quoted documents you can no longer read, so it is withdrawn. Ask again to be answered from what you can read now.";
+
+/// A conversation as its owner may see it now: every cited document is checked again
+/// (it must still exist and be readable at its classification); an answer that quoted
+/// any that is not is withdrawn, and only the citations still readable are shown.
 async fn get_conversation(State(state): State<AppState>, ActingUser(principal): ActingUser, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
     let title: Option<String> = sqlx::query_scalar("SELECT title FROM conversations WHERE id = ? AND user_id = ?")
         .bind(&id)
@@ -167,22 +174,49 @@ async fn get_conversation(State(state): State<AppState>, ActingUser(principal): 
         .fetch_optional(&state.pool)
         .await?;
     let title = title.ok_or_else(|| ApiError::not_found("rag.conversation_not_found", "no such conversation"))?;
-    let rows = sqlx::query("SELECT role, content, citations, created_at FROM messages WHERE conversation_id = ? ORDER BY id")
+    let rows = sqlx::query("SELECT role, content, citations, created_at FROM messages WHERE conversation_id = ? ORDER BY id LIMIT 1000")
         .bind(&id)
         .fetch_all(&state.pool)
         .await?;
-    let messages = rows
-        .iter()
-        .map(|r| {
-            let citations: String = r.try_get("citations")?;
-            Ok(serde_json::json!({
-                "role": r.try_get::<String, _>("role")?,
-                "content": r.try_get::<String, _>("content")?,
-                "citations": serde_json::from_str::<serde_json::Value>(&citations).unwrap_or_default(),
-                "created_at": rfc3339(r.try_get("created_at")?),
-            }))
+    let mut stored = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let citations: String = r.try_get("citations")?;
+        let citations: Vec<common::wire::Citation> = serde_json::from_str(&citations).unwrap_or_default();
+        stored.push((r.try_get::<String, _>("role")?, r.try_get::<String, _>("content")?, citations, r.try_get::<i64, _>("created_at")?));
+    }
+    let readable = readable(&state.ctx, &principal).await?;
+    let mut verdicts: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+    let mut cited: Vec<String> = Vec::new();
+    for (_, _, citations, _) in &stored {
+        for citation in citations {
+            if !cited.contains(&citation.document_id) {
+                cited.push(citation.document_id.clone());
+            }
+        }
+    }
+    for document_id in cited {
+        let path = format!("/v1/documents/{}", common::client::encode(&document_id));
+        let allowed = match state.ctx.peers.get_json::<common::wire::Document>(ServiceName::Ingest, &path, Some(&principal)).await {
+            Ok(document) => readable.allows(&document.collection, &document.classification),
+            Err(error) if error.kind == common::ErrorKind::NotFound => false,
+            Err(error) => return Err(error),
+        };
+        verdicts.insert(document_id, allowed);
+    }
+    let messages: Vec<serde_json::Value> = stored
+        .into_iter()
+        .map(|(role, content, citations, created_at)| {
+            let withdrawn = citations.iter().any(|c| !verdicts.get(&c.document_id).copied().unwrap_or(false));
+            let citations: Vec<&common::wire::Citation> = citations.iter().filter(|c| verdicts.get(&c.document_id).copied().unwrap_or(false)).collect();
+            serde_json::json!({
+                "role": role,
+                "content": if withdrawn { WITHDRAWN.to_string() } else { content },
+                "citations": citations,
+                "withdrawn": withdrawn,
+                "created_at": rfc3339(created_at),
+            })
         })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        .collect();
     Ok(Json(serde_json::json!({"id": id, "title": title, "messages": messages})))
 }
 

@@ -3,6 +3,7 @@
 //! restricted to the caller's collections inside the query, before ranking.
 //! Blocking calls: run them on `spawn_blocking`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -76,7 +77,13 @@ impl ChunkIndex {
             let mut doc = TantivyDocument::default();
             doc.add_text(self.fields.chunk_id, &chunk.chunk_id);
             doc.add_text(self.fields.document_id, document_id);
+            // Two terms: the collection (found by those who may read it whatever the
+            // classification) and `collection#classification` (found by those who may
+            // read only some classifications there). Chunks indexed before
+            // classifications existed have only the first, so partial access never finds
+            // them: it fails closed.
             doc.add_text(self.fields.collection_id, &chunk.collection_id);
+            doc.add_text(self.fields.collection_id, classified(&chunk.collection_id, &chunk.classification));
             doc.add_text(self.fields.text, &chunk.text);
             if let Some(page) = chunk.page {
                 doc.add_u64(self.fields.page, page as u64);
@@ -113,8 +120,9 @@ impl ChunkIndex {
         Ok(terms)
     }
 
-    /// BM25 top-`k` over the given collections only.
-    pub fn search(&self, query: &str, collections: &[String], k: usize) -> Result<Vec<SearchHit>, IndexError> {
+    /// BM25 top-`k` over the given collections only, and in those of `restricted` only
+    /// over the classifications listed there.
+    pub fn search(&self, query: &str, collections: &[String], restricted: &BTreeMap<String, Vec<String>>, k: usize) -> Result<Vec<SearchHit>, IndexError> {
         let terms = self.terms(query)?;
         if terms.is_empty() || collections.is_empty() || k == 0 {
             return Ok(vec![]);
@@ -123,13 +131,20 @@ impl ChunkIndex {
             .into_iter()
             .map(|term| (Occur::Should, Box::new(TermQuery::new(term, IndexRecordOption::WithFreqs)) as Box<dyn Query>))
             .collect();
-        let collection_clauses: Vec<(Occur, Box<dyn Query>)> = collections
-            .iter()
-            .map(|c| {
-                let term = Term::from_field_text(self.fields.collection_id, c);
-                (Occur::Should, Box::new(TermQuery::new(term, IndexRecordOption::Basic)) as Box<dyn Query>)
-            })
-            .collect();
+        let term_clause = |value: &str| {
+            let term = Term::from_field_text(self.fields.collection_id, value);
+            (Occur::Should, Box::new(TermQuery::new(term, IndexRecordOption::Basic)) as Box<dyn Query>)
+        };
+        let mut collection_clauses: Vec<(Occur, Box<dyn Query>)> = Vec::with_capacity(collections.len());
+        for collection in collections {
+            match restricted.get(collection) {
+                None => collection_clauses.push(term_clause(collection)),
+                Some(classes) => collection_clauses.extend(classes.iter().map(|class| term_clause(&classified(collection, class)))),
+            }
+        }
+        if collection_clauses.is_empty() {
+            return Ok(vec![]);
+        }
         let query = BooleanQuery::new(vec![
             (Occur::Must, Box::new(BooleanQuery::new(text_clauses)) as Box<dyn Query>),
             (Occur::Must, Box::new(BooleanQuery::new(collection_clauses)) as Box<dyn Query>),
@@ -140,17 +155,27 @@ impl ChunkIndex {
         for (score, address) in top {
             let doc: TantivyDocument = searcher.doc(address)?;
             let text_of = |field: Field| doc.get_first(field).and_then(|v| v.as_str().map(str::to_string));
+            let collection_id = text_of(self.fields.collection_id).unwrap_or_default();
+            let prefix = format!("{collection_id}#");
+            let classification = doc
+                .get_all(self.fields.collection_id)
+                .filter_map(|v| v.as_str())
+                .find_map(|v| v.strip_prefix(prefix.as_str()).map(str::to_string))
+                .unwrap_or_else(common::wire::default_classification);
             let hit = SearchHit {
                 document_id: text_of(self.fields.document_id).unwrap_or_default(),
                 chunk_id: text_of(self.fields.chunk_id).unwrap_or_default(),
-                collection_id: text_of(self.fields.collection_id).unwrap_or_default(),
+                collection_id,
                 score,
                 text: text_of(self.fields.text).unwrap_or_default(),
                 page: doc.get_first(self.fields.page).and_then(|v| v.as_u64()).map(|p| p as u32),
                 section: text_of(self.fields.section),
+                classification,
             };
             // Defence in depth: the filter is in the query, and every hit is re-checked.
-            if collections.contains(&hit.collection_id) {
+            let allowed = collections.contains(&hit.collection_id)
+                && restricted.get(&hit.collection_id).is_none_or(|classes| classes.contains(&hit.classification));
+            if allowed {
                 hits.push(hit);
             }
         }
@@ -160,6 +185,11 @@ impl ChunkIndex {
     pub fn n_chunks(&self) -> u64 {
         self.reader.searcher().num_docs()
     }
+}
+
+/// The second collection term of a chunk: its collection and its classification.
+fn classified(collection: &str, classification: &str) -> String {
+    format!("{collection}#{classification}")
 }
 
 #[cfg(test)]
@@ -178,7 +208,27 @@ mod tests {
             section: Some("Intro".into()),
             char_start: 0,
             char_end: text.len() as u64,
+            classification: "internal".into(),
         }
+    }
+
+    #[test]
+    fn partial_access_finds_only_the_listed_classifications_and_old_chunks_fail_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = ChunkIndex::open(dir.path(), 15).unwrap();
+        let classified = |doc: &str, class: &str| Chunk { classification: class.into(), ..chunk(doc, "c1", 0, "turbine maintenance schedule") };
+        index.replace_document("d-int", &[classified("d-int", "internal")]).unwrap();
+        index.replace_document("d-res", &[classified("d-res", "restricted")]).unwrap();
+        let everything = index.search("turbine", &["c1".into()], &BTreeMap::new(), 10).unwrap();
+        assert_eq!(everything.len(), 2, "full access sees both");
+        let restricted = BTreeMap::from([("c1".to_string(), vec!["public".to_string(), "internal".to_string()])]);
+        let partial = index.search("turbine", &["c1".into()], &restricted, 10).unwrap();
+        assert_eq!(partial.iter().map(|h| h.document_id.as_str()).collect::<Vec<_>>(), ["d-int"]);
+        assert_eq!(partial[0].classification, "internal");
+        let none = BTreeMap::from([("c1".to_string(), vec![])]);
+        assert!(index.search("turbine", &["c1".into()], &none, 10).unwrap().is_empty(), "no classification, nothing");
+        // A term that looks like a classified collection is just text to the query.
+        assert!(index.search("turbine", &["c1#restricted".into()], &BTreeMap::new(), 10).unwrap().is_empty(), "the hit is not in the listed collections");
     }
 
     #[test]
@@ -187,12 +237,12 @@ mod tests {
         let index = ChunkIndex::open(dir.path(), 15).unwrap();
         index.replace_document("d1", &[chunk("d1", "c1", 0, "The reactor cooling pumps were replaced in spring."), chunk("d1", "c1", 1, "Lunch menus.")]).unwrap();
         index.replace_document("d2", &[chunk("d2", "c2", 0, "Reactor pump secrets of another team.")]).unwrap();
-        let hits = index.search("replacing reactor pump", &["c1".into()], 10).unwrap();
+        let hits = index.search("replacing reactor pump", &["c1".into()], &BTreeMap::new(), 10).unwrap();
         assert_eq!(hits.len(), 1);
         assert_eq!(hits[0].chunk_id, "d1:0");
         assert_eq!(hits[0].page, Some(1));
-        assert!(index.search("reactor", &[], 10).unwrap().is_empty(), "no collections, no hits");
-        let both = index.search("reactor", &["c1".into(), "c2".into()], 10).unwrap();
+        assert!(index.search("reactor", &[], &BTreeMap::new(), 10).unwrap().is_empty(), "no collections, no hits");
+        let both = index.search("reactor", &["c1".into(), "c2".into()], &BTreeMap::new(), 10).unwrap();
         assert_eq!(both.len(), 2);
     }
 
@@ -201,7 +251,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let index = ChunkIndex::open(dir.path(), 15).unwrap();
         index.replace_document("d1", &[chunk("d1", "c1", 0, "collection_id c2 title")]).unwrap();
-        let hits = index.search("collection_id:c2 OR (title", &["c1".into()], 10).unwrap();
+        let hits = index.search("collection_id:c2 OR (title", &["c1".into()], &BTreeMap::new(), 10).unwrap();
         assert_eq!(hits.len(), 1, "operators and fields in user text are plain words");
     }
 
@@ -211,8 +261,8 @@ mod tests {
         let index = ChunkIndex::open(dir.path(), 15).unwrap();
         index.replace_document("d1", &[chunk("d1", "c1", 0, "alpha")]).unwrap();
         index.replace_document("d1", &[chunk("d1", "c1", 0, "beta")]).unwrap();
-        assert!(index.search("alpha", &["c1".into()], 10).unwrap().is_empty());
-        assert_eq!(index.search("beta", &["c1".into()], 10).unwrap().len(), 1);
+        assert!(index.search("alpha", &["c1".into()], &BTreeMap::new(), 10).unwrap().is_empty());
+        assert_eq!(index.search("beta", &["c1".into()], &BTreeMap::new(), 10).unwrap().len(), 1);
         index.delete_document("d1").unwrap();
         assert_eq!(index.n_chunks(), 0);
     }

@@ -57,7 +57,7 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
 fn spawn_deletion_consumer(ctx: &ServiceContext, state: AppState) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        let spec = common::bus::SubscriptionSpec { topic: events::DOCUMENT_DELETED.into(), max_deliveries: None, lease_ms: None };
+        let spec = common::bus::SubscriptionSpec { topic: events::DOCUMENT_DELETED.into(), max_deliveries: None, lease_ms: None, ordered: None };
         if !ctx.bus.declare("search-deletions", &spec, &ctx.shutdown).await {
             return;
         }
@@ -89,7 +89,7 @@ async fn search(State(state): State<AppState>, Json(query): Json<SearchQuery>) -
     }
     let k = query.k.clamp(1, state.max_k);
     let index = state.index.clone();
-    let hits = blocking(move || index.search(&query.query, &query.collections, k)).await?;
+    let hits = blocking(move || index.search(&query.query, &query.collections, &query.restricted, k)).await?;
     Ok(Json(SearchResults { hits }))
 }
 

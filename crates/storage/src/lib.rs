@@ -48,8 +48,7 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     let root = ctx.config.data_dir.join("blobs");
     tokio::fs::create_dir_all(root.join("tmp")).await?;
     clean_temporaries(&root.join("tmp")).await;
-    let pool = common::db::open_sqlite(&ctx.config.db_path(ServiceName::Storage)).await?;
-    common::db::migrate(&pool, MIGRATIONS).await?;
+    let pool = common::db::open_migrated(&ctx.config.db_path(ServiceName::Storage), MIGRATIONS).await?;
     let state = AppState { root: Arc::new(root), pool, config: ctx.config.storage.clone() };
     spawn_deletion_consumer(&ctx, state.clone());
     let routes = Router::new()
@@ -73,7 +72,7 @@ async fn clean_temporaries(tmp: &FsPath) {
 fn spawn_deletion_consumer(ctx: &ServiceContext, state: AppState) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        let spec = common::bus::SubscriptionSpec { topic: events::DOCUMENT_DELETED.into(), max_deliveries: None, lease_ms: None };
+        let spec = common::bus::SubscriptionSpec { topic: events::DOCUMENT_DELETED.into(), max_deliveries: None, lease_ms: None, ordered: None };
         if !ctx.bus.declare("storage-deletions", &spec, &ctx.shutdown).await {
             return;
         }

@@ -17,8 +17,8 @@ async fn events_are_chained_once_and_the_chain_verifies() {
     let audit = AuditEvent { actor: "ann".into(), action: "test.audited".into(), resource: "thing:1".into(), outcome: "success".into(), context: serde_json::json!({}) };
     let event = bus.event(events::AUDIT_RECORDED, None, audit);
     // The same event twice (an at-least-once redelivery) is recorded once.
-    bus.publish(vec![PublishMessage { event: event.clone(), key: None, delay_ms: None }]).await.unwrap();
-    bus.publish(vec![PublishMessage { event, key: None, delay_ms: None }]).await.unwrap();
+    bus.publish(vec![PublishMessage { event: event.clone(), key: None, ordering_key: None, delay_ms: None }]).await.unwrap();
+    bus.publish(vec![PublishMessage { event, key: None, ordering_key: None, delay_ms: None }]).await.unwrap();
     let peers = echo.peers_as(ServiceName::Gateway);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {

@@ -25,7 +25,7 @@ async fn decisions_name_their_policies_and_never_cross_orgs() {
 
     let ask = |principal: Principal, action: &str| {
         let peers = peers.clone();
-        let request = DecisionRequest { action: action.into(), resource_type: "Collection".into(), resource_id: personal.id.clone() };
+        let request = DecisionRequest { action: action.into(), resource_type: "Collection".into(), resource_id: personal.id.clone(), classification: None };
         async move { peers.post_json::<_, Decision>(ServiceName::Authz, "/v1/decide", Some(&principal), &request).await.unwrap() }
     };
     let allowed = ask(ann.clone(), "document:read_chunks").await;
@@ -56,7 +56,7 @@ async fn policies_reload_from_their_directory_and_an_invalid_set_is_refused_with
     let decide = || {
         let peers = peers.clone();
         let ann = ann.clone();
-        let request = DecisionRequest { action: "document:read_chunks".into(), resource_type: "Collection".into(), resource_id: collections[0].id.clone() };
+        let request = DecisionRequest { action: "document:read_chunks".into(), resource_type: "Collection".into(), resource_id: collections[0].id.clone(), classification: None };
         async move { peers.post_json::<_, Decision>(ServiceName::Authz, "/v1/decide", Some(&ann), &request).await.unwrap() }
     };
     assert!(decide().await.allowed);
@@ -71,5 +71,44 @@ async fn policies_reload_from_their_directory_and_an_invalid_set_is_refused_with
     let _: serde_json::Value = peers.post_json(ServiceName::Authz, "/v1/policies/reload", None, &serde_json::json!({})).await.unwrap();
     let frozen = decide().await;
     assert!(!frozen.allowed, "the reloaded forbid applies on the next decision");
+    echo.stop().await;
+}
+
+/// The readable list is cached per principal; every relationship change and every
+/// policy reload must show in the very next answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readable_list_follows_every_share_group_and_policy_change_at_once() {
+    let echo = TestEcho::start().await;
+    let peers = echo.peers_as(ServiceName::Gateway);
+    let owner = Principal { roles: vec!["owner".into()], ..user("olga", "acme") };
+    let rob = identity::add_user(&echo.config, "rob", "rob-password-2026", "acme", "member", None).await.unwrap();
+    let reader = Principal { sub: rob.id.clone(), ..user("rob", "acme") };
+    let readable = |principal: Principal| {
+        let peers = peers.clone();
+        async move { peers.post_json::<_, ReadableCollections>(ServiceName::Authz, "/v1/readable", Some(&principal), &serde_json::json!({})).await.unwrap().collections }
+    };
+    let created: Collection = peers.post_json(ServiceName::Authz, "/v1/collections", Some(&owner), &serde_json::json!({"name": "plans"})).await.unwrap();
+    let before = readable(reader.clone()).await;
+    assert!(!before.contains(&created.id));
+    assert_eq!(readable(reader.clone()).await, before, "a repeated question gets the same answer");
+
+    let share = |members: serde_json::Value| {
+        let (peers, owner, id) = (peers.clone(), owner.clone(), created.id.clone());
+        async move { peers.put_json::<_, serde_json::Value>(ServiceName::Authz, &format!("/v1/collections/{id}/members"), Some(&owner), &serde_json::json!({"members": members})).await.unwrap() }
+    };
+    share(serde_json::json!([{"user": rob.id, "role": "viewer"}])).await;
+    assert!(readable(reader.clone()).await.contains(&created.id), "a new share shows at once");
+    share(serde_json::json!([])).await;
+    assert!(!readable(reader.clone()).await.contains(&created.id), "an unshare shows at once");
+
+    let group: serde_json::Value = peers.post_json(ServiceName::Authz, "/v1/groups", Some(&owner), &serde_json::json!({"name": "planners"})).await.unwrap();
+    let group_id = group["id"].as_str().unwrap().to_string();
+    share(serde_json::json!([{"group": group_id, "role": "answers"}])).await;
+    assert!(!readable(reader.clone()).await.contains(&created.id));
+    let members_path = format!("/v1/groups/{group_id}/members");
+    peers.put_json::<_, serde_json::Value>(ServiceName::Authz, &members_path, Some(&owner), &serde_json::json!({"users": [rob.id]})).await.unwrap();
+    assert!(readable(reader.clone()).await.contains(&created.id), "joining a group shows at once");
+    peers.put_json::<_, serde_json::Value>(ServiceName::Authz, &members_path, Some(&owner), &serde_json::json!({"users": []})).await.unwrap();
+    assert!(!readable(reader.clone()).await.contains(&created.id), "leaving it too");
     echo.stop().await;
 }

@@ -37,7 +37,7 @@ impl TestSystem {
         let system = echod::up(config).await.expect("echod up");
         echod::wait_ready(&system.config, Duration::from_secs(60)).await.expect("ready");
         let config = (*system.config).clone();
-        identity::add_client(&config, CLIENT_ID, vec![REDIRECT_URI.into()], None).await.expect("client add");
+        identity::add_client(&config, CLIENT_ID, vec![REDIRECT_URI.into()], None, "RS256").await.expect("client add");
         let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
         TestSystem { system, config, http, _dir: dir }
     }
@@ -69,13 +69,18 @@ impl TestSystem {
 
     /// Authorization code + PKCE through the login form, as a public client would.
     pub(crate) async fn sign_in(&self, username: &str, password: &str) -> Tokens {
+        self.sign_in_with(CLIENT_ID, username, password).await
+    }
+
+    /// `sign_in` through another registered public client (redirect `REDIRECT_URI`).
+    pub(crate) async fn sign_in_with(&self, client_id: &str, username: &str, password: &str) -> Tokens {
         let verifier = format!("{username}-verifier-0123456789-abcdefghijklmnopqrstuvwxyz");
         let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()));
         let state = format!("state-{username}");
         let nonce = format!("nonce-{username}");
         let params = [
             ("response_type", "code"),
-            ("client_id", CLIENT_ID),
+            ("client_id", client_id),
             ("redirect_uri", REDIRECT_URI),
             ("scope", "openid profile offline_access"),
             ("state", state.as_str()),
@@ -100,7 +105,7 @@ impl TestSystem {
         let token = self
             .http
             .post(format!("{}/token", self.issuer()))
-            .form(&[("grant_type", "authorization_code"), ("code", &code), ("redirect_uri", REDIRECT_URI), ("client_id", CLIENT_ID), ("code_verifier", &verifier)])
+            .form(&[("grant_type", "authorization_code"), ("code", &code), ("redirect_uri", REDIRECT_URI), ("client_id", client_id), ("code_verifier", &verifier)])
             .send()
             .await
             .expect("token");
@@ -114,6 +119,32 @@ impl TestSystem {
             code,
             verifier,
         }
+    }
+}
+
+impl TestSystem {
+    /// A browser session at the gateway, signed in through identity's form: the
+    /// session cookie (`name=value`) and the page's CSRF token.
+    pub(crate) async fn browser_session(&self, username: &str) -> (String, String) {
+        let start = self.http.get(format!("{}/documents", self.gateway())).send().await.expect("start");
+        let login = self.http.get(format!("{}{}", self.gateway(), start.headers()["location"].to_str().expect("location"))).send().await.expect("login");
+        let authorize = login.headers()["location"].to_str().expect("authorize").to_string();
+        let html = self.http.get(&authorize).send().await.expect("form").text().await.expect("html");
+        let mut form: Vec<(String, String)> = ["response_type", "client_id", "redirect_uri", "scope", "state", "nonce", "code_challenge", "code_challenge_method", "form_token"]
+            .iter()
+            .filter_map(|name| hidden_value(&html, name).map(|v| (name.to_string(), v)))
+            .collect();
+        form.push(("username".into(), username.into()));
+        form.push(("password".into(), password_of(username)));
+        let back = self.http.post(format!("{}/login", self.issuer())).form(&form).send().await.expect("post login");
+        let callback = back.headers()["location"].to_str().expect("callback").to_string();
+        let landed = self.http.get(&callback).send().await.expect("callback");
+        let session = landed.headers()["set-cookie"].to_str().expect("cookie").split(';').next().expect("cookie").to_string();
+        let page = self.http.get(format!("{}/documents", self.gateway())).header("cookie", &session).send().await.expect("page").text().await.expect("html");
+        let marker = "name=\"csrf-token\" content=\"";
+        let start = page.find(marker).expect("csrf meta") + marker.len();
+        let csrf = page[start..start + page[start..].find('"').expect("end")].to_string();
+        (session, csrf)
     }
 }
 

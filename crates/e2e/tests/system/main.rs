@@ -4,5 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod bus;
 mod helpers;
+mod idp;
 mod journey;
+mod sharing;

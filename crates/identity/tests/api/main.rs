@@ -15,8 +15,11 @@ async fn discovery_jwks_and_service_tokens_work_and_wrong_secrets_do_not() {
     assert_eq!(discovery["issuer"], issuer.as_str());
     assert_eq!(discovery["code_challenge_methods_supported"], serde_json::json!(["S256"]));
     let jwks: serde_json::Value = http.get(discovery["jwks_uri"].as_str().unwrap()).send().await.unwrap().json().await.unwrap();
-    assert_eq!(jwks["keys"][0]["alg"], "RS256");
-    assert!(jwks["keys"][0]["kid"].is_string());
+    let mut algs: Vec<&str> = jwks["keys"].as_array().unwrap().iter().map(|k| k["alg"].as_str().unwrap()).collect();
+    algs.sort_unstable();
+    assert_eq!(algs, ["ES256", "EdDSA", "RS256"], "one published key per signing algorithm");
+    assert!(jwks["keys"].as_array().unwrap().iter().all(|k| k["kid"].is_string() && k["use"] == "sig"));
+    assert_eq!(discovery["id_token_signing_alg_values_supported"], serde_json::json!(["RS256", "ES256", "EdDSA"]));
 
     let secret = std::fs::read_to_string(echo.config.service_secret_path(ServiceName::Rag)).unwrap();
     let token = |secret: String, audience: &'static str| {
@@ -89,7 +92,7 @@ async fn tokens_keep_verifying_through_a_key_rotation() {
     while tokio::time::Instant::now() < deadline {
         if !published {
             let jwks: serde_json::Value = http.get(format!("{issuer}/jwks")).send().await.unwrap().json().await.unwrap();
-            published = jwks["keys"].as_array().unwrap().len() == 2;
+            published = jwks["keys"].as_array().unwrap().len() == 6;
             if published {
                 assert_eq!(kids.len(), 1, "the new key is published before it signs");
             }
@@ -107,7 +110,7 @@ async fn tokens_keep_verifying_through_a_key_rotation() {
     assert_eq!(failures, 0, "{failures} of {checked} verifications failed during the rotation");
     assert_eq!(kids.len(), 2, "tokens were signed by the old key, then by the new one: {kids:?}");
     let published_after: serde_json::Value = http.get(format!("{issuer}/jwks")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(published_after["keys"].as_array().unwrap().len(), 2, "the old key stays published while its tokens live");
+    assert_eq!(published_after["keys"].as_array().unwrap().len(), 6, "the old keys stay published while their tokens live");
     echo.stop().await;
 }
 

@@ -25,7 +25,10 @@ async fn a_registered_document_is_parsed_chunked_and_indexed() {
         size: blob.size,
         sha256: blob.sha256.clone(),
         blob_id: blob.blob_id.clone(),
+        classification: "confidential".into(),
     };
+    let refused = peers.post_json::<_, CreatedDocument>(ServiceName::Ingest, "/v1/documents", Some(&owner), &NewDocument { classification: "secret".into(), ..new.clone() }).await;
+    assert_eq!(refused.unwrap_err().code, "document.invalid_classification");
     let created: CreatedDocument = peers.post_json(ServiceName::Ingest, "/v1/documents", Some(&owner), &new).await.unwrap();
     assert_eq!(created.status, "queued");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

@@ -24,7 +24,7 @@ async fn published_batches_are_stored_and_found_by_text_and_trace() {
         trace_id: Some("trace-xyz".into()),
     };
     let event = bus.event(events::LOG_BATCH, None, LogBatch { records: vec![record], dropped: 0 });
-    bus.publish(vec![PublishMessage { event, key: None, delay_ms: None }]).await.unwrap();
+    bus.publish(vec![PublishMessage { event, key: None, ordering_key: None, delay_ms: None }]).await.unwrap();
     let peers = echo.peers_as(ServiceName::Gateway);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {

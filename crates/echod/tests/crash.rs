@@ -1,0 +1,421 @@
+//! Crash tests for the event bus. The queue, and separately a consumer (the audit
+//! service), run as real `echod serve` processes and are killed with SIGKILL at random
+//! moments while publishers and consumers keep working; each is restarted on the same
+//! data dir. Afterwards a checker reads the whole recorded history:
+//!
+//! - no publish the queue acknowledged is lost: every subscription delivers it;
+//! - a message is delivered again only if no earlier delivery of it was acknowledged
+//!   (so only messages in flight at a kill come twice);
+//! - the killed consumer ends with every acknowledged event exactly once in its
+//!   hash-chained log, and the chain verifies.
+//!
+//! The queue phase runs once per backend: the embedded SQLite file, and — through the
+//! same REST facade, the queue process being what is killed — PostgreSQL and NATS
+//! JetStream on the machine's servers (skipped with a reason when absent, except
+//! under CI).
+//!
+//! `ECHO_CRASH_TRIALS` kills per phase (default 12; CI runs the default). The long run:
+//! `ECHO_CRASH_TRIALS=1000 cargo test -p echod --test crash -- --nocapture`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::bus::{Bus, PublishMessage, SubscriptionSpec};
+use common::wire::{AuditEvent, events};
+use common::{EchoConfig, ServiceContext, ServiceName};
+use tokio_util::sync::CancellationToken;
+
+const TOPIC: &str = events::AUDIT_RECORDED;
+/// The source of the probes (the load generator speaks as the gateway).
+const PROBE_SOURCE: &str = "echo/gateway";
+
+fn trials() -> usize {
+    std::env::var("ECHO_CRASH_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(12)
+}
+
+/// xorshift64*, seeded from the clock (printed) or `ECHO_CRASH_SEED`.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The processes' shared settings: one data dir, fixed ports for the three services.
+struct Layout {
+    dir: tempfile::TempDir,
+    ports: BTreeMap<ServiceName, u16>,
+    /// `queue.url` for the queue process (`None`: the embedded SQLite file).
+    queue_url: Option<String>,
+}
+
+impl Layout {
+    fn new() -> Layout {
+        Layout::with_queue(None)
+    }
+
+    fn with_queue(queue_url: Option<String>) -> Layout {
+        let ports = [ServiceName::Identity, ServiceName::Queue, ServiceName::Audit].into_iter().map(|s| (s, free_port())).collect();
+        Layout { dir: tempfile::tempdir().unwrap(), ports, queue_url }
+    }
+
+    fn config(&self) -> EchoConfig {
+        let mut config = EchoConfig::for_test(self.dir.path());
+        for (service, port) in &self.ports {
+            config.ports.insert(*service, *port);
+        }
+        config
+    }
+
+    fn url(&self, service: ServiceName) -> String {
+        format!("http://127.0.0.1:{}", self.ports[&service])
+    }
+
+    /// `echod serve SERVICE` as a child process.
+    fn spawn(&self, service: ServiceName) -> tokio::process::Child {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_echod"));
+        command.args(["serve", service.as_str(), "--data-dir"]).arg(self.dir.path());
+        for (service, port) in &self.ports {
+            command.env(format!("ECHO__PORTS__{}", service.as_str().to_ascii_uppercase()), port.to_string());
+        }
+        if let Some(url) = &self.queue_url {
+            command.env("ECHO__QUEUE__URL", url);
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("{service}.log"))).unwrap();
+        command
+            .env("ECHO__LOG__SHIP", "false")
+            .env("ECHO__LOG__LEVEL", "warn")
+            .env("ECHO__QUEUE__LEASE_MS", "1000")
+
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
+
+    async fn wait_ready(&self, service: ServiceName) {
+        let url = format!("{}/readyz", self.url(service));
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(response) = http.get(&url).timeout(Duration::from_secs(2)).send().await
+                && response.status().is_success()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{service} did not become ready: {}", read_log(self.dir.path(), service));
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+fn read_log(dir: &Path, service: ServiceName) -> String {
+    std::fs::read_to_string(dir.join(format!("{service}.log"))).unwrap_or_default()
+}
+
+/// Kills `child` with SIGKILL and reaps it.
+async fn kill9(child: &mut tokio::process::Child) {
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
+}
+
+fn audit_event(bus: &Bus, marker: String) -> PublishMessage {
+    let data = AuditEvent { actor: "crash-test".into(), action: "crash.probe".into(), resource: marker, outcome: "success".into(), context: serde_json::json!({}) };
+    PublishMessage { event: bus.event(TOPIC, None, data), key: None, ordering_key: None, delay_ms: None }
+}
+
+/// What the publishers saw: ids the queue acknowledged, and ids whose answer was lost.
+#[derive(Default)]
+struct Published {
+    acked: BTreeSet<String>,
+    uncertain: BTreeSet<String>,
+}
+
+/// Publishes batches of 1–5 events until `stop`, `pause` apart, recording every outcome.
+fn spawn_publisher(bus: Bus, published: Arc<Mutex<Published>>, stop: CancellationToken, seed: u64, pause: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut rng = Rng(seed | 1);
+        let mut n = 0u64;
+        while !stop.is_cancelled() {
+            let batch: Vec<PublishMessage> = (0..1 + rng.below(5))
+                .map(|_| {
+                    n += 1;
+                    audit_event(&bus, format!("probe:{seed}:{n}"))
+                })
+                .collect();
+            let ids: Vec<String> = batch.iter().map(|m| m.event.id.clone()).collect();
+            match bus.publish(batch).await {
+                Ok(_) => published.lock().unwrap().acked.extend(ids),
+                Err(_) => {
+                    published.lock().unwrap().uncertain.extend(ids);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+    })
+}
+
+/// One delivery as a consumer saw it, and whether its ack was answered with success.
+struct Seen {
+    id: String,
+    acked: bool,
+}
+
+fn spawn_consumer(bus: Bus, subscription: &'static str, history: Arc<Mutex<Vec<Seen>>>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while !stop.is_cancelled() {
+            match bus.pull(subscription, 20, Duration::from_millis(200)).await {
+                Ok(deliveries) => {
+                    for delivery in deliveries {
+                        let acked = bus.ack(subscription, &delivery).await.is_ok();
+                        // Identity publishes audit events of its own: only ours are judged.
+                        if delivery.event.source == PROBE_SOURCE {
+                            history.lock().unwrap().push(Seen { id: delivery.event.id.clone(), acked });
+                        }
+                    }
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+}
+
+fn seed() -> u64 {
+    std::env::var("ECHO_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64)
+}
+
+/// The checker for one subscription's history against what was published.
+fn check(subscription: &str, published: &Published, history: &[Seen]) -> Vec<String> {
+    let mut violations = Vec::new();
+    let mut acked_before: BTreeSet<&str> = BTreeSet::new();
+    let mut delivered: BTreeSet<&str> = BTreeSet::new();
+    for seen in history {
+        if acked_before.contains(seen.id.as_str()) {
+            violations.push(format!("{subscription}: {} delivered again after a successful ack", seen.id));
+        }
+        if !published.acked.contains(&seen.id) && !published.uncertain.contains(&seen.id) {
+            violations.push(format!("{subscription}: {} delivered but never published", seen.id));
+        }
+        delivered.insert(seen.id.as_str());
+        if seen.acked {
+            acked_before.insert(seen.id.as_str());
+        }
+    }
+    for id in &published.acked {
+        if !delivered.contains(id.as_str()) {
+            violations.push(format!("{subscription}: acknowledged publish {id} never delivered"));
+        }
+    }
+    violations
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_queue_loses_no_acknowledged_message_and_duplicates_only_what_was_in_flight() {
+    kill_the_queue("sqlite", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_queue_over_postgres_loses_no_acknowledged_message() {
+    let Some(scratch) = echod::testing::ScratchServer::postgres().await else { return };
+    kill_the_queue("postgres", Some(scratch.url.clone())).await;
+    scratch.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_queue_over_nats_jetstream_loses_no_acknowledged_message() {
+    let Some(scratch) = echod::testing::ScratchServer::nats().await else { return };
+    kill_the_queue("nats", Some(scratch.url.clone())).await;
+    scratch.cleanup().await;
+}
+
+async fn kill_the_queue(backend: &str, queue_url: Option<String>) {
+    let trials = trials();
+    let seed = seed();
+    println!("queue crash test ({backend}): seed {seed}, {trials} kills");
+    let layout = Layout::with_queue(queue_url);
+    let mut identity = layout.spawn(ServiceName::Identity);
+    layout.wait_ready(ServiceName::Identity).await;
+    let mut queue = layout.spawn(ServiceName::Queue);
+    layout.wait_ready(ServiceName::Queue).await;
+
+    let ctx = ServiceContext::new(Arc::new(layout.config()), ServiceName::Gateway, CancellationToken::new()).unwrap();
+    let bus = ctx.bus.clone();
+    for subscription in ["crash-a", "crash-b"] {
+        let spec = SubscriptionSpec { topic: TOPIC.into(), max_deliveries: Some(100), lease_ms: Some(1000), ordered: None };
+        bus.subscribe(subscription, &spec).await.unwrap();
+    }
+    let published = Arc::new(Mutex::new(Published::default()));
+    let histories: BTreeMap<&'static str, Arc<Mutex<Vec<Seen>>>> = [("crash-a", Arc::default()), ("crash-b", Arc::default())].into_iter().collect();
+    let stop_publishing = CancellationToken::new();
+    let stop_consuming = CancellationToken::new();
+    let publishers: Vec<_> = (0..2).map(|i| spawn_publisher(bus.clone(), published.clone(), stop_publishing.clone(), seed.wrapping_add(i), Duration::from_millis(10))).collect();
+    let mut consumers = Vec::new();
+    for (subscription, history) in &histories {
+        // Two competing consumers per subscription.
+        for _ in 0..2 {
+            consumers.push(spawn_consumer(bus.clone(), subscription, history.clone(), stop_consuming.clone()));
+        }
+    }
+
+    let mut rng = Rng(seed | 1);
+    let started = Instant::now();
+    for _ in 0..trials {
+        tokio::time::sleep(Duration::from_millis(20 + rng.below(180))).await;
+        kill9(&mut queue).await;
+        queue = layout.spawn(ServiceName::Queue);
+        layout.wait_ready(ServiceName::Queue).await;
+    }
+    stop_publishing.cancel();
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    // Drain: every acknowledged publish delivered to both subscriptions, and nothing
+    // left ready or leased (deliveries leased at a kill come back after their 1 s lease).
+    let (mut last_seen, mut last_progress) = (0usize, Instant::now());
+    loop {
+        let seen_now: usize = histories.values().map(|h| h.lock().unwrap().len()).sum();
+        if seen_now != last_seen {
+            (last_seen, last_progress) = (seen_now, Instant::now());
+        }
+        let delivered_all = {
+            let published = published.lock().unwrap();
+            histories.values().all(|history| {
+                let history = history.lock().unwrap();
+                let seen: BTreeSet<&str> = history.iter().map(|s| s.id.as_str()).collect();
+                published.acked.iter().all(|id| seen.contains(id.as_str()))
+            })
+        };
+        let stats: Result<serde_json::Value, _> = ctx.peers.get_json(ServiceName::Queue, "/v1/stats", None).await;
+        let settled = stats.ok().and_then(|s| s["subscriptions"].as_array().cloned()).is_some_and(|subs| {
+            subs.iter().filter(|s| s["subscription"].as_str().is_some_and(|n| n.starts_with("crash-"))).all(|s| s["depth"] == 0 && s["in_flight"] == 0)
+        });
+        if (delivered_all && settled) || last_progress.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A moment more, so a wrong redelivery would show.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop_consuming.cancel();
+    for consumer in consumers {
+        consumer.await.unwrap();
+    }
+
+    let (n_acked, n_uncertain, violations, summary) = {
+        let published = published.lock().unwrap();
+        let mut violations = Vec::new();
+        let mut summary = Vec::new();
+        for (subscription, history) in &histories {
+            let history = history.lock().unwrap();
+            violations.extend(check(subscription, &published, &history));
+            let distinct: BTreeSet<&str> = history.iter().map(|s| s.id.as_str()).collect();
+            summary.push(format!("{subscription}: {} deliveries of {} messages ({} duplicates)", history.len(), distinct.len(), history.len() - distinct.len()));
+        }
+        (published.acked.len(), published.uncertain.len(), violations, summary)
+    };
+    println!(
+        "queue crash test ({backend}): seed {seed}: {trials} SIGKILLs in {:.1} s; {n_acked} publishes acknowledged, {n_uncertain} uncertain; {}; {} violations",
+        started.elapsed().as_secs_f64(),
+        summary.join("; "),
+        violations.len()
+    );
+    assert!(n_acked > 0, "the load generator published nothing");
+    assert!(violations.is_empty(), "seed {seed}: {:?}", violations.iter().take(10).collect::<Vec<_>>());
+    kill9(&mut queue).await;
+    kill9(&mut identity).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_a_consumer_leaves_every_event_recorded_exactly_once() {
+    let trials = trials();
+    let seed = seed();
+    println!("consumer crash test: seed {seed}, {trials} kills");
+    let layout = Layout::new();
+    let mut identity = layout.spawn(ServiceName::Identity);
+    layout.wait_ready(ServiceName::Identity).await;
+    let mut queue = layout.spawn(ServiceName::Queue);
+    layout.wait_ready(ServiceName::Queue).await;
+    // The audit service declares its subscription when it becomes ready.
+    let mut audit = layout.spawn(ServiceName::Audit);
+    layout.wait_ready(ServiceName::Audit).await;
+
+    let ctx = ServiceContext::new(Arc::new(layout.config()), ServiceName::Gateway, CancellationToken::new()).unwrap();
+    let published = Arc::new(Mutex::new(Published::default()));
+    let stop = CancellationToken::new();
+    // Paced to what one audit process appends (each record is a durable, chained write),
+    // so the backlog at the end is drained in seconds, not minutes.
+    let publisher = spawn_publisher(ctx.bus.clone(), published.clone(), stop.clone(), seed, Duration::from_millis(40));
+    let mut rng = Rng(seed | 1);
+    let started = Instant::now();
+    for _ in 0..trials {
+        tokio::time::sleep(Duration::from_millis(20 + rng.below(180))).await;
+        kill9(&mut audit).await;
+        audit = layout.spawn(ServiceName::Audit);
+        layout.wait_ready(ServiceName::Audit).await;
+    }
+    stop.cancel();
+    publisher.await.unwrap();
+
+    let db: PathBuf = layout.config().db_path(ServiceName::Audit);
+    let pool = common::db::open_sqlite(&db).await.unwrap();
+    let (acked, uncertain) = {
+        let published = published.lock().unwrap();
+        (published.acked.clone(), published.uncertain.clone())
+    };
+    // Waits while the consumer makes progress; gives up after 60 s without any (a
+    // delivery stranded at the last kill comes back when its 30 s lease expires).
+    let (mut last_count, mut last_progress) = (0usize, Instant::now());
+    let recorded: Vec<String> = loop {
+        let recorded: Vec<String> = sqlx::query_scalar("SELECT event_id FROM records WHERE actor = 'crash-test'").fetch_all(&pool).await.unwrap();
+        let set: BTreeSet<&str> = recorded.iter().map(String::as_str).collect();
+        if acked.iter().all(|id| set.contains(id.as_str())) || last_progress.elapsed() > Duration::from_secs(60) {
+            break recorded;
+        }
+        if recorded.len() != last_count {
+            (last_count, last_progress) = (recorded.len(), Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let distinct: BTreeSet<&str> = recorded.iter().map(String::as_str).collect();
+    let missing: Vec<&String> = acked.iter().filter(|id| !distinct.contains(id.as_str())).collect();
+    let strangers: Vec<&&str> = distinct.iter().filter(|id| !acked.contains(**id) && !uncertain.contains(**id)).collect();
+    let verification = audit::verify(&layout.config()).await.unwrap();
+    println!(
+        "consumer crash test: seed {seed}: {trials} SIGKILLs of the audit service in {:.1} s; {} events acknowledged, {} uncertain; {} records, {} distinct; {} missing; chain {}",
+        started.elapsed().as_secs_f64(),
+        acked.len(),
+        uncertain.len(),
+        recorded.len(),
+        distinct.len(),
+        missing.len(),
+        if verification.ok { "intact" } else { "BROKEN" }
+    );
+    assert!(!acked.is_empty());
+    assert!(missing.is_empty(), "seed {seed}: {} acknowledged events never recorded, e.g. {:?}", missing.len(), missing.iter().take(5).collect::<Vec<_>>());
+    assert_eq!(recorded.len(), distinct.len(), "every event is recorded once");
+    assert!(strangers.is_empty(), "records nobody published: {strangers:?}");
+    assert!(verification.ok, "the audit chain verifies after the kills: {:?}", verification.reason);
+    kill9(&mut audit).await;
+    kill9(&mut queue).await;
+    kill9(&mut identity).await;
+}

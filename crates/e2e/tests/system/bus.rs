@@ -60,6 +60,7 @@ async fn operators_see_the_bus_and_redrive_dead_letters_others_may_not() {
     assert_eq!(page.status(), StatusCode::OK);
     let html = page.text().await.unwrap();
     assert!(html.contains("data-dead-letters=\"poison-check\"") && html.contains("cannot parse the poison probe"), "{html}");
+    assert!(html.contains("data-backend=\"sqlite\""), "the page names the backend that keeps the messages");
     let seq = letters["dead_letters"][0]["seq"].as_i64().unwrap().to_string();
     let forged = ts.http.post(format!("{}/admin/queue/poison-check/redrive", ts.gateway())).header("cookie", &session).form(&[("csrf", "wrong"), ("seq", seq.as_str())]).send().await.unwrap();
     assert_eq!(forged.status(), StatusCode::FORBIDDEN, "no CSRF token, no redrive");

@@ -29,7 +29,7 @@ use futures_util::future::{BoxFuture, join_all};
 use common::wire::CloudEvent;
 use queue::backend::{self, Backend, NewMessage, Options, Subscription};
 
-const TOPIC: &str = "echo.chat.message_posted";
+const TOPIC: &str = common::wire::events::CHAT_MESSAGE_POSTED;
 const BATCH: usize = 32;
 
 /// What one target measured.

@@ -15,8 +15,8 @@ use common::wire::CloudEvent;
 use echod::testing::ScratchServer;
 use queue::backend::{self, Backend, Declared, NewMessage, Options, Subscription};
 
-const TOPIC: &str = "echo.chat.message_posted";
-const OTHER_TOPIC: &str = "echo.audit.recorded";
+const TOPIC: &str = common::wire::events::CHAT_MESSAGE_POSTED;
+const OTHER_TOPIC: &str = common::wire::events::AUDIT_RECORDED;
 
 /// One backend under test, and what to clean up afterwards.
 struct Under {

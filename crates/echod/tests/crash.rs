@@ -5,8 +5,8 @@
 //!
 //! - no publish the queue acknowledged is lost: every subscription delivers it;
 //! - no pull begun after a successful ack of a message brings that message again (so
-//!   only messages in flight at a kill come twice; on JetStream, which accepts an ack
-//!   with an out-of-date lease, a redelivery pulled before that ack is such a case);
+//!   only messages in flight at a kill come twice). JetStream answers an ack with an
+//!   out-of-date lease and may ignore it, so over NATS this is counted, not failed;
 //! - the killed consumer ends with every acknowledged event exactly once in its
 //!   hash-chained log, and the chain verifies.
 //!
@@ -241,24 +241,30 @@ fn check(subscription: &str, published: &Published, history: &[Seen]) -> Vec<Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_the_queue_loses_no_acknowledged_message_and_duplicates_only_what_was_in_flight() {
-    kill_the_queue("sqlite", None).await;
+    kill_the_queue("sqlite", None, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_the_queue_over_postgres_loses_no_acknowledged_message() {
     let Some(scratch) = echod::testing::ScratchServer::postgres().await else { return };
-    kill_the_queue("postgres", Some(scratch.url.clone())).await;
+    kill_the_queue("postgres", Some(scratch.url.clone()), true).await;
     scratch.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_the_queue_over_nats_jetstream_loses_no_acknowledged_message() {
     let Some(scratch) = echod::testing::ScratchServer::nats().await else { return };
-    kill_the_queue("nats", Some(scratch.url.clone())).await;
+    // JetStream answers an ack carrying an out-of-date lease and may ignore it (the
+    // message then comes again): at-least-once holds, "never again after an answered
+    // ack" is not promised (`Capabilities::stale_leases_refused`), so such late
+    // duplicates are counted and printed rather than failed.
+    kill_the_queue("nats", Some(scratch.url.clone()), false).await;
     scratch.cleanup().await;
 }
 
-async fn kill_the_queue(backend: &str, queue_url: Option<String>) {
+/// `acks_final`: whether an answered ack must end a message's deliveries (the
+/// backend refuses stale leases) or only at-least-once is checked.
+async fn kill_the_queue(backend: &str, queue_url: Option<String>, acks_final: bool) {
     let trials = trials();
     let seed = seed();
     println!("queue crash test ({backend}): seed {seed}, {trials} kills");
@@ -337,7 +343,13 @@ async fn kill_the_queue(backend: &str, queue_url: Option<String>) {
         let mut summary = Vec::new();
         for (subscription, history) in &histories {
             let history = history.lock().unwrap();
-            violations.extend(check(subscription, &published, &history));
+            let (late, others): (Vec<String>, Vec<String>) = check(subscription, &published, &history).into_iter().partition(|v| v.contains("after a successful ack"));
+            if acks_final {
+                violations.extend(late);
+            } else {
+                summary.push(format!("{subscription}: {} late duplicates after an answered ack (permitted here)", late.len()));
+            }
+            violations.extend(others);
             let distinct: BTreeSet<&str> = history.iter().map(|s| s.id.as_str()).collect();
             summary.push(format!("{subscription}: {} deliveries of {} messages ({} duplicates)", history.len(), distinct.len(), history.len() - distinct.len()));
         }

@@ -78,7 +78,9 @@ pub struct DeadLetter {
 /// checks each promise a backend makes.
 #[derive(Clone, Copy, Debug)]
 pub struct Capabilities {
-    /// An ack or nack with a lease that expired (the message was leased again) is refused.
+    /// An ack or nack with a lease that expired (the message was leased again) is
+    /// refused. Without it (JetStream) such an ack is answered but may be ignored, and
+    /// the message is delivered again: at-least-once still holds.
     pub stale_leases_refused: bool,
     /// `extend` sets the lease to exactly the asked duration (JetStream restarts the
     /// subscription's lease instead).

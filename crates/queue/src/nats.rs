@@ -260,7 +260,8 @@ impl Backend for NatsBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        // An ack on a redelivered message's old subject is accepted by JetStream, and
+        // An ack on a redelivered message's old subject is answered by JetStream but
+        // not reported as stale (it may be ignored, and the message comes again), and
         // a progress ack restarts the subscription's lease rather than setting one.
         Capabilities { stale_leases_refused: false, exact_extend: false }
     }

@@ -141,14 +141,31 @@ async fn echo_backend(name: &str, backend: Arc<dyn Backend>, messages: u64, prod
             Ok(())
         })
     });
+    let elapsed = run_load(messages, producers, origin, publish, &recorder, done, consumer_tasks).await?;
+    Ok(recorder.outcome(name, messages, elapsed, note))
+}
+
+type ConsumerTask = tokio::task::JoinHandle<anyhow::Result<()>>;
+
+/// Publishes the load, waits until the consumers have seen all of it, stops them;
+/// answers the time from the first publish to the last delivery.
+async fn run_load(
+    messages: u64,
+    producers: usize,
+    origin: Instant,
+    publish: Publish,
+    recorder: &Recorder,
+    done: tokio_util::sync::CancellationToken,
+    consumers: Vec<ConsumerTask>,
+) -> anyhow::Result<Duration> {
     produce(messages, producers, origin, publish).await?;
-    wait_for(&recorder, messages).await?;
+    wait_for(recorder, messages).await?;
     let elapsed = origin.elapsed();
     done.cancel();
-    for task in consumer_tasks {
+    for task in consumers {
         task.await??;
     }
-    Ok(recorder.outcome(name, messages, elapsed, note))
+    Ok(elapsed)
 }
 
 async fn wait_for(recorder: &Recorder, messages: u64) -> anyhow::Result<()> {
@@ -214,13 +231,7 @@ async fn echo_rest(messages: u64, producers: usize, consumers: usize) -> anyhow:
             Ok(())
         })
     });
-    produce(messages, producers, origin, publish).await?;
-    wait_for(&recorder, messages).await?;
-    let elapsed = origin.elapsed();
-    done.cancel();
-    for task in consumer_tasks {
-        task.await??;
-    }
+    let elapsed = run_load(messages, producers, origin, publish, &recorder, done, consumer_tasks).await?;
     system.stop().await;
     Ok(recorder.outcome("Echo bus, SQLite, via REST (echod up)", messages, elapsed, "Bus client, service tokens, HTTP/1.1 on loopback"))
 }
@@ -266,13 +277,7 @@ async fn raw_jetstream(server: &str, messages: u64, producers: usize, consumers:
             Ok(())
         })
     });
-    produce(messages, producers, origin, publish).await?;
-    wait_for(&recorder, messages).await?;
-    let elapsed = origin.elapsed();
-    done.cancel();
-    for task in consumer_tasks {
-        task.await??;
-    }
+    let elapsed = run_load(messages, producers, origin, publish, &recorder, done, consumer_tasks).await?;
     let client = async_nats::connect(server).await?;
     let _ = jetstream::new(client).delete_stream(&name).await;
     Ok(recorder.outcome("raw NATS JetStream", messages, elapsed, note))
@@ -330,13 +335,7 @@ async fn redis_streams(url: &str, messages: u64, producers: usize, consumers: us
             Ok(())
         })
     });
-    produce(messages, producers, origin, publish).await?;
-    wait_for(&recorder, messages).await?;
-    let elapsed = origin.elapsed();
-    done.cancel();
-    for task in consumer_tasks {
-        task.await??;
-    }
+    let elapsed = run_load(messages, producers, origin, publish, &recorder, done, consumer_tasks).await?;
     Ok(recorder.outcome("Redis Streams", messages, elapsed, note))
 }
 

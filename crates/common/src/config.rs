@@ -136,6 +136,9 @@ pub struct EchoConfig {
     pub issuer: Option<String>,
     /// The URL users open; defaults to the gateway's URL.
     pub public_url: Option<String>,
+    /// Start even when a file under `secrets/` is readable by other users (it is then
+    /// tightened). Off: such a start is refused, since the secret may have been read.
+    pub allow_exposed_secrets: bool,
     pub log: LogConfig,
     pub identity: IdentityConfig,
     pub gateway: GatewayConfig,
@@ -186,6 +189,10 @@ pub struct IdentityConfig {
     /// `data_dir/outbox`. Carries credentials: set it through `ECHO__IDENTITY__SMTP_URL`.
     pub smtp_url: Secret,
     pub mail_from: String,
+    /// A file holding the key that encrypts the signing keys at rest (base64 of 32
+    /// bytes; a mounted secret at scale). Unset: `secrets/identity.kek` in the data
+    /// dir, made on first run. The environment variable `ECHO_IDENTITY_KEK` wins over both.
+    pub kek_file: Option<PathBuf>,
 }
 
 /// A configuration value that must never be printed (credentials in URLs).
@@ -296,6 +303,7 @@ impl Default for EchoConfig {
             urls: BTreeMap::new(),
             issuer: None,
             public_url: None,
+            allow_exposed_secrets: false,
             log: LogConfig::default(),
             identity: IdentityConfig::default(),
             gateway: GatewayConfig::default(),
@@ -331,6 +339,7 @@ impl Default for IdentityConfig {
             signup_org: "default".into(),
             smtp_url: Secret::default(),
             mail_from: "Echo <echo@localhost>".into(),
+            kek_file: None,
         }
     }
 }

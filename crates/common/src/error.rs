@@ -159,6 +159,28 @@ impl ApiError {
     }
 }
 
+/// The code of a 403 whose token lacks a scope the route needs; `detail` names it.
+pub const INSUFFICIENT_SCOPE: &str = "auth.insufficient_scope";
+
+impl ApiError {
+    /// The RFC 6750 §3 challenge: bare when no credentials came, `invalid_token` when
+    /// the ones that came are refused, `insufficient_scope` (with the scope wanted)
+    /// when the token may not do this.
+    fn bearer_challenge(&self) -> Option<HeaderValue> {
+        let quoted = |text: &str| -> String { text.chars().filter(|c| c.is_ascii() && !c.is_ascii_control() && *c != '"' && *c != '\\').take(200).collect() };
+        let value = match self.kind {
+            ErrorKind::Unauthenticated if self.code == "auth.unauthenticated" => "Bearer realm=\"echo\"".to_string(),
+            ErrorKind::Unauthenticated => format!("Bearer realm=\"echo\", error=\"invalid_token\", error_description=\"{}\"", quoted(&self.detail)),
+            ErrorKind::Forbidden if self.code == INSUFFICIENT_SCOPE => {
+                let scope = self.detail.split('`').nth(1).unwrap_or("echo");
+                format!("Bearer realm=\"echo\", error=\"insufficient_scope\", scope=\"{}\", error_description=\"{}\"", quoted(scope), quoted(&self.detail))
+            }
+            _ => return None,
+        };
+        HeaderValue::from_str(&value).ok()
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         self.log();
@@ -168,8 +190,8 @@ impl IntoResponse for ApiError {
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
-        if self.kind == ErrorKind::Unauthenticated {
-            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"echo\""));
+        if let Some(challenge) = self.bearer_challenge() {
+            headers.insert(header::WWW_AUTHENTICATE, challenge);
         }
         response
     }

@@ -88,18 +88,20 @@ pub mod events {
     pub const DOCUMENT_DELETED: &str = "echo.document.deleted";
     pub const USER_CREATED: &str = "echo.user.created";
     pub const USER_DISABLED: &str = "echo.user.disabled";
+    pub const TOKENS_REVOKED: &str = "echo.token.revoked";
     pub const RELATIONSHIP_CHANGED: &str = "echo.relationship.changed";
     pub const CHAT_MESSAGE_POSTED: &str = "echo.chat.message.posted";
     pub const AUDIT_RECORDED: &str = "echo.audit.recorded";
     pub const LOG_BATCH: &str = "echo.log.batch";
 
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         DOCUMENT_UPLOADED,
         DOCUMENT_INDEXED,
         DOCUMENT_FAILED,
         DOCUMENT_DELETED,
         USER_CREATED,
         USER_DISABLED,
+        TOKENS_REVOKED,
         RELATIONSHIP_CHANGED,
         CHAT_MESSAGE_POSTED,
         AUDIT_RECORDED,
@@ -113,6 +115,31 @@ pub struct RelationshipChanged {
     pub object: String,
     pub relation: String,
     pub subjects: serde_json::Value,
+}
+
+/// Access tokens that must no longer be accepted, and browser sessions that must end
+/// (`echo.token.revoked`, from identity): after `/revoke`, a replayed authorization
+/// code, a reused refresh token, a password change or reset. Verifiers keep each `jti`
+/// until its `exp`, so the refusal survives their restarts.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TokensRevoked {
+    /// Why: `revoked`, `code_reuse`, `refresh_reuse`, `password_changed`, `password_reset`.
+    pub reason: String,
+    pub tokens: Vec<RevokedToken>,
+    /// When set, every browser session of this user ends…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_sessions_of: Option<String>,
+    /// …except the one with this id hash (the session that changed the password,
+    /// re-issued by the gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_session: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RevokedToken {
+    pub jti: String,
+    /// Unix seconds; after it the token is refused as expired anyway.
+    pub exp: i64,
 }
 
 /// A chat message was stored (`echo.chat.message.posted`).
@@ -138,6 +165,7 @@ pub fn validate_event_data(type_: &str, version: &str, data: &serde_json::Value)
         events::DOCUMENT_FAILED => check::<DocumentFailed>(data),
         events::DOCUMENT_DELETED => check::<DocumentDeleted>(data),
         events::USER_CREATED | events::USER_DISABLED => check::<UserSummary>(data),
+        events::TOKENS_REVOKED => check::<TokensRevoked>(data),
         events::RELATIONSHIP_CHANGED => check::<RelationshipChanged>(data),
         events::CHAT_MESSAGE_POSTED => check::<ChatMessagePosted>(data),
         events::AUDIT_RECORDED => check::<AuditEvent>(data),

@@ -100,9 +100,21 @@ pub fn write_default_config(data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes the data dir private before anything opens it: files this process creates
+/// are 0600 (umask 077), the dir and everything already in it lose group and world
+/// permissions (each change is logged), and an exposed secret refuses the start.
+pub fn prepare_data_dir(config: &EchoConfig) -> anyhow::Result<()> {
+    common::files::private_umask();
+    let tightened = common::files::secure_data_dir(&config.data_dir, &config.secrets_dir(), config.allow_exposed_secrets)?;
+    for path in &tightened.paths {
+        tracing::warn!(path = %path.display(), "was readable by other users of this machine; permissions tightened to owner-only");
+    }
+    Ok(())
+}
+
 /// Starts every service in this process and returns once all are listening.
 pub async fn up(mut config: EchoConfig) -> anyhow::Result<System> {
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
+    prepare_data_dir(&config)?;
     let mut listeners = Vec::new();
     for service in ServiceName::ALL {
         let listener = bind(&config, service, false).await?;
@@ -148,6 +160,7 @@ pub async fn run_service(service: ServiceName, ctx: ServiceContext, listener: Tc
 
 /// `echod serve SERVICE`: one service in this process, listening on `config.bind`.
 pub async fn serve(config: EchoConfig, service: ServiceName, shutdown: CancellationToken) -> anyhow::Result<()> {
+    prepare_data_dir(&config)?;
     if service == ServiceName::Identity {
         identity::bootstrap(&config).await.context("identity set-up failed")?;
     }

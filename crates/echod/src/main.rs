@@ -350,6 +350,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
 }
 
 fn main() {
+    // Whatever the command, what it writes into the data dir is Echo's user's alone.
+    common::files::private_umask();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,

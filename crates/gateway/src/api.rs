@@ -361,16 +361,19 @@ pub(crate) struct PasswordChange {
     new_password: String,
 }
 
-pub(crate) async fn change_password(State(app): State<AppState>, caller: Caller, Json(body): Json<PasswordChange>) -> ApiResult<StatusCode> {
-    let path = format!("/internal/users/{}/password", common::client::encode(&caller.principal.sub));
-    let request = app
-        .ctx
-        .peers
-        .request(ServiceName::Identity, reqwest::Method::POST, &path, Some(&caller.principal))
-        .await?
-        .json(&serde_json::json!({"current_password": body.current_password, "new_password": body.new_password}));
-    app.ctx.peers.send(ServiceName::Identity, request).await?;
-    Ok(StatusCode::NO_CONTENT)
+/// `POST /api/v1/me/password`: every other session and token of the account ends, as
+/// after a reset. A browser session that made the change continues under a new id (a
+/// new cookie); a bearer token that made it is refused from now on, like all others.
+pub(crate) async fn change_password(State(app): State<AppState>, caller: Caller, Json(body): Json<PasswordChange>) -> ApiResult<Response> {
+    let renewed = caller.session.as_ref().map(|_| crate::session::NewSession::generate());
+    service::change_password(&app, &caller.principal, &body.current_password, &body.new_password, renewed.as_ref().map(|s| s.id_hash.as_str())).await?;
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    if let Some(renewed) = renewed {
+        let cookie = renewed.store(&app, &caller.principal).await?;
+        crate::session::end_sessions_except(&app, &caller.principal.sub, &renewed.id_hash).await?;
+        response.headers_mut().append(axum::http::header::SET_COOKIE, cookie);
+    }
+    Ok(response)
 }
 
 // ---- groups (org admins) ----

@@ -16,6 +16,8 @@ use crate::session::{self, Session};
 /// An authenticated API caller.
 pub(crate) struct Caller {
     pub(crate) principal: Principal,
+    /// The browser session the request came with (`None` for bearer tokens).
+    pub(crate) session: Option<Session>,
 }
 
 impl FromRequestParts<AppState> for Caller {
@@ -24,11 +26,14 @@ impl FromRequestParts<AppState> for Caller {
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Self::Rejection> {
         if let Some(token) = common::auth::bearer(&parts.headers) {
             let claims = app.ctx.verifier.verify(token, API_AUDIENCE).await?;
-            let principal = claims.principal().ok_or_else(|| ApiError::unauthenticated("this token does not name a user"))?;
-            if session::is_disabled(&app.pool, &principal.sub).await? {
-                return Err(ApiError::unauthenticated("this account is disabled"));
+            let principal = claims.principal().ok_or_else(|| ApiError::new(ErrorKind::Unauthenticated, "auth.invalid_token", "this token does not name a user"))?;
+            if app.revocations.token_revoked(&claims.jti) {
+                return Err(ApiError::new(ErrorKind::Unauthenticated, "auth.invalid_token", "this token was revoked"));
             }
-            return Ok(Caller { principal });
+            if app.revocations.user_disabled(&principal.sub) {
+                return Err(ApiError::new(ErrorKind::Unauthenticated, "auth.invalid_token", "this account is disabled"));
+            }
+            return Ok(Caller { principal, session: None });
         }
         let session = session::load(&app.pool, &parts.headers).await?.ok_or_else(|| ApiError::unauthenticated("sign in or send a bearer token"))?;
         if !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS) {
@@ -37,7 +42,7 @@ impl FromRequestParts<AppState> for Caller {
                 return Err(ApiError::new(ErrorKind::Forbidden, "auth.csrf", "cookie-authenticated writes need the x-csrf-token header"));
             }
         }
-        Ok(Caller { principal: session.principal })
+        Ok(Caller { principal: session.principal.clone(), session: Some(session) })
     }
 }
 

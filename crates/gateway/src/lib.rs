@@ -10,6 +10,7 @@
 mod api;
 mod auth;
 mod pages;
+mod revocation;
 mod service;
 mod session;
 
@@ -33,6 +34,8 @@ pub(crate) struct AppState {
     pub(crate) ctx: ServiceContext,
     pub(crate) pool: SqlitePool,
     pub(crate) public_url: String,
+    /// Access tokens and users identity announced as revoked or disabled.
+    pub(crate) revocations: revocation::Revocations,
 }
 
 /// Readiness: every service the gateway depends on answers its own `/readyz`.
@@ -47,7 +50,7 @@ fn readiness(ctx: &ServiceContext, pool: SqlitePool, consumer_ready: common::ser
         Box::pin(async move {
             sqlx::query("SELECT 1").execute(&pool).await.map_err(|e| format!("gateway database: {e}"))?;
             if !consumer_ready.is_set() {
-                return Err("the gateway's user-disabled subscription is not declared yet".into());
+                return Err("the gateway's revocation subscriptions are not declared yet".into());
             }
             let checks = ServiceName::ALL.into_iter().filter(|s| *s != ServiceName::Gateway).map(|service| {
                 let http = http.clone();
@@ -70,9 +73,10 @@ fn readiness(ctx: &ServiceContext, pool: SqlitePool, consumer_ready: common::ser
 /// Runs the gateway on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
     let pool = common::db::open_migrated(&ctx.config.db_path(ServiceName::Gateway), session::MIGRATIONS).await?;
-    let app = AppState { ctx: ctx.clone(), pool: pool.clone(), public_url: ctx.config.public_url() };
+    let revocations = revocation::Revocations::load(&pool).await?;
+    let app = AppState { ctx: ctx.clone(), pool: pool.clone(), public_url: ctx.config.public_url(), revocations: revocations.clone() };
     let consumer_ready = common::server::ReadyFlag::default();
-    session::spawn_disabled_consumer(app.clone(), consumer_ready.clone());
+    revocation::spawn_consumers(ctx.clone(), pool.clone(), revocations, consumer_ready.clone());
     let config = &ctx.config.gateway;
     let upload_limit = DefaultBodyLimit::max(config.max_upload_bytes as usize + 64 * 1024);
     let api = Router::new()

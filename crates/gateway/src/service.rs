@@ -360,6 +360,17 @@ pub(crate) async fn disable_user(app: &AppState, admin: &Principal, id: &str) ->
     app.ctx.peers.post_json(ServiceName::Identity, &format!("/internal/users/{id}/disable"), Some(admin), &serde_json::json!({})).await
 }
 
+/// Changes the caller's own password at identity (the current one is required);
+/// identity then ends every other session and token of the account, keeping only the
+/// gateway session whose id hash is `keep_session`.
+pub(crate) async fn change_password(app: &AppState, principal: &Principal, current: &str, new: &str, keep_session: Option<&str>) -> Result<(), ApiError> {
+    let path = format!("/internal/users/{}/password", common::client::encode(&principal.sub));
+    let body = serde_json::json!({"current_password": current, "new_password": new, "keep_session": keep_session});
+    let request = app.ctx.peers.request(ServiceName::Identity, Method::POST, &path, Some(principal)).await?.json(&body);
+    app.ctx.peers.send(ServiceName::Identity, request).await?;
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

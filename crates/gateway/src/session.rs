@@ -20,6 +20,14 @@ use crate::AppState;
 
 pub(crate) const SESSION_COOKIE: &str = "echo_session";
 
+/// The pre-sign-in cookie: binds a sign-in's `state` (and with it the PKCE verifier
+/// and nonce kept beside it) to the browser that started it, so a callback URL opened
+/// in another browser (login CSRF) completes nothing. Sent only to `/auth`.
+pub(crate) const LOGIN_COOKIE: &str = "echo_login";
+
+/// How long a started sign-in may take.
+const LOGIN_TTL_SECS: i64 = 600;
+
 pub(crate) const MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE sessions (
     id_hash TEXT PRIMARY KEY,
@@ -40,6 +48,10 @@ CREATE TABLE logins (
 );
 "#, r#"
 CREATE TABLE disabled_users (sub TEXT PRIMARY KEY, disabled_at INTEGER NOT NULL);
+"#, r#"
+ALTER TABLE logins ADD COLUMN binding_hash TEXT NOT NULL DEFAULT '';
+CREATE TABLE revoked_tokens (jti TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
+CREATE INDEX sessions_sub ON sessions(sub);
 "#];
 
 #[derive(Clone, Debug)]
@@ -83,11 +95,40 @@ fn secure(app: &AppState) -> bool {
     }
 }
 
-/// Only same-site relative paths may be returned to after sign-in.
+/// Where sign-in lands when no (acceptable) `return_to` was given.
+const DEFAULT_RETURN_TO: &str = "/documents";
+
+/// Only a path on this site may be returned to after sign-in. The candidate is first
+/// refused outright if it could mean something else to a browser than to us: not
+/// starting with exactly one `/`, or holding a backslash, a control character (tab and
+/// newline are dropped by browsers, so `/\t/evil` would become `//evil`) or any
+/// whitespace. What is left is resolved by the WHATWG URL rules (the ones browsers
+/// follow for `Location`) against a placeholder origin, must stay on that origin, and
+/// is returned as the URL parser serialises it (path, query and fragment only).
 pub(crate) fn safe_return_to(candidate: Option<&str>) -> String {
-    match candidate {
-        Some(path) if path.starts_with('/') && !path.starts_with("//") && !path.contains('\\') && path.len() < 2048 => path.to_string(),
-        _ => "/documents".to_string(),
+    let Some(path) = candidate else { return DEFAULT_RETURN_TO.into() };
+    let suspicious = path.len() >= 2048
+        || !path.starts_with('/')
+        || path.starts_with("//")
+        || path.chars().any(|c| c == '\\' || c.is_control() || c.is_whitespace());
+    if suspicious {
+        return DEFAULT_RETURN_TO.into();
+    }
+    let Ok(base) = url::Url::parse("http://echo.invalid/") else { return DEFAULT_RETURN_TO.into() };
+    match base.join(path) {
+        Ok(resolved) if resolved.origin() == base.origin() && resolved.username().is_empty() && resolved.password().is_none() => {
+            let mut local = resolved.path().to_string();
+            if let Some(query) = resolved.query() {
+                local.push('?');
+                local.push_str(query);
+            }
+            if let Some(fragment) = resolved.fragment() {
+                local.push('#');
+                local.push_str(fragment);
+            }
+            if local.starts_with("//") { DEFAULT_RETURN_TO.into() } else { local }
+        }
+        _ => DEFAULT_RETURN_TO.into(),
     }
 }
 
@@ -96,18 +137,24 @@ pub(crate) struct LoginParams {
     return_to: Option<String>,
 }
 
-pub(crate) async fn login(State(app): State<AppState>, Query(params): Query<LoginParams>) -> Result<Response, ApiError> {
+pub(crate) async fn login(State(app): State<AppState>, headers: HeaderMap, Query(params): Query<LoginParams>) -> Result<Response, ApiError> {
+    // Sign-ins started in several tabs of one browser share its binding.
+    let binding = match cookie(&headers, LOGIN_COOKIE) {
+        Some(value) if value.len() == 43 && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') => value.to_string(),
+        _ => common::rand::token(32),
+    };
     let state = common::rand::token(24);
     let verifier = common::rand::token(48);
     let nonce = common::rand::token(24);
     let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()));
     sqlx::query("DELETE FROM logins WHERE expires_at < ?").bind(now_unix()).execute(&app.pool).await?;
-    sqlx::query("INSERT INTO logins (state, verifier, nonce, return_to, expires_at) VALUES (?, ?, ?, ?, ?)")
+    sqlx::query("INSERT INTO logins (state, verifier, nonce, return_to, expires_at, binding_hash) VALUES (?, ?, ?, ?, ?, ?)")
         .bind(&state)
         .bind(&verifier)
         .bind(&nonce)
         .bind(safe_return_to(params.return_to.as_deref()))
-        .bind(now_unix() + 600)
+        .bind(now_unix() + LOGIN_TTL_SECS)
+        .bind(common::rand::sha256_hex(binding.as_bytes()))
         .execute(&app.pool)
         .await?;
     let mut url = url::Url::parse(&format!("{}/authorize", app.ctx.config.issuer())).map_err(ApiError::internal)?;
@@ -120,7 +167,9 @@ pub(crate) async fn login(State(app): State<AppState>, Query(params): Query<Logi
         .append_pair("nonce", &nonce)
         .append_pair("code_challenge", &challenge)
         .append_pair("code_challenge_method", "S256");
-    Ok(Redirect::to(url.as_str()).into_response())
+    let mut response = Redirect::to(url.as_str()).into_response();
+    response.headers_mut().append(header::SET_COOKIE, common::web::set_cookie_at(LOGIN_COOKIE, &binding, "/auth", LOGIN_TTL_SECS, secure(&app)));
+    Ok(response)
 }
 
 #[derive(Deserialize)]
@@ -143,14 +192,15 @@ struct IdClaims {
     nonce: Option<String>,
 }
 
-pub(crate) async fn callback(State(app): State<AppState>, Query(params): Query<CallbackParams>) -> Response {
-    match finish_login(&app, params).await {
+pub(crate) async fn callback(State(app): State<AppState>, headers: HeaderMap, Query(params): Query<CallbackParams>) -> Response {
+    let binding = cookie(&headers, LOGIN_COOKIE).map(str::to_string);
+    match finish_login(&app, params, binding.as_deref()).await {
         Ok(response) => response,
         Err(error) => crate::pages::error_page(&error),
     }
 }
 
-async fn finish_login(app: &AppState, params: CallbackParams) -> Result<Response, ApiError> {
+async fn finish_login(app: &AppState, params: CallbackParams, binding: Option<&str>) -> Result<Response, ApiError> {
     if let Some(error) = params.error {
         let detail = params.error_description.unwrap_or_default();
         return Err(ApiError::bad_request("auth.sign_in_refused", format!("sign-in was refused: {error} {detail}")));
@@ -158,7 +208,8 @@ async fn finish_login(app: &AppState, params: CallbackParams) -> Result<Response
     let (Some(code), Some(state)) = (params.code, params.state) else {
         return Err(ApiError::bad_request("auth.invalid_callback", "the sign-in response is incomplete"));
     };
-    let row = sqlx::query("DELETE FROM logins WHERE state = ? AND expires_at > ? RETURNING verifier, nonce, return_to")
+    // The attempt is spent whatever happens next: a callback URL works at most once.
+    let row = sqlx::query("DELETE FROM logins WHERE state = ? AND expires_at > ? RETURNING verifier, nonce, return_to, binding_hash")
         .bind(&state)
         .bind(now_unix())
         .fetch_optional(&app.pool)
@@ -166,6 +217,15 @@ async fn finish_login(app: &AppState, params: CallbackParams) -> Result<Response
     let Some(row) = row else {
         return Err(ApiError::bad_request("auth.unknown_state", "this sign-in attempt expired or was already used; please sign in again"));
     };
+    let expected: String = row.try_get("binding_hash")?;
+    let presented = binding.map(|b| common::rand::sha256_hex(b.as_bytes())).unwrap_or_default();
+    if expected.is_empty() || !common::rand::constant_time_eq(expected.as_bytes(), presented.as_bytes()) {
+        tracing::warn!("sign-in callback refused: it does not belong to this browser");
+        return Err(ApiError::bad_request(
+            "auth.foreign_callback",
+            "this sign-in was started in another browser, so it was not completed (if someone sent you this link, do not trust it). Sign in again from this browser",
+        ));
+    }
     let verifier: String = row.try_get("verifier")?;
     let nonce: String = row.try_get("nonce")?;
     let return_to: String = row.try_get("return_to")?;
@@ -197,23 +257,49 @@ async fn finish_login(app: &AppState, params: CallbackParams) -> Result<Response
         return Err(ApiError::bad_request("auth.nonce_mismatch", "the ID token does not belong to this sign-in"));
     }
     let principal = claims.principal().ok_or_else(|| ApiError::bad_request("auth.not_a_user", "the token does not name a user"))?;
-    let session_id = common::rand::token(32);
-    let ttl = app.ctx.config.gateway.session_ttl_hours * 3600;
-    sqlx::query("INSERT INTO sessions (id_hash, sub, username, org, roles, csrf, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
-        .bind(common::rand::sha256_hex(session_id.as_bytes()))
-        .bind(&principal.sub)
-        .bind(&principal.username)
-        .bind(&principal.org)
-        .bind(serde_json::to_string(&principal.roles).unwrap_or_default())
-        .bind(common::rand::token(24))
-        .bind(now_unix())
-        .bind(now_unix() + ttl)
-        .execute(&app.pool)
-        .await?;
+    let session = NewSession::generate();
+    let cookie = session.store(app, &principal).await?;
     let mut response = Redirect::to(&return_to).into_response();
     *response.status_mut() = StatusCode::SEE_OTHER;
-    response.headers_mut().append(header::SET_COOKIE, set_cookie(SESSION_COOKIE, &session_id, ttl, secure(app)));
+    response.headers_mut().append(header::SET_COOKIE, cookie);
     Ok(response)
+}
+
+/// A browser session about to be opened: its cookie value, and the hash that keys it.
+pub(crate) struct NewSession {
+    id: String,
+    pub(crate) id_hash: String,
+}
+
+impl NewSession {
+    pub(crate) fn generate() -> NewSession {
+        let id = common::rand::token(32);
+        let id_hash = common::rand::sha256_hex(id.as_bytes());
+        NewSession { id, id_hash }
+    }
+
+    /// Stores the session for `principal` and returns its `Set-Cookie`.
+    pub(crate) async fn store(&self, app: &AppState, principal: &Principal) -> Result<axum::http::HeaderValue, ApiError> {
+        let ttl = app.ctx.config.gateway.session_ttl_hours * 3600;
+        sqlx::query("INSERT INTO sessions (id_hash, sub, username, org, roles, csrf, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+            .bind(&self.id_hash)
+            .bind(&principal.sub)
+            .bind(&principal.username)
+            .bind(&principal.org)
+            .bind(serde_json::to_string(&principal.roles).unwrap_or_default())
+            .bind(common::rand::token(24))
+            .bind(now_unix())
+            .bind(now_unix() + ttl)
+            .execute(&app.pool)
+            .await?;
+        Ok(set_cookie(SESSION_COOKIE, &self.id, ttl, secure(app)))
+    }
+}
+
+/// Ends every browser session of `sub` except `keep` (after a password change).
+pub(crate) async fn end_sessions_except(app: &AppState, sub: &str, keep: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM sessions WHERE sub = ? AND id_hash != ?").bind(sub).bind(keep).execute(&app.pool).await?;
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -241,41 +327,6 @@ pub(crate) async fn logout(State(app): State<AppState>, headers: HeaderMap, axum
     response
 }
 
-/// Whether identity announced this user as disabled.
-pub(crate) async fn is_disabled(pool: &SqlitePool, sub: &str) -> Result<bool, sqlx::Error> {
-    let found: Option<String> = sqlx::query_scalar("SELECT sub FROM disabled_users WHERE sub = ?").bind(sub).fetch_optional(pool).await?;
-    Ok(found.is_some())
-}
-
-/// Consumes `echo.user.disabled`: the user's sessions end and their unexpired access
-/// tokens are refused from the next request on.
-pub(crate) fn spawn_disabled_consumer(app: AppState, ready: common::server::ReadyFlag) {
-    tokio::spawn(async move {
-        let ctx = app.ctx.clone();
-        let spec = common::bus::SubscriptionSpec { topic: common::wire::events::USER_DISABLED.into(), max_deliveries: None, lease_ms: None, ordered: None };
-        if !ctx.bus.declare("gateway-user-disabled", &spec, &ctx.shutdown).await {
-            return;
-        }
-        ready.set();
-        let pool = app.pool.clone();
-        ctx.bus.spawn_consumer("gateway-user-disabled", 1, ctx.shutdown.clone(), move |event, _| {
-            let pool = pool.clone();
-            async move {
-                let user: common::wire::UserSummary = event.data_as().map_err(|e| format!("bad event: {e}"))?;
-                let mut tx = common::db::begin_write(&pool).await.map_err(|e| e.to_string())?;
-                sqlx::query("INSERT OR IGNORE INTO disabled_users (sub, disabled_at) VALUES (?, ?)")
-                    .bind(&user.id)
-                    .bind(now_unix())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                sqlx::query("DELETE FROM sessions WHERE sub = ?").bind(&user.id).execute(&mut *tx).await.map_err(|e| e.to_string())?;
-                tx.commit().await.map_err(|e| e.to_string())
-            }
-        });
-    });
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -284,9 +335,63 @@ mod tests {
     #[test]
     fn return_to_accepts_only_local_paths() {
         assert_eq!(safe_return_to(Some("/ask?q=1")), "/ask?q=1");
-        assert_eq!(safe_return_to(Some("//evil.example/")), "/documents");
-        assert_eq!(safe_return_to(Some("https://evil.example/")), "/documents");
-        assert_eq!(safe_return_to(Some("/\\evil.example")), "/documents");
+        assert_eq!(safe_return_to(Some("/documents/abc#page=2")), "/documents/abc#page=2");
+        for hostile in [
+            "//evil.example/",
+            "https://evil.example/",
+            "/\\evil.example",
+            "/\t/evil.example",
+            "/\n/evil.example",
+            "\t//evil.example",
+            " //evil.example",
+            "/%09/evil.example/..",
+            "javascript:alert(1)",
+            "/\u{0}/evil",
+            "",
+        ] {
+            let landed = safe_return_to(Some(hostile));
+            assert!(stays_on_site(&landed), "{hostile:?} -> {landed:?}");
+        }
+        assert_eq!(safe_return_to(Some("/\t/evil.example")), "/documents");
         assert_eq!(safe_return_to(None), "/documents");
+    }
+
+    /// What a browser does with a `Location: <path>` sent by the gateway: WHATWG URL
+    /// parsing (which drops tabs and newlines) against the gateway's origin.
+    fn stays_on_site(location: &str) -> bool {
+        let base = url::Url::parse("https://gateway.example/documents").unwrap();
+        let browser_view: String = location.chars().filter(|c| !matches!(c, '\t' | '\n' | '\r')).collect();
+        location.starts_with('/')
+            && !location.starts_with("//")
+            && base.join(location).is_ok_and(|u| u.origin() == base.origin())
+            && base.join(&browser_view).is_ok_and(|u| u.origin() == base.origin())
+    }
+
+    /// Pieces attackers combine in open-redirect payloads.
+    fn hostile_piece() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just("/".to_string()), Just("\\".to_string()), Just("\t".to_string()), Just("\n".to_string()), Just("\r".to_string()),
+            Just("%2F".to_string()), Just("%5C".to_string()), Just("%09".to_string()), Just("@".to_string()), Just(":".to_string()),
+            Just("evil.example".to_string()), Just("..".to_string()), Just(".".to_string()), Just("?".to_string()), Just("#".to_string()),
+            Just("http:".to_string()), Just("javascript:".to_string()), Just(" ".to_string()), Just("\u{3000}".to_string()),
+            Just("\u{202e}".to_string()), Just("\u{0}".to_string()), "[a-z0-9]{1,4}",
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+
+        /// Whatever `return_to` holds, the browser ends up on the gateway's own origin,
+        /// and what we accept once we accept again unchanged.
+        #[test]
+        fn return_to_never_leaves_the_site(pieces in proptest::collection::vec(hostile_piece(), 0..8), raw in ".{0,24}") {
+            for candidate in [pieces.concat(), raw.clone(), format!("/{}", pieces.concat()), format!("/{raw}")] {
+                let landed = safe_return_to(Some(&candidate));
+                proptest::prop_assert!(stays_on_site(&landed), "{:?} -> {:?}", candidate, landed);
+                proptest::prop_assert_eq!(safe_return_to(Some(&landed)), landed.clone());
+                proptest::prop_assert!(http::HeaderValue::from_str(&landed).is_ok(), "not a valid Location: {:?}", landed);
+            }
+        }
     }
 }

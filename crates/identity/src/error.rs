@@ -33,6 +33,15 @@ pub enum IdentityError {
     Internal(String),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// The key-encryption key is missing, malformed or wrong (`kek`).
+    #[error("{0}")]
+    KeyEncryption(String),
+}
+
+impl From<crate::kek::KekError> for IdentityError {
+    fn from(error: crate::kek::KekError) -> Self {
+        IdentityError::KeyEncryption(error.to_string())
+    }
 }
 
 impl From<crate::keys::KeyError> for IdentityError {
@@ -58,7 +67,7 @@ impl IdentityError {
             | IdentityError::Throttled(_) => {
                 "invalid_request"
             }
-            IdentityError::Internal(_) | IdentityError::Database(_) => "server_error",
+            IdentityError::Internal(_) | IdentityError::Database(_) | IdentityError::KeyEncryption(_) => "server_error",
         }
     }
 }
@@ -74,6 +83,7 @@ impl From<IdentityError> for ApiError {
             IdentityError::Throttled(_) => ApiError::new(ErrorKind::TooManyRequests, "identity.throttled", error.to_string()),
             IdentityError::Internal(message) => ApiError::internal(anyhow::anyhow!(message)),
             IdentityError::Database(error) => ApiError::internal(error),
+            IdentityError::KeyEncryption(message) => ApiError::internal(anyhow::anyhow!(message)),
             other => ApiError::new(ErrorKind::BadRequest, "identity.oauth_error", other.to_string()),
         }
     }

@@ -590,6 +590,9 @@ async fn internal_disable_user(
 struct PasswordBody {
     current_password: String,
     new_password: String,
+    /// The id hash of the gateway session making the change, which survives it.
+    #[serde(default)]
+    keep_session: Option<String>,
 }
 
 /// A user changes their own password; the current one is required.
@@ -607,8 +610,11 @@ async fn internal_change_password(
         identity.audit(&id, "identity.password_change_failed", &format!("user:{id}"), "denied", serde_json::json!({})).await;
         return Err(ApiError::forbidden("identity.wrong_password", "the current password is wrong"));
     }
+    crate::password::check_policy(&body.new_password).map_err(|e| IdentityError::BadRequest(e.to_string()))?;
     let hash = crate::password::hash(body.new_password).await.map_err(|e| IdentityError::BadRequest(e.to_string()))?;
     identity.store.set_password(&id, &hash).await?;
+    // As a reset does: every other session and token of the account ends.
+    identity.end_everything_of(&id, "password_changed", body.keep_session.filter(|k| k.len() == 64)).await?;
     identity.audit(&id, "identity.password_changed", &format!("user:{id}"), "success", serde_json::json!({})).await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -9,6 +9,7 @@
 
 mod error;
 mod http;
+mod kek;
 mod keys;
 mod mailer;
 mod password;
@@ -50,6 +51,12 @@ fn spawn_key_reload(identity: service::Identity, shutdown: tokio_util::sync::Can
             if let Err(error) = identity.relay_queued_audits().await {
                 tracing::debug!(%error, "audit outbox not relayed yet");
             }
+            if let Err(error) = identity.relay_events().await {
+                tracing::debug!(%error, "event outbox not relayed yet");
+            }
+            if let Err(error) = identity.store.prune_expired_tokens().await {
+                tracing::debug!(%error, "expired tokens not pruned yet");
+            }
         }
     });
 }
@@ -88,8 +95,8 @@ pub async fn bootstrap(config: &EchoConfig) -> Result<Bootstrap, IdentityError> 
             Ok(secret) if !secret.trim().is_empty() => secret.trim().to_string(),
             _ => {
                 let secret = common::rand::token(32);
-                std::fs::write(&path, &secret).map_err(|e| IdentityError::Internal(format!("{}: {e}", path.display())))?;
-                restrict_permissions(&path, 0o600);
+                let _ = std::fs::remove_file(&path);
+                common::files::write_new_secret(&path, secret.as_bytes()).map_err(|e| IdentityError::Internal(format!("{}: {e}", path.display())))?;
                 secret
             }
         };
@@ -169,6 +176,10 @@ pub async fn set_password(config: &EchoConfig, username: &str, password: &str) -
     let user = identity.store.user_by_username(username).await?.ok_or(IdentityError::NotFound)?;
     let hash = password::hash(password.to_string()).await.map_err(|e| IdentityError::BadRequest(e.to_string()))?;
     identity.store.set_password(&user.id, &hash).await?;
+    // As after any password change: sessions and tokens end (announced by the running
+    // identity's relay when the bus is not reachable from here).
+    identity.end_everything_of(&user.id, "password_changed", None).await?;
+    identity.audit("cli", "identity.password_changed", &format!("user:{}", user.id), "success", serde_json::json!({"via": "cli"})).await;
     Ok(())
 }
 

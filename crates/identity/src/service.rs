@@ -13,6 +13,7 @@ use common::config::API_AUDIENCE;
 use common::{EchoConfig, ServiceContext, ServiceName, now_unix};
 
 use crate::error::IdentityError;
+use crate::kek::KeyEncryptionKey;
 use crate::keys::{self, SigningKey};
 use crate::password;
 use crate::store::{AuthCode, Client, RefreshToken, Store, User};
@@ -24,6 +25,8 @@ pub(crate) struct Identity {
     pub(crate) config: Arc<EchoConfig>,
     pub(crate) issuer: String,
     pub(crate) form_key: Arc<aws_lc_rs::hmac::Key>,
+    /// Seals and opens the private signing keys stored in `identity.db`.
+    pub(crate) kek: Arc<KeyEncryptionKey>,
     pub(crate) mailer: crate::mailer::Mailer,
     pub(crate) ctx: Option<ServiceContext>,
 }
@@ -84,46 +87,53 @@ impl Identity {
     pub(crate) async fn new(config: Arc<EchoConfig>, ctx: Option<ServiceContext>) -> Result<Identity, IdentityError> {
         let store = Store::open(&config.db_path(ServiceName::Identity)).await?;
         let mailer = crate::mailer::Mailer::from_config(&config).map_err(IdentityError::BadRequest)?;
+        // A new key-encryption key only for a database that has sealed nothing yet.
+        let kek = KeyEncryptionKey::load(&config, !store.has_sealed_keys().await?)?;
+        let form_key = kek.derive("echo identity login form v1");
         let identity = Identity {
-            store: store.clone(),
+            store,
             keys: Arc::new(RwLock::new(Vec::new())),
             issuer: config.issuer(),
             config,
-            form_key: Arc::new(aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &[0u8; 32])),
+            form_key: Arc::new(aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &form_key)),
+            kek: Arc::new(kek),
             mailer,
             ctx,
         };
         identity.ensure_keys().await?;
-        store.set_setting_if_absent("form_key", &common::rand::token(32)).await?;
-        let form_key = store.setting("form_key").await?.unwrap_or_default();
-        Ok(Identity {
-            form_key: Arc::new(aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, form_key.as_bytes())),
-            ..identity
-        })
+        Ok(identity)
     }
 
     /// Loads the published keys, generating the first key of each algorithm on a new
-    /// data dir (and, on an older one, of an algorithm added since).
+    /// data dir (and, on an older one, of an algorithm added since). Keys stored in
+    /// clear by an older Echo are sealed here, once.
     async fn ensure_keys(&self) -> Result<(), IdentityError> {
-        let stored = self.store.published_keys().await?;
-        for alg in keys::SIGNING_ALGS {
-            if !stored.iter().any(|k| k.alg == keys::alg_name(alg)) {
-                let new = generate_key(alg).await?;
-                self.store.insert_key(&new_stored(&new, 0), None).await?;
+        let stored = self.store.all_keys_der().await?;
+        for (kid, der) in &stored {
+            if !KeyEncryptionKey::is_sealed(der) {
+                self.store.replace_key_der(kid, &self.kek.seal(kid, der)?).await?;
+                tracing::warn!(%kid, "a signing key was stored unencrypted by an older Echo and is now sealed; if identity.db was ever readable by others, run `echod keys rotate`");
             }
         }
+        let published = self.store.published_keys().await?;
+        for alg in keys::SIGNING_ALGS {
+            if !published.iter().any(|k| k.alg == keys::alg_name(alg)) {
+                let new = generate_key(alg).await?;
+                let sealed = self.kek.seal(&new.kid, &new.pkcs8)?;
+                self.store.insert_key(&new_stored(&new, &sealed, 0), None).await?;
+            }
+        }
+        self.store.forget_setting("form_key").await?;
         self.reload_keys().await
     }
 
     /// Re-reads the keys (a rotation may come from `echod keys rotate` in another process).
     pub(crate) async fn reload_keys(&self) -> Result<(), IdentityError> {
-        let loaded = self
-            .store
-            .published_keys()
-            .await?
-            .into_iter()
-            .map(|k| keys::load(k.kid, &k.alg, &k.der, k.n, k.e, k.public_jwk.as_deref(), k.activate_at))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut loaded = Vec::new();
+        for k in self.store.published_keys().await? {
+            let der = self.kek.open(&k.kid, &k.der)?;
+            loaded.push(keys::load(k.kid, &k.alg, &der, k.n, k.e, k.public_jwk.as_deref(), k.activate_at)?);
+        }
         *self.keys.write().await = loaded;
         Ok(())
     }
@@ -140,7 +150,8 @@ impl Identity {
         let mut kids = Vec::new();
         for alg in keys::SIGNING_ALGS {
             let new = generate_key(alg).await?;
-            self.store.insert_key(&new_stored(&new, activate_at), Some(publish_until)).await?;
+            let sealed = self.kek.seal(&new.kid, &new.pkcs8)?;
+            self.store.insert_key(&new_stored(&new, &sealed, activate_at), Some(publish_until)).await?;
             kids.push(new.kid);
         }
         self.audit(
@@ -213,6 +224,58 @@ impl Identity {
         }
     }
 
+    /// Refuses `tokens` from now on, here and (through `echo.token.revoked`) at every
+    /// verifier, optionally ending the browser sessions of a user. The refusal and its
+    /// announcement are stored together; the announcement is published at once when
+    /// the bus answers, else by the relay within seconds.
+    pub(crate) async fn revoke_and_announce(
+        &self,
+        reason: &str,
+        tokens: Vec<(String, i64)>,
+        end_sessions_of: Option<&str>,
+        keep_session: Option<String>,
+    ) -> Result<(), IdentityError> {
+        if tokens.is_empty() && end_sessions_of.is_none() {
+            return Ok(());
+        }
+        let event = common::wire::TokensRevoked {
+            reason: reason.to_string(),
+            tokens: tokens.iter().map(|(jti, exp)| common::wire::RevokedToken { jti: jti.clone(), exp: *exp }).collect(),
+            end_sessions_of: end_sessions_of.map(str::to_string),
+            keep_session,
+        };
+        self.store.revoke_tokens(&tokens, &event).await?;
+        if let Err(error) = self.relay_events().await {
+            tracing::warn!(%error, "revocation stored; it will be announced when the bus answers");
+        }
+        Ok(())
+    }
+
+    /// After a password change or reset: every identity session and refresh token of
+    /// the user ends, their access tokens are refused everywhere, and their browser
+    /// sessions at the gateway end (but `keep_session`, the one that made the change).
+    pub(crate) async fn end_everything_of(&self, user_id: &str, reason: &str, keep_session: Option<String>) -> Result<(), IdentityError> {
+        self.store.end_user_sessions(user_id).await?;
+        let tokens = self.store.live_tokens_of_user(user_id).await?;
+        self.revoke_and_announce(reason, tokens, Some(user_id), keep_session).await
+    }
+
+    /// Publishes the events waiting in identity's outbox, oldest first.
+    pub(crate) async fn relay_events(&self) -> Result<usize, IdentityError> {
+        let Some(ctx) = &self.ctx else { return Ok(0) };
+        let queued = self.store.queued_events().await?;
+        for (id, type_, subject, data) in &queued {
+            let event = ctx.bus.event(type_, subject.clone(), data);
+            let key = Some(format!("identity-event-{id}"));
+            ctx.bus
+                .publish(vec![common::bus::PublishMessage { event, key, ordering_key: None, delay_ms: None }])
+                .await
+                .map_err(|e| IdentityError::Internal(e.to_string()))?;
+            self.store.drop_queued_event(*id).await?;
+        }
+        Ok(queued.len())
+    }
+
     // ---- password reset ----
 
     /// Sends a single-use reset link (valid one hour) when the user exists and has an
@@ -248,7 +311,7 @@ impl Identity {
             .ok_or_else(|| IdentityError::BadRequest("this reset link is invalid, expired or already used".into()))?;
         let hash = password::hash(new_password).await.map_err(|e| IdentityError::BadRequest(e.to_string()))?;
         self.store.set_password(&user_id, &hash).await?;
-        self.store.end_user_sessions(&user_id).await?;
+        self.end_everything_of(&user_id, "password_reset", None).await?;
         if let Some(user) = self.store.user_by_id(&user_id).await? {
             self.store.clear_failures(&format!("user:{}", user.username.to_lowercase())).await?;
         }
@@ -477,12 +540,15 @@ impl Identity {
         let Some(record) = self.store.take_code(&code_hash).await? else {
             // A replayed code may mean it leaked: revoke what it was exchanged for.
             if let Some((user_id, family, jti, exp)) = self.store.spent_code(&code_hash).await? {
+                let mut tokens = Vec::new();
                 if let Some(family) = family {
                     self.store.revoke_family(&family).await?;
+                    tokens = self.store.live_tokens_of_family(&family).await?;
                 }
                 if let (Some(jti), Some(exp)) = (jti, exp) {
-                    self.store.revoke_access(&jti, exp).await?;
+                    tokens.push((jti, exp));
                 }
+                self.revoke_and_announce("code_reuse", tokens, None, None).await?;
                 self.audit(&user_id, "identity.code_reuse_detected", &format!("client:{}", client.client_id), "denied", serde_json::json!({})).await;
             }
             return Err(IdentityError::InvalidGrant("authorization code is invalid or was already used".into()));
@@ -528,6 +594,8 @@ impl Identity {
         }
         if token.used_at.is_some() || !self.store.spend_refresh(&hash).await? {
             self.store.revoke_family(&token.family).await?;
+            let tokens = self.store.live_tokens_of_family(&token.family).await?;
+            self.revoke_and_announce("refresh_reuse", tokens, None, None).await?;
             self.audit(&token.user_id, "identity.refresh_reuse_detected", &format!("client:{}", client.client_id), "denied", serde_json::json!({})).await;
             return Err(IdentityError::InvalidGrant("refresh token was already used; its family is revoked".into()));
         }
@@ -572,6 +640,7 @@ impl Identity {
         };
         let alg = keys::parse_alg(&client.signing_alg)?;
         let access_token = self.sign(&access, alg).await?;
+        self.store.record_access_token(&access.jti, &user.id, &client.client_id, refresh_family.as_deref(), access.exp).await?;
         let id_token = if scope.split_whitespace().any(|s| s == "openid") {
             let at_hash = at_hash(&access_token, alg);
             let claims = IdTokenClaims {
@@ -679,13 +748,16 @@ impl Identity {
         if let Some(refresh) = self.store.refresh(&hash).await? {
             if refresh.client_id == client.client_id {
                 self.store.revoke_family(&refresh.family).await?;
+                // RFC 7009 §2.1: the access tokens of the same grant go with it.
+                let tokens = self.store.live_tokens_of_family(&refresh.family).await?;
+                self.revoke_and_announce("revoked", tokens, None, None).await?;
                 self.audit(&refresh.user_id, "identity.token_revoked", &format!("client:{}", client.client_id), "success", serde_json::json!({"type": "refresh_token"})).await;
             }
             return Ok(());
         }
         if let Ok(claims) = self.verify_any_access(token).await
             && claims.client_id == client.client_id {
-                self.store.revoke_access(&claims.jti, claims.exp).await?;
+                self.revoke_and_announce("revoked", vec![(claims.jti.clone(), claims.exp)], None, None).await?;
                 self.audit(&claims.sub, "identity.token_revoked", &format!("client:{}", client.client_id), "success", serde_json::json!({"type": "access_token"})).await;
             }
         Ok(())
@@ -818,12 +890,13 @@ async fn generate_key(alg: Algorithm) -> Result<keys::NewKey, IdentityError> {
     tokio::task::spawn_blocking(move || keys::generate(alg)).await.map_err(|e| IdentityError::Internal(e.to_string()))?.map_err(Into::into)
 }
 
-fn new_stored(new: &keys::NewKey, activate_at: i64) -> crate::store::NewStoredKey<'_> {
+/// The row of a new key: its private half only as `sealed` (see `kek`).
+fn new_stored<'a>(new: &'a keys::NewKey, sealed: &'a [u8], activate_at: i64) -> crate::store::NewStoredKey<'a> {
     let (n, e) = new.rsa_components();
     crate::store::NewStoredKey {
         kid: &new.kid,
         alg: keys::alg_name(new.alg),
-        der: &new.pkcs8,
+        der: sealed,
         n,
         e,
         public_jwk: serde_json::Value::Object(new.public.clone()).to_string(),

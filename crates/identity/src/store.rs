@@ -89,6 +89,24 @@ CREATE TABLE reset_tokens (
 "#, r#"
 ALTER TABLE signing_keys ADD COLUMN public_jwk TEXT;
 ALTER TABLE clients ADD COLUMN signing_alg TEXT NOT NULL DEFAULT 'RS256';
+"#, r#"
+CREATE TABLE access_tokens (
+    jti TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    family TEXT,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX access_tokens_user ON access_tokens(user_id);
+CREATE INDEX access_tokens_family ON access_tokens(family);
+CREATE TABLE event_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    type TEXT NOT NULL,
+    subject TEXT,
+    data TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+DELETE FROM settings WHERE key = 'form_key';
 "#];
 
 #[derive(Clone, Debug)]
@@ -378,12 +396,25 @@ impl Store {
         tx.commit().await
     }
 
-    pub(crate) async fn setting(&self, key: &str) -> Result<Option<String>, sqlx::Error> {
-        sqlx::query_scalar("SELECT value FROM settings WHERE key = ?").bind(key).fetch_optional(&self.pool).await
+    /// Whether any private key is stored sealed (then the key-encryption key must exist).
+    pub(crate) async fn has_sealed_keys(&self) -> Result<bool, sqlx::Error> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM signing_keys WHERE substr(private_der, 1, 4) = CAST('EKv1' AS BLOB)").fetch_one(&self.pool).await?;
+        Ok(n > 0)
     }
 
-    pub(crate) async fn set_setting_if_absent(&self, key: &str, value: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("INSERT OR IGNORE INTO settings (key, value) VALUES (?, ?)").bind(key).bind(value).execute(&self.pool).await?;
+    /// Every stored key's (kid, private part as stored), published or not.
+    pub(crate) async fn all_keys_der(&self) -> Result<Vec<(String, Vec<u8>)>, sqlx::Error> {
+        sqlx::query_as("SELECT kid, private_der FROM signing_keys").fetch_all(&self.pool).await
+    }
+
+    pub(crate) async fn replace_key_der(&self, kid: &str, der: &[u8]) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE signing_keys SET private_der = ? WHERE kid = ?").bind(der).bind(kid).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Removes a setting older versions kept (the login form key, now derived).
+    pub(crate) async fn forget_setting(&self, key: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM settings WHERE key = ?").bind(key).execute(&self.pool).await?;
         Ok(())
     }
 
@@ -518,10 +549,64 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Records a revoked access token until it would have expired anyway.
-    pub(crate) async fn revoke_access(&self, jti: &str, expires_at: i64) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM revoked_access_tokens WHERE expires_at < ?").bind(now_unix()).execute(&self.pool).await?;
-        sqlx::query("INSERT OR IGNORE INTO revoked_access_tokens (jti, expires_at) VALUES (?, ?)").bind(jti).bind(expires_at).execute(&self.pool).await?;
+    /// Remembers an issued user access token until it expires, so that a revocation
+    /// of its family or of its user can name it.
+    pub(crate) async fn record_access_token(&self, jti: &str, user_id: &str, client_id: &str, family: Option<&str>, expires_at: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT OR IGNORE INTO access_tokens (jti, user_id, client_id, family, expires_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(jti)
+            .bind(user_id)
+            .bind(client_id)
+            .bind(family)
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Unexpired access tokens (jti, exp) issued from a refresh family.
+    pub(crate) async fn live_tokens_of_family(&self, family: &str) -> Result<Vec<(String, i64)>, sqlx::Error> {
+        sqlx::query_as("SELECT jti, expires_at FROM access_tokens WHERE family = ? AND expires_at > ?").bind(family).bind(now_unix()).fetch_all(&self.pool).await
+    }
+
+    /// Unexpired access tokens (jti, exp) of a user.
+    pub(crate) async fn live_tokens_of_user(&self, user_id: &str) -> Result<Vec<(String, i64)>, sqlx::Error> {
+        sqlx::query_as("SELECT jti, expires_at FROM access_tokens WHERE user_id = ? AND expires_at > ?").bind(user_id).bind(now_unix()).fetch_all(&self.pool).await
+    }
+
+    /// Records revoked access tokens until they would have expired anyway, and the
+    /// event announcing them, in one transaction: the announcement cannot be lost.
+    pub(crate) async fn revoke_tokens(&self, tokens: &[(String, i64)], event: &common::wire::TokensRevoked) -> Result<(), sqlx::Error> {
+        let mut tx = common::db::begin_write(&self.pool).await?;
+        for (jti, expires_at) in tokens {
+            sqlx::query("INSERT OR IGNORE INTO revoked_access_tokens (jti, expires_at) VALUES (?, ?)").bind(jti).bind(expires_at).execute(&mut *tx).await?;
+        }
+        sqlx::query("INSERT INTO event_outbox (type, subject, data, created_at) VALUES (?, ?, ?, ?)")
+            .bind(common::wire::events::TOKENS_REVOKED)
+            .bind(event.end_sessions_of.as_ref().map(|user| format!("user:{user}")))
+            .bind(serde_json::to_string(event).unwrap_or_default())
+            .bind(now_unix())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    }
+
+    /// Events waiting to be published: (id, type, subject, data).
+    pub(crate) async fn queued_events(&self) -> Result<Vec<(i64, String, Option<String>, serde_json::Value)>, sqlx::Error> {
+        let rows: Vec<(i64, String, Option<String>, String)> =
+            sqlx::query_as("SELECT id, type, subject, data FROM event_outbox ORDER BY id LIMIT 100").fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().filter_map(|(id, type_, subject, data)| serde_json::from_str(&data).ok().map(|d| (id, type_, subject, d))).collect())
+    }
+
+    pub(crate) async fn drop_queued_event(&self, id: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM event_outbox WHERE id = ?").bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Forgets what can no longer matter: tokens past their expiry.
+    pub(crate) async fn prune_expired_tokens(&self) -> Result<(), sqlx::Error> {
+        let now = now_unix();
+        sqlx::query("DELETE FROM revoked_access_tokens WHERE expires_at < ?").bind(now).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM access_tokens WHERE expires_at < ?").bind(now).execute(&self.pool).await?;
         Ok(())
     }
 

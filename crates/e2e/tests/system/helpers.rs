@@ -82,7 +82,7 @@ impl TestSystem {
             ("response_type", "code"),
             ("client_id", client_id),
             ("redirect_uri", REDIRECT_URI),
-            ("scope", "openid profile offline_access"),
+            ("scope", "openid profile offline_access echo"),
             ("state", state.as_str()),
             ("nonce", nonce.as_str()),
             ("code_challenge", challenge.as_str()),
@@ -127,7 +127,32 @@ impl TestSystem {
     /// session cookie (`name=value`) and the page's CSRF token.
     pub(crate) async fn browser_session(&self, username: &str) -> (String, String) {
         let start = self.http.get(format!("{}/documents", self.gateway())).send().await.expect("start");
-        let login = self.http.get(format!("{}{}", self.gateway(), start.headers()["location"].to_str().expect("location"))).send().await.expect("login");
+        let login_path = start.headers()["location"].to_str().expect("location").to_string();
+        let signed_in = self.browser_sign_in(&login_path, username).await;
+        let session = signed_in.session.expect("session cookie");
+        let page = self.http.get(format!("{}/documents", self.gateway())).header("cookie", &session).send().await.expect("page").text().await.expect("html");
+        (session, csrf_of(&page))
+    }
+
+    /// Signs in through the gateway's `login_path` (`/auth/login?…`) and identity's
+    /// form as a browser does, up to the gateway's answer to the callback.
+    pub(crate) async fn browser_sign_in(&self, login_path: &str, username: &str) -> BrowserSignIn {
+        let started = self.browser_start_sign_in(login_path, username).await;
+        let landed = self.http.get(&started.callback).header("cookie", &started.login_cookie).send().await.expect("callback");
+        BrowserSignIn {
+            status: landed.status(),
+            location: landed.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_string),
+            session: cookie_named(&landed, "echo_session").filter(|c| c != "echo_session="),
+            body: landed.text().await.unwrap_or_default(),
+        }
+    }
+
+    /// The first half of a browser sign-in: the gateway's redirect (and its pre-sign-in
+    /// cookie), identity's form submitted with good credentials, and the callback URL
+    /// identity sends the browser to, not yet opened.
+    pub(crate) async fn browser_start_sign_in(&self, login_path: &str, username: &str) -> StartedSignIn {
+        let login = self.http.get(format!("{}{}", self.gateway(), login_path)).send().await.expect("login");
+        let login_cookie = cookie_named(&login, "echo_login").expect("the pre-sign-in cookie");
         let authorize = login.headers()["location"].to_str().expect("authorize").to_string();
         let html = self.http.get(&authorize).send().await.expect("form").text().await.expect("html");
         let mut form: Vec<(String, String)> = ["response_type", "client_id", "redirect_uri", "scope", "state", "nonce", "code_challenge", "code_challenge_method", "form_token"]
@@ -138,14 +163,29 @@ impl TestSystem {
         form.push(("password".into(), password_of(username)));
         let back = self.http.post(format!("{}/login", self.issuer())).form(&form).send().await.expect("post login");
         let callback = back.headers()["location"].to_str().expect("callback").to_string();
-        let landed = self.http.get(&callback).send().await.expect("callback");
-        let session = landed.headers()["set-cookie"].to_str().expect("cookie").split(';').next().expect("cookie").to_string();
-        let page = self.http.get(format!("{}/documents", self.gateway())).header("cookie", &session).send().await.expect("page").text().await.expect("html");
-        let marker = "name=\"csrf-token\" content=\"";
-        let start = page.find(marker).expect("csrf meta") + marker.len();
-        let csrf = page[start..start + page[start..].find('"').expect("end")].to_string();
-        (session, csrf)
+        StartedSignIn { login_cookie, callback }
     }
+}
+
+/// The CSRF token a gateway page carries in its `csrf-token` meta tag.
+pub(crate) fn csrf_of(page: &str) -> String {
+    let marker = "name=\"csrf-token\" content=\"";
+    let start = page.find(marker).expect("csrf meta") + marker.len();
+    page[start..start + page[start..].find('"').expect("end")].to_string()
+}
+
+pub(crate) struct StartedSignIn {
+    /// `echo_login=…`, as the browser that started the sign-in holds it.
+    pub(crate) login_cookie: String,
+    pub(crate) callback: String,
+}
+
+pub(crate) struct BrowserSignIn {
+    pub(crate) status: reqwest::StatusCode,
+    pub(crate) location: Option<String>,
+    /// `echo_session=…` when the gateway opened a session.
+    pub(crate) session: Option<String>,
+    pub(crate) body: String,
 }
 
 pub(crate) struct Tokens {
@@ -155,6 +195,17 @@ pub(crate) struct Tokens {
     pub(crate) nonce: String,
     pub(crate) code: String,
     pub(crate) verifier: String,
+}
+
+/// `name=value` of the cookie `name` a response sets.
+pub(crate) fn cookie_named(response: &reqwest::Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or_default().to_string())
+        .find(|pair| pair.starts_with(&format!("{name}=")))
 }
 
 pub(crate) fn password_of(username: &str) -> String {

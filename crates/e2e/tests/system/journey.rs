@@ -325,6 +325,7 @@ async fn the_browser_signs_in_through_identity_and_writes_need_the_csrf_token() 
     let start = ts.http.get(format!("{}/documents", ts.gateway())).send().await.unwrap();
     assert_eq!(start.status(), StatusCode::SEE_OTHER);
     let login = ts.http.get(format!("{}{}", ts.gateway(), start.headers()["location"].to_str().unwrap())).send().await.unwrap();
+    let login_cookie = crate::helpers::cookie_named(&login, "echo_login").unwrap();
     let authorize = login.headers()["location"].to_str().unwrap().to_string();
     assert!(authorize.starts_with(&format!("{}/authorize?", ts.issuer())), "{authorize}");
     let page = ts.http.get(&authorize).send().await.unwrap();
@@ -340,9 +341,9 @@ async fn the_browser_signs_in_through_identity_and_writes_need_the_csrf_token() 
     assert_eq!(back.status(), StatusCode::SEE_OTHER);
     let callback = back.headers()["location"].to_str().unwrap().to_string();
     assert!(callback.starts_with(&format!("{}/auth/callback?", ts.gateway())));
-    let landed = ts.http.get(&callback).send().await.unwrap();
+    let landed = ts.http.get(&callback).header("cookie", &login_cookie).send().await.unwrap();
     assert_eq!(landed.status(), StatusCode::SEE_OTHER);
-    let cookie = landed.headers()["set-cookie"].to_str().unwrap().to_string();
+    let cookie = landed.headers().get_all("set-cookie").iter().map(|v| v.to_str().unwrap()).find(|v| v.starts_with("echo_session=")).unwrap().to_string();
     assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"));
     let session = cookie.split(';').next().unwrap().to_string();
     assert_eq!(landed.headers()["location"], "/documents");

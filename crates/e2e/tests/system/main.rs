@@ -8,4 +8,5 @@ mod bus;
 mod helpers;
 mod idp;
 mod journey;
+mod security;
 mod sharing;

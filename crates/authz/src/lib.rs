@@ -229,6 +229,27 @@ impl AppState {
         self.engine().decide(&principal.sub, action, resource_type, org, &entities).map_err(|e| ApiError::bad_request("authz.invalid_request", e))
     }
 
+    /// A decision on another account (`user:*`): the target's org and roles are read
+    /// from identity, never taken from the caller. `None` when there is no such user.
+    async fn decide_on_user(&self, principal: &Principal, action: &str, target_id: &str, new_role: Option<&str>) -> ApiResult<Option<policy::Outcome>> {
+        if uuid::Uuid::parse_str(target_id).is_err() {
+            return Ok(None);
+        }
+        let path = format!("/internal/users/{}", common::client::encode(target_id));
+        let target: UserSummary = match self.ctx.peers.get_json(ServiceName::Identity, &path, None).await {
+            Ok(user) => user,
+            Err(ApiError { kind: common::ErrorKind::NotFound, .. }) => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        if new_role.is_some_and(|role| !matches!(role, "owner" | "admin" | "member" | "viewer")) {
+            return Err(ApiError::bad_request("authz.invalid_role", "role must be owner, admin, member or viewer"));
+        }
+        let groups = self.store.groups_of(&principal.sub).await?;
+        let facts = Facts { user_id: &principal.sub, org: &principal.org, roles: &principal.roles, groups: &groups, collections: &[] };
+        let target = policy::TargetUser { id: target.id, org: target.org, roles: target.roles };
+        self.engine().decide_on_user(&facts, action, &target, new_role).map(Some).map_err(|e| ApiError::bad_request("authz.invalid_request", e))
+    }
+
     async fn candidates(&self, principal: &Principal) -> ApiResult<Vec<CollectionRow>> {
         self.store.ensure_personal(&principal.sub, &principal.username, &principal.org).await?;
         Ok(self.store.collections_in_org(&principal.org).await?)
@@ -542,6 +563,10 @@ async fn decide(State(state): State<AppState>, ActingUser(principal): ActingUser
             let outcome = state.decide_on_org(&principal, &request.action, &request.resource_type, &request.resource_id).await?;
             Decision { allowed: outcome.allowed, policies: outcome.policies }
         }
+        "User" => match state.decide_on_user(&principal, &request.action, &request.resource_id, request.new_role.as_deref()).await? {
+            Some(outcome) => Decision { allowed: outcome.allowed, policies: outcome.policies },
+            None => Decision { allowed: false, policies: vec![] },
+        },
         other => return Err(ApiError::bad_request("authz.invalid_request", format!("unknown resource type `{other}`"))),
     };
     if !decision.allowed {

@@ -59,6 +59,14 @@ pub(crate) struct Facts<'a> {
     pub(crate) collections: &'a [CollectionFacts],
 }
 
+/// The account a `user:*` decision is about, as identity knows it.
+#[derive(Clone, Debug)]
+pub(crate) struct TargetUser {
+    pub(crate) id: String,
+    pub(crate) org: String,
+    pub(crate) roles: Vec<String>,
+}
+
 #[derive(Clone, Debug, Default)]
 pub(crate) struct CollectionFacts {
     pub(crate) id: String,
@@ -152,6 +160,10 @@ impl Engine {
     /// The entities of one decision, built directly (no JSON round trip): the org,
     /// the principal's groups, the principal, and the collections with their shares.
     pub(crate) fn entities(&self, facts: &Facts<'_>) -> Result<Entities, String> {
+        Entities::from_entities(self.entity_list(facts)?, None).map_err(|e| e.to_string())
+    }
+
+    fn entity_list(&self, facts: &Facts<'_>) -> Result<Vec<Entity>, String> {
         use std::collections::{HashMap, HashSet};
         let types = &self.types;
         let uid = |type_name: &cedar_policy::EntityTypeName, id: &str| -> Result<EntityUid, String> {
@@ -201,7 +213,48 @@ impl Engine {
         }
         // Collections may name users and orgs not otherwise present; Cedar treats
         // missing entities as having no attributes and no parents, which is what we want.
-        Entities::from_entities(list, None).map_err(|e| e.to_string())
+        Ok(list)
+    }
+
+    /// A `user:*` decision: `principal` (with `facts`) acting on `target`'s account;
+    /// `new_role` is `context.new_role` of `user:set_role`.
+    pub(crate) fn decide_on_user(&self, facts: &Facts<'_>, action: &str, target: &TargetUser, new_role: Option<&str>) -> Result<Outcome, String> {
+        use std::collections::{HashMap, HashSet};
+        let types = &self.types;
+        let mut entities = self.entity_list(facts)?;
+        if target.id != facts.user_id {
+            let org = EntityUid::from_type_name_and_id(types.org.clone(), cedar_policy::EntityId::new(&target.org));
+            if target.org != facts.org {
+                entities.push(Entity::new_no_attrs(org.clone(), HashSet::new()));
+            }
+            let attrs = HashMap::from([
+                ("org".to_string(), RestrictedExpression::new_entity_uid(org.clone())),
+                ("roles".to_string(), RestrictedExpression::new_set(target.roles.iter().map(|r| RestrictedExpression::new_string(r.clone())))),
+            ]);
+            let uid = EntityUid::from_type_name_and_id(types.user.clone(), cedar_policy::EntityId::new(&target.id));
+            entities.push(Entity::new(uid, attrs, HashSet::from([org])).map_err(|e| e.to_string())?);
+        }
+        let entities = Entities::from_entities(entities, None).map_err(|e| e.to_string())?;
+        let principal = EntityUid::from_type_name_and_id(types.user.clone(), cedar_policy::EntityId::new(facts.user_id));
+        let action_uid = EntityUid::from_type_name_and_id(types.action.clone(), cedar_policy::EntityId::new(action));
+        let resource = EntityUid::from_type_name_and_id(types.user.clone(), cedar_policy::EntityId::new(&target.id));
+        let context = match (action, new_role) {
+            ("user:set_role", Some(role)) => Context::from_pairs([("new_role".to_string(), RestrictedExpression::new_string(role.to_string()))]).map_err(|e| e.to_string())?,
+            ("user:set_role", None) => return Err("user:set_role needs the new role".into()),
+            _ => Context::empty(),
+        };
+        let request = Request::new(principal, action_uid, resource, context, None).map_err(|e| e.to_string())?;
+        Ok(self.outcome(&request, &entities))
+    }
+
+    fn outcome(&self, request: &Request, entities: &Entities) -> Outcome {
+        let response = self.authorizer.is_authorized(request, &self.policies, entities);
+        let policies = response.diagnostics().reason().map(|id| id.to_string()).collect();
+        let errors: Vec<String> = response.diagnostics().errors().map(|e| e.to_string()).collect();
+        if !errors.is_empty() {
+            tracing::warn!(?errors, "policy evaluation errors (treated as not applying)");
+        }
+        Outcome { allowed: response.decision() == Decision::Allow, policies }
     }
 
     pub(crate) fn decide(&self, user_id: &str, action: &str, resource_type: &str, resource_id: &str, entities: &Entities) -> Result<Outcome, String> {
@@ -237,13 +290,7 @@ impl Engine {
         // Requests are built here, well-typed by construction; the policies were validated
         // against the schema when loaded, so the request is not validated again.
         let request = Request::new(principal, action, resource, context, None).map_err(|e| e.to_string())?;
-        let response = self.authorizer.is_authorized(&request, &self.policies, entities);
-        let policies = response.diagnostics().reason().map(|id| id.to_string()).collect();
-        let errors: Vec<String> = response.diagnostics().errors().map(|e| e.to_string()).collect();
-        if !errors.is_empty() {
-            tracing::warn!(?errors, "policy evaluation errors (treated as not applying)");
-        }
-        Ok(Outcome { allowed: response.decision() == Decision::Allow, policies })
+        Ok(self.outcome(&request, entities))
     }
 }
 
@@ -446,6 +493,43 @@ mod tests {
             decided_by: "tenant-isolation",
         };
         check(operator);
+    }
+
+    /// Accounts: (actor roles, target roles, target org, action, new role, allowed).
+    #[test]
+    fn table_of_account_decisions() {
+        let engine = Engine::builtin().unwrap();
+        type Row<'a> = (&'a [&'a str], &'a [&'a str], &'a str, &'a str, Option<&'a str>, bool);
+        let cases: &[Row] = &[
+            (&["owner"], &["owner"], "acme", "user:disable", None, true),
+            (&["owner"], &["admin"], "acme", "user:set_role", Some("member"), true),
+            (&["owner"], &["member"], "acme", "user:set_role", Some("owner"), true),
+            (&["admin"], &["owner"], "acme", "user:disable", None, false),
+            (&["admin"], &["owner"], "acme", "user:reset_password", None, false),
+            (&["admin"], &["admin"], "acme", "user:disable", None, false),
+            (&["admin"], &["member"], "acme", "user:disable", None, true),
+            (&["admin"], &["viewer"], "acme", "user:reset_password", None, true),
+            (&["admin"], &["member"], "acme", "user:set_role", Some("viewer"), true),
+            (&["admin"], &["member"], "acme", "user:set_role", Some("admin"), false),
+            (&["admin"], &["owner"], "acme", "user:set_role", Some("member"), false),
+            (&["member"], &["viewer"], "acme", "user:disable", None, false),
+            (&["owner"], &["member"], "globex", "user:disable", None, false),
+            (&["owner", "operator"], &["member"], "globex", "user:disable", None, false),
+        ];
+        for (actor_roles, target_roles, target_org, action, new_role, allowed) in cases {
+            let roles: Vec<String> = actor_roles.iter().map(|r| r.to_string()).collect();
+            let facts = Facts { user_id: "actor", org: "acme", roles: &roles, groups: &[], collections: &[] };
+            let target = TargetUser { id: "target".into(), org: target_org.to_string(), roles: target_roles.iter().map(|r| r.to_string()).collect() };
+            let outcome = engine.decide_on_user(&facts, action, &target, *new_role).unwrap();
+            assert_eq!(outcome.allowed, *allowed, "{actor_roles:?} {action} {new_role:?} on {target_roles:?} of {target_org}: {:?}", outcome.policies);
+        }
+        // Nobody disables or re-roles themselves, owners included.
+        let roles = vec!["owner".to_string()];
+        let facts = Facts { user_id: "me", org: "acme", roles: &roles, groups: &[], collections: &[] };
+        let me = TargetUser { id: "me".into(), org: "acme".into(), roles: roles.clone() };
+        assert!(!engine.decide_on_user(&facts, "user:disable", &me, None).unwrap().allowed);
+        assert!(!engine.decide_on_user(&facts, "user:set_role", &me, Some("member")).unwrap().allowed);
+        assert!(engine.decide_on_user(&facts, "user:reset_password", &me, None).unwrap().allowed);
     }
 
     #[test]

@@ -139,6 +139,10 @@ pub struct EchoConfig {
     /// Start even when a file under `secrets/` is readable by other users (it is then
     /// tightened). Off: such a start is refused, since the secret may have been read.
     pub allow_exposed_secrets: bool,
+    /// Addresses of the reverse proxies in front of the gateway and identity (TLS
+    /// terminators): from these, the client's address is read from `X-Forwarded-For`
+    /// for sign-in throttling and rate limits. Empty: the TCP peer is the client.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
     pub log: LogConfig,
     pub identity: IdentityConfig,
     pub gateway: GatewayConfig,
@@ -304,6 +308,7 @@ impl Default for EchoConfig {
             issuer: None,
             public_url: None,
             allow_exposed_secrets: false,
+            trusted_proxies: Vec::new(),
             log: LogConfig::default(),
             identity: IdentityConfig::default(),
             gateway: GatewayConfig::default(),

@@ -41,10 +41,39 @@ pub fn html_security_headers(headers: &mut HeaderMap) {
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
 }
 
+/// The address a request really comes from. The TCP peer, unless the peer is one of
+/// `trusted_proxies` (the TLS terminator in front of Echo): then the right-most
+/// `X-Forwarded-For` entry that is not itself a trusted proxy. Entries further left
+/// were written by the client and are never believed.
+pub fn client_ip(peer: std::net::IpAddr, headers: &HeaderMap, trusted_proxies: &[std::net::IpAddr]) -> std::net::IpAddr {
+    if !trusted_proxies.contains(&peer) {
+        return peer;
+    }
+    let forwarded: Vec<std::net::IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|entry| entry.trim().parse().ok())
+        .collect();
+    forwarded.into_iter().rev().find(|ip| !trusted_proxies.contains(ip)).unwrap_or(peer)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
+        let proxy: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6, 203.0.113.7"));
+        let stranger: std::net::IpAddr = "198.51.100.2".parse().unwrap();
+        assert_eq!(client_ip(stranger, &headers, &[proxy]), stranger, "an untrusted peer's header is ignored");
+        assert_eq!(client_ip(proxy, &headers, &[proxy]).to_string(), "203.0.113.7", "the proxy's own entry, not the client's");
+        assert_eq!(client_ip(proxy, &HeaderMap::new(), &[proxy]), proxy);
+    }
 
     #[test]
     fn finds_a_cookie_among_several() {

@@ -435,6 +435,9 @@ pub struct DecisionRequest {
     /// (`context.classification` in the policies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classification: Option<String>,
+    /// For `user:set_role` on a `User`: the role being given (`context.new_role`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_role: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

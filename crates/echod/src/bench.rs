@@ -182,7 +182,7 @@ pub async fn authz(iterations: usize, n_collections: usize, rate: usize, seconds
     let readable: common::wire::ReadableCollections = peers.post_json(ServiceName::Authz, "/v1/readable", Some(&reader), &serde_json::json!({})).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let cold = sent.elapsed();
     let target = readable.collections.first().cloned().ok_or_else(|| anyhow::anyhow!("nothing readable"))?;
-    let request = common::wire::DecisionRequest { action: "document:read_chunks".into(), resource_type: "Collection".into(), resource_id: target, classification: Some("internal".into()) };
+    let request = common::wire::DecisionRequest { action: "document:read_chunks".into(), resource_type: "Collection".into(), resource_id: target, classification: Some("internal".into()), new_role: None };
     for _ in 0..200 {
         let _: common::wire::Decision = peers.post_json(ServiceName::Authz, "/v1/decide", Some(&reader), &request).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     }

@@ -241,7 +241,7 @@ async fn up(location: Location) -> anyhow::Result<()> {
         println!();
         println!("      {password}");
         println!();
-        println!("  Change it with: echod user passwd admin --password-stdin --data-dir {}", system.config.data_dir.display());
+        println!("  The first sign-in asks you to choose your own password; this one then stops working.");
     }
     println!();
     tokio::spawn(wait_for_signal(system.shutdown_token()));

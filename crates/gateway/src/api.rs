@@ -340,6 +340,9 @@ pub(crate) struct NewUser {
     role: String,
     #[serde(default)]
     email: Option<String>,
+    /// The user must replace the password at first sign-in.
+    #[serde(default)]
+    temporary: bool,
 }
 
 fn default_role() -> String {
@@ -347,12 +350,28 @@ fn default_role() -> String {
 }
 
 pub(crate) async fn admin_create_user(State(app): State<AppState>, caller: Caller, Json(body): Json<NewUser>) -> ApiResult<(StatusCode, Json<common::wire::UserSummary>)> {
-    let created = service::create_user(&app, &caller.principal, &body.username, &body.password, &body.role, body.email.clone()).await?;
+    let created = service::create_user(&app, &caller.principal, &body.username, &body.password, &body.role, body.email.clone(), body.temporary).await?;
     Ok((StatusCode::CREATED, Json(created)))
 }
 
 pub(crate) async fn admin_disable_user(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<common::wire::UserSummary>> {
     Ok(Json(service::disable_user(&app, &caller.principal, &id).await?))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct UserChange {
+    role: String,
+}
+
+/// `PATCH /api/v1/admin/users/{id}` `{"role"}`.
+pub(crate) async fn admin_update_user(State(app): State<AppState>, caller: Caller, Path(id): Path<String>, Json(body): Json<UserChange>) -> ApiResult<Json<common::wire::UserSummary>> {
+    Ok(Json(service::set_user_role(&app, &caller.principal, &id, &body.role).await?))
+}
+
+/// `POST /api/v1/admin/users/{id}/reset`: mails the user a reset link.
+pub(crate) async fn admin_reset_user(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    service::send_password_reset(&app, &caller.principal, &id).await?;
+    Ok(StatusCode::ACCEPTED)
 }
 
 #[derive(Deserialize)]

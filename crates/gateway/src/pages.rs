@@ -291,13 +291,16 @@ pub(crate) struct NewUserForm {
     username: String,
     password: String,
     role: String,
+    /// The checkbox "must choose their own password at first sign-in".
+    #[serde(default)]
+    temporary: Option<String>,
 }
 
 pub(crate) async fn admin_create_user(State(app): State<AppState>, PageUser(session): PageUser, axum::Form(form): axum::Form<NewUserForm>) -> Response {
     if !common::rand::constant_time_eq(form.csrf.as_bytes(), session.csrf.as_bytes()) {
         return error_page(&ApiError::forbidden("auth.csrf", "the form expired; reload the page and try again"));
     }
-    let message = match service::create_user(&app, &session.principal, &form.username, &form.password, &form.role, None).await {
+    let message = match service::create_user(&app, &session.principal, &form.username, &form.password, &form.role, None, form.temporary.is_some()).await {
         Ok(user) => format!("Created {} ({}).", user.username, form.role),
         Err(error) if error.kind != ErrorKind::Internal => format!("Could not create the user: {}", error.detail),
         Err(error) => return error_page(&error),

@@ -50,6 +50,7 @@ pub(crate) async fn decide_classified(
         resource_type: resource_type.into(),
         resource_id: resource_id.into(),
         classification: classification.map(str::to_string),
+        new_role: None,
     };
     let decision: Decision = app.ctx.peers.post_json(ServiceName::Authz, "/v1/decide", Some(principal), &request).await?;
     Ok(decision.allowed)
@@ -336,17 +337,22 @@ pub(crate) async fn download(app: &AppState, principal: &Principal, id: &str, he
 }
 
 /// Creates a user in the admin's own org. Only owners may create owners.
-pub(crate) async fn create_user(app: &AppState, admin: &Principal, username: &str, password: &str, role: &str, email: Option<String>) -> Result<common::wire::UserSummary, ApiError> {
+/// `temporary`: the admin chose the password, and the user must replace it at first sign-in.
+pub(crate) async fn create_user(app: &AppState, admin: &Principal, username: &str, password: &str, role: &str, email: Option<String>, temporary: bool) -> Result<common::wire::UserSummary, ApiError> {
     require_org_permission(app, admin, "admin:manage_users").await?;
     if role == "owner" && !admin.roles.iter().any(|r| r == "owner") {
         return Err(ApiError::forbidden("admin.owner_only", "only owners may create owners"));
     }
-    let body = serde_json::json!({"username": username, "password": password, "org": admin.org, "role": role, "email": email});
+    if role == "admin" && !admin.roles.iter().any(|r| r == "owner") {
+        return Err(ApiError::forbidden("admin.owner_only", "only owners may create admins"));
+    }
+    let body = serde_json::json!({"username": username, "password": password, "org": admin.org, "role": role, "email": email, "temporary": temporary});
     app.ctx.peers.post_json(ServiceName::Identity, "/internal/users", Some(admin), &body).await
 }
 
-/// Disables a user of the admin's own org; users of other orgs are not found.
-pub(crate) async fn disable_user(app: &AppState, admin: &Principal, id: &str) -> Result<common::wire::UserSummary, ApiError> {
+/// A user of the admin's own org that the admin may manage at all (`admin:manage_users`);
+/// users of other orgs are not found.
+async fn managed_user(app: &AppState, admin: &Principal, id: &str) -> Result<common::wire::UserSummary, ApiError> {
     require_org_permission(app, admin, "admin:manage_users").await?;
     let not_found = || ApiError::not_found("admin.user_not_found", "no such user");
     check_id(id).map_err(|_| not_found())?;
@@ -354,10 +360,54 @@ pub(crate) async fn disable_user(app: &AppState, admin: &Principal, id: &str) ->
     if user.org != admin.org {
         return Err(not_found());
     }
+    Ok(user)
+}
+
+/// Whether `admin` may do `action` (`user:disable`, `user:set_role`, `user:reset_password`)
+/// to the account `target`: a Cedar decision (owners manage everyone, admins members and viewers).
+async fn require_account_permission(app: &AppState, admin: &Principal, action: &str, target: &str, new_role: Option<&str>) -> Result<(), ApiError> {
+    let request = DecisionRequest {
+        action: action.into(),
+        resource_type: "User".into(),
+        resource_id: target.into(),
+        classification: None,
+        new_role: new_role.map(str::to_string),
+    };
+    let decision: Decision = app.ctx.peers.post_json(ServiceName::Authz, "/v1/decide", Some(admin), &request).await?;
+    if decision.allowed {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("admin.not_permitted", "your role does not allow this: owners manage everyone of the org, admins only members and viewers, and nobody changes their own account this way"))
+    }
+}
+
+/// Disables a user of the admin's own org.
+pub(crate) async fn disable_user(app: &AppState, admin: &Principal, id: &str) -> Result<common::wire::UserSummary, ApiError> {
+    let user = managed_user(app, admin, id).await?;
     if user.id == admin.sub {
         return Err(ApiError::bad_request("admin.not_yourself", "you cannot disable yourself"));
     }
+    require_account_permission(app, admin, "user:disable", &user.id, None).await?;
     app.ctx.peers.post_json(ServiceName::Identity, &format!("/internal/users/{id}/disable"), Some(admin), &serde_json::json!({})).await
+}
+
+/// Gives a user of the admin's own org another role.
+pub(crate) async fn set_user_role(app: &AppState, admin: &Principal, id: &str, role: &str) -> Result<common::wire::UserSummary, ApiError> {
+    if !matches!(role, "owner" | "admin" | "member" | "viewer") {
+        return Err(ApiError::bad_request("admin.invalid_role", "role must be owner, admin, member or viewer"));
+    }
+    let user = managed_user(app, admin, id).await?;
+    require_account_permission(app, admin, "user:set_role", &user.id, Some(role)).await?;
+    app.ctx.peers.post_json(ServiceName::Identity, &format!("/internal/users/{id}/role"), Some(admin), &serde_json::json!({"role": role})).await
+}
+
+/// Mails a user of the admin's own org a password-reset link.
+pub(crate) async fn send_password_reset(app: &AppState, admin: &Principal, id: &str) -> Result<(), ApiError> {
+    let user = managed_user(app, admin, id).await?;
+    require_account_permission(app, admin, "user:reset_password", &user.id, None).await?;
+    let request = app.ctx.peers.request(ServiceName::Identity, Method::POST, &format!("/internal/users/{id}/reset"), Some(admin)).await?;
+    app.ctx.peers.send(ServiceName::Identity, request).await?;
+    Ok(())
 }
 
 /// Changes the caller's own password at identity (the current one is required);

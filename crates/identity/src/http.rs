@@ -28,6 +28,8 @@ pub(crate) fn router(identity: Identity, ctx: ServiceContext) -> Router {
         .route("/internal/users", post(internal_create_user))
         .route("/internal/users/{id}/disable", post(internal_disable_user))
         .route("/internal/users/{id}/password", post(internal_change_password))
+        .route("/internal/users/{id}/role", post(internal_set_role))
+        .route("/internal/users/{id}/reset", post(internal_send_reset))
         .route("/internal/keys/rotate", post(internal_rotate_keys))
         .route_layer(middleware::from_fn_with_state(ctx, common::server::require_service_token))
         .with_state(identity.clone());
@@ -36,6 +38,7 @@ pub(crate) fn router(identity: Identity, ctx: ServiceContext) -> Router {
         .route("/jwks", get(jwks))
         .route("/authorize", get(authorize).post(login))
         .route("/login", post(login))
+        .route("/login/password", post(first_password))
         .route("/token", post(token))
         .route("/userinfo", get(userinfo).post(userinfo))
         .route("/revoke", post(revoke))
@@ -59,6 +62,31 @@ struct LoginPage<'a> {
     error: Option<&'a str>,
     /// Where "Create an account" leads, when open sign-up is on.
     signup_href: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "first_password.html")]
+struct FirstPasswordPage<'a> {
+    action: &'a str,
+    params: &'a AuthorizeParams,
+    form_token: String,
+    change_token: String,
+    username: &'a str,
+    error: Option<&'a str>,
+}
+
+fn first_password_page(identity: &Identity, params: &AuthorizeParams, user: &crate::store::User, error: Option<&str>, status: StatusCode) -> Response {
+    let expires_at = now_unix() + 600;
+    let page_html = FirstPasswordPage {
+        action: &format!("{}/login/password", identity.issuer),
+        params,
+        form_token: identity.form_token(params, expires_at),
+        change_token: identity.change_token(&user.id, params, expires_at),
+        username: &user.username,
+        error,
+    }
+    .render();
+    page(status, page_html)
 }
 
 #[derive(Template)]
@@ -244,7 +272,8 @@ async fn signup(
     if cross_site(&headers) || !identity.check_form_token(&params, &form.form_token) {
         return signup_page(&identity, &params, &username, &email, Some("This form expired. Please try again."), StatusCode::BAD_REQUEST);
     }
-    let user = match identity.sign_up(&username, Some(email.clone()), form.password, &peer.ip().to_string()).await {
+    let ip = common::web::client_ip(peer.ip(), &headers, &identity.config.trusted_proxies).to_string();
+    let user = match identity.sign_up(&username, Some(email.clone()), form.password, &ip).await {
         Ok(user) => user,
         Err(IdentityError::Throttled(wait)) => {
             let text = format!("Too many new accounts from your address. Try again in {wait} seconds.");
@@ -316,7 +345,7 @@ async fn login(
     Form(form): Form<LoginForm>,
 ) -> Response {
     let params = form.params;
-    let ip = peer.ip().to_string();
+    let ip = common::web::client_ip(peer.ip(), &headers, &identity.config.trusted_proxies).to_string();
     if let Err(failure) = identity.validate_authorize(&params).await {
         return failure_response(failure);
     }
@@ -324,9 +353,14 @@ async fn login(
         return login_page(&identity, &params, "", Some("This sign-in form expired. Please sign in again."), StatusCode::BAD_REQUEST);
     }
     match identity.throttled_for(&form.username, &ip).await {
-        Ok(0) => {}
-        Ok(wait) => {
-            let message = format!("Too many failed sign-in attempts. Try again in {wait} seconds.");
+        Ok(throttle) if throttle.retry_after_secs == 0 => {
+            if throttle.hold_ms > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(throttle.hold_ms as u64)).await;
+            }
+        }
+        Ok(throttle) => {
+            let wait = throttle.retry_after_secs;
+            let message = format!("Too many failed sign-in attempts from your address. Try again in {wait} seconds.");
             let mut response = login_page(&identity, &params, &form.username, Some(&message), StatusCode::TOO_MANY_REQUESTS);
             if let Ok(value) = HeaderValue::from_str(&wait.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, value);
@@ -342,9 +376,18 @@ async fn login(
         tracing::warn!(%error, "could not record the failed sign-in");
     }
     match outcome {
+        Ok(user) if user.must_change_password => {
+            // The right password, but one the user was given: no session and no code
+            // until they choose their own.
+            if let Err(error) = identity.record_login_outcome(&form.username, &ip, true).await {
+                tracing::warn!(%error, "could not record the sign-in");
+            }
+            identity.audit(&user.id, "identity.password_change_required", &format!("user:{}", user.id), "success", serde_json::json!({"client_id": params.client_id})).await;
+            first_password_page(&identity, &params, &user, None, StatusCode::OK)
+        }
         Ok(user) => {
             // Failures forgotten, session and code stored: one transaction.
-            let (session_id, ttl, code) = match identity.complete_login(&user, &form.username, &params).await {
+            let (session_id, ttl, code) = match identity.complete_login(&user, &form.username, &ip, &params).await {
                 Ok(done) => done,
                 Err(error) => return ApiError::from(error).into_response(),
             };
@@ -360,6 +403,60 @@ async fn login(
         }
         Err(error) => ApiError::from(error).into_response(),
     }
+}
+
+#[derive(Deserialize)]
+struct FirstPasswordForm {
+    #[serde(flatten)]
+    params: AuthorizeParams,
+    #[serde(default)]
+    form_token: String,
+    #[serde(default)]
+    change_token: String,
+    #[serde(default)]
+    new_password: String,
+    #[serde(default)]
+    new_password_again: String,
+}
+
+/// The "choose your password" page's answer: the given password is replaced, and the
+/// sign-in continues as a normal one does (identity session, code back to the client).
+async fn first_password(
+    State(identity): State<Identity>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<FirstPasswordForm>,
+) -> Response {
+    let params = form.params;
+    if let Err(failure) = identity.validate_authorize(&params).await {
+        return failure_response(failure);
+    }
+    let user_id = identity.check_change_token(&params, &form.change_token).filter(|_| !cross_site(&headers) && identity.check_form_token(&params, &form.form_token));
+    let user = match user_id {
+        Some(id) => identity.store.user_by_id(&id).await.ok().flatten().filter(|u| !u.disabled && u.must_change_password),
+        None => None,
+    };
+    let Some(user) = user else {
+        return login_page(&identity, &params, "", Some("This page expired. Please sign in again."), StatusCode::BAD_REQUEST);
+    };
+    if form.new_password != form.new_password_again {
+        return first_password_page(&identity, &params, &user, Some("The two passwords differ."), StatusCode::BAD_REQUEST);
+    }
+    if let Err(error) = identity.replace_given_password(&user, form.new_password).await {
+        return match error {
+            IdentityError::BadRequest(text) => first_password_page(&identity, &params, &user, Some(&text), StatusCode::BAD_REQUEST),
+            other => ApiError::from(other).into_response(),
+        };
+    }
+    let ip = common::web::client_ip(peer.ip(), &headers, &identity.config.trusted_proxies).to_string();
+    let (session_id, ttl, code) = match identity.complete_login(&user, &user.username, &ip, &params).await {
+        Ok(done) => done,
+        Err(error) => return ApiError::from(error).into_response(),
+    };
+    identity.audit(&user.id, "identity.login_succeeded", &format!("user:{}", user.id), "success", serde_json::json!({"client_id": params.client_id})).await;
+    let mut response = redirect_with_code(&identity, &params, &code);
+    response.headers_mut().append(header::SET_COOKIE, set_cookie(SESSION_COOKIE, &session_id, ttl, secure(&identity)));
+    response
 }
 
 #[derive(Deserialize)]
@@ -557,6 +654,9 @@ struct CreateUserBody {
     role: String,
     #[serde(default)]
     email: Option<String>,
+    /// The admin chose the password: the user replaces it at first sign-in.
+    #[serde(default)]
+    temporary: bool,
 }
 
 async fn internal_create_user(
@@ -565,7 +665,7 @@ async fn internal_create_user(
     Json(body): Json<CreateUserBody>,
 ) -> Result<(StatusCode, Json<common::wire::UserSummary>), ApiError> {
     let user = identity
-        .create_user(crate::service::NewUser { username: body.username, password: body.password, org: body.org, role: body.role, email: body.email })
+        .create_user(crate::service::NewUser { username: body.username, password: body.password, org: body.org, role: body.role, email: body.email, temporary: body.temporary })
         .await?;
     identity.audit(&actor.sub, "identity.user_created", &format!("user:{}", user.id), "success", serde_json::json!({"org": user.org})).await;
     identity.publish_user_event(common::wire::events::USER_CREATED, &user).await;
@@ -577,6 +677,7 @@ async fn internal_disable_user(
     common::server::ActingUser(actor): common::server::ActingUser,
     Path(id): Path<String>,
 ) -> Result<Json<common::wire::UserSummary>, ApiError> {
+    identity.keep_an_owner(&id, None).await?;
     if !identity.store.set_disabled(&id, true).await? {
         return Err(IdentityError::NotFound.into());
     }
@@ -584,6 +685,40 @@ async fn internal_disable_user(
     let user = identity.store.user_by_id(&id).await?.ok_or(IdentityError::NotFound)?;
     identity.publish_user_event(common::wire::events::USER_DISABLED, &user).await;
     Ok(Json(user.summary()))
+}
+
+#[derive(Deserialize)]
+struct RoleBody {
+    role: String,
+}
+
+/// An org role change (the gateway has asked authz whether the actor may give it).
+/// The account's sessions and tokens end, so the new role applies at once.
+async fn internal_set_role(
+    State(identity): State<Identity>,
+    common::server::ActingUser(actor): common::server::ActingUser,
+    Path(id): Path<String>,
+    Json(body): Json<RoleBody>,
+) -> Result<Json<common::wire::UserSummary>, ApiError> {
+    let user = identity.set_org_role(&id, &body.role).await?;
+    identity.audit(&actor.sub, "identity.role_changed", &format!("user:{id}"), "success", serde_json::json!({"role": body.role})).await;
+    Ok(Json(user.summary()))
+}
+
+/// Sends the account's owner a reset link (the gateway has asked authz whether the
+/// actor may). 409 when the account has no email address to send it to.
+async fn internal_send_reset(
+    State(identity): State<Identity>,
+    common::server::ActingUser(actor): common::server::ActingUser,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let user = identity.store.user_by_id(&id).await?.ok_or(IdentityError::NotFound)?;
+    if user.email.is_none() {
+        return Err(IdentityError::Conflict(format!("{} has no email address to send a reset link to", user.username)).into());
+    }
+    identity.request_reset(&user.username).await?;
+    identity.audit(&actor.sub, "identity.password_reset_sent", &format!("user:{id}"), "success", serde_json::json!({})).await;
+    Ok(StatusCode::ACCEPTED)
 }
 
 #[derive(Deserialize)]

@@ -122,6 +122,8 @@ pub async fn bootstrap(config: &EchoConfig) -> Result<Bootstrap, IdentityError> 
                 org: "default".into(),
                 role: "owner".into(),
                 email: None,
+                // Printed once on the console: the first sign-in must replace it.
+                temporary: true,
             })
             .await?;
         // The person who installs Echo runs it: the first admin is also its operator
@@ -159,6 +161,7 @@ pub async fn add_user(
             org: org.to_string(),
             role: role.to_string(),
             email,
+            temporary: false,
         })
         .await?;
     Ok(user.summary())

@@ -276,6 +276,38 @@ impl Identity {
         Ok(queued.len())
     }
 
+    /// Refuses a change that would leave the org of `user_id` without an active
+    /// owner: disabling its last owner (`new_role` `None`) or giving them another role.
+    pub(crate) async fn keep_an_owner(&self, user_id: &str, new_role: Option<&str>) -> Result<(), IdentityError> {
+        let Some(user) = self.store.user_by_id(user_id).await? else { return Err(IdentityError::NotFound) };
+        let is_owner = user.roles.iter().any(|r| r == "owner") && !user.disabled;
+        if !is_owner || new_role == Some("owner") {
+            return Ok(());
+        }
+        let owners = self.store.users_in_org(&user.org).await?.iter().filter(|u| !u.disabled && u.roles.iter().any(|r| r == "owner")).count();
+        if owners <= 1 {
+            return Err(IdentityError::Conflict(format!("{} is the last owner of {}; make someone else an owner first", user.username, user.org)));
+        }
+        Ok(())
+    }
+
+    /// Gives `user_id` the org role `role` (the operator role, if held, is kept), then
+    /// ends the account's sessions and tokens so that no token carries the old role.
+    pub(crate) async fn set_org_role(&self, user_id: &str, role: &str) -> Result<User, IdentityError> {
+        if !matches!(role, "owner" | "admin" | "member" | "viewer") {
+            return Err(IdentityError::BadRequest("role must be owner, admin, member or viewer".into()));
+        }
+        self.keep_an_owner(user_id, Some(role)).await?;
+        let user = self.store.user_by_id(user_id).await?.ok_or(IdentityError::NotFound)?;
+        let mut roles = vec![role.to_string()];
+        if user.roles.iter().any(|r| r == common::wire::OPERATOR_ROLE) {
+            roles.push(common::wire::OPERATOR_ROLE.to_string());
+        }
+        self.store.set_roles(user_id, &roles).await?;
+        self.end_everything_of(user_id, "role_changed", None).await?;
+        self.store.user_by_id(user_id).await?.ok_or(IdentityError::NotFound)
+    }
+
     // ---- password reset ----
 
     /// Sends a single-use reset link (valid one hour) when the user exists and has an
@@ -364,6 +396,36 @@ impl Identity {
         format!("{expires_at}.{}", hex::encode(tag.as_ref()))
     }
 
+    /// A signed, expiring token that lets the sign-in of `user_id` (whose password was
+    /// just checked) continue on the "choose a new password" page of this request.
+    pub(crate) fn change_token(&self, user_id: &str, params: &AuthorizeParams, expires_at: i64) -> String {
+        let payload = format!("password-change|{user_id}|{expires_at}|{}", serde_json::to_string(params).unwrap_or_default());
+        let tag = aws_lc_rs::hmac::sign(&self.form_key, payload.as_bytes());
+        format!("{user_id}.{expires_at}.{}", hex::encode(tag.as_ref()))
+    }
+
+    /// The user a change token is for, while it is valid for this request.
+    pub(crate) fn check_change_token(&self, params: &AuthorizeParams, token: &str) -> Option<String> {
+        let mut parts = token.splitn(3, '.');
+        let (user_id, expires, _) = (parts.next()?, parts.next()?, parts.next()?);
+        let expires_at: i64 = expires.parse().ok()?;
+        let fresh = expires_at > now_unix() && common::rand::constant_time_eq(self.change_token(user_id, params, expires_at).as_bytes(), token.as_bytes());
+        fresh.then(|| user_id.to_string())
+    }
+
+    /// The first sign-in with a given password replaces it: the new one is set, the
+    /// given one stops working, and every other session and token of the account ends.
+    pub(crate) async fn replace_given_password(&self, user: &User, new_password: String) -> Result<(), IdentityError> {
+        if password::verify(new_password.clone(), Some(user.password_hash.clone())).await {
+            return Err(IdentityError::BadRequest("choose a password different from the one you were given".into()));
+        }
+        let hash = password::hash(new_password).await.map_err(|e| IdentityError::BadRequest(e.to_string()))?;
+        self.store.set_password(&user.id, &hash).await?;
+        self.end_everything_of(&user.id, "password_changed", None).await?;
+        self.audit(&user.id, "identity.password_changed", &format!("user:{}", user.id), "success", serde_json::json!({"first_sign_in": true})).await;
+        Ok(())
+    }
+
     pub(crate) fn check_form_token(&self, params: &AuthorizeParams, token: &str) -> bool {
         let Some((expires, _)) = token.split_once('.') else { return false };
         let Ok(expires_at) = expires.parse::<i64>() else { return false };
@@ -388,30 +450,45 @@ impl Identity {
 
     // ---- sign-in ----
 
-    /// Seconds the caller must still wait before another attempt for `username` from
-    /// `ip`; 0 when free. Five failures are free; then 1 s, 2 s, 4 s … up to 15 min.
-    pub(crate) async fn throttled_for(&self, username: &str, ip: &str) -> Result<i64, IdentityError> {
+    /// How a sign-in attempt for `username` from `ip` is slowed down (see `Throttle`).
+    ///
+    /// The model (OWASP's "account lockout" guidance: slow guessing down, never let a
+    /// stranger lock the owner out): failures are counted per (account, address), per
+    /// address and per account. The first two are hard limits — five free failures for
+    /// an account from one address, fifty from one address over all accounts, then a
+    /// doubling wait up to 15 minutes — so a guesser at one address is stopped without
+    /// touching anyone else. The per-account count is only a backstop against guessing
+    /// spread over many addresses: past twenty failures each attempt on the account is
+    /// held for a doubling delay of at most three seconds, and then judged on its merits,
+    /// so the owner's correct password from their own address still gets through.
+    pub(crate) async fn throttled_for(&self, username: &str, ip: &str) -> Result<Throttle, IdentityError> {
         // Milliseconds, so a delay never ends early by crossing a second boundary.
         let now_ms = common::now_unix_ms();
+        let account = username.trim().to_lowercase();
         let mut wait_ms = 0;
-        for (key, free) in [(format!("user:{}", username.trim().to_lowercase()), FREE_PER_ACCOUNT), (format!("ip:{ip}"), FREE_PER_IP)] {
+        for (key, free) in [(format!("userip:{account}|{ip}"), FREE_PER_ACCOUNT_AND_IP), (format!("ip:{ip}"), FREE_PER_IP)] {
             let (failures, last_at_ms) = self.store.failures(&key).await?;
             if let Some(delay) = throttle_delay(failures, free) {
                 wait_ms = wait_ms.max(last_at_ms + delay * 1000 - now_ms);
             }
         }
+        let (account_failures, _) = self.store.failures(&format!("user:{account}")).await?;
+        let hold_ms = throttle_delay(account_failures, FREE_PER_ACCOUNT).map(|d| (d * 1000).min(MAX_ACCOUNT_HOLD_MS)).unwrap_or(0);
         // Whole seconds for Retry-After, rounded up.
-        Ok(if wait_ms > 0 { (wait_ms + 999) / 1000 } else { 0 })
+        Ok(Throttle { retry_after_secs: if wait_ms > 0 { (wait_ms + 999) / 1000 } else { 0 }, hold_ms })
     }
 
     pub(crate) async fn record_login_outcome(&self, username: &str, ip: &str, succeeded: bool) -> Result<(), IdentityError> {
-        let user_key = format!("user:{}", username.trim().to_lowercase());
+        let account = username.trim().to_lowercase();
         if succeeded {
-            self.store.clear_failures(&user_key).await?;
+            for key in failure_keys_cleared_by_success(&account, ip) {
+                self.store.clear_failures(&key).await?;
+            }
         } else {
             let now_ms = common::now_unix_ms();
-            self.store.record_failure(&user_key, now_ms, FORGET_FAILURES_AFTER * 1000).await?;
-            self.store.record_failure(&format!("ip:{ip}"), now_ms, FORGET_FAILURES_AFTER * 1000).await?;
+            for key in [format!("userip:{account}|{ip}"), format!("ip:{ip}"), format!("user:{account}")] {
+                self.store.record_failure(&key, now_ms, FORGET_FAILURES_AFTER * 1000).await?;
+            }
         }
         Ok(())
     }
@@ -446,6 +523,7 @@ impl Identity {
                 org: self.config.identity.signup_org.clone(),
                 role: "member".into(),
                 email,
+                temporary: false,
             })
             .await?;
         self.store.record_failure(&key, common::now_unix_ms(), FORGET_FAILURES_AFTER * 1000).await?;
@@ -469,7 +547,7 @@ impl Identity {
     /// After a correct password: forgets the account's failures and stores the new
     /// identity session and the authorization code together. Returns (session id,
     /// session lifetime in seconds, code).
-    pub(crate) async fn complete_login(&self, user: &User, username: &str, params: &AuthorizeParams) -> Result<(String, i64, String), IdentityError> {
+    pub(crate) async fn complete_login(&self, user: &User, username: &str, ip: &str, params: &AuthorizeParams) -> Result<(String, i64, String), IdentityError> {
         let now = now_unix();
         let (session_id, code) = (common::rand::token(32), common::rand::token(32));
         let ttl = self.config.identity.session_ttl_hours * 3600;
@@ -485,7 +563,7 @@ impl Identity {
         };
         self.store
             .complete_login(
-                &format!("user:{}", username.trim().to_lowercase()),
+                &failure_keys_cleared_by_success(&username.trim().to_lowercase(), ip),
                 &common::rand::sha256_hex(session_id.as_bytes()),
                 &common::rand::sha256_hex(code.as_bytes()),
                 &record,
@@ -839,6 +917,7 @@ impl Identity {
             roles: vec![new.role],
             password_hash,
             disabled: false,
+            must_change_password: new.temporary,
         };
         self.store.insert_user(&user).await?;
         self.audit("system", "identity.user_created", &format!("user:{}", user.id), "success", serde_json::json!({"org": user.org})).await;
@@ -910,8 +989,26 @@ const FORGET_FAILURES_AFTER: i64 = 3600;
 /// Accounts one address may open in an hour before sign-up slows down.
 const FREE_SIGNUPS_PER_IP: i64 = 10;
 
-/// Failures an account gets before sign-in slows down.
-const FREE_PER_ACCOUNT: i64 = 5;
+/// Failures an account gets from one address before that address must wait.
+const FREE_PER_ACCOUNT_AND_IP: i64 = 5;
+/// Failures an account gets from all addresses together before each attempt on it is held.
+const FREE_PER_ACCOUNT: i64 = 20;
+/// The longest an attempt on an account under attack is held before it is judged.
+const MAX_ACCOUNT_HOLD_MS: i64 = 3000;
+
+/// What slows one sign-in attempt down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Throttle {
+    /// Refuse the attempt (429) and say when to come back; 0 when it may proceed.
+    pub(crate) retry_after_secs: i64,
+    /// Hold the attempt this long before checking the password (the account backstop).
+    pub(crate) hold_ms: i64,
+}
+
+/// A correct password forgets the failures of its account and of its (account, address).
+fn failure_keys_cleared_by_success(account: &str, ip: &str) -> Vec<String> {
+    vec![format!("user:{account}"), format!("userip:{account}|{ip}")]
+}
 /// Failures one address gets (many people may share it behind a proxy) before its
 /// sign-ins slow down, so one address cannot spray passwords over many accounts fast.
 const FREE_PER_IP: i64 = 50;
@@ -927,6 +1024,8 @@ pub(crate) struct NewUser {
     pub(crate) org: String,
     pub(crate) role: String,
     pub(crate) email: Option<String>,
+    /// The password was chosen for the user, who must replace it at first sign-in.
+    pub(crate) temporary: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

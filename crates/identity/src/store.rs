@@ -107,6 +107,8 @@ CREATE TABLE event_outbox (
     created_at INTEGER NOT NULL
 );
 DELETE FROM settings WHERE key = 'form_key';
+"#, r#"
+ALTER TABLE users ADD COLUMN must_change_password INTEGER NOT NULL DEFAULT 0;
 "#];
 
 #[derive(Clone, Debug)]
@@ -119,6 +121,9 @@ pub(crate) struct User {
     pub(crate) roles: Vec<String>,
     pub(crate) password_hash: String,
     pub(crate) disabled: bool,
+    /// The password was given to the user (the first admin's printed one, or one an
+    /// admin chose): the next sign-in must replace it before it goes on.
+    pub(crate) must_change_password: bool,
 }
 
 impl User {
@@ -205,6 +210,7 @@ fn user_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<User, sqlx::Error> {
         roles: serde_json::from_str(&roles).unwrap_or_default(),
         password_hash: row.try_get("password_hash")?,
         disabled: row.try_get::<i64, _>("disabled")? != 0,
+        must_change_password: row.try_get::<i64, _>("must_change_password")? != 0,
     })
 }
 
@@ -229,8 +235,8 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         sqlx::query(
-            "INSERT INTO users (id, username, email, name, org, roles, password_hash, disabled, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO users (id, username, email, name, org, roles, password_hash, disabled, created_at, updated_at, must_change_password)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&user.id)
         .bind(&user.username)
@@ -242,6 +248,7 @@ impl Store {
         .bind(user.disabled as i64)
         .bind(now)
         .bind(now)
+        .bind(user.must_change_password as i64)
         .execute(&mut *tx)
         .await?;
         tx.commit().await
@@ -267,8 +274,9 @@ impl Store {
         rows.iter().map(user_from_row).collect()
     }
 
+    /// Sets the user's own password: one they chose, so nothing asks to change it.
     pub(crate) async fn set_password(&self, user_id: &str, password_hash: &str) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query("UPDATE users SET password_hash = ?, updated_at = ? WHERE id = ?")
+        let done = sqlx::query("UPDATE users SET password_hash = ?, updated_at = ?, must_change_password = 0 WHERE id = ?")
             .bind(password_hash)
             .bind(now_unix())
             .bind(user_id)
@@ -474,9 +482,11 @@ impl Store {
 
     /// A successful sign-in in one durable transaction: the account's failures are
     /// forgotten, the identity session and the authorization code are stored.
-    pub(crate) async fn complete_login(&self, failures_key: &str, session_hash: &str, code_hash: &str, code: &AuthCode, session_expires_at: i64) -> Result<(), sqlx::Error> {
+    pub(crate) async fn complete_login(&self, failure_keys: &[String], session_hash: &str, code_hash: &str, code: &AuthCode, session_expires_at: i64) -> Result<(), sqlx::Error> {
         let mut tx = common::db::begin_write(&self.pool).await?;
-        sqlx::query("DELETE FROM login_failures WHERE key = ?").bind(failures_key).execute(&mut *tx).await?;
+        for key in failure_keys {
+            sqlx::query("DELETE FROM login_failures WHERE key = ?").bind(key).execute(&mut *tx).await?;
+        }
         insert_session_on(&mut tx, session_hash, &code.user_id, code.auth_time, session_expires_at).await?;
         insert_code_on(&mut tx, code_hash, code).await?;
         tx.commit().await

@@ -25,7 +25,7 @@ async fn decisions_name_their_policies_and_never_cross_orgs() {
 
     let ask = |principal: Principal, action: &str| {
         let peers = peers.clone();
-        let request = DecisionRequest { action: action.into(), resource_type: "Collection".into(), resource_id: personal.id.clone(), classification: None };
+        let request = DecisionRequest { action: action.into(), resource_type: "Collection".into(), resource_id: personal.id.clone(), classification: None, new_role: None };
         async move { peers.post_json::<_, Decision>(ServiceName::Authz, "/v1/decide", Some(&principal), &request).await.unwrap() }
     };
     let allowed = ask(ann.clone(), "document:read_chunks").await;
@@ -56,7 +56,7 @@ async fn policies_reload_from_their_directory_and_an_invalid_set_is_refused_with
     let decide = || {
         let peers = peers.clone();
         let ann = ann.clone();
-        let request = DecisionRequest { action: "document:read_chunks".into(), resource_type: "Collection".into(), resource_id: collections[0].id.clone(), classification: None };
+        let request = DecisionRequest { action: "document:read_chunks".into(), resource_type: "Collection".into(), resource_id: collections[0].id.clone(), classification: None, new_role: None };
         async move { peers.post_json::<_, Decision>(ServiceName::Authz, "/v1/decide", Some(&ann), &request).await.unwrap() }
     };
     assert!(decide().await.allowed);

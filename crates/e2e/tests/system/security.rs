@@ -328,3 +328,178 @@ async fn changing_a_password_ends_every_other_session_and_token() {
     assert!(!sso_still_works(&ts, &sso).await, "the SSO session ends");
     ts.system.stop().await;
 }
+
+/// One sign-in at identity's form from source address `from`: the answer's status.
+async fn login_from(ts: &TestSystem, from: &str, username: &str, password: &str) -> StatusCode {
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).local_address(from.parse::<std::net::IpAddr>().unwrap()).build().unwrap();
+    let challenge = "z".repeat(43);
+    let params = [
+        ("response_type", "code"),
+        ("client_id", crate::helpers::CLIENT_ID),
+        ("redirect_uri", crate::helpers::REDIRECT_URI),
+        ("scope", "openid"),
+        ("state", "s"),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+    ];
+    let html = http.get(format!("{}/authorize", ts.issuer())).query(&params).send().await.unwrap().text().await.unwrap();
+    let mut form: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    form.push(("form_token".into(), crate::helpers::hidden_value(&html, "form_token").unwrap()));
+    form.push(("username".into(), username.into()));
+    form.push(("password".into(), password.into()));
+    http.post(format!("{}/login", ts.issuer())).form(&form).send().await.unwrap().status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_passwords_from_one_address_do_not_lock_the_owner_out() {
+    let ts = TestSystem::start().await;
+    ts.add_user("tess", "acme", "member").await;
+    // A stranger at 127.0.0.1 guesses.
+    for _ in 0..5 {
+        assert_eq!(login_from(&ts, "127.0.0.1", "tess", "guess-guess-guess").await, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(login_from(&ts, "127.0.0.1", "tess", "guess-guess-guess").await, StatusCode::UNAUTHORIZED, "the sixth is still judged");
+    assert_eq!(login_from(&ts, "127.0.0.1", "tess", &password_of("tess")).await, StatusCode::TOO_MANY_REQUESTS, "the guesser's address must wait");
+    // The owner, from her own address, signs in at once.
+    let started = std::time::Instant::now();
+    assert_eq!(login_from(&ts, "127.0.0.2", "tess", &password_of("tess")).await, StatusCode::SEE_OTHER);
+    assert!(started.elapsed() < Duration::from_secs(3), "not held: {:?}", started.elapsed());
+
+    // Guessing spread over many addresses: each is throttled on its own, the account's
+    // backstop holds attempts (a few seconds at most) but never refuses the right password.
+    for n in 0..24 {
+        let from = format!("127.0.1.{}", n % 6 + 1);
+        let status = login_from(&ts, &from, "tess", "guess-guess-guess").await;
+        assert!(matches!(status, StatusCode::UNAUTHORIZED | StatusCode::TOO_MANY_REQUESTS), "{from}: {status}");
+    }
+    let started = std::time::Instant::now();
+    assert_eq!(login_from(&ts, "127.0.0.3", "tess", &password_of("tess")).await, StatusCode::SEE_OTHER, "the owner still gets in");
+    let held = started.elapsed();
+    assert!(held < Duration::from_secs(5), "held {held:?}");
+    println!("under a spread attack the owner's sign-in took {} ms", held.as_millis());
+    ts.system.stop().await;
+}
+
+async fn user_id(ts: &TestSystem, username: &str) -> String {
+    identity::list_users(&ts.config).await.unwrap().into_iter().find(|u| u.username == username).unwrap().id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn org_admins_manage_members_only_and_an_org_keeps_an_owner() {
+    let ts = TestSystem::start().await;
+    for (name, role) in [("olga", "owner"), ("adam", "admin"), ("alex", "admin"), ("mia", "member"), ("vic", "viewer")] {
+        ts.add_user(name, "acme", role).await;
+    }
+    ts.add_user("gus", "globex", "owner").await;
+    let admin = ts.sign_in("adam", &password_of("adam")).await.access_token;
+    let act = |token: String, method: reqwest::Method, path: String, body: serde_json::Value| {
+        let ts = &ts;
+        async move { ts.http.request(method, format!("{}/api/v1/admin/users/{path}", ts.gateway())).bearer_auth(token).json(&body).send().await.unwrap() }
+    };
+    let (olga, alex, mia, vic, gus) = (user_id(&ts, "olga").await, user_id(&ts, "alex").await, user_id(&ts, "mia").await, user_id(&ts, "vic").await, user_id(&ts, "gus").await);
+    let post = reqwest::Method::POST;
+    let patch = reqwest::Method::PATCH;
+    let none = serde_json::json!({});
+
+    // An admin touches neither owners nor other admins, nor promotes anyone past member.
+    let refused = act(admin.clone(), post.clone(), format!("{olga}/disable"), none.clone()).await;
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    assert_eq!(refused.json::<serde_json::Value>().await.unwrap()["code"], "admin.not_permitted");
+    assert_eq!(act(admin.clone(), patch.clone(), olga.clone(), serde_json::json!({"role": "member"})).await.status(), StatusCode::FORBIDDEN);
+    assert_eq!(act(admin.clone(), post.clone(), format!("{olga}/reset"), none.clone()).await.status(), StatusCode::FORBIDDEN);
+    assert_eq!(act(admin.clone(), post.clone(), format!("{alex}/disable"), none.clone()).await.status(), StatusCode::FORBIDDEN);
+    assert_eq!(act(admin.clone(), patch.clone(), mia.clone(), serde_json::json!({"role": "admin"})).await.status(), StatusCode::FORBIDDEN);
+    let made_owner = ts
+        .http
+        .post(format!("{}/api/v1/admin/users", ts.gateway()))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({"username": "sneaky", "password": "a-long-password", "role": "admin"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made_owner.status(), StatusCode::FORBIDDEN, "an admin cannot create another admin");
+    // …but manages members and viewers.
+    assert_eq!(act(admin.clone(), patch.clone(), mia.clone(), serde_json::json!({"role": "viewer"})).await.status(), StatusCode::OK);
+    assert_eq!(act(admin.clone(), post.clone(), format!("{vic}/disable"), none.clone()).await.status(), StatusCode::OK);
+    // Another org's people are not there at all.
+    assert_eq!(act(admin.clone(), post.clone(), format!("{gus}/disable"), none.clone()).await.status(), StatusCode::NOT_FOUND);
+
+    // The owner manages admins; nobody re-roles themselves; the last owner stays.
+    let owner = ts.sign_in("olga", &password_of("olga")).await.access_token;
+    assert_eq!(act(owner.clone(), patch.clone(), olga.clone(), serde_json::json!({"role": "member"})).await.status(), StatusCode::FORBIDDEN);
+    assert_eq!(act(owner.clone(), post.clone(), format!("{olga}/disable"), none.clone()).await.status(), StatusCode::BAD_REQUEST);
+    let demoted = act(owner.clone(), patch.clone(), alex.clone(), serde_json::json!({"role": "member"})).await;
+    assert_eq!(demoted.status(), StatusCode::OK);
+    assert_eq!(demoted.json::<serde_json::Value>().await.unwrap()["roles"], serde_json::json!(["member"]));
+    // The org's only owner cannot be disabled even by a service acting for someone.
+    let ctx = common::ServiceContext::new(std::sync::Arc::new(ts.config.clone()), common::ServiceName::Gateway, tokio_util::sync::CancellationToken::new()).unwrap();
+    let as_owner = common::wire::Principal { sub: user_id(&ts, "olga").await, username: "olga".into(), org: "acme".into(), roles: vec!["owner".into()] };
+    let last: Result<serde_json::Value, _> = ctx.peers.post_json(common::ServiceName::Identity, &format!("/internal/users/{olga}/disable"), Some(&as_owner), &none).await;
+    let error = last.unwrap_err();
+    assert_eq!(error.kind, common::ErrorKind::Conflict, "{error}");
+    assert!(error.detail.contains("last owner"), "{error}");
+    let demote_last: Result<serde_json::Value, _> = ctx.peers.post_json(common::ServiceName::Identity, &format!("/internal/users/{olga}/role"), Some(&as_owner), &serde_json::json!({"role": "admin"})).await;
+    assert_eq!(demote_last.unwrap_err().kind, common::ErrorKind::Conflict);
+    ts.system.stop().await;
+}
+
+/// Signs in at identity's form with `password`: the answer.
+async fn submit_login(ts: &TestSystem, username: &str, password: &str) -> reqwest::Response {
+    let challenge = "w".repeat(43);
+    let params = [
+        ("response_type", "code"),
+        ("client_id", crate::helpers::CLIENT_ID),
+        ("redirect_uri", crate::helpers::REDIRECT_URI),
+        ("scope", "openid"),
+        ("state", "s"),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+    ];
+    let html = ts.http.get(format!("{}/authorize", ts.issuer())).query(&params).send().await.unwrap().text().await.unwrap();
+    let mut form: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    form.push(("form_token".into(), crate::helpers::hidden_value(&html, "form_token").unwrap()));
+    form.push(("username".into(), username.into()));
+    form.push(("password".into(), password.into()));
+    ts.http.post(format!("{}/login", ts.issuer())).form(&form).send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_admins_printed_password_works_once_and_must_be_replaced() {
+    let ts = TestSystem::start().await;
+    let printed = ts.system.admin_password.clone().expect("the first start prints a password");
+    let first = submit_login(&ts, "admin", &printed).await;
+    assert_eq!(first.status(), StatusCode::OK, "no code yet: a page asks for a new password");
+    let page = first.text().await.unwrap();
+    assert!(page.contains("Choose your password") && page.contains("name=\"new_password\""), "{page}");
+    let mut form: Vec<(String, String)> = ["response_type", "client_id", "redirect_uri", "scope", "state", "code_challenge", "code_challenge_method", "form_token", "change_token"]
+        .iter()
+        .filter_map(|name| crate::helpers::hidden_value(&page, name).map(|v| (name.to_string(), v)))
+        .collect();
+    assert_eq!(form.len(), 9);
+    // The same password again, or two that differ, are refused on the page.
+    let mut same = form.clone();
+    same.extend([("new_password".to_string(), printed.clone()), ("new_password_again".to_string(), printed.clone())]);
+    let refused = ts.http.post(format!("{}/login/password", ts.issuer())).form(&same).send().await.unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    let mut differ = form.clone();
+    differ.extend([("new_password".to_string(), "one-new-password".to_string()), ("new_password_again".to_string(), "another-one".to_string())]);
+    assert_eq!(ts.http.post(format!("{}/login/password", ts.issuer())).form(&differ).send().await.unwrap().status(), StatusCode::BAD_REQUEST);
+    // A forged change token is refused.
+    let mut forged = form.clone();
+    for (name, value) in forged.iter_mut() {
+        if name == "change_token" {
+            let last = if value.ends_with('0') { '1' } else { '0' };
+            *value = format!("{}{last}", &value[..value.len() - 1]);
+        }
+    }
+    forged.extend([("new_password".to_string(), "my-own-admin-password".to_string()), ("new_password_again".to_string(), "my-own-admin-password".to_string())]);
+    assert_eq!(ts.http.post(format!("{}/login/password", ts.issuer())).form(&forged).send().await.unwrap().status(), StatusCode::BAD_REQUEST);
+
+    form.extend([("new_password".to_string(), "my-own-admin-password".to_string()), ("new_password_again".to_string(), "my-own-admin-password".to_string())]);
+    let chosen = ts.http.post(format!("{}/login/password", ts.issuer())).form(&form).send().await.unwrap();
+    assert_eq!(chosen.status(), StatusCode::SEE_OTHER, "the sign-in continues");
+    assert!(chosen.headers()["location"].to_str().unwrap().contains("code="));
+    assert_eq!(submit_login(&ts, "admin", &printed).await.status(), StatusCode::UNAUTHORIZED, "the printed password no longer works");
+    assert_eq!(submit_login(&ts, "admin", "my-own-admin-password").await.status(), StatusCode::SEE_OTHER, "and the chosen one goes straight through");
+    ts.system.stop().await;
+}

@@ -64,8 +64,8 @@ pub(crate) async fn delete_collection(State(app): State<AppState>, caller: Calle
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub(crate) async fn upload(State(app): State<AppState>, caller: Caller, multipart: Multipart) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
-    let created = service::upload(&app, &caller.principal, multipart, None).await?;
+pub(crate) async fn upload(State(app): State<AppState>, caller: Caller, headers: HeaderMap, multipart: Multipart) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let created = service::upload(&app, &caller.principal, multipart, service::content_length(&headers), None).await?;
     let status = if created.duplicate_of.is_some() { StatusCode::OK } else { StatusCode::ACCEPTED };
     Ok((status, Json(serde_json::json!({"id": created.id, "job_id": created.job_id, "status": created.status, "duplicate": created.duplicate_of.is_some()}))))
 }

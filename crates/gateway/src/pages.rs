@@ -87,8 +87,8 @@ async fn documents_with(app: &AppState, session: crate::session::Session, messag
     }
 }
 
-pub(crate) async fn upload(State(app): State<AppState>, PageUser(session): PageUser, multipart: Multipart) -> Response {
-    match service::upload(&app, &session.principal, multipart, Some(&session.csrf)).await {
+pub(crate) async fn upload(State(app): State<AppState>, PageUser(session): PageUser, headers: axum::http::HeaderMap, multipart: Multipart) -> Response {
+    match service::upload(&app, &session.principal, multipart, service::content_length(&headers), Some(&session.csrf)).await {
         Ok(created) if created.duplicate_of.is_some() => documents_with(&app, session, Some("That file is already in this collection.".into())).await,
         Ok(_) => {
             let mut response = Redirect::to("/documents").into_response();

@@ -175,10 +175,43 @@ async fn personal_collection(app: &AppState, principal: &Principal) -> Result<St
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("no personal collection")))
 }
 
+/// The request's declared body size, if any.
+pub(crate) fn content_length(headers: &axum::http::HeaderMap) -> Option<u64> {
+    headers.get(axum::http::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
 /// Reads a multipart upload (`csrf` for pages, optional `collection`, then `file`),
 /// refuses empty and unsupported files before storing anything, streams the bytes to
-/// storage and registers the document with ingest.
-pub(crate) async fn upload(app: &AppState, principal: &Principal, mut multipart: Multipart, expected_csrf: Option<&str>) -> Result<CreatedDocument, ApiError> {
+/// storage and registers the document with ingest. `declared_size` (the request's
+/// `Content-Length`) bounds the file: that much quota is reserved before any byte
+/// is stored. A refusal reads the rest of the (size-limited) body first, so the
+/// client hears the answer instead of a reset connection.
+pub(crate) async fn upload(
+    app: &AppState,
+    principal: &Principal,
+    mut multipart: Multipart,
+    declared_size: Option<u64>,
+    expected_csrf: Option<&str>,
+) -> Result<CreatedDocument, ApiError> {
+    let outcome = read_upload(app, principal, &mut multipart, declared_size, expected_csrf).await;
+    if outcome.is_err() {
+        let drain = async {
+            while let Ok(Some(mut field)) = multipart.next_field().await {
+                while let Ok(Some(_)) = field.chunk().await {}
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(30), drain).await;
+    }
+    outcome
+}
+
+async fn read_upload(
+    app: &AppState,
+    principal: &Principal,
+    multipart: &mut Multipart,
+    declared_size: Option<u64>,
+    expected_csrf: Option<&str>,
+) -> Result<CreatedDocument, ApiError> {
     let bad = |e: axum::extract::multipart::MultipartError| {
         let status = e.status().as_u16();
         if status == 413 {
@@ -228,7 +261,7 @@ pub(crate) async fn upload(app: &AppState, principal: &Principal, mut multipart:
                 if !decide(app, principal, "document:create", "Collection", &collection).await? {
                     return Err(ApiError::forbidden("collection.read_only", "you may not add documents to this collection"));
                 }
-                return store_file(app, principal, &collection, &classification, field, bad).await;
+                return store_file(app, principal, &collection, &classification, field, declared_size, bad).await;
             }
             _ => {}
         }
@@ -242,6 +275,7 @@ async fn store_file(
     collection: &str,
     classification: &str,
     mut field: Field<'_>,
+    declared_size: Option<u64>,
     bad: impl Fn(axum::extract::multipart::MultipartError) -> ApiError,
 ) -> Result<CreatedDocument, ApiError> {
     let filename = field.file_name().unwrap_or("upload").to_string();
@@ -259,9 +293,19 @@ async fn store_file(
     let format = formats::detect(&declared, &filename, &head)
         .map_err(|e| ApiError::new(ErrorKind::UnsupportedMediaType, "document.unsupported_type", e.to_string()))?;
 
+    // The file is at most the whole request: reserve that much quota before sending a
+    // byte, so concurrent uploads cannot together pass the quota.
+    let max_file = app.ctx.config.gateway.max_upload_bytes.min(app.ctx.config.storage.max_blob_bytes);
+    let reserve_bytes = declared_size.unwrap_or(max_file).min(max_file).max(head.len() as u64);
+    #[derive(Deserialize)]
+    struct Reservation {
+        reservation: String,
+    }
+    let reservation: Reservation = app.ctx.peers.post_json(ServiceName::Storage, "/v1/reservations", Some(principal), &serde_json::json!({"bytes": reserve_bytes})).await?;
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     let stream = futures_util::stream::unfold(receiver, |mut receiver| async move { receiver.recv().await.map(|item| (item, receiver)) });
-    let request = app.ctx.peers.request(ServiceName::Storage, Method::PUT, "/v1/blobs", Some(principal)).await?.body(reqwest::Body::wrap_stream(stream));
+    let path = format!("/v1/blobs?reservation={}", common::client::encode(&reservation.reservation));
+    let request = app.ctx.peers.request(ServiceName::Storage, Method::PUT, &path, Some(principal)).await?.body(reqwest::Body::wrap_stream(stream));
     let pump = async move {
         if sender.send(Ok(Bytes::from(head))).await.is_err() {
             return Ok(());

@@ -55,6 +55,17 @@ impl TestSystem {
         TestSystem { system, config, http, _dir }
     }
 
+    /// Stops every service and starts them again on the same data dir and the same
+    /// ports (so the issuer, and every token it issued, stays the same).
+    pub(crate) async fn restart_keeping_ports(self) -> TestSystem {
+        let TestSystem { system, config, http, _dir } = self;
+        system.stop().await;
+        let system = echod::up(config).await.expect("echod up again");
+        echod::wait_ready(&system.config, Duration::from_secs(60)).await.expect("ready again");
+        let config = (*system.config).clone();
+        TestSystem { system, config, http, _dir }
+    }
+
     pub(crate) fn gateway(&self) -> String {
         self.config.url(ServiceName::Gateway)
     }

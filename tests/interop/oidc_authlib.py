@@ -87,12 +87,16 @@ def main():
     assert public_introspection.status_code in (400, 401), public_introspection.text
     print("ok: introspection, revocation of access and refresh tokens")
 
-    logout = browser.get(discovery["end_session_endpoint"], params={"client_id": client_id, "post_logout_redirect_uri": redirect_uri, "state": "bye"}, allow_redirects=False, timeout=10)
+    # Without an id_token_hint, logout asks the person instead of acting on a bare link.
+    asked = browser.get(discovery["end_session_endpoint"], params={"client_id": client_id, "post_logout_redirect_uri": redirect_uri, "state": "bye"}, allow_redirects=False, timeout=10)
+    assert asked.status_code == 200 and "logout_token" in asked.text, (asked.status_code, asked.text[:300])
+    hostile = browser.get(discovery["end_session_endpoint"], params={"client_id": client_id, "post_logout_redirect_uri": "https://evil.example/"}, allow_redirects=False, timeout=10)
+    assert hostile.status_code == 400 and "location" not in hostile.headers, "unregistered post-logout URIs are never followed"
+    logout = browser.get(discovery["end_session_endpoint"], params={"id_token_hint": token["id_token"], "post_logout_redirect_uri": redirect_uri, "state": "bye"}, allow_redirects=False, timeout=10)
     assert logout.status_code in (302, 303) and logout.headers["location"].startswith(redirect_uri), (logout.status_code, logout.headers)
+    assert "state=bye" in logout.headers["location"], logout.headers["location"]
     again = browser.get(url, allow_redirects=False, timeout=10)
     assert again.status_code == 200 and 'name="password"' in again.text, "after logout the login form is shown again"
-    hostile = browser.get(discovery["end_session_endpoint"], params={"client_id": client_id, "post_logout_redirect_uri": "https://evil.example/"}, allow_redirects=False, timeout=10)
-    assert hostile.status_code == 200 and "location" not in hostile.headers, "unregistered post-logout URIs are never followed"
     print("ok: RP-initiated logout")
 
 

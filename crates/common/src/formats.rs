@@ -35,6 +35,24 @@ impl Format {
     }
 }
 
+/// A filename as Echo keeps and shows it: only its last path component, without
+/// control characters, bidirectional overrides and isolates (U+202E can make
+/// `invoice‮fdp.exe` read as `invoiceexe.pdf`), zero-width characters or a byte-order
+/// mark, trimmed, at most 255 bytes; `upload` when nothing is left.
+pub fn clean_filename(raw: &str) -> String {
+    let invisible = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+    };
+    let base = raw.rsplit(['/', '\\']).next().unwrap_or_default();
+    let cleaned: String = base.chars().filter(|c| !invisible(*c)).collect();
+    let mut cleaned = cleaned.trim().trim_start_matches('.').trim().to_string();
+    while cleaned.len() > 255 {
+        cleaned.pop();
+    }
+    if cleaned.is_empty() { "upload".to_string() } else { cleaned }
+}
+
 /// Decides the format from the declared content type, then the file extension, then
 /// the first bytes. Returns `Unsupported` naming what was seen.
 pub fn detect(content_type: &str, filename: &str, head: &[u8]) -> Result<Format, Unsupported> {
@@ -81,6 +99,26 @@ fn looks_like_text(head: &[u8]) -> bool {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filenames_lose_paths_and_invisible_characters() {
+        let cases = [
+            ("invoice\u{202E}fdp.exe", "invoicefdp.exe"),
+            ("report\u{2067}.pdf", "report.pdf"),
+            ("../../etc/passwd", "passwd"),
+            ("C:\\Users\\ann\\notes.md", "notes.md"),
+            ("zero\u{200B}width\u{FEFF}.txt", "zerowidth.txt"),
+            ("tab\tand\nnewline.txt", "tabandnewline.txt"),
+            ("  .hidden  ", "hidden"),
+            ("\u{202E}", "upload"),
+            ("", "upload"),
+            ("Résumé 2026.pdf", "Résumé 2026.pdf"),
+        ];
+        for (raw, clean) in cases {
+            assert_eq!(clean_filename(raw), clean, "{raw:?}");
+        }
+        assert!(clean_filename(&"é".repeat(300)).len() <= 255);
+    }
 
     #[test]
     #[allow(clippy::type_complexity)]

@@ -384,11 +384,11 @@ pub(crate) struct PasswordChange {
 /// after a reset. A browser session that made the change continues under a new id (a
 /// new cookie); a bearer token that made it is refused from now on, like all others.
 pub(crate) async fn change_password(State(app): State<AppState>, caller: Caller, Json(body): Json<PasswordChange>) -> ApiResult<Response> {
-    let renewed = caller.session.as_ref().map(|_| crate::session::NewSession::generate());
-    service::change_password(&app, &caller.principal, &body.current_password, &body.new_password, renewed.as_ref().map(|s| s.id_hash.as_str())).await?;
+    let renewed = caller.session.as_ref().map(|session| (crate::session::NewSession::generate(), session.id_token.clone()));
+    service::change_password(&app, &caller.principal, &body.current_password, &body.new_password, renewed.as_ref().map(|(s, _)| s.id_hash.as_str())).await?;
     let mut response = StatusCode::NO_CONTENT.into_response();
-    if let Some(renewed) = renewed {
-        let cookie = renewed.store(&app, &caller.principal).await?;
+    if let Some((renewed, id_token)) = renewed {
+        let cookie = renewed.store(&app, &caller.principal, id_token.as_deref()).await?;
         crate::session::end_sessions_except(&app, &caller.principal.sub, &renewed.id_hash).await?;
         response.headers_mut().append(axum::http::header::SET_COOKIE, cookie);
     }

@@ -129,7 +129,16 @@ pub(crate) struct DocumentPage {
     pub(crate) total: i64,
 }
 
+/// The most documents one page lists.
+pub(crate) const MAX_PAGE: i64 = 500;
+
 pub(crate) async fn list_documents(app: &AppState, principal: &Principal, collection: Option<&str>, limit: Option<i64>, offset: Option<i64>) -> Result<DocumentPage, ApiError> {
+    if limit.is_some_and(|l| !(1..=MAX_PAGE).contains(&l)) {
+        return Err(ApiError::bad_request("request.invalid_limit", format!("limit is 1 to {MAX_PAGE}")));
+    }
+    if offset.is_some_and(|o| !(0..=10_000_000).contains(&o)) {
+        return Err(ApiError::bad_request("request.invalid_offset", "offset is 0 or more"));
+    }
     let readable = readable(app, principal, "document:read_chunks").await?;
     let mut collections = readable.collections;
     if let Some(wanted) = collection {
@@ -278,7 +287,7 @@ async fn store_file(
     declared_size: Option<u64>,
     bad: impl Fn(axum::extract::multipart::MultipartError) -> ApiError,
 ) -> Result<CreatedDocument, ApiError> {
-    let filename = field.file_name().unwrap_or("upload").to_string();
+    let filename = formats::clean_filename(field.file_name().unwrap_or("upload"));
     let declared = field.content_type().unwrap_or_default().to_string();
     let mut head = Vec::new();
     while head.len() < 8192 {

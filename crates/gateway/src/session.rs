@@ -52,12 +52,15 @@ CREATE TABLE disabled_users (sub TEXT PRIMARY KEY, disabled_at INTEGER NOT NULL)
 ALTER TABLE logins ADD COLUMN binding_hash TEXT NOT NULL DEFAULT '';
 CREATE TABLE revoked_tokens (jti TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
 CREATE INDEX sessions_sub ON sessions(sub);
+ALTER TABLE sessions ADD COLUMN id_token TEXT;
 "#];
 
 #[derive(Clone, Debug)]
 pub(crate) struct Session {
     pub(crate) principal: Principal,
     pub(crate) csrf: String,
+    /// The ID token of the sign-in, sent back to identity as `id_token_hint` at logout.
+    pub(crate) id_token: Option<String>,
 }
 
 pub(crate) async fn load(pool: &SqlitePool, headers: &HeaderMap) -> Result<Option<Session>, sqlx::Error> {
@@ -82,6 +85,7 @@ pub(crate) async fn load(pool: &SqlitePool, headers: &HeaderMap) -> Result<Optio
                 roles: serde_json::from_str(&roles).unwrap_or_default(),
             },
             csrf: r.try_get("csrf")?,
+            id_token: r.try_get("id_token")?,
         })
     })
     .transpose()
@@ -258,7 +262,7 @@ async fn finish_login(app: &AppState, params: CallbackParams, binding: Option<&s
     }
     let principal = claims.principal().ok_or_else(|| ApiError::bad_request("auth.not_a_user", "the token does not name a user"))?;
     let session = NewSession::generate();
-    let cookie = session.store(app, &principal).await?;
+    let cookie = session.store(app, &principal, Some(&id_token)).await?;
     let mut response = Redirect::to(&return_to).into_response();
     *response.status_mut() = StatusCode::SEE_OTHER;
     response.headers_mut().append(header::SET_COOKIE, cookie);
@@ -279,9 +283,9 @@ impl NewSession {
     }
 
     /// Stores the session for `principal` and returns its `Set-Cookie`.
-    pub(crate) async fn store(&self, app: &AppState, principal: &Principal) -> Result<axum::http::HeaderValue, ApiError> {
+    pub(crate) async fn store(&self, app: &AppState, principal: &Principal, id_token: Option<&str>) -> Result<axum::http::HeaderValue, ApiError> {
         let ttl = app.ctx.config.gateway.session_ttl_hours * 3600;
-        sqlx::query("INSERT INTO sessions (id_hash, sub, username, org, roles, csrf, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO sessions (id_hash, sub, username, org, roles, csrf, created_at, expires_at, id_token) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(&self.id_hash)
             .bind(&principal.sub)
             .bind(&principal.username)
@@ -290,6 +294,7 @@ impl NewSession {
             .bind(common::rand::token(24))
             .bind(now_unix())
             .bind(now_unix() + ttl)
+            .bind(id_token)
             .execute(&app.pool)
             .await?;
         Ok(set_cookie(SESSION_COOKIE, &self.id, ttl, secure(app)))
@@ -307,7 +312,11 @@ pub(crate) struct LogoutForm {
     csrf: String,
 }
 
+/// Ends the browser session, then sends the browser to identity's logout with the
+/// sign-in's ID token as `id_token_hint`, so identity ends its session too without
+/// asking again.
 pub(crate) async fn logout(State(app): State<AppState>, headers: HeaderMap, axum::Form(form): axum::Form<LogoutForm>) -> Response {
+    let mut id_token = None;
     if let Ok(Some(session)) = load(&app.pool, &headers).await {
         if !common::rand::constant_time_eq(session.csrf.as_bytes(), form.csrf.as_bytes()) {
             return crate::pages::error_page(&ApiError::forbidden("auth.csrf", "the form expired; reload the page and try again"));
@@ -315,12 +324,16 @@ pub(crate) async fn logout(State(app): State<AppState>, headers: HeaderMap, axum
         if let Some(id) = cookie(&headers, SESSION_COOKIE) {
             let _ = sqlx::query("DELETE FROM sessions WHERE id_hash = ?").bind(common::rand::sha256_hex(id.as_bytes())).execute(&app.pool).await;
         }
+        id_token = session.id_token;
     }
     let mut url = match url::Url::parse(&format!("{}/logout", app.ctx.config.issuer())) {
         Ok(url) => url,
         Err(error) => return ApiError::internal(error).into_response(),
     };
     url.query_pairs_mut().append_pair("client_id", WEB_CLIENT_ID).append_pair("post_logout_redirect_uri", &format!("{}/signed-out", app.public_url));
+    if let Some(hint) = id_token {
+        url.query_pairs_mut().append_pair("id_token_hint", &hint);
+    }
     let mut response = Redirect::to(url.as_str()).into_response();
     *response.status_mut() = StatusCode::SEE_OTHER;
     response.headers_mut().append(header::SET_COOKIE, set_cookie(SESSION_COOKIE, "", 0, secure(&app)));

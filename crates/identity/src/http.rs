@@ -613,24 +613,90 @@ struct LogoutParams {
     client_id: Option<String>,
     post_logout_redirect_uri: Option<String>,
     state: Option<String>,
+    id_token_hint: Option<String>,
+    /// The confirmation form's token (POST only).
+    logout_token: Option<String>,
 }
 
-async fn logout(State(identity): State<Identity>, headers: HeaderMap, Query(params): Query<LogoutParams>) -> Response {
-    if let Some(id) = cookie(&headers, SESSION_COOKIE) {
-        if let Ok(Some((user, _))) = identity.session_user(id).await {
-            identity.audit(&user.id, "identity.logout", &format!("user:{}", user.id), "success", serde_json::json!({})).await;
+#[derive(Template)]
+#[template(path = "logout.html")]
+struct LogoutPage<'a> {
+    action: &'a str,
+    username: &'a str,
+    logout_token: String,
+    client_id: Option<&'a str>,
+    post_logout_redirect_uri: Option<&'a str>,
+    state: Option<&'a str>,
+}
+
+/// RP-initiated logout. A `GET` ends the identity session only when it carries an
+/// `id_token_hint` we issued, to the client named, for the user of this session (an
+/// application signing its own user out); otherwise it asks, with a form that posts
+/// back a token bound to this session, so a cross-site link cannot sign anyone out.
+/// A `post_logout_redirect_uri` is followed only when registered for the client.
+async fn logout(State(identity): State<Identity>, method: axum::http::Method, headers: HeaderMap, Query(query): Query<LogoutParams>, body: axum::body::Bytes) -> Response {
+    let params = if method == axum::http::Method::POST {
+        match serde_urlencoded::from_bytes::<LogoutParams>(&body) {
+            Ok(form) => form,
+            Err(_) => return message(StatusCode::BAD_REQUEST, "Sign-out failed", "The sign-out request is malformed."),
         }
-        let _ = identity.store.delete_session(&common::rand::sha256_hex(id.as_bytes())).await;
-    }
-    let mut response = match (params.client_id.as_deref(), params.post_logout_redirect_uri.as_deref()) {
-        (Some(client_id), Some(uri)) => match identity.store.client(client_id).await {
-            Ok(Some(client)) if client.redirect_uris.iter().any(|u| u == uri) => {
-                let pairs: Vec<(&str, &str)> = params.state.as_deref().map(|s| vec![("state", s)]).unwrap_or_default();
-                redirect_with(uri, &pairs)
-            }
-            _ => message(StatusCode::OK, "Signed out", "You are signed out. The application's return address was not recognised."),
+    } else {
+        query
+    };
+    let hint = match params.id_token_hint.as_deref().filter(|h| !h.is_empty()) {
+        Some(hint) => match identity.id_token_hint(hint).await {
+            Some(claims) => Some(claims),
+            None => return message(StatusCode::BAD_REQUEST, "Sign-out refused", "The id_token_hint is not an ID token issued here."),
         },
-        _ => message(StatusCode::OK, "Signed out", "You are signed out of Echo."),
+        None => None,
+    };
+    let client_id = params.client_id.clone().or_else(|| hint.as_ref().map(|h| h.aud.clone()));
+    if let (Some(hint), Some(client_id)) = (&hint, &params.client_id)
+        && &hint.aud != client_id
+    {
+        return message(StatusCode::BAD_REQUEST, "Sign-out refused", "The id_token_hint was issued to another application.");
+    }
+    let redirect = match (client_id.as_deref(), params.post_logout_redirect_uri.as_deref()) {
+        (Some(client_id), Some(uri)) => match identity.store.client(client_id).await {
+            Ok(Some(client)) if client.redirect_uris.iter().any(|u| u == uri) => Some(uri.to_string()),
+            _ => return message(StatusCode::BAD_REQUEST, "Sign-out refused", "The application's return address is not registered."),
+        },
+        (None, Some(_)) => return message(StatusCode::BAD_REQUEST, "Sign-out refused", "A return address needs the application's client_id or an id_token_hint."),
+        _ => None,
+    };
+    let session = match cookie(&headers, SESSION_COOKIE) {
+        Some(id) => identity.session_user(id).await.ok().flatten().map(|(user, _)| (common::rand::sha256_hex(id.as_bytes()), user)),
+        None => None,
+    };
+    if let Some((session_hash, user)) = &session {
+        let confirmed = match method {
+            axum::http::Method::POST => {
+                !cross_site(&headers) && params.logout_token.as_deref().is_some_and(|t| identity.check_logout_token(session_hash, t))
+            }
+            _ => hint.as_ref().is_some_and(|h| h.sub == user.id),
+        };
+        if !confirmed {
+            let action = format!("{}/logout", identity.issuer);
+            let page_html = LogoutPage {
+                action: &action,
+                username: &user.username,
+                logout_token: identity.logout_token(session_hash, now_unix() + 600),
+                client_id: client_id.as_deref(),
+                post_logout_redirect_uri: redirect.as_deref(),
+                state: params.state.as_deref(),
+            }
+            .render();
+            return page(StatusCode::OK, page_html);
+        }
+        identity.audit(&user.id, "identity.logout", &format!("user:{}", user.id), "success", serde_json::json!({"client_id": client_id})).await;
+        let _ = identity.store.delete_session(session_hash).await;
+    }
+    let mut response = match redirect {
+        Some(uri) => {
+            let pairs: Vec<(&str, &str)> = params.state.as_deref().map(|s| vec![("state", s)]).unwrap_or_default();
+            redirect_with(&uri, &pairs)
+        }
+        None => message(StatusCode::OK, "Signed out", "You are signed out of Echo."),
     };
     response.headers_mut().append(header::SET_COOKIE, set_cookie(SESSION_COOKIE, "", 0, secure(&identity)));
     response

@@ -426,6 +426,40 @@ impl Identity {
         Ok(())
     }
 
+    /// A token binding the logout confirmation form to the identity session it ends.
+    pub(crate) fn logout_token(&self, session_hash: &str, expires_at: i64) -> String {
+        let tag = aws_lc_rs::hmac::sign(&self.form_key, format!("logout|{session_hash}|{expires_at}").as_bytes());
+        format!("{expires_at}.{}", hex::encode(tag.as_ref()))
+    }
+
+    pub(crate) fn check_logout_token(&self, session_hash: &str, token: &str) -> bool {
+        let Some((expires, _)) = token.split_once('.') else { return false };
+        let Ok(expires_at) = expires.parse::<i64>() else { return false };
+        expires_at > now_unix() && common::rand::constant_time_eq(self.logout_token(session_hash, expires_at).as_bytes(), token.as_bytes())
+    }
+
+    /// An `id_token_hint`: an ID token we signed (expired ones too, as RP-initiated
+    /// logout allows), with its subject and audience; `None` for anything else.
+    pub(crate) async fn id_token_hint(&self, token: &str) -> Option<IdTokenHint> {
+        if token.len() > 16 * 1024 {
+            return None;
+        }
+        let header = jsonwebtoken::decode_header(token).ok()?;
+        let keys = self.keys.read().await;
+        let key = keys.iter().find(|k| Some(&k.kid) == header.kid.as_ref())?;
+        if header.alg != key.alg {
+            return None;
+        }
+        let mut validation = jsonwebtoken::Validation::new(key.alg);
+        validation.set_issuer(&[&self.issuer]);
+        validation.validate_aud = false;
+        validation.validate_exp = false;
+        validation.set_required_spec_claims(&["iss", "sub", "aud"]);
+        let claims = jsonwebtoken::decode::<IdTokenHint>(token, &key.decoding().ok()?, &validation).ok()?.claims;
+        // Access tokens are not ID tokens: they carry the API's audience and a scope.
+        (claims.aud != API_AUDIENCE && claims.scope.is_none()).then_some(claims)
+    }
+
     pub(crate) fn check_form_token(&self, params: &AuthorizeParams, token: &str) -> bool {
         let Some((expires, _)) = token.split_once('.') else { return false };
         let Ok(expires_at) = expires.parse::<i64>() else { return false };
@@ -1045,6 +1079,15 @@ pub(crate) struct AccessTokenClaims {
     pub(crate) org: Option<String>,
     #[serde(default)]
     pub(crate) roles: Vec<String>,
+}
+
+/// What logout reads from an `id_token_hint`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct IdTokenHint {
+    pub(crate) sub: String,
+    pub(crate) aud: String,
+    #[serde(default)]
+    scope: Option<String>,
 }
 
 #[derive(Serialize)]

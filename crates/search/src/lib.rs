@@ -44,8 +44,11 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     let index = Arc::new(tokio::task::spawn_blocking(move || ChunkIndex::open(&dir, memory)).await??);
     let state = AppState { index, max_k: ctx.config.search.max_k };
     spawn_deletion_consumer(&ctx, state.clone());
+    // One request carries a whole document's chunks: as much text as the parser may
+    // return (up to 4 bytes a character), again for the overlap, and JSON around it.
+    let index_limit = ctx.config.parser.max_output_chars.saturating_mul(8).saturating_add(16 * 1024 * 1024);
     let routes = Router::new()
-        .route("/v1/index", post(index_document))
+        .route("/v1/index", post(index_document).layer(axum::extract::DefaultBodyLimit::max(index_limit)))
         .route("/v1/search", post(search))
         .route("/v1/documents/{id}", delete(delete_document))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))

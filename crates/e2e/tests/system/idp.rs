@@ -224,9 +224,20 @@ async fn single_sign_on_honours_prompt_and_max_age() {
     assert_eq!(hidden_value(&html, "max_age").as_deref(), Some("1"));
     assert_eq!(browser.log_in(html, "sso").await.status(), StatusCode::SEE_OTHER, "and the form with max_age completes");
 
-    // Logging out ends the identity session.
+    // A bare link to logout (another site's <img src>, say) only asks; the session stays.
     let cookie = browser.cookie.clone().unwrap();
-    browser.get(&format!("{}/logout", ts.issuer()), &[]).await;
+    let asked = browser.get(&format!("{}/logout", ts.issuer()), &[]).await;
+    assert_eq!(asked.status(), StatusCode::OK);
+    let page = asked.text().await.unwrap();
+    assert!(page.contains("Sign out of Echo?"), "{page}");
+    assert_eq!(browser.authorize(&Authorize { client_id: "app-two", extra: vec![] }).await.status(), StatusCode::SEE_OTHER, "still signed in");
+    // A forged confirmation is refused; the page's own form signs out.
+    let forged = ts.http.post(format!("{}/logout", ts.issuer())).header("cookie", format!("echo_idp={cookie}")).form(&[("logout_token", "1.00")]).send().await.unwrap();
+    assert_eq!(forged.status(), StatusCode::OK, "asked again");
+    assert_eq!(browser.authorize(&Authorize { client_id: "app-two", extra: vec![] }).await.status(), StatusCode::SEE_OTHER, "still signed in");
+    let token = hidden_value(&page, "logout_token").unwrap();
+    let confirmed = ts.http.post(format!("{}/logout", ts.issuer())).header("cookie", format!("echo_idp={cookie}")).form(&[("logout_token", token.as_str())]).send().await.unwrap();
+    assert!(confirmed.text().await.unwrap().contains("You are signed out"));
     browser.cookie = Some(cookie);
     assert_eq!(browser.authorize(&Authorize { client_id: "app-two", extra: vec![] }).await.status(), StatusCode::OK, "the old cookie no longer signs in");
     ts.system.stop().await;

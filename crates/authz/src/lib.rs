@@ -7,6 +7,7 @@
 //! collections" is exact (every candidate evaluated, never truncated); a collection
 //! the caller may not read is reported as not found, never as forbidden.
 
+mod denials;
 mod policy;
 mod store;
 
@@ -38,6 +39,8 @@ struct AppState {
     /// version nor the policy generation has moved: exact, never stale.
     readable_cache: Arc<std::sync::Mutex<std::collections::HashMap<String, CachedList>>>,
     facts_cache: Arc<std::sync::Mutex<FactsCache>>,
+    /// Audits denials, folding floods of identical ones into counts.
+    denials: denials::Denials,
 }
 
 /// Relationship facts read from `authz.db` for single decisions, valid for one
@@ -71,7 +74,9 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     let engine = Arc::new(std::sync::RwLock::new(Arc::new(Engine::from_dir(ctx.config.authz.policy_dir.as_deref())?.0)));
     let store = RelationStore::open(&ctx.config.db_path(ServiceName::Authz)).await?;
     let ready = common::server::sqlite_ready(store.pool.clone(), vec![]);
-    let state = AppState { ctx: ctx.clone(), engine, store, policy_generation: Arc::default(), readable_cache: Arc::default(), facts_cache: Arc::default() };
+    let denials = denials::Denials::new(std::time::Duration::from_secs(ctx.config.authz.denial_audit_window_secs.max(1)));
+    denials.spawn_flusher(ctx.clone());
+    let state = AppState { ctx: ctx.clone(), engine, store, policy_generation: Arc::default(), readable_cache: Arc::default(), facts_cache: Arc::default(), denials };
     spawn_reload_on_hangup(state.clone());
     let routes = Router::new()
         .route("/v1/collections", get(list_collections).post(create_collection))
@@ -83,9 +88,11 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .route("/v1/groups", get(list_groups).post(create_group))
         .route("/v1/groups/{id}/members", put(set_group_members))
         .route("/v1/readable", post(readable))
+        .route("/v1/rooms", get(list_rooms).post(create_room))
+        .route("/v1/rooms/{id}/members", put(set_room_members).get(room_members))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
         .with_state(state);
-    let router = common::server::service_router(ServiceName::Authz, routes, ready).fallback(common::server::not_found);
+    let router = common::server::service_router(&ctx, routes, ready).fallback(common::server::not_found);
     common::server::serve(listener, router, ctx.shutdown.clone()).await
 }
 
@@ -250,6 +257,17 @@ impl AppState {
         self.engine().decide_on_user(&facts, action, &target, new_role).map(Some).map_err(|e| ApiError::bad_request("authz.invalid_request", e))
     }
 
+    /// A `room:*` decision; `None` when there is no such room.
+    async fn decide_on_room(&self, principal: &Principal, action: &str, room_id: &str) -> ApiResult<Option<policy::Outcome>> {
+        let Some(room) = self.store.room(room_id).await? else { return Ok(None) };
+        self.room_outcome(principal, action, &room).map(Some)
+    }
+
+    fn room_outcome(&self, principal: &Principal, action: &str, room: &policy::RoomFacts) -> ApiResult<policy::Outcome> {
+        let facts = Facts { user_id: &principal.sub, org: &principal.org, roles: &principal.roles, groups: &[], collections: &[] };
+        self.engine().decide_on_room(&facts, action, room).map_err(|e| ApiError::bad_request("authz.invalid_request", e))
+    }
+
     async fn candidates(&self, principal: &Principal) -> ApiResult<Vec<CollectionRow>> {
         self.store.ensure_personal(&principal.sub, &principal.username, &principal.org).await?;
         Ok(self.store.collections_in_org(&principal.org).await?)
@@ -298,18 +316,26 @@ async fn create_collection(State(state): State<AppState>, ActingUser(principal):
     }
     let outcome = state.decide_on_org(&principal, "collection:create", "Org", &principal.org).await?;
     if !outcome.allowed {
-        state.ctx.audit(&principal.sub, "authz.denied", &format!("org:{}", principal.org), "denied", serde_json::json!({"action": "collection:create"})).await;
+        state.denials.record(&state.ctx, &principal.sub, &format!("org:{}", principal.org), serde_json::json!({"action": "collection:create"})).await;
         return Err(ApiError::forbidden("authz.denied", "you may not create collections"));
     }
     if body.org_owned {
         // Collections of the org itself are for those who manage the org.
         let admin = state.decide_on_org(&principal, "admin:manage_users", "Org", &principal.org).await?;
         if !admin.allowed {
-            state.ctx.audit(&principal.sub, "authz.denied", &format!("org:{}", principal.org), "denied", serde_json::json!({"action": "collection:create", "org_owned": true})).await;
+            state.denials.record(&state.ctx, &principal.sub, &format!("org:{}", principal.org), serde_json::json!({"action": "collection:create", "org_owned": true})).await;
             return Err(ApiError::forbidden("authz.denied", "only org owners and admins create collections owned by the org"));
         }
     }
-    let id = state.store.create(name, &principal.org, &principal.sub, body.org_owned).await?;
+    let cap = state.ctx.config.authz.max_collections_per_user;
+    let Some(id) = state.store.create(name, &principal.org, &principal.sub, body.org_owned, cap).await? else {
+        let whose = if body.org_owned { "the organisation already owns" } else { "you already own" };
+        return Err(ApiError::new(
+            common::ErrorKind::Forbidden,
+            "collection.limit_reached",
+            format!("{whose} {cap} collections, the most allowed (authz.max_collections_per_user); delete one first"),
+        ));
+    };
     let row = state.store.collection(&id).await?.ok_or_else(|| ApiError::internal(anyhow::anyhow!("collection vanished")))?;
     state
         .ctx
@@ -343,7 +369,7 @@ async fn share_collection(
 ) -> ApiResult<Json<Collection>> {
     let row = readable_collection(&state, &principal, &id).await?;
     if state.evaluate(&principal, "collection:share", std::slice::from_ref(&row)).await?.is_empty() {
-        state.ctx.audit(&principal.sub, "authz.denied", &format!("collection:{id}"), "denied", serde_json::json!({"action": "collection:share"})).await;
+        state.denials.record(&state.ctx, &principal.sub, &format!("collection:{id}"), serde_json::json!({"action": "collection:share"})).await;
         return Err(ApiError::forbidden("authz.denied", "you may not share this collection"));
     }
     if body.members.len() > 1000 {
@@ -393,7 +419,7 @@ async fn share_collection(
 async fn permitted_collection(state: &AppState, principal: &Principal, id: &str, action: &str) -> ApiResult<CollectionRow> {
     let row = readable_collection(state, principal, id).await?;
     if state.evaluate(principal, action, std::slice::from_ref(&row)).await?.is_empty() {
-        state.ctx.audit(&principal.sub, "authz.denied", &format!("collection:{id}"), "denied", serde_json::json!({"action": action})).await;
+        state.denials.record(&state.ctx, &principal.sub, &format!("collection:{id}"), serde_json::json!({"action": action})).await;
         return Err(ApiError::forbidden("authz.denied", format!("your role on this collection does not allow {action}")));
     }
     Ok(row)
@@ -489,7 +515,7 @@ async fn require_user_admin(state: &AppState, principal: &Principal) -> ApiResul
     if outcome.allowed {
         Ok(())
     } else {
-        state.ctx.audit(&principal.sub, "authz.denied", &format!("org:{}", principal.org), "denied", serde_json::json!({"action": "admin:manage_users"})).await;
+        state.denials.record(&state.ctx, &principal.sub, &format!("org:{}", principal.org), serde_json::json!({"action": "admin:manage_users"})).await;
         Err(ApiError::forbidden("authz.denied", "only org owners and admins manage groups"))
     }
 }
@@ -506,7 +532,14 @@ async fn create_group(State(state): State<AppState>, ActingUser(principal): Acti
     if name.is_empty() || name.chars().count() > 200 {
         return Err(ApiError::bad_request("authz.invalid_name", "group names are 1 to 200 characters"));
     }
-    let id = state.store.create_group(&principal.org, name).await?;
+    let cap = state.ctx.config.authz.max_groups_per_org;
+    let Some(id) = state.store.create_group(&principal.org, name, cap).await? else {
+        return Err(ApiError::new(
+            common::ErrorKind::Forbidden,
+            "group.limit_reached",
+            format!("the organisation already has {cap} groups, the most allowed (authz.max_groups_per_org)"),
+        ));
+    };
     state.ctx.audit(&principal.sub, "group.created", &format!("group:{id}"), "success", serde_json::json!({"name": name})).await;
     Ok(Json(serde_json::json!({"id": id, "name": name, "members": []})))
 }
@@ -563,6 +596,10 @@ async fn decide(State(state): State<AppState>, ActingUser(principal): ActingUser
             let outcome = state.decide_on_org(&principal, &request.action, &request.resource_type, &request.resource_id).await?;
             Decision { allowed: outcome.allowed, policies: outcome.policies }
         }
+        "Room" => match state.decide_on_room(&principal, &request.action, &request.resource_id).await? {
+            Some(outcome) => Decision { allowed: outcome.allowed, policies: outcome.policies },
+            None => Decision { allowed: false, policies: vec![] },
+        },
         "User" => match state.decide_on_user(&principal, &request.action, &request.resource_id, request.new_role.as_deref()).await? {
             Some(outcome) => Decision { allowed: outcome.allowed, policies: outcome.policies },
             None => Decision { allowed: false, policies: vec![] },
@@ -570,12 +607,111 @@ async fn decide(State(state): State<AppState>, ActingUser(principal): ActingUser
         other => return Err(ApiError::bad_request("authz.invalid_request", format!("unknown resource type `{other}`"))),
     };
     if !decision.allowed {
-        state
-            .ctx
-            .audit(&principal.sub, "authz.denied", &format!("{}:{}", request.resource_type, request.resource_id), "denied", serde_json::json!({"action": request.action}))
+        state.denials.record(&state.ctx, &principal.sub, &format!("{}:{}", request.resource_type, request.resource_id), serde_json::json!({"action": request.action}))
             .await;
     }
     Ok(Json(decision))
+}
+
+#[derive(Deserialize)]
+struct NewRoom {
+    id: String,
+}
+
+/// Chat registers a room it created: the acting user becomes its owner.
+async fn create_room(State(state): State<AppState>, ActingUser(principal): ActingUser, Json(body): Json<NewRoom>) -> ApiResult<(axum::http::StatusCode, Json<serde_json::Value>)> {
+    if uuid::Uuid::parse_str(&body.id).is_err() {
+        return Err(ApiError::bad_request("authz.invalid_room", "room ids are UUIDs"));
+    }
+    if !state.store.create_room(&body.id, &principal.org, &principal.sub).await? {
+        return Err(ApiError::conflict("authz.room_exists", "that room is already registered"));
+    }
+    state.ctx.audit(&principal.sub, "room.created", &format!("room:{}", body.id), "success", serde_json::json!({})).await;
+    Ok((axum::http::StatusCode::CREATED, Json(serde_json::json!({"id": body.id, "members": [{"user": principal.sub, "role": "owner"}]}))))
+}
+
+/// The rooms of the caller's org the caller may read (every one evaluated: exact).
+async fn list_rooms(State(state): State<AppState>, ActingUser(principal): ActingUser) -> ApiResult<Json<serde_json::Value>> {
+    let mut readable = Vec::new();
+    for room in state.store.rooms_in_org(&principal.org).await? {
+        if state.room_outcome(&principal, "room:read", &room)?.allowed {
+            readable.push(room.id);
+        }
+    }
+    Ok(Json(serde_json::json!({"rooms": readable})))
+}
+
+/// The room if the principal may read it (404 otherwise, as if it did not exist).
+async fn readable_room(state: &AppState, principal: &Principal, id: &str) -> ApiResult<policy::RoomFacts> {
+    let not_found = || ApiError::not_found("chat.room_not_found", "no such room");
+    let room = state.store.room(id).await?.ok_or_else(not_found)?;
+    if !state.room_outcome(principal, "room:read", &room)?.allowed {
+        state.denials.record(&state.ctx, &principal.sub, &format!("room:{id}"), serde_json::json!({"action": "room:read"})).await;
+        return Err(not_found());
+    }
+    Ok(room)
+}
+
+fn room_members_json(room: &policy::RoomFacts) -> serde_json::Value {
+    let members: Vec<_> = room.members.iter().map(|(user, role)| serde_json::json!({"user": user, "role": role})).collect();
+    serde_json::json!({"room": room.id, "members": members})
+}
+
+async fn room_members(State(state): State<AppState>, ActingUser(principal): ActingUser, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    Ok(Json(room_members_json(&readable_room(&state, &principal, &id).await?)))
+}
+
+#[derive(Deserialize)]
+struct RoomMember {
+    user: String,
+    role: String,
+}
+
+#[derive(Deserialize)]
+struct RoomMembers {
+    members: Vec<RoomMember>,
+}
+
+/// Replaces a room's people (its owners only); everyone named must be of the room's
+/// org, and a room always keeps an owner.
+async fn set_room_members(State(state): State<AppState>, ActingUser(principal): ActingUser, Path(id): Path<String>, Json(body): Json<RoomMembers>) -> ApiResult<Json<serde_json::Value>> {
+    let room = readable_room(&state, &principal, &id).await?;
+    if !state.room_outcome(&principal, "room:manage", &room)?.allowed {
+        state.denials.record(&state.ctx, &principal.sub, &format!("room:{id}"), serde_json::json!({"action": "room:manage"})).await;
+        return Err(ApiError::forbidden("authz.denied", "only the room's owners change who is in it"));
+    }
+    if body.members.len() > 1000 {
+        return Err(ApiError::bad_request("authz.too_many_members", "at most 1000 people per room"));
+    }
+    if !body.members.iter().any(|m| m.role == "owner") {
+        return Err(ApiError::bad_request("authz.room_needs_owner", "a room keeps at least one owner"));
+    }
+    let mut members = Vec::with_capacity(body.members.len());
+    for member in &body.members {
+        if !matches!(member.role.as_str(), "owner" | "member") {
+            return Err(ApiError::bad_request("authz.invalid_role", "room roles are owner or member"));
+        }
+        let path = format!("/internal/users/{}", common::client::encode(&member.user));
+        match state.ctx.peers.get_json::<UserSummary>(ServiceName::Identity, &path, None).await {
+            Ok(user) if user.org == room.org => members.push((member.user.clone(), member.role.clone())),
+            Ok(_) | Err(ApiError { kind: common::ErrorKind::NotFound, .. }) => {
+                return Err(ApiError::bad_request("authz.unknown_member", format!("no user `{}` in this organisation", member.user)));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    state.store.replace_room_members(&id, &members).await?;
+    let event = state.ctx.bus.event(
+        events::RELATIONSHIP_CHANGED,
+        Some(format!("room:{id}")),
+        serde_json::json!({"object": format!("room:{id}"), "relation": "members", "subjects": members.iter().map(|(u, r)| serde_json::json!({"type": "user", "id": u, "role": r})).collect::<Vec<_>>()}),
+    );
+    if let Err(error) = state.ctx.bus.publish_one(event).await {
+        tracing::warn!(%error, "relationship change not published");
+    }
+    state.ctx.audit(&principal.sub, "room.members_changed", &format!("room:{id}"), "success", serde_json::json!({"members": members.len()})).await;
+    let room = state.store.room(&id).await?.ok_or_else(|| ApiError::not_found("chat.room_not_found", "no such room"))?;
+    Ok(Json(room_members_json(&room)))
 }
 
 #[derive(Deserialize)]

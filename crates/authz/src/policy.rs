@@ -33,6 +33,7 @@ struct Types {
     org: cedar_policy::EntityTypeName,
     collection: cedar_policy::EntityTypeName,
     system: cedar_policy::EntityTypeName,
+    room: cedar_policy::EntityTypeName,
     action: cedar_policy::EntityTypeName,
 }
 
@@ -45,6 +46,7 @@ impl Types {
             org: parse("Echo::Org")?,
             collection: parse("Echo::Collection")?,
             system: parse("Echo::System")?,
+            room: parse("Echo::Room")?,
             action: parse("Echo::Action")?,
         })
     }
@@ -57,6 +59,14 @@ pub(crate) struct Facts<'a> {
     pub(crate) roles: &'a [String],
     pub(crate) groups: &'a [String],
     pub(crate) collections: &'a [CollectionFacts],
+}
+
+/// A chat room and its people: (user id, `owner` | `member`).
+#[derive(Clone, Debug)]
+pub(crate) struct RoomFacts {
+    pub(crate) id: String,
+    pub(crate) org: String,
+    pub(crate) members: Vec<(String, String)>,
 }
 
 /// The account a `user:*` decision is about, as identity knows it.
@@ -244,6 +254,34 @@ impl Engine {
             _ => Context::empty(),
         };
         let request = Request::new(principal, action_uid, resource, context, None).map_err(|e| e.to_string())?;
+        Ok(self.outcome(&request, &entities))
+    }
+
+    /// A `room:*` decision for `facts`' principal on `room`.
+    pub(crate) fn decide_on_room(&self, facts: &Facts<'_>, action: &str, room: &RoomFacts) -> Result<Outcome, String> {
+        use std::collections::{HashMap, HashSet};
+        let types = &self.types;
+        let mut entities = self.entity_list(facts)?;
+        let org = EntityUid::from_type_name_and_id(types.org.clone(), cedar_policy::EntityId::new(&room.org));
+        if room.org != facts.org {
+            entities.push(Entity::new_no_attrs(org.clone(), HashSet::new()));
+        }
+        let people = |role: &str| {
+            RestrictedExpression::new_set(room.members.iter().filter(|(_, r)| r == role).map(|(user, _)| {
+                RestrictedExpression::new_entity_uid(EntityUid::from_type_name_and_id(types.user.clone(), cedar_policy::EntityId::new(user)))
+            }))
+        };
+        let attrs = HashMap::from([
+            ("org".to_string(), RestrictedExpression::new_entity_uid(org)),
+            ("owners".to_string(), people("owner")),
+            ("members".to_string(), people("member")),
+        ]);
+        let resource = EntityUid::from_type_name_and_id(types.room.clone(), cedar_policy::EntityId::new(&room.id));
+        entities.push(Entity::new(resource.clone(), attrs, HashSet::new()).map_err(|e| e.to_string())?);
+        let entities = Entities::from_entities(entities, None).map_err(|e| e.to_string())?;
+        let principal = EntityUid::from_type_name_and_id(types.user.clone(), cedar_policy::EntityId::new(facts.user_id));
+        let action = EntityUid::from_type_name_and_id(types.action.clone(), cedar_policy::EntityId::new(action));
+        let request = Request::new(principal, action, resource, Context::empty(), None).map_err(|e| e.to_string())?;
         Ok(self.outcome(&request, &entities))
     }
 
@@ -530,6 +568,29 @@ mod tests {
         assert!(!engine.decide_on_user(&facts, "user:disable", &me, None).unwrap().allowed);
         assert!(!engine.decide_on_user(&facts, "user:set_role", &me, Some("member")).unwrap().allowed);
         assert!(engine.decide_on_user(&facts, "user:reset_password", &me, None).unwrap().allowed);
+    }
+
+    #[test]
+    fn table_of_room_decisions() {
+        let engine = Engine::builtin().unwrap();
+        let room = RoomFacts { id: "r1".into(), org: "acme".into(), members: vec![("olly".into(), "owner".into()), ("meg".into(), "member".into())] };
+        type Row<'a> = (&'a str, &'a str, &'a str, bool);
+        let cases: &[Row] = &[
+            ("olly", "acme", "room:read", true),
+            ("olly", "acme", "room:manage", true),
+            ("meg", "acme", "room:post", true),
+            ("meg", "acme", "room:manage", false),
+            ("stranger", "acme", "room:read", false),
+            ("stranger", "acme", "room:post", false),
+            // A member id carried over into another org gets nothing.
+            ("meg", "globex", "room:read", false),
+        ];
+        for (user, org, action, allowed) in cases {
+            let roles = vec!["owner".to_string()];
+            let facts = Facts { user_id: user, org, roles: &roles, groups: &[], collections: &[] };
+            let outcome = engine.decide_on_room(&facts, action, &room).unwrap();
+            assert_eq!(outcome.allowed, *allowed, "{user} of {org}: {action}: {:?}", outcome.policies);
+        }
     }
 
     #[test]

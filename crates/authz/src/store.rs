@@ -3,7 +3,7 @@
 
 use sqlx::{Row, SqlitePool};
 
-use crate::policy::CollectionFacts;
+use crate::policy::{CollectionFacts, RoomFacts};
 
 pub(crate) const MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE collections (
@@ -44,6 +44,19 @@ CREATE TRIGGER members_ins AFTER INSERT ON group_members BEGIN UPDATE meta SET v
 CREATE TRIGGER members_del AFTER DELETE ON group_members BEGIN UPDATE meta SET value = value + 1 WHERE key = 'version'; END;
 "#, r#"
 ALTER TABLE collections ADD COLUMN org_owned INTEGER NOT NULL DEFAULT 0;
+"#, r#"
+CREATE TABLE rooms (id TEXT PRIMARY KEY, org TEXT NOT NULL, created_at INTEGER NOT NULL);
+CREATE INDEX rooms_org ON rooms(org);
+CREATE TABLE room_members (
+    room_id TEXT NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
+    user_id TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('owner', 'member')),
+    PRIMARY KEY (room_id, user_id)
+);
+CREATE TRIGGER rooms_ins AFTER INSERT ON rooms BEGIN UPDATE meta SET value = value + 1 WHERE key = 'version'; END;
+CREATE TRIGGER rooms_del AFTER DELETE ON rooms BEGIN UPDATE meta SET value = value + 1 WHERE key = 'version'; END;
+CREATE TRIGGER room_members_ins AFTER INSERT ON room_members BEGIN UPDATE meta SET value = value + 1 WHERE key = 'version'; END;
+CREATE TRIGGER room_members_del AFTER DELETE ON room_members BEGIN UPDATE meta SET value = value + 1 WHERE key = 'version'; END;
 "#];
 
 #[derive(Clone)]
@@ -90,19 +103,26 @@ impl RelationStore {
 
     /// A collection owned by `owner`, or by the org itself when `org_owned` (its owner
     /// is then recorded as `org:<org>`, which is nobody's user id).
-    pub(crate) async fn create(&self, name: &str, org: &str, owner: &str, org_owned: bool) -> Result<String, sqlx::Error> {
+    /// `None` when the owner (a person, or the org for org-owned ones) already owns
+    /// `cap` collections besides the personal one; the count and the insert are one
+    /// statement, so concurrent creations cannot pass the cap.
+    pub(crate) async fn create(&self, name: &str, org: &str, owner: &str, org_owned: bool, cap: i64) -> Result<Option<String>, sqlx::Error> {
         let id = uuid::Uuid::new_v4().to_string();
         let owner = if org_owned { format!("org:{org}") } else { owner.to_string() };
-        sqlx::query("INSERT INTO collections (id, name, org, owner, personal, created_at, org_owned) VALUES (?, ?, ?, ?, 0, ?, ?)")
-            .bind(&id)
-            .bind(name)
-            .bind(org)
-            .bind(&owner)
-            .bind(common::now_unix())
-            .bind(org_owned as i64)
-            .execute(&self.pool)
-            .await?;
-        Ok(id)
+        let done = sqlx::query(
+            "INSERT INTO collections (id, name, org, owner, personal, created_at, org_owned)
+             SELECT ?1, ?2, ?3, ?4, 0, ?5, ?6 WHERE (SELECT COUNT(*) FROM collections WHERE owner = ?4 AND personal = 0) < ?7",
+        )
+        .bind(&id)
+        .bind(name)
+        .bind(org)
+        .bind(&owner)
+        .bind(common::now_unix())
+        .bind(org_owned as i64)
+        .bind(cap)
+        .execute(&self.pool)
+        .await?;
+        Ok((done.rows_affected() == 1).then_some(id))
     }
 
     pub(crate) async fn collection(&self, id: &str) -> Result<Option<CollectionRow>, sqlx::Error> {
@@ -194,10 +214,17 @@ impl RelationStore {
         tx.commit().await
     }
 
-    pub(crate) async fn create_group(&self, org: &str, name: &str) -> Result<String, sqlx::Error> {
+    /// `None` when the org already has `cap` groups (checked in the same statement).
+    pub(crate) async fn create_group(&self, org: &str, name: &str, cap: i64) -> Result<Option<String>, sqlx::Error> {
         let id = uuid::Uuid::new_v4().to_string();
-        sqlx::query("INSERT INTO groups (id, org, name) VALUES (?, ?, ?)").bind(&id).bind(org).bind(name).execute(&self.pool).await?;
-        Ok(id)
+        let done = sqlx::query("INSERT INTO groups (id, org, name) SELECT ?1, ?2, ?3 WHERE (SELECT COUNT(*) FROM groups WHERE org = ?2) < ?4")
+            .bind(&id)
+            .bind(org)
+            .bind(name)
+            .bind(cap)
+            .execute(&self.pool)
+            .await?;
+        Ok((done.rows_affected() == 1).then_some(id))
     }
 
     /// (id, name, members) of every group of `org`.
@@ -222,6 +249,53 @@ impl RelationStore {
 
     pub(crate) async fn group_org(&self, group_id: &str) -> Result<Option<String>, sqlx::Error> {
         sqlx::query_scalar("SELECT org FROM groups WHERE id = ?").bind(group_id).fetch_optional(&self.pool).await
+    }
+}
+
+impl RelationStore {
+    /// A new room of `org` whose only person is its creator, as owner.
+    pub(crate) async fn create_room(&self, id: &str, org: &str, creator: &str) -> Result<bool, sqlx::Error> {
+        let mut tx = common::db::begin_write(&self.pool).await?;
+        let done = sqlx::query("INSERT OR IGNORE INTO rooms (id, org, created_at) VALUES (?, ?, ?)").bind(id).bind(org).bind(common::now_unix()).execute(&mut *tx).await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        sqlx::query("INSERT INTO room_members (room_id, user_id, role) VALUES (?, ?, 'owner')").bind(id).bind(creator).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub(crate) async fn room(&self, id: &str) -> Result<Option<RoomFacts>, sqlx::Error> {
+        let Some(org) = sqlx::query_scalar::<_, String>("SELECT org FROM rooms WHERE id = ?").bind(id).fetch_optional(&self.pool).await? else {
+            return Ok(None);
+        };
+        let members: Vec<(String, String)> = sqlx::query_as("SELECT user_id, role FROM room_members WHERE room_id = ? ORDER BY role, user_id").bind(id).fetch_all(&self.pool).await?;
+        Ok(Some(RoomFacts { id: id.to_string(), org, members }))
+    }
+
+    /// Every room of `org` with its people, in two queries.
+    pub(crate) async fn rooms_in_org(&self, org: &str) -> Result<Vec<RoomFacts>, sqlx::Error> {
+        let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM rooms WHERE org = ? ORDER BY id").bind(org).fetch_all(&self.pool).await?;
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT m.room_id, m.user_id, m.role FROM room_members m JOIN rooms r ON r.id = m.room_id WHERE r.org = ?",
+        )
+        .bind(org)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut members: std::collections::HashMap<String, Vec<(String, String)>> = std::collections::HashMap::new();
+        for (room, user, role) in rows {
+            members.entry(room).or_default().push((user, role));
+        }
+        Ok(ids.into_iter().map(|id| RoomFacts { members: members.remove(&id).unwrap_or_default(), org: org.to_string(), id }).collect())
+    }
+
+    pub(crate) async fn replace_room_members(&self, id: &str, members: &[(String, String)]) -> Result<(), sqlx::Error> {
+        let mut tx = common::db::begin_write(&self.pool).await?;
+        sqlx::query("DELETE FROM room_members WHERE room_id = ?").bind(id).execute(&mut *tx).await?;
+        for (user, role) in members {
+            sqlx::query("INSERT OR REPLACE INTO room_members (room_id, user_id, role) VALUES (?, ?, ?)").bind(id).bind(user).bind(role).execute(&mut *tx).await?;
+        }
+        tx.commit().await
     }
 }
 

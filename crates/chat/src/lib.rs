@@ -1,9 +1,11 @@
 //! chat — rooms within an org and their message history.
 //!
 //! Messages are persisted before they are announced on the bus
-//! (`echo.chat.message.posted`). Public surface: `run`. Invariant: rooms and messages
-//! of another org are invisible (404). WebSocket delivery and `@echo` arrive with the
-//! chat issue; this is the REST core they build on.
+//! (`echo.chat.message.posted`). Who is in a room is a relationship owned by authz
+//! (the creator is its owner; owners add members): every read and post is a Cedar
+//! decision there. Public surface: `run`. Invariant: a room the caller is not in,
+//! and any room of another org, is invisible (404). WebSocket delivery and `@echo`
+//! arrive with the chat issue; this is the REST core they build on.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -73,7 +75,7 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .route("/v1/rooms/{id}/messages", get(list_messages).post(post_message))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
         .with_state(AppState { ctx: ctx.clone(), pool });
-    let router = common::server::service_router(ServiceName::Chat, routes, ready).fallback(common::server::not_found);
+    let router = common::server::service_router(&ctx, routes, ready).fallback(common::server::not_found);
     common::server::serve(listener, router, ctx.shutdown.clone()).await
 }
 
@@ -87,6 +89,11 @@ async fn create_room(State(state): State<AppState>, ActingUser(principal): Actin
     if name.is_empty() || name.chars().count() > 100 {
         return Err(ApiError::bad_request("chat.invalid_name", "room names are 1 to 100 characters"));
     }
+    let cap = state.ctx.config.chat.max_rooms_per_user;
+    let created: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM rooms WHERE created_by = ?").bind(&principal.sub).fetch_one(&state.pool).await?;
+    if created >= cap {
+        return Err(ApiError::forbidden("chat.limit_reached", format!("you have created {cap} rooms, the most allowed (chat.max_rooms_per_user)")));
+    }
     let id = uuid::Uuid::now_v7().to_string();
     let now = common::now_unix();
     sqlx::query("INSERT INTO rooms (id, org, name, created_by, created_at) VALUES (?, ?, ?, ?, ?)")
@@ -97,11 +104,28 @@ async fn create_room(State(state): State<AppState>, ActingUser(principal): Actin
         .bind(now)
         .execute(&state.pool)
         .await?;
+    // Authz holds who is in the room; without that the room must not exist.
+    let registered: Result<serde_json::Value, ApiError> = state.ctx.peers.post_json(ServiceName::Authz, "/v1/rooms", Some(&principal), &serde_json::json!({"id": id})).await;
+    if let Err(error) = registered {
+        let _ = sqlx::query("DELETE FROM rooms WHERE id = ?").bind(&id).execute(&state.pool).await;
+        return Err(error);
+    }
     Ok((StatusCode::CREATED, Json(Room { id, name: name.to_string(), created_by: principal.sub, created_at: rfc3339(now) })))
 }
 
+#[derive(Deserialize)]
+struct ReadableRooms {
+    rooms: Vec<String>,
+}
+
+/// The rooms the caller is in (authz's exact answer), by name.
 async fn list_rooms(State(state): State<AppState>, ActingUser(principal): ActingUser) -> ApiResult<Json<Vec<Room>>> {
-    let rows = sqlx::query("SELECT * FROM rooms WHERE org = ? ORDER BY name").bind(&principal.org).fetch_all(&state.pool).await?;
+    let readable: ReadableRooms = state.ctx.peers.get_json(ServiceName::Authz, "/v1/rooms", Some(&principal)).await?;
+    let rows = sqlx::query("SELECT * FROM rooms WHERE org = ? AND id IN (SELECT value FROM json_each(?)) ORDER BY name")
+        .bind(&principal.org)
+        .bind(serde_json::to_string(&readable.rooms).unwrap_or_else(|_| "[]".into()))
+        .fetch_all(&state.pool)
+        .await?;
     let rooms = rows
         .iter()
         .map(|r| Ok(Room { id: r.try_get("id")?, name: r.try_get("name")?, created_by: r.try_get("created_by")?, created_at: rfc3339(r.try_get("created_at")?) }))
@@ -109,12 +133,24 @@ async fn list_rooms(State(state): State<AppState>, ActingUser(principal): Acting
     Ok(Json(rooms))
 }
 
-async fn room_in_org(state: &AppState, principal: &Principal, room_id: &str) -> ApiResult<()> {
-    let org: Option<String> = sqlx::query_scalar("SELECT org FROM rooms WHERE id = ?").bind(room_id).fetch_optional(&state.pool).await?;
-    match org {
-        Some(org) if org == principal.org => Ok(()),
-        _ => Err(ApiError::not_found("chat.room_not_found", "no such room")),
+/// Whether `principal` may do `action` (`room:read`, `room:post`) in the room: asked
+/// of authz every time. A room they may not read is reported as not existing.
+async fn require_in_room(state: &AppState, principal: &Principal, room_id: &str, action: &str) -> ApiResult<()> {
+    let not_found = || ApiError::not_found("chat.room_not_found", "no such room");
+    uuid::Uuid::parse_str(room_id).map_err(|_| not_found())?;
+    let request = common::wire::DecisionRequest { action: action.into(), resource_type: "Room".into(), resource_id: room_id.into(), classification: None, new_role: None };
+    let decision: common::wire::Decision = state.ctx.peers.post_json(ServiceName::Authz, "/v1/decide", Some(principal), &request).await?;
+    if decision.allowed {
+        return Ok(());
     }
+    if action != "room:read" {
+        let read = common::wire::DecisionRequest { action: "room:read".into(), ..request };
+        let may_read: common::wire::Decision = state.ctx.peers.post_json(ServiceName::Authz, "/v1/decide", Some(principal), &read).await?;
+        if may_read.allowed {
+            return Err(ApiError::forbidden("chat.read_only", "you may read this room but not post in it"));
+        }
+    }
+    Err(not_found())
 }
 
 #[derive(Deserialize)]
@@ -128,7 +164,7 @@ async fn post_message(
     Path(room_id): Path<String>,
     Json(body): Json<NewMessage>,
 ) -> ApiResult<(StatusCode, Json<Message>)> {
-    room_in_org(&state, &principal, &room_id).await?;
+    require_in_room(&state, &principal, &room_id, "room:post").await?;
     let text = body.body.trim();
     if text.is_empty() || text.chars().count() > 8000 {
         return Err(ApiError::bad_request("chat.invalid_message", "messages are 1 to 8000 characters"));
@@ -159,7 +195,7 @@ struct Page {
 }
 
 async fn list_messages(State(state): State<AppState>, ActingUser(principal): ActingUser, Path(room_id): Path<String>, Query(page): Query<Page>) -> ApiResult<Json<Vec<Message>>> {
-    room_in_org(&state, &principal, &room_id).await?;
+    require_in_room(&state, &principal, &room_id, "room:read").await?;
     let rows = sqlx::query("SELECT * FROM messages WHERE room_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?")
         .bind(&room_id)
         .bind(page.before.unwrap_or(i64::MAX))

@@ -143,6 +143,9 @@ pub struct EchoConfig {
     /// terminators): from these, the client's address is read from `X-Forwarded-For`
     /// for sign-in throttling and rate limits. Empty: the TCP peer is the client.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// A bearer token that lets Prometheus scrape `/metrics` from another machine;
+    /// without it only the machine itself (loopback, not through a proxy) may.
+    pub metrics_token: Secret,
     pub log: LogConfig,
     pub identity: IdentityConfig,
     pub gateway: GatewayConfig,
@@ -155,14 +158,41 @@ pub struct EchoConfig {
     pub logs: LogsConfig,
     pub audit: AuditConfig,
     pub authz: AuthzConfig,
+    pub chat: ChatConfig,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthzConfig {
     /// A directory with `echo.cedarschema` and `*.cedar` to use instead of the policies
     /// built into the binary; re-read on SIGHUP and on `POST /v1/policies/reload`.
     pub policy_dir: Option<PathBuf>,
+    /// Collections one person may own (besides their personal one).
+    pub max_collections_per_user: i64,
+    /// Groups one org may have.
+    pub max_groups_per_org: i64,
+    /// Repeated identical denials (same person, action and resource) within this many
+    /// seconds become one audit record with a count.
+    pub denial_audit_window_secs: u64,
+}
+
+impl Default for AuthzConfig {
+    fn default() -> Self {
+        AuthzConfig { policy_dir: None, max_collections_per_user: 1000, max_groups_per_org: 500, denial_audit_window_secs: 60 }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatConfig {
+    /// Rooms one person may create.
+    pub max_rooms_per_user: i64,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        ChatConfig { max_rooms_per_user: 500 }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -229,6 +259,74 @@ pub struct GatewayConfig {
     /// `auto` (Secure unless plain-HTTP), `always` or `never`.
     pub secure_cookies: String,
     pub session_ttl_hours: i64,
+    /// `on` (default): per-user and per-address budgets; `off`: none (benchmarks only).
+    pub rate_limits: Switch,
+    /// The budgets when `rate_limits` is on.
+    pub rate_limit: RateBudgets,
+}
+
+/// `on` or `off` (YAML booleans are read too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    On,
+    Off,
+}
+
+impl<'de> Deserialize<'de> for Switch {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Flag(bool),
+            Word(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Flag(true) => Ok(Switch::On),
+            Raw::Flag(false) => Ok(Switch::Off),
+            Raw::Word(word) => match word.to_ascii_lowercase().as_str() {
+                "on" | "true" | "yes" => Ok(Switch::On),
+                "off" | "false" | "no" => Ok(Switch::Off),
+                other => Err(serde::de::Error::custom(format!("`{other}` is neither `on` nor `off`"))),
+            },
+        }
+    }
+}
+
+/// Requests a budget allows: `per_minute` sustained, `burst` at once.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub per_minute: u32,
+    pub burst: u32,
+}
+
+/// The gateway's budgets: per signed-in user, one per kind of request, and one per
+/// client address for everything (before anyone is known).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateBudgets {
+    /// Reading: `GET`s and searches.
+    pub read: Rate,
+    /// Changes: creating, sharing, deleting, posting.
+    pub write: Rate,
+    pub upload: Rate,
+    /// Questions (`/ask`, `/v1/chat/completions`): each may cost an LLM call.
+    pub ask: Rate,
+    /// Every request from one client address, signed in or not.
+    pub per_ip: Rate,
+}
+
+impl Default for RateBudgets {
+    fn default() -> Self {
+        RateBudgets {
+            read: Rate { per_minute: 1200, burst: 200 },
+            write: Rate { per_minute: 300, burst: 60 },
+            upload: Rate { per_minute: 120, burst: 50 },
+            ask: Rate { per_minute: 60, burst: 20 },
+            per_ip: Rate { per_minute: 6000, burst: 1000 },
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -309,6 +407,7 @@ impl Default for EchoConfig {
             public_url: None,
             allow_exposed_secrets: false,
             trusted_proxies: Vec::new(),
+            metrics_token: Secret::default(),
             log: LogConfig::default(),
             identity: IdentityConfig::default(),
             gateway: GatewayConfig::default(),
@@ -321,6 +420,7 @@ impl Default for EchoConfig {
             logs: LogsConfig::default(),
             audit: AuditConfig::default(),
             authz: AuthzConfig::default(),
+            chat: ChatConfig::default(),
         }
     }
 }
@@ -357,6 +457,8 @@ impl Default for GatewayConfig {
             request_timeout_secs: 60,
             secure_cookies: "auto".into(),
             session_ttl_hours: 12,
+            rate_limits: Switch::On,
+            rate_limit: RateBudgets::default(),
         }
     }
 }
@@ -447,6 +549,18 @@ impl EchoConfig {
         let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.to_string() });
         if !matches!(self.log.format.as_str(), "pretty" | "json") {
             return invalid("log.format", "must be `pretty` or `json`");
+        }
+        let budgets = &self.gateway.rate_limit;
+        for (key, rate) in [
+            ("gateway.rate_limit.read", budgets.read),
+            ("gateway.rate_limit.write", budgets.write),
+            ("gateway.rate_limit.upload", budgets.upload),
+            ("gateway.rate_limit.ask", budgets.ask),
+            ("gateway.rate_limit.per_ip", budgets.per_ip),
+        ] {
+            if rate.per_minute == 0 || rate.burst == 0 {
+                return invalid(key, "needs per_minute and burst of at least 1 (switch limits off with gateway.rate_limits: off)");
+            }
         }
         if !matches!(self.gateway.secure_cookies.as_str(), "auto" | "always" | "never") {
             return invalid("gateway.secure_cookies", "must be `auto`, `always` or `never`");

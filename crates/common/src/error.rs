@@ -73,6 +73,8 @@ pub struct ApiError {
     pub code: Cow<'static, str>,
     pub detail: String,
     pub source: Option<anyhow::Error>,
+    /// Seconds until a refused request may be tried again (`Retry-After`).
+    pub retry_after: Option<u64>,
 }
 
 impl std::fmt::Display for ApiError {
@@ -83,7 +85,7 @@ impl std::fmt::Display for ApiError {
 
 impl ApiError {
     pub fn new(kind: ErrorKind, code: impl Into<Cow<'static, str>>, detail: impl Into<String>) -> Self {
-        ApiError { kind, code: code.into(), detail: detail.into(), source: None }
+        ApiError { kind, code: code.into(), detail: detail.into(), source: None, retry_after: None }
     }
     pub fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
         Self::new(ErrorKind::BadRequest, code, detail)
@@ -110,7 +112,13 @@ impl ApiError {
             code: "internal".into(),
             detail: "an internal error occurred".into(),
             source: Some(source.into()),
+            retry_after: None,
         }
+    }
+
+    /// A request refused by a rate limit, to be tried again after `retry_after_secs`.
+    pub fn rate_limited(detail: impl Into<String>, retry_after_secs: u64) -> Self {
+        ApiError { retry_after: Some(retry_after_secs.max(1)), ..Self::new(ErrorKind::TooManyRequests, "request.rate_limited", detail) }
     }
 
     pub fn title(&self) -> &'static str {
@@ -192,6 +200,9 @@ impl IntoResponse for ApiError {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         if let Some(challenge) = self.bearer_challenge() {
             headers.insert(header::WWW_AUTHENTICATE, challenge);
+        }
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

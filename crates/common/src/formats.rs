@@ -37,7 +37,7 @@ impl Format {
 
 /// A filename as Echo keeps and shows it: only its last path component, without
 /// control characters, bidirectional overrides and isolates (U+202E can make
-/// `invoice‮fdp.exe` read as `invoiceexe.pdf`), zero-width characters or a byte-order
+/// `invoice<U+202E>fdp.exe` read as `invoiceexe.pdf`), zero-width characters or a byte-order
 /// mark, trimmed, at most 255 bytes; `upload` when nothing is left.
 pub fn clean_filename(raw: &str) -> String {
     let invisible = |c: char| {

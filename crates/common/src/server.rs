@@ -106,18 +106,42 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
 struct EdgeState {
     service: &'static str,
     ready: ReadyCheck,
+    metrics_token: crate::config::Secret,
+    trusted_proxies: Arc<Vec<std::net::IpAddr>>,
 }
 
 /// Wraps a service's routes with the shared endpoints, metrics and spans.
-pub fn service_router(name: ServiceName, routes: Router, ready: ReadyCheck) -> Router {
+pub fn service_router(ctx: &ServiceContext, routes: Router, ready: ReadyCheck) -> Router {
     metrics_handle();
-    let state = EdgeState { service: name.as_str(), ready };
+    let state = EdgeState {
+        service: ctx.name.as_str(),
+        ready,
+        metrics_token: ctx.config.metrics_token.clone(),
+        trusted_proxies: Arc::new(ctx.config.trusted_proxies.clone()),
+    };
     let shared = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(|| async { metrics_handle().render() }))
+        .route("/metrics", get(metrics))
         .with_state(state.clone());
     routes.merge(shared).layer(middleware::from_fn_with_state(state, observe))
+}
+
+/// Prometheus text, for the machine itself (a loopback peer that is no proxy and
+/// forwards nobody) or whoever presents `metrics_token`. Everyone else is told there
+/// is nothing here: the gateway's and identity's ports face the world.
+async fn metrics(State(state): State<EdgeState>, request: Request) -> Response {
+    let peer = request.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+    let headers = request.headers();
+    let forwarded = headers.contains_key("x-forwarded-for") || headers.contains_key(axum::http::header::FORWARDED);
+    let local = peer.is_some_and(|ip| ip.is_loopback() && !state.trusted_proxies.contains(&ip)) && !forwarded;
+    let token_ok = !state.metrics_token.is_empty()
+        && bearer(headers).is_some_and(|t| crate::rand::constant_time_eq(t.as_bytes(), state.metrics_token.expose().as_bytes()));
+    if local || token_ok {
+        metrics_handle().render().into_response()
+    } else {
+        ApiError::not_found("route.not_found", "no such endpoint").into_response()
+    }
 }
 
 async fn readyz(State(state): State<EdgeState>) -> Response {

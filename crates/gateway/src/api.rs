@@ -204,6 +204,19 @@ pub(crate) async fn room_messages(State(app): State<AppState>, caller: Caller, P
     Ok(Json(app.ctx.peers.get_json(ServiceName::Chat, &format!("/v1/rooms/{id}/messages{}", passthrough_query(&uri)), Some(&caller.principal)).await?))
 }
 
+/// `GET /api/v1/rooms/{id}/members`: who is in the room (its members see it).
+pub(crate) async fn room_members(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    service::check_id(&id).map_err(|_| ApiError::not_found("chat.room_not_found", "no such room"))?;
+    Ok(Json(app.ctx.peers.get_json(ServiceName::Authz, &format!("/v1/rooms/{id}/members"), Some(&caller.principal)).await?))
+}
+
+/// `PUT /api/v1/rooms/{id}/members {"members": [{"user", "role": "owner"|"member"}]}`
+/// (the room's owners only; everyone named must be of the org).
+pub(crate) async fn set_room_members(State(app): State<AppState>, caller: Caller, Path(id): Path<String>, Json(body): Json<serde_json::Value>) -> ApiResult<Json<serde_json::Value>> {
+    service::check_id(&id).map_err(|_| ApiError::not_found("chat.room_not_found", "no such room"))?;
+    Ok(Json(app.ctx.peers.put_json(ServiceName::Authz, &format!("/v1/rooms/{id}/members"), Some(&caller.principal), &body).await?))
+}
+
 pub(crate) async fn post_room_message(State(app): State<AppState>, caller: Caller, Path(id): Path<String>, Json(body): Json<serde_json::Value>) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     service::check_id(&id).map_err(|_| ApiError::not_found("chat.room_not_found", "no such room"))?;
     Ok((StatusCode::CREATED, Json(app.ctx.peers.post_json(ServiceName::Chat, &format!("/v1/rooms/{id}/messages"), Some(&caller.principal), &body).await?)))

@@ -11,6 +11,7 @@ use common::wire::Principal;
 use common::{ApiError, ErrorKind};
 
 use crate::AppState;
+use crate::limits::Budget;
 use crate::session::{self, Session};
 
 /// An authenticated API caller.
@@ -20,30 +21,46 @@ pub(crate) struct Caller {
     pub(crate) session: Option<Session>,
 }
 
+/// The path the client asked for (nested routers see it without their prefix).
+fn original_path(parts: &Parts) -> String {
+    parts.extensions.get::<axum::extract::OriginalUri>().map(|u| u.0.path().to_string()).unwrap_or_else(|| parts.uri.path().to_string())
+}
+
+/// Spends one request of the caller's budget for this kind of request.
+fn spend(app: &AppState, parts: &Parts, sub: &str) -> Result<(), ApiError> {
+    app.limits.check_user(sub, Budget::of(&parts.method, &original_path(parts)))
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Self::Rejection> {
-        if let Some(token) = common::auth::bearer(&parts.headers) {
-            let claims = app.ctx.verifier.verify(token, API_AUDIENCE).await?;
-            let principal = claims.principal().ok_or_else(|| ApiError::new(ErrorKind::Unauthenticated, "auth.invalid_token", "this token does not name a user"))?;
-            if app.revocations.token_revoked(&claims.jti) {
-                return Err(ApiError::new(ErrorKind::Unauthenticated, "auth.invalid_token", "this token was revoked"));
-            }
-            if app.revocations.user_disabled(&principal.sub) {
-                return Err(ApiError::new(ErrorKind::Unauthenticated, "auth.invalid_token", "this account is disabled"));
-            }
-            return Ok(Caller { principal, session: None });
-        }
-        let session = session::load(&app.pool, &parts.headers).await?.ok_or_else(|| ApiError::unauthenticated("sign in or send a bearer token"))?;
-        if !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS) {
-            let presented = parts.headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).unwrap_or_default();
-            if !common::rand::constant_time_eq(presented.as_bytes(), session.csrf.as_bytes()) {
-                return Err(ApiError::new(ErrorKind::Forbidden, "auth.csrf", "cookie-authenticated writes need the x-csrf-token header"));
-            }
-        }
-        Ok(Caller { principal: session.principal.clone(), session: Some(session) })
+        let caller = authenticate(parts, app).await?;
+        spend(app, parts, &caller.principal.sub)?;
+        Ok(caller)
     }
+}
+
+async fn authenticate(parts: &Parts, app: &AppState) -> Result<Caller, ApiError> {
+    if let Some(token) = common::auth::bearer(&parts.headers) {
+        let claims = app.ctx.verifier.verify(token, API_AUDIENCE).await?;
+        let principal = claims.principal().ok_or_else(|| ApiError::new(ErrorKind::Unauthenticated, "auth.invalid_token", "this token does not name a user"))?;
+        if app.revocations.token_revoked(&claims.jti) {
+            return Err(ApiError::new(ErrorKind::Unauthenticated, "auth.invalid_token", "this token was revoked"));
+        }
+        if app.revocations.user_disabled(&principal.sub) {
+            return Err(ApiError::new(ErrorKind::Unauthenticated, "auth.invalid_token", "this account is disabled"));
+        }
+        return Ok(Caller { principal, session: None });
+    }
+    let session = session::load(&app.pool, &parts.headers).await?.ok_or_else(|| ApiError::unauthenticated("sign in or send a bearer token"))?;
+    if !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        let presented = parts.headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        if !common::rand::constant_time_eq(presented.as_bytes(), session.csrf.as_bytes()) {
+            return Err(ApiError::new(ErrorKind::Forbidden, "auth.csrf", "cookie-authenticated writes need the x-csrf-token header"));
+        }
+    }
+    Ok(Caller { principal: session.principal.clone(), session: Some(session) })
 }
 
 /// A signed-in browser user; pages redirect to sign-in when absent.
@@ -64,7 +81,10 @@ impl FromRequestParts<AppState> for PageUser {
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Self::Rejection> {
         use axum::response::IntoResponse;
         match session::load(&app.pool, &parts.headers).await {
-            Ok(Some(session)) => Ok(PageUser(session)),
+            Ok(Some(session)) => match spend(app, parts, &session.principal.sub) {
+                Ok(()) => Ok(PageUser(session)),
+                Err(refused) => Err(crate::pages::error_page(&refused)),
+            },
             Ok(None) => {
                 let path = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
                 Err(SignInRedirect(path).into_response())

@@ -9,6 +9,7 @@
 
 mod api;
 mod auth;
+mod limits;
 mod pages;
 mod revocation;
 mod service;
@@ -36,6 +37,25 @@ pub(crate) struct AppState {
     pub(crate) public_url: String,
     /// Access tokens and users identity announced as revoked or disabled.
     pub(crate) revocations: revocation::Revocations,
+    pub(crate) limits: limits::RateLimits,
+}
+
+/// The per-address budget, spent by every request before anything else happens.
+async fn limit_by_address(
+    axum::extract::State(app): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let peer = request.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+    if let Some(peer) = peer {
+        let ip = common::web::client_ip(peer, request.headers(), &app.ctx.config.trusted_proxies);
+        if let Err(refused) = app.limits.check_ip(ip) {
+            let path = request.uri().path();
+            return if path.starts_with("/api/") || path.starts_with("/v1/") { refused.into_response() } else { pages::error_page(&refused) };
+        }
+    }
+    next.run(request).await
 }
 
 /// Readiness: every service the gateway depends on answers its own `/readyz`.
@@ -74,7 +94,9 @@ fn readiness(ctx: &ServiceContext, pool: SqlitePool, consumer_ready: common::ser
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
     let pool = common::db::open_migrated(&ctx.config.db_path(ServiceName::Gateway), session::MIGRATIONS).await?;
     let revocations = revocation::Revocations::load(&pool).await?;
-    let app = AppState { ctx: ctx.clone(), pool: pool.clone(), public_url: ctx.config.public_url(), revocations: revocations.clone() };
+    let limits = limits::RateLimits::from_config(&ctx.config.gateway);
+    limits.spawn_cleanup(ctx.shutdown.clone());
+    let app = AppState { ctx: ctx.clone(), pool: pool.clone(), public_url: ctx.config.public_url(), revocations: revocations.clone(), limits };
     let consumer_ready = common::server::ReadyFlag::default();
     revocation::spawn_consumers(ctx.clone(), pool.clone(), revocations, consumer_ready.clone());
     let config = &ctx.config.gateway;
@@ -109,6 +131,7 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .route("/audit/verify", get(api::audit_verify))
         .route("/rooms", get(api::rooms).post(api::create_room))
         .route("/rooms/{id}/messages", get(api::room_messages).post(api::post_room_message))
+        .route("/rooms/{id}/members", get(api::room_members).put(api::set_room_members))
         .route("/openapi.json", get(api::openapi))
         .fallback(common::server::not_found);
     let openai = Router::new().route("/models", get(api::models)).route("/chat/completions", post(api::chat_completions));
@@ -139,7 +162,8 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(axum::http::StatusCode::GATEWAY_TIMEOUT, Duration::from_secs(config.request_timeout_secs)))
         .layer(SetResponseHeaderLayer::if_not_present(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
         .layer(SetResponseHeaderLayer::if_not_present(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), limit_by_address))
         .with_state(app);
-    let router = common::server::service_router(ServiceName::Gateway, routes, readiness(&ctx, pool, consumer_ready));
+    let router = common::server::service_router(&ctx, routes, readiness(&ctx, pool, consumer_ready));
     common::server::serve(listener, router, ctx.shutdown.clone()).await
 }

@@ -29,7 +29,11 @@ pub(crate) fn error_page(error: &ApiError) -> Response {
     error.log();
     let problem = error.problem();
     let detail = if error.kind == ErrorKind::Internal { "Something went wrong on our side. Please try again." } else { problem.detail.as_str() };
-    render(error.kind.status(), ErrorPage { title: &problem.title, detail }.render())
+    let mut response = render(error.kind.status(), ErrorPage { title: &problem.title, detail }.render());
+    if let Some(seconds) = error.retry_after {
+        response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(seconds));
+    }
+    response
 }
 
 fn render(status: StatusCode, html: Result<String, askama::Error>) -> Response {

@@ -31,7 +31,7 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     let identity = service::Identity::new(ctx.config.clone(), Some(ctx.clone())).await?;
     spawn_key_reload(identity.clone(), ctx.shutdown.clone());
     let ready = common::server::sqlite_ready(identity.store.pool.clone(), vec![]);
-    let router = common::server::service_router(ServiceName::Identity, http::router(identity, ctx.clone()), ready)
+    let router = common::server::service_router(&ctx, http::router(identity, ctx.clone()), ready)
         .fallback(common::server::not_found);
     common::server::serve(listener, router, ctx.shutdown.clone()).await
 }

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 
 use common::error::{ApiResult, Json, Query};
 use common::wire::ParsedDocument;
-use common::{ApiError, ErrorKind, ServiceContext, ServiceName};
+use common::{ApiError, ErrorKind, ServiceContext};
 
 pub use common::formats::{Format, detect};
 pub use formats::{ParseError, extract};
@@ -93,6 +93,6 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .layer(DefaultBodyLimit::max(limit))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
         .with_state(state);
-    let router = common::server::service_router(ServiceName::Parser, routes, common::server::always_ready()).fallback(common::server::not_found);
+    let router = common::server::service_router(&ctx, routes, common::server::always_ready()).fallback(common::server::not_found);
     common::server::serve(listener, router, ctx.shutdown.clone()).await
 }

@@ -67,7 +67,7 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .with_state(state);
     // The API description is public (no token), like the service's health endpoints.
     let routes = routes.route("/v1/openapi.json", get(openapi));
-    let router = common::server::service_router(ServiceName::Queue, routes, ready).fallback(common::server::not_found);
+    let router = common::server::service_router(&ctx, routes, ready).fallback(common::server::not_found);
     common::server::serve(listener, router, ctx.shutdown.clone()).await
 }
 

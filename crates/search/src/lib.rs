@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 
 use common::error::{ApiResult, Json};
 use common::wire::{DocumentDeleted, IndexRequest, SearchQuery, SearchResults, events};
-use common::{ApiError, ServiceContext, ServiceName};
+use common::{ApiError, ServiceContext};
 
 pub use index::{ChunkIndex, IndexError};
 
@@ -53,7 +53,7 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .route("/v1/documents/{id}", delete(delete_document))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
         .with_state(state);
-    let router = common::server::service_router(ServiceName::Search, routes, common::server::always_ready()).fallback(common::server::not_found);
+    let router = common::server::service_router(&ctx, routes, common::server::always_ready()).fallback(common::server::not_found);
     common::server::serve(listener, router, ctx.shutdown.clone()).await
 }
 

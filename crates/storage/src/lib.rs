@@ -72,7 +72,7 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .route("/v1/blobs/{id}", get(download).delete(remove))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
         .with_state(state);
-    let router = common::server::service_router(ServiceName::Storage, routes, common::server::always_ready()).fallback(common::server::not_found);
+    let router = common::server::service_router(&ctx, routes, common::server::always_ready()).fallback(common::server::not_found);
     common::server::serve(listener, router, ctx.shutdown.clone()).await
 }
 

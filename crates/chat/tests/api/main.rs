@@ -7,7 +7,7 @@ use common::wire::Principal;
 use echod::testing::TestEcho;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rooms_keep_their_history_and_stay_inside_their_org() {
+async fn rooms_keep_their_history_and_only_their_members_see_it() {
     let echo = TestEcho::start().await;
     let peers = echo.peers_as(ServiceName::Gateway);
     let ann = Principal { sub: "ann".into(), username: "ann".into(), org: "acme".into(), roles: vec![] };
@@ -18,6 +18,14 @@ async fn rooms_keep_their_history_and_stay_inside_their_org() {
     }
     let history: Vec<serde_json::Value> = peers.get_json(ServiceName::Chat, &format!("/v1/rooms/{room_id}/messages"), Some(&ann)).await.unwrap();
     assert_eq!(history.iter().map(|m| m["body"].as_str().unwrap()).collect::<Vec<_>>(), ["first", "second"]);
+    // Someone of the same org who is not in the room sees nothing of it either.
+    let colleague = Principal { sub: "bob".into(), username: "bob".into(), org: "acme".into(), roles: vec!["owner".into()] };
+    let hidden = peers.get_json::<serde_json::Value>(ServiceName::Chat, &format!("/v1/rooms/{room_id}/messages"), Some(&colleague)).await.unwrap_err();
+    assert_eq!(hidden.code, "chat.room_not_found");
+    let posted: common::ApiError = peers.post_json::<serde_json::Value, serde_json::Value>(ServiceName::Chat, &format!("/v1/rooms/{room_id}/messages"), Some(&colleague), &serde_json::json!({"body": "hi"})).await.unwrap_err();
+    assert_eq!(posted.code, "chat.room_not_found");
+    let rooms: Vec<serde_json::Value> = peers.get_json(ServiceName::Chat, "/v1/rooms", Some(&colleague)).await.unwrap();
+    assert!(rooms.is_empty(), "{rooms:?}");
     let outsider = Principal { sub: "eve".into(), username: "eve".into(), org: "globex".into(), roles: vec![] };
     let hidden = peers.get_json::<serde_json::Value>(ServiceName::Chat, &format!("/v1/rooms/{room_id}/messages"), Some(&outsider)).await.unwrap_err();
     assert_eq!(hidden.code, "chat.room_not_found");

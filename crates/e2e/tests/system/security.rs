@@ -539,3 +539,263 @@ async fn concurrent_uploads_never_pass_the_quota_and_the_rest_hear_413() {
     assert_eq!(small.status(), StatusCode::ACCEPTED);
     ts.system.stop().await;
 }
+
+fn client_from(address: &str) -> reqwest::Client {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).local_address(address.parse::<std::net::IpAddr>().unwrap()).build().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_users_flood_is_throttled_and_leaves_everyone_else_alone() {
+    let ts = TestSystem::start_with(|config| config.authz.denial_audit_window_secs = 2).await;
+    ts.add_user("flo", "acme", "member").await;
+    ts.add_user("ned", "acme", "member").await;
+    ts.add_user("gus", "globex", "owner").await;
+    let flo = ts.sign_in("flo", &password_of("flo")).await.access_token;
+    let ned = ts.sign_in("ned", &password_of("ned")).await.access_token;
+    let me = format!("{}/api/v1/me", ts.gateway());
+
+    // Flo sends 1,000 requests as fast as 50 connections allow; Ned works meanwhile.
+    let flooder = client_from("127.0.0.3");
+    let flood = futures_util::stream::iter(0..1000)
+        .map(|_| {
+            let (http, url, token) = (flooder.clone(), me.clone(), flo.clone());
+            async move {
+                let answer = http.get(url).bearer_auth(token).send().await.unwrap();
+                let retry_after = answer.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+                let status = answer.status();
+                let code = answer.json::<serde_json::Value>().await.ok().and_then(|b| b["code"].as_str().map(str::to_string));
+                (status, retry_after, code)
+            }
+        })
+        .buffer_unordered(50)
+        .collect::<Vec<_>>();
+    let colleague = client_from("127.0.0.4");
+    let steady = async {
+        let mut statuses = Vec::new();
+        for _ in 0..20 {
+            statuses.push(colleague.get(&me).bearer_auth(&ned).send().await.unwrap().status());
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        statuses
+    };
+    use futures_util::StreamExt;
+    let (flood, steady) = tokio::join!(flood, steady);
+    let throttled: Vec<_> = flood.iter().filter(|(s, _, _)| *s == StatusCode::TOO_MANY_REQUESTS).collect();
+    let served = flood.iter().filter(|(s, _, _)| *s == StatusCode::OK).count();
+    println!("flood: {served} served, {} throttled", throttled.len());
+    assert_eq!(served + throttled.len(), 1000);
+    assert!(throttled.len() >= 600, "a 1,000-request burst is throttled: only {} refused", throttled.len());
+    assert!(throttled.iter().all(|(_, retry, code)| retry.is_some_and(|r| r >= 1) && code.as_deref() == Some("request.rate_limited")), "429 with Retry-After and a code");
+    assert!(steady.iter().all(|s| *s == StatusCode::OK), "the colleague is never throttled: {steady:?}");
+
+    // An address with no credentials at all runs out of its own budget.
+    let stranger = client_from("127.0.0.5");
+    let unauthenticated = futures_util::stream::iter(0..1300)
+        .map(|_| {
+            let (http, url) = (stranger.clone(), me.clone());
+            async move { http.get(url).send().await.unwrap().status() }
+        })
+        .buffer_unordered(50)
+        .collect::<Vec<_>>()
+        .await;
+    assert!(unauthenticated.contains(&StatusCode::TOO_MANY_REQUESTS), "the address budget holds");
+    let metrics = ts.http.get(format!("{}/metrics", ts.gateway())).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("echo_gateway_throttled_total"), "throttling is counted");
+
+    // Repeated identical denials are one audit record, then one with the count.
+    let part = reqwest::multipart::Part::bytes(b"# Private\n\nflo's notes\n".to_vec()).file_name("private.md").mime_str("text/markdown").unwrap();
+    let created: serde_json::Value =
+        ts.http.post(format!("{}/api/v1/documents", ts.gateway())).bearer_auth(&flo).multipart(reqwest::multipart::Form::new().part("file", part)).send().await.unwrap().json().await.unwrap();
+    let document = created["id"].as_str().unwrap().to_string();
+    let gus = ts.sign_in("gus", &password_of("gus")).await.access_token;
+    let prober = client_from("127.0.0.6");
+    for _ in 0..150 {
+        let status = prober.get(format!("{}/api/v1/documents/{document}", ts.gateway())).bearer_auth(&gus).send().await.unwrap().status();
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+    let gus_id = user_id(&ts, "gus").await;
+    let denials = || {
+        let (ts, gus, gus_id) = (&ts, &gus, &gus_id);
+        async move {
+            let audit: serde_json::Value = ts
+                .http
+                .get(format!("{}/api/v1/audit", ts.gateway()))
+                .query(&[("actor", gus_id.as_str()), ("action", "authz.denied")])
+                .bearer_auth(gus)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            audit["records"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let records = crate::helpers::eventually("the folded denial record", Duration::from_secs(10), || async {
+        let records = denials().await;
+        records.iter().any(|r| r["context"]["repeated"].as_u64().is_some()).then_some(records)
+    })
+    .await;
+    assert_eq!(records.len(), 2, "150 identical denials: the first, and one with the count: {records:#?}");
+    let repeated: u64 = records.iter().filter_map(|r| r["context"]["repeated"].as_u64()).sum();
+    assert_eq!(repeated, 149);
+    ts.system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_one_person_may_create_is_capped_with_a_clear_error() {
+    let ts = TestSystem::start_with(|config| {
+        config.authz.max_collections_per_user = 2;
+        config.authz.max_groups_per_org = 1;
+        config.chat.max_rooms_per_user = 2;
+    })
+    .await;
+    ts.add_user("cap", "acme", "owner").await;
+    let token = ts.sign_in("cap", &password_of("cap")).await.access_token;
+    let create = |path: &'static str, name: String| {
+        let (ts, token) = (&ts, token.clone());
+        async move { ts.http.post(format!("{}/api/v1/{path}", ts.gateway())).bearer_auth(token).json(&serde_json::json!({"name": name})).send().await.unwrap() }
+    };
+    for (path, allowed, code) in [("collections", 2, "collection.limit_reached"), ("groups", 1, "group.limit_reached"), ("rooms", 2, "chat.limit_reached")] {
+        for n in 0..allowed {
+            assert_eq!(create(path, format!("{path} {n}")).await.status(), StatusCode::CREATED, "{path} {n}");
+        }
+        let refused = create(path, format!("{path} too many")).await;
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN, "{path}");
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert_eq!(body["code"], code, "{body}");
+        assert!(body["detail"].as_str().unwrap().contains("the most allowed"), "{body}");
+    }
+    ts.system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_rooms_are_for_their_members_only() {
+    let ts = TestSystem::start().await;
+    for name in ["rhea", "sam", "tom"] {
+        ts.add_user(name, "acme", "member").await;
+    }
+    ts.add_user("ugo", "globex", "member").await;
+    let rhea = ts.sign_in("rhea", &password_of("rhea")).await.access_token;
+    let sam = ts.sign_in("sam", &password_of("sam")).await.access_token;
+    let api = |method: reqwest::Method, path: String, token: String, body: Option<serde_json::Value>| {
+        let ts = &ts;
+        async move {
+            let mut request = ts.http.request(method, format!("{}/api/v1/{path}", ts.gateway())).bearer_auth(token);
+            if let Some(body) = body {
+                request = request.json(&body);
+            }
+            let answer = request.send().await.unwrap();
+            let status = answer.status();
+            (status, answer.json::<serde_json::Value>().await.unwrap_or_default())
+        }
+    };
+    use reqwest::Method;
+    let (status, room) = api(Method::POST, "rooms".into(), rhea.clone(), Some(serde_json::json!({"name": "plans"}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let room = room["id"].as_str().unwrap().to_string();
+    let messages = format!("rooms/{room}/messages");
+    assert_eq!(api(Method::POST, messages.clone(), rhea.clone(), Some(serde_json::json!({"body": "secret plan"}))).await.0, StatusCode::CREATED);
+
+    // Sam, of the same org but not invited, cannot see, read or post.
+    let (_, listed) = api(Method::GET, "rooms".into(), sam.clone(), None).await;
+    assert_eq!(listed, serde_json::json!([]));
+    assert_eq!(api(Method::GET, messages.clone(), sam.clone(), None).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(api(Method::POST, messages.clone(), sam.clone(), Some(serde_json::json!({"body": "hi"}))).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(api(Method::GET, format!("rooms/{room}/members"), sam.clone(), None).await.0, StatusCode::NOT_FOUND);
+
+    // Rhea invites Sam: now he reads and posts, but cannot change who is in the room.
+    let sam_id = user_id(&ts, "sam").await;
+    let rhea_id = user_id(&ts, "rhea").await;
+    let members = serde_json::json!({"members": [{"user": rhea_id, "role": "owner"}, {"user": sam_id, "role": "member"}]});
+    assert_eq!(api(Method::PUT, format!("rooms/{room}/members"), rhea.clone(), Some(members)).await.0, StatusCode::OK);
+    let (status, history) = api(Method::GET, messages.clone(), sam.clone(), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(history[0]["body"], "secret plan");
+    assert_eq!(api(Method::POST, messages.clone(), sam.clone(), Some(serde_json::json!({"body": "count me in"}))).await.0, StatusCode::CREATED);
+    let tom_id = user_id(&ts, "tom").await;
+    let grab = serde_json::json!({"members": [{"user": sam_id, "role": "owner"}, {"user": tom_id, "role": "member"}]});
+    assert_eq!(api(Method::PUT, format!("rooms/{room}/members"), sam.clone(), Some(grab)).await.0, StatusCode::FORBIDDEN);
+    // Nobody of another org can be let in, and a room keeps an owner.
+    let ugo_id = user_id(&ts, "ugo").await;
+    let foreign = serde_json::json!({"members": [{"user": rhea_id, "role": "owner"}, {"user": ugo_id, "role": "member"}]});
+    let (status, body) = api(Method::PUT, format!("rooms/{room}/members"), rhea.clone(), Some(foreign)).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::BAD_REQUEST, Some("authz.unknown_member")));
+    let ownerless = serde_json::json!({"members": [{"user": sam_id, "role": "member"}]});
+    assert_eq!(api(Method::PUT, format!("rooms/{room}/members"), rhea.clone(), Some(ownerless)).await.0, StatusCode::BAD_REQUEST);
+    let ugo = ts.sign_in("ugo", &password_of("ugo")).await.access_token;
+    assert_eq!(api(Method::GET, messages.clone(), ugo, None).await.0, StatusCode::NOT_FOUND);
+
+    // Removed again, Sam is out at once.
+    let alone = serde_json::json!({"members": [{"user": rhea_id, "role": "owner"}]});
+    assert_eq!(api(Method::PUT, format!("rooms/{room}/members"), rhea.clone(), Some(alone)).await.0, StatusCode::OK);
+    assert_eq!(api(Method::GET, messages, sam, None).await.0, StatusCode::NOT_FOUND);
+    ts.system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smaller_holes_stay_closed() {
+    let ts = TestSystem::start().await;
+    ts.add_user("vera", "acme", "member").await;
+    let token = ts.sign_in("vera", &password_of("vera")).await.access_token;
+    let upload = |name: String, bytes: Vec<u8>| {
+        let (ts, token) = (&ts, token.clone());
+        async move {
+            let part = reqwest::multipart::Part::bytes(bytes).file_name(name).mime_str("text/plain").unwrap();
+            ts.http.post(format!("{}/api/v1/documents", ts.gateway())).bearer_auth(token).multipart(reqwest::multipart::Form::new().part("file", part)).send().await.unwrap()
+        }
+    };
+    // A filename that would display reversed loses its bidi override.
+    let created: serde_json::Value = upload("invoice\u{202E}fdp.txt".into(), b"an invoice".to_vec()).await.json().await.unwrap();
+    let document: serde_json::Value =
+        ts.http.get(format!("{}/api/v1/documents/{}", ts.gateway(), created["id"].as_str().unwrap())).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+    assert_eq!(document["filename"], "invoicefdp.txt");
+
+    // Text well over 2 MB is indexed, not failed with an internal message.
+    let big: Vec<u8> = b"The quarterly figures are in the annex. ".iter().cycle().take(3 * 1024 * 1024).copied().collect();
+    let created: serde_json::Value = upload("big.txt".into(), big).await.json().await.unwrap();
+    let job = created["job_id"].as_str().unwrap().to_string();
+    let done = crate::helpers::eventually("the large text to be indexed", Duration::from_secs(120), || async {
+        let job: serde_json::Value = ts.http.get(format!("{}/api/v1/jobs/{job}", ts.gateway())).bearer_auth(&token).send().await.ok()?.json().await.ok()?;
+        matches!(job["status"].as_str(), Some("done" | "failed")).then_some(job)
+    })
+    .await;
+    assert_eq!(done["status"], "done", "{done}");
+
+    // Listing pages are bounded.
+    for limit in ["0", "100000", "-1"] {
+        let answer = ts.http.get(format!("{}/api/v1/documents?limit={limit}", ts.gateway())).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(answer.status(), StatusCode::BAD_REQUEST, "limit={limit}");
+    }
+    assert_eq!(ts.http.get(format!("{}/api/v1/documents?limit=500", ts.gateway())).bearer_auth(&token).send().await.unwrap().status(), StatusCode::OK);
+
+    // Metrics are not for strangers: the public port answers them only with the
+    // scrape token, or to the machine itself.
+    assert_eq!(ts.http.get(format!("{}/metrics", ts.gateway())).send().await.unwrap().status(), StatusCode::OK, "the machine itself may scrape");
+    let proxied = ts.http.get(format!("{}/metrics", ts.gateway())).header("x-forwarded-for", "203.0.113.9").send().await.unwrap();
+    assert_eq!(proxied.status(), StatusCode::NOT_FOUND, "but not what a proxy on the machine forwards from outside");
+    ts.system.stop().await;
+
+    let ts = TestSystem::start_with(|config| {
+        config.bind = "0.0.0.0".into();
+        config.metrics_token = common::config::Secret("scrape-me-please".into());
+    })
+    .await;
+    let public = first_non_loopback_address().expect("this machine has a non-loopback address");
+    let port = ts.config.port(common::ServiceName::Gateway);
+    let http = client_from(&public.to_string());
+    let refused = http.get(format!("http://{public}:{port}/metrics")).send().await.unwrap();
+    assert_eq!(refused.status(), StatusCode::NOT_FOUND, "no token, not loopback: nothing to see");
+    let allowed = http.get(format!("http://{public}:{port}/metrics")).bearer_auth("scrape-me-please").send().await.unwrap();
+    assert_eq!(allowed.status(), StatusCode::OK);
+    assert!(allowed.text().await.unwrap().contains("echo_http_requests_total"));
+    ts.system.stop().await;
+}
+
+/// An address of this machine that is not loopback (for a request that does not come
+/// from 127.0.0.1).
+fn first_non_loopback_address() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("192.0.2.1:9").ok()?;
+    socket.local_addr().ok().map(|a| a.ip()).filter(|ip| !ip.is_loopback())
+}

@@ -113,11 +113,19 @@ impl TokenVerifier {
         &self.issuer
     }
 
-    /// Verifies `token` for `audience` and returns its claims.
+    /// Verifies the access token `token` for `audience` and returns its claims. Access
+    /// tokens are typed `at+jwt` (RFC 9068 §4): an ID token, or any other JWT identity
+    /// signed, is not one however right its audience.
     pub async fn verify(&self, token: &str, audience: &str) -> Result<AccessClaims, TokenError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+        let typ = header.typ.as_deref().unwrap_or_default().to_ascii_lowercase();
+        if typ != "at+jwt" && typ != "application/at+jwt" {
+            return Err(TokenError::Invalid("not an access token (typ must be at+jwt)".into()));
+        }
         self.verify_as::<AccessClaims>(token, audience).await
     }
 
+    /// Verifies any JWT identity signed (ID tokens included) for `audience`.
     pub async fn verify_as<T: serde::de::DeserializeOwned>(&self, token: &str, audience: &str) -> Result<T, TokenError> {
         if token.len() > 16 * 1024 {
             return Err(TokenError::Malformed);
@@ -288,13 +296,22 @@ mod tests {
         }
 
         #[test]
+        fn only_access_tokens_are_verified_as_access_tokens(typ in prop_oneof![Just("JWT".to_string()), Just("jwt".to_string()), Just(String::new()), Just("id+jwt".to_string()), ".{0,12}"]) {
+            let header = serde_json::json!({"alg": "RS256", "typ": typ, "kid": "k"}).to_string();
+            let token = format!("{}.{}.{}", b64(header.as_bytes()), b64(b"{}"), b64(b"sig"));
+            let outcome = runtime().block_on(verifier().verify(&token, "echo-api"));
+            let accepted_typ = typ.eq_ignore_ascii_case("at+jwt") || typ.eq_ignore_ascii_case("application/at+jwt");
+            prop_assert!(accepted_typ || matches!(outcome, Err(TokenError::Invalid(_))), "{:?}", outcome.err());
+        }
+
+        #[test]
         fn only_allowed_algorithms_get_as_far_as_key_lookup(
             alg in prop::sample::select(vec!["none", "None", "HS256", "HS384", "HS512", "ES384", "PS256", "RS384", "RS512", "rs256", ""]),
             kid in "[a-z0-9]{0,16}",
             payload in prop::collection::vec(any::<u8>(), 0..64),
             signature in prop::collection::vec(any::<u8>(), 0..64),
         ) {
-            let header = serde_json::json!({"alg": alg, "typ": "JWT", "kid": kid}).to_string();
+            let header = serde_json::json!({"alg": alg, "typ": "at+jwt", "kid": kid}).to_string();
             let token = format!("{}.{}.{}", b64(header.as_bytes()), b64(&payload), b64(&signature));
             let outcome = runtime().block_on(verifier().verify(&token, "echo-api"));
             prop_assert!(matches!(outcome, Err(TokenError::Algorithm) | Err(TokenError::Malformed)), "{:?}", outcome.err());
@@ -306,7 +323,7 @@ mod tests {
             payload in prop::collection::vec(any::<u8>(), 0..64),
             signature in prop::collection::vec(any::<u8>(), 0..64),
         ) {
-            let header = serde_json::json!({"alg": alg, "typ": "JWT"}).to_string();
+            let header = serde_json::json!({"alg": alg, "typ": "at+jwt"}).to_string();
             let token = format!("{}.{}.{}", b64(header.as_bytes()), b64(&payload), b64(&signature));
             let outcome = runtime().block_on(verifier().verify(&token, "echo-api"));
             prop_assert!(matches!(outcome, Err(TokenError::UnknownKey)), "{:?}", outcome.err());

@@ -76,6 +76,7 @@ async fn sign_in_and_verify(ts: &TestSystem, alg: &str, expected: CoreJwsSigning
         .authorize_url(CoreAuthenticationFlow::AuthorizationCode, CsrfToken::new_random, Nonce::new_random)
         .add_scope(Scope::new("profile".into()))
         .add_scope(Scope::new("offline_access".into()))
+        .add_scope(Scope::new("echo".into()))
         .set_pkce_challenge(challenge)
         .url();
 

@@ -120,6 +120,10 @@ enum ClientCommand {
         /// A confidential client whose secret is read from standard input.
         #[arg(long)]
         secret_stdin: bool,
+        /// Ask each user once, on a consent page naming the client and the scopes,
+        /// whether it may act for them.
+        #[arg(long)]
+        consent: bool,
         #[command(flatten)]
         location: Location,
     },
@@ -302,9 +306,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("{} {verb} (roles: {}); it applies from their next sign-in or token refresh", user.username, user.roles.join(","));
             Ok(0)
         }
-        Command::Client(ClientCommand::Add { client_id, redirect_uris, public: _, signing_alg, secret_stdin, location }) => {
+        Command::Client(ClientCommand::Add { client_id, redirect_uris, public: _, signing_alg, secret_stdin, consent, location }) => {
             let secret = if secret_stdin { Some(read_secret_from_stdin("client secret")?) } else { None };
-            identity::add_client(&config_for(&location)?, &client_id, redirect_uris.clone(), secret.as_deref(), &signing_alg).await?;
+            let new = identity::NewClient { client_id: &client_id, redirect_uris: redirect_uris.clone(), secret: secret.as_deref(), signing_alg: &signing_alg, consent };
+            identity::register_client(&config_for(&location)?, new).await?;
             let kind = if secret.is_some() { "confidential" } else { "public (PKCE required)" };
             println!("registered {kind} client {client_id} ({signing_alg}) with redirect URIs: {}", redirect_uris.join(", "));
             Ok(0)

@@ -387,6 +387,23 @@ pub(crate) async fn admin_reset_user(State(app): State<AppState>, caller: Caller
     Ok(StatusCode::ACCEPTED)
 }
 
+/// `GET /api/v1/me/consents`: the applications the caller allowed to act for them.
+pub(crate) async fn my_consents(State(app): State<AppState>, caller: Caller) -> ApiResult<Json<serde_json::Value>> {
+    let path = format!("/internal/users/{}/consents", common::client::encode(&caller.principal.sub));
+    Ok(Json(app.ctx.peers.get_json(ServiceName::Identity, &path, Some(&caller.principal)).await?))
+}
+
+/// `DELETE /api/v1/me/consents/{client_id}`: withdraws it; the application's tokens
+/// for the caller stop working.
+pub(crate) async fn withdraw_consent(State(app): State<AppState>, caller: Caller, Path(client_id): Path<String>) -> ApiResult<StatusCode> {
+    if client_id.is_empty() || client_id.len() > 128 {
+        return Err(ApiError::not_found("identity.consent_not_found", "you never allowed that application"));
+    }
+    let path = format!("/internal/users/{}/consents/{}", common::client::encode(&caller.principal.sub), common::client::encode(&client_id));
+    app.ctx.peers.delete(ServiceName::Identity, &path, Some(&caller.principal)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[derive(Deserialize)]
 pub(crate) struct PasswordChange {
     current_password: String,

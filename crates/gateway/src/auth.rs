@@ -41,10 +41,33 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
+/// Whether a token of `scope` may make `method path`: `echo` may do anything;
+/// `echo:read` reads (and searches and asks, which change no document); `echo:ask`
+/// only asks (and reads who the caller is and their conversations). `openid` and
+/// the other identity scopes give no API access at all.
+pub(crate) fn scope_allows(scope: &str, method: &Method, path: &str) -> bool {
+    let scopes: Vec<&str> = scope.split_whitespace().collect();
+    if scopes.contains(&"echo") {
+        return true;
+    }
+    let asks = matches!((method, path), (&Method::POST, "/api/v1/ask" | "/v1/chat/completions"));
+    let reads = matches!(method, &Method::GET | &Method::HEAD) || asks || (method == Method::POST && path == "/api/v1/search");
+    let ask_reads = matches!(method, &Method::GET | &Method::HEAD) && (path == "/api/v1/me" || path == "/v1/models" || path.starts_with("/api/v1/conversations"));
+    (scopes.contains(&"echo:read") && reads) || (scopes.contains(&"echo:ask") && (asks || ask_reads))
+}
+
 async fn authenticate(parts: &Parts, app: &AppState) -> Result<Caller, ApiError> {
     if let Some(token) = common::auth::bearer(&parts.headers) {
         let claims = app.ctx.verifier.verify(token, API_AUDIENCE).await?;
-        let principal = claims.principal().ok_or_else(|| ApiError::new(ErrorKind::Unauthenticated, "auth.invalid_token", "this token does not name a user"))?;
+        if !scope_allows(&claims.scope, &parts.method, &original_path(parts)) {
+            return Err(ApiError::forbidden(
+                common::error::INSUFFICIENT_SCOPE,
+                "this token lacks the scope `echo` this request needs (ask for it at sign-in; `openid` alone gives identity, not API access)",
+            ));
+        }
+        let principal = claims
+            .principal()
+            .ok_or_else(|| ApiError::forbidden("auth.no_user", "this token acts for no user, and Echo's API answers people"))?;
         if app.revocations.token_revoked(&claims.jti) {
             return Err(ApiError::new(ErrorKind::Unauthenticated, "auth.invalid_token", "this token was revoked"));
         }
@@ -61,6 +84,29 @@ async fn authenticate(parts: &Parts, app: &AppState) -> Result<Caller, ApiError>
         }
     }
     Ok(Caller { principal: session.principal.clone(), session: Some(session) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_open_only_their_routes() {
+        let (get, post, delete) = (Method::GET, Method::POST, Method::DELETE);
+        assert!(scope_allows("openid echo", &delete, "/api/v1/documents/x"));
+        assert!(!scope_allows("openid profile email offline_access", &get, "/api/v1/me"), "identity scopes give no API access");
+        assert!(!scope_allows("", &get, "/api/v1/documents"));
+        assert!(scope_allows("echo:read", &get, "/api/v1/documents"));
+        assert!(scope_allows("echo:read", &post, "/api/v1/search"));
+        assert!(scope_allows("echo:read", &post, "/api/v1/ask"));
+        assert!(!scope_allows("echo:read", &post, "/api/v1/documents"));
+        assert!(!scope_allows("echo:read", &delete, "/api/v1/documents/x"));
+        assert!(scope_allows("echo:ask", &post, "/v1/chat/completions"));
+        assert!(scope_allows("echo:ask", &get, "/api/v1/conversations/x"));
+        assert!(!scope_allows("echo:ask", &get, "/api/v1/documents"));
+        assert!(!scope_allows("echo:ask", &post, "/api/v1/search"));
+        assert!(!scope_allows("echoes", &get, "/api/v1/me"));
+    }
 }
 
 /// A signed-in browser user; pages redirect to sign-in when absent.

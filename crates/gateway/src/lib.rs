@@ -104,6 +104,8 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     let api = Router::new()
         .route("/me", get(api::me).patch(api::patch_me))
         .route("/me/password", post(api::change_password))
+        .route("/me/consents", get(api::my_consents))
+        .route("/me/consents/{client_id}", delete(api::withdraw_consent))
         .route("/admin/users", get(api::admin_users).post(api::admin_create_user))
         .route("/admin/users/{id}", axum::routing::patch(api::admin_update_user))
         .route("/admin/users/{id}/disable", post(api::admin_disable_user))

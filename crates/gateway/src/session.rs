@@ -166,7 +166,7 @@ pub(crate) async fn login(State(app): State<AppState>, headers: HeaderMap, Query
         .append_pair("response_type", "code")
         .append_pair("client_id", WEB_CLIENT_ID)
         .append_pair("redirect_uri", &format!("{}/auth/callback", app.public_url))
-        .append_pair("scope", "openid profile email")
+        .append_pair("scope", "openid profile email echo")
         .append_pair("state", &state)
         .append_pair("nonce", &nonce)
         .append_pair("code_challenge", &challenge)

@@ -31,12 +31,15 @@ pub(crate) fn router(identity: Identity, ctx: ServiceContext) -> Router {
         .route("/internal/users/{id}/role", post(internal_set_role))
         .route("/internal/users/{id}/reset", post(internal_send_reset))
         .route("/internal/keys/rotate", post(internal_rotate_keys))
+        .route("/internal/users/{id}/consents", get(internal_consents))
+        .route("/internal/users/{id}/consents/{client}", axum::routing::delete(internal_withdraw_consent))
         .route_layer(middleware::from_fn_with_state(ctx, common::server::require_service_token))
         .with_state(identity.clone());
     Router::new()
         .route("/.well-known/openid-configuration", get(discovery))
         .route("/jwks", get(jwks))
-        .route("/authorize", get(authorize).post(login))
+        .route("/authorize", get(authorize).post(authorize_post))
+        .route("/consent", post(consent))
         .route("/login", post(login))
         .route("/login/password", post(first_password))
         .route("/token", post(token))
@@ -47,8 +50,45 @@ pub(crate) fn router(identity: Identity, ctx: ServiceContext) -> Router {
         .route("/forgot", get(forgot_form).post(forgot))
         .route("/reset", get(reset_form).post(reset))
         .route("/signup", get(signup_form).post(signup))
+        .layer(middleware::from_fn_with_state(identity.clone(), cors))
         .with_state(identity)
         .merge(internal)
+}
+
+/// The endpoints a browser app calls directly (CORS), and whether any origin may.
+fn cors_policy(path: &str) -> Option<bool> {
+    match path {
+        "/.well-known/openid-configuration" | "/jwks" => Some(true),
+        "/token" | "/userinfo" | "/revoke" => Some(false),
+        _ => None,
+    }
+}
+
+/// CORS for browser-based clients (single-page apps): discovery and JWKS for anyone;
+/// token, userinfo and revocation for the origins of registered redirect URIs (a
+/// loopback one on any port). Preflights are answered here; no cookies are involved
+/// (no `Access-Control-Allow-Credentials`).
+async fn cors(State(identity): State<Identity>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let Some(public) = cors_policy(request.uri().path()) else { return next.run(request).await };
+    let Some(origin) = request.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_string) else {
+        return next.run(request).await;
+    };
+    let allowed = public || identity.origin_registered(&origin).await;
+    let preflight = request.method() == axum::http::Method::OPTIONS;
+    let mut response = if preflight { StatusCode::NO_CONTENT.into_response() } else { next.run(request).await };
+    let headers = response.headers_mut();
+    headers.append(header::VARY, HeaderValue::from_static("Origin"));
+    if allowed {
+        let value = if public { HeaderValue::from_static("*") } else { HeaderValue::from_str(&origin).unwrap_or(HeaderValue::from_static("null")) };
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
+        headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("www-authenticate"));
+        if preflight {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST"));
+            headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type, dpop"));
+            headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        }
+    }
+    response
 }
 
 #[derive(Template)]
@@ -145,9 +185,13 @@ async fn discovery(State(identity): State<Identity>) -> Response {
         "id_token_signing_alg_values_supported": ["RS256", "ES256", "EdDSA"],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
         "code_challenge_methods_supported": ["S256"],
-        "scopes_supported": ["openid", "profile", "email", "offline_access"],
-        "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "at_hash", "preferred_username", "email", "name", "org", "roles"],
-        "prompt_values_supported": ["none", "login"],
+        "scopes_supported": crate::service::SCOPES,
+        "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "at_hash", "azp", "preferred_username", "name", "email", "email_verified", "org", "roles"],
+        "prompt_values_supported": ["none", "login", "consent"],
+        "request_parameter_supported": false,
+        "request_uri_parameter_supported": false,
+        "authorization_response_iss_parameter_supported": true,
+        "claims_parameter_supported": false,
     }))
     .into_response()
 }
@@ -175,7 +219,9 @@ fn redirect_with(redirect_uri: &str, pairs: &[(&str, &str)]) -> Response {
     response
 }
 
-fn failure_response(failure: AuthorizeFailure) -> Response {
+/// Our own page when the client or its redirect URI cannot be trusted; otherwise back
+/// to the client with `error`, its `state` and our `iss` (RFC 9207).
+fn failure_response(identity: &Identity, failure: AuthorizeFailure) -> Response {
     match failure {
         AuthorizeFailure::Page(text) => message(StatusCode::BAD_REQUEST, "Sign-in request refused", &text),
         AuthorizeFailure::Redirect { redirect_uri, error, description, state } => {
@@ -183,9 +229,111 @@ fn failure_response(failure: AuthorizeFailure) -> Response {
             if let Some(state) = state.as_deref() {
                 pairs.push(("state", state));
             }
+            pairs.push(("iss", identity.issuer.as_str()));
             redirect_with(&redirect_uri, &pairs)
         }
     }
+}
+
+fn redirect_error(params: &AuthorizeParams, error: &'static str, description: &str) -> AuthorizeFailure {
+    AuthorizeFailure::Redirect { redirect_uri: params.redirect_uri.clone(), error, description: description.to_string(), state: params.state.clone() }
+}
+
+#[derive(Template)]
+#[template(path = "consent.html")]
+struct ConsentPage<'a> {
+    action: &'a str,
+    client_id: &'a str,
+    username: &'a str,
+    scopes: Vec<(&'a str, &'static str)>,
+    params: &'a AuthorizeParams,
+    form_token: String,
+    consent_token: String,
+}
+
+/// Asks `user` (signed in at `auth_time`) whether the client may have what it asked for.
+fn consent_page(identity: &Identity, params: &AuthorizeParams, user: &crate::store::User, auth_time: i64) -> Response {
+    let expires_at = now_unix() + 600;
+    let granted = crate::service::granted_scope(&params.scope);
+    let page_html = ConsentPage {
+        action: &format!("{}/consent", identity.issuer),
+        client_id: &params.client_id,
+        username: &user.username,
+        scopes: granted.split_whitespace().map(|s| (s, crate::service::describe_scope(s))).collect(),
+        params,
+        form_token: identity.form_token(params, expires_at),
+        consent_token: identity.consent_token(&user.id, auth_time, params, expires_at),
+    }
+    .render();
+    page(StatusCode::OK, page_html)
+}
+
+/// After the password was checked: the identity session, then either the code back
+/// to the client or, when the client needs this user's consent first, the question.
+async fn finish_sign_in(identity: &Identity, client: &crate::store::Client, params: &AuthorizeParams, user: &crate::store::User, ip: &str) -> Response {
+    identity.audit(&user.id, "identity.login_succeeded", &format!("user:{}", user.id), "success", serde_json::json!({"client_id": params.client_id})).await;
+    let needs_consent = match identity.needs_consent(client, user, params).await {
+        Ok(needs) => needs,
+        Err(error) => return ApiError::from(error).into_response(),
+    };
+    let (session_id, ttl, mut response) = if needs_consent {
+        if let Err(error) = identity.record_login_outcome(&user.username, ip, true).await {
+            tracing::warn!(%error, "could not record the sign-in");
+        }
+        let (session_id, ttl) = match identity.start_session(user).await {
+            Ok(session) => session,
+            Err(error) => return ApiError::from(error).into_response(),
+        };
+        (session_id, ttl, consent_page(identity, params, user, now_unix()))
+    } else {
+        // Failures forgotten, session and code stored: one transaction.
+        match identity.complete_login(user, &user.username, ip, params).await {
+            Ok((session_id, ttl, code)) => (session_id, ttl, redirect_with_code(identity, params, &code)),
+            Err(error) => return ApiError::from(error).into_response(),
+        }
+    };
+    response.headers_mut().append(header::SET_COOKIE, set_cookie(SESSION_COOKIE, &session_id, ttl, secure(identity)));
+    response
+}
+
+#[derive(Deserialize)]
+struct ConsentForm {
+    #[serde(flatten)]
+    params: AuthorizeParams,
+    #[serde(default)]
+    form_token: String,
+    #[serde(default)]
+    consent_token: String,
+    #[serde(default)]
+    decision: String,
+}
+
+/// The consent page's answer: remembered and on to the client with a code, or back
+/// to the client with `access_denied`.
+async fn consent(State(identity): State<Identity>, headers: HeaderMap, Form(form): Form<ConsentForm>) -> Response {
+    let params = form.params;
+    if let Err(failure) = identity.validate_authorize(&params).await {
+        return failure_response(&identity, failure);
+    }
+    let valid = !cross_site(&headers) && identity.check_form_token(&params, &form.form_token);
+    let signed_in = valid.then(|| identity.check_consent_token(&params, &form.consent_token)).flatten();
+    let user = match signed_in {
+        Some((user_id, auth_time)) => identity.store.user_by_id(&user_id).await.ok().flatten().filter(|u| !u.disabled).map(|u| (u, auth_time)),
+        None => None,
+    };
+    let Some((user, auth_time)) = user else {
+        return login_page(&identity, &params, "", Some("This page expired. Please sign in again."), StatusCode::BAD_REQUEST);
+    };
+    if form.decision != "allow" {
+        identity.audit(&user.id, "identity.consent_denied", &format!("client:{}", params.client_id), "denied", serde_json::json!({"scope": params.scope})).await;
+        return failure_response(&identity, redirect_error(&params, "access_denied", "the user did not allow this application"));
+    }
+    let granted = crate::service::granted_scope(&params.scope);
+    if let Err(error) = identity.store.grant_consent(&user.id, &params.client_id, &granted).await {
+        return ApiError::from(IdentityError::from(error)).into_response();
+    }
+    identity.audit(&user.id, "identity.consent_granted", &format!("client:{}", params.client_id), "success", serde_json::json!({"scope": granted})).await;
+    issue_and_redirect(&identity, &params, &user, auth_time).await
 }
 
 async fn issue_and_redirect(identity: &Identity, params: &AuthorizeParams, user: &crate::store::User, auth_time: i64) -> Response {
@@ -233,7 +381,7 @@ async fn signup_form(State(identity): State<Identity>, Query(params): Query<Auth
         return message(StatusCode::NOT_FOUND, "Sign-up is closed", SIGNUP_CLOSED);
     }
     if let Err(failure) = identity.validate_authorize(&params).await {
-        return failure_response(failure);
+        return failure_response(&identity, failure);
     }
     signup_page(&identity, &params, "", "", None, StatusCode::OK)
 }
@@ -265,7 +413,7 @@ async fn signup(
     }
     let params = form.params;
     if let Err(failure) = identity.validate_authorize(&params).await {
-        return failure_response(failure);
+        return failure_response(&identity, failure);
     }
     let username: String = form.username.chars().take(64).collect();
     let email: String = form.email.chars().take(254).collect();
@@ -299,26 +447,35 @@ async fn signup(
 }
 
 async fn authorize(State(identity): State<Identity>, headers: HeaderMap, Query(params): Query<AuthorizeParams>) -> Response {
-    if let Err(failure) = identity.validate_authorize(&params).await {
-        return failure_response(failure);
-    }
-    let prompt = params.prompt.as_deref().unwrap_or_default();
-    let session = match cookie(&headers, SESSION_COOKIE) {
+    authorize_request(&identity, &headers, params).await
+}
+
+/// `POST /authorize` with the parameters form-encoded (Core §3.1.2.1: a MUST).
+async fn authorize_post(State(identity): State<Identity>, headers: HeaderMap, Form(params): Form<AuthorizeParams>) -> Response {
+    authorize_request(&identity, &headers, params).await
+}
+
+async fn authorize_request(identity: &Identity, headers: &HeaderMap, params: AuthorizeParams) -> Response {
+    let client = match identity.validate_authorize(&params).await {
+        Ok(client) => client,
+        Err(failure) => return failure_response(identity, failure),
+    };
+    let session = match cookie(headers, SESSION_COOKIE) {
         Some(id) => identity.session_user(id).await.ok().flatten(),
         None => None,
     };
     let fresh_enough = |auth_time: i64| params.max_age.is_none_or(|max_age| now_unix() - auth_time <= max_age);
     match session {
-        Some((user, auth_time)) if prompt != "login" && fresh_enough(auth_time) => {
-            issue_and_redirect(&identity, &params, &user, auth_time).await
-        }
-        _ if prompt == "none" => failure_response(AuthorizeFailure::Redirect {
-            redirect_uri: params.redirect_uri.clone(),
-            error: "login_required",
-            description: "the user is not signed in".into(),
-            state: params.state.clone(),
-        }),
-        _ => login_page(&identity, &params, "", None, StatusCode::OK),
+        Some((user, auth_time)) if !params.prompts_for("login") && fresh_enough(auth_time) => match identity.needs_consent(&client, &user, &params).await {
+            Ok(false) => issue_and_redirect(identity, &params, &user, auth_time).await,
+            Ok(true) if params.prompts_for("none") => {
+                failure_response(identity, redirect_error(&params, "consent_required", "the user has not allowed this application yet"))
+            }
+            Ok(true) => consent_page(identity, &params, &user, auth_time),
+            Err(error) => ApiError::from(error).into_response(),
+        },
+        _ if params.prompts_for("none") => failure_response(identity, redirect_error(&params, "login_required", "the user is not signed in")),
+        _ => login_page(identity, &params, "", None, StatusCode::OK),
     }
 }
 
@@ -346,9 +503,10 @@ async fn login(
 ) -> Response {
     let params = form.params;
     let ip = common::web::client_ip(peer.ip(), &headers, &identity.config.trusted_proxies).to_string();
-    if let Err(failure) = identity.validate_authorize(&params).await {
-        return failure_response(failure);
-    }
+    let client = match identity.validate_authorize(&params).await {
+        Ok(client) => client,
+        Err(failure) => return failure_response(&identity, failure),
+    };
     if cross_site(&headers) || !identity.check_form_token(&params, &form.form_token) {
         return login_page(&identity, &params, "", Some("This sign-in form expired. Please sign in again."), StatusCode::BAD_REQUEST);
     }
@@ -385,17 +543,7 @@ async fn login(
             identity.audit(&user.id, "identity.password_change_required", &format!("user:{}", user.id), "success", serde_json::json!({"client_id": params.client_id})).await;
             first_password_page(&identity, &params, &user, None, StatusCode::OK)
         }
-        Ok(user) => {
-            // Failures forgotten, session and code stored: one transaction.
-            let (session_id, ttl, code) = match identity.complete_login(&user, &form.username, &ip, &params).await {
-                Ok(done) => done,
-                Err(error) => return ApiError::from(error).into_response(),
-            };
-            identity.audit(&user.id, "identity.login_succeeded", &format!("user:{}", user.id), "success", serde_json::json!({"client_id": params.client_id})).await;
-            let mut response = redirect_with_code(&identity, &params, &code);
-            response.headers_mut().append(header::SET_COOKIE, set_cookie(SESSION_COOKIE, &session_id, ttl, secure(&identity)));
-            response
-        }
+        Ok(user) => finish_sign_in(&identity, &client, &params, &user, &ip).await,
         Err(IdentityError::InvalidCredentials) => {
             let username: String = form.username.chars().take(256).collect();
             identity.audit(&username, "identity.login_failed", &format!("username:{username}"), "denied", serde_json::json!({"client_id": params.client_id})).await;
@@ -428,9 +576,10 @@ async fn first_password(
     Form(form): Form<FirstPasswordForm>,
 ) -> Response {
     let params = form.params;
-    if let Err(failure) = identity.validate_authorize(&params).await {
-        return failure_response(failure);
-    }
+    let client = match identity.validate_authorize(&params).await {
+        Ok(client) => client,
+        Err(failure) => return failure_response(&identity, failure),
+    };
     let user_id = identity.check_change_token(&params, &form.change_token).filter(|_| !cross_site(&headers) && identity.check_form_token(&params, &form.form_token));
     let user = match user_id {
         Some(id) => identity.store.user_by_id(&id).await.ok().flatten().filter(|u| !u.disabled && u.must_change_password),
@@ -449,14 +598,7 @@ async fn first_password(
         };
     }
     let ip = common::web::client_ip(peer.ip(), &headers, &identity.config.trusted_proxies).to_string();
-    let (session_id, ttl, code) = match identity.complete_login(&user, &user.username, &ip, &params).await {
-        Ok(done) => done,
-        Err(error) => return ApiError::from(error).into_response(),
-    };
-    identity.audit(&user.id, "identity.login_succeeded", &format!("user:{}", user.id), "success", serde_json::json!({"client_id": params.client_id})).await;
-    let mut response = redirect_with_code(&identity, &params, &code);
-    response.headers_mut().append(header::SET_COOKIE, set_cookie(SESSION_COOKIE, &session_id, ttl, secure(&identity)));
-    response
+    finish_sign_in(&identity, &client, &params, &user, &ip).await
 }
 
 #[derive(Deserialize)]
@@ -470,6 +612,7 @@ struct TokenForm {
     client_secret: Option<String>,
     audience: Option<String>,
     resource: Option<String>,
+    scope: Option<String>,
 }
 
 fn oauth_error(error: IdentityError) -> Response {
@@ -524,11 +667,9 @@ async fn token(State(identity): State<Identity>, headers: HeaderMap, Form(form):
             Some(refresh_token) => identity.exchange_refresh(&client, refresh_token).await,
             None => Err(IdentityError::InvalidRequest("refresh_token is required".into())),
         },
-        Some("client_credentials") => match form.audience.as_deref().or(form.resource.as_deref()) {
-            Some(audience) => identity.service_token(&client, audience).await,
-            None => Err(IdentityError::InvalidRequest("audience is required".into())),
-        },
-        _ => Err(IdentityError::UnsupportedGrantType),
+        Some("client_credentials") => identity.client_credentials(&client, form.audience.as_deref().or(form.resource.as_deref()), form.scope.as_deref()).await,
+        None => Err(IdentityError::InvalidRequest("grant_type is required".into())),
+        Some(_) => Err(IdentityError::UnsupportedGrantType),
     };
     match result {
         Ok(tokens) => {
@@ -597,15 +738,27 @@ async fn userinfo(State(identity): State<Identity>, headers: HeaderMap) -> Resul
     let token = common::auth::bearer(&headers).ok_or_else(|| ApiError::unauthenticated("a bearer token is required"))?;
     let claims = identity.verify_access(token).await?;
     let user = identity.store.user_by_id(&claims.sub).await?.filter(|u| !u.disabled).ok_or(IdentityError::InvalidToken)?;
-    Ok(axum::Json(serde_json::json!({
-        "sub": user.id,
-        "preferred_username": user.username,
-        "name": user.name.clone().unwrap_or_else(|| user.username.clone()),
-        "email": user.email,
-        "org": user.org,
-        "roles": user.roles,
-    }))
-    .into_response())
+    // Claims as the token's scope releases them (Core §5.4); `sub` always.
+    let mut answer = serde_json::json!({"sub": user.id});
+    let scopes: Vec<&str> = claims.scope.split_whitespace().collect();
+    if scopes.contains(&"profile") {
+        let profile = serde_json::to_value(crate::service::ProfileClaims::of(&user)).unwrap_or_default();
+        merge(&mut answer, profile);
+    }
+    if scopes.contains(&"email")
+        && let Some(email) = crate::service::EmailClaims::of(&user)
+    {
+        merge(&mut answer, serde_json::to_value(email).unwrap_or_default());
+    }
+    let mut response = axum::Json(answer).into_response();
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
+    if let (Some(into), serde_json::Value::Object(from)) = (into.as_object_mut(), from) {
+        into.extend(from);
+    }
 }
 
 #[derive(Deserialize)]
@@ -751,6 +904,40 @@ async fn internal_disable_user(
     let user = identity.store.user_by_id(&id).await?.ok_or(IdentityError::NotFound)?;
     identity.publish_user_event(common::wire::events::USER_DISABLED, &user).await;
     Ok(Json(user.summary()))
+}
+
+/// The applications a user allowed to act for them (their own list only).
+async fn internal_consents(
+    State(identity): State<Identity>,
+    common::server::ActingUser(actor): common::server::ActingUser,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if actor.sub != id {
+        return Err(ApiError::forbidden("identity.not_yourself", "people see only their own consents"));
+    }
+    let consents: Vec<_> = identity
+        .store
+        .consents_of(&id)
+        .await?
+        .into_iter()
+        .map(|(client_id, scope, granted_at)| serde_json::json!({"client_id": client_id, "scope": scope, "granted_at": common::rfc3339(granted_at)}))
+        .collect();
+    Ok(Json(serde_json::json!({"consents": consents})))
+}
+
+async fn internal_withdraw_consent(
+    State(identity): State<Identity>,
+    common::server::ActingUser(actor): common::server::ActingUser,
+    Path((id, client)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    if actor.sub != id {
+        return Err(ApiError::forbidden("identity.not_yourself", "people withdraw only their own consents"));
+    }
+    if identity.withdraw_consent(&id, &client).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found("identity.consent_not_found", "you never allowed that application"))
+    }
 }
 
 #[derive(Deserialize)]

@@ -100,7 +100,7 @@ pub async fn bootstrap(config: &EchoConfig) -> Result<Bootstrap, IdentityError> 
                 secret
             }
         };
-        identity.register_client(&service.client_id(), vec![], Some(&secret), "service", "RS256").await?;
+        identity.register_client(&service.client_id(), vec![], Some(&secret), "service", "RS256", false).await?;
     }
     let callback = format!("{}/auth/callback", config.public_url());
     let mut uris = identity.store.client(WEB_CLIENT_ID).await?.map(|c| c.redirect_uris).unwrap_or_default();
@@ -111,7 +111,7 @@ pub async fn bootstrap(config: &EchoConfig) -> Result<Bootstrap, IdentityError> 
     if !uris.contains(&signed_out) {
         uris.push(signed_out);
     }
-    identity.register_client(WEB_CLIENT_ID, uris, None, "public", "RS256").await?;
+    identity.register_client(WEB_CLIENT_ID, uris, None, "public", "RS256", false).await?;
     let mut report = Bootstrap::default();
     if identity.store.count_users().await? == 0 {
         let password = common::rand::token(15);
@@ -220,6 +220,24 @@ pub async fn add_client(
     secret: Option<&str>,
     signing_alg: &str,
 ) -> Result<(), IdentityError> {
+    register_client(config, NewClient { client_id, redirect_uris, secret, signing_alg, consent: false }).await
+}
+
+/// A client to register (`echod client add`).
+pub struct NewClient<'a> {
+    pub client_id: &'a str,
+    /// Exact URIs; `http://127.0.0.1/…`, `http://[::1]/…` and `http://localhost/…` also
+    /// match on any port (RFC 8252 loopback redirects for native and CLI apps).
+    pub redirect_uris: Vec<String>,
+    /// `None`: a public client (PKCE required).
+    pub secret: Option<&'a str>,
+    pub signing_alg: &'a str,
+    /// Ask each user once whether the client may act for them (`--consent`).
+    pub consent: bool,
+}
+
+pub async fn register_client(config: &EchoConfig, new: NewClient<'_>) -> Result<(), IdentityError> {
+    let NewClient { client_id, redirect_uris, secret, signing_alg, consent } = new;
     if redirect_uris.is_empty() {
         return Err(IdentityError::BadRequest("at least one --redirect-uri is required".into()));
     }
@@ -228,5 +246,5 @@ pub async fn add_client(
     }
     let identity = service::Identity::new(Arc::new(config.clone()), None).await?;
     let kind = if secret.is_some() { "confidential" } else { "public" };
-    identity.register_client(client_id, redirect_uris, secret, kind, signing_alg).await
+    identity.register_client(client_id, redirect_uris, secret, kind, signing_alg, consent).await
 }

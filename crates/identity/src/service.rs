@@ -56,6 +56,22 @@ pub(crate) struct AuthorizeParams {
     /// form, where every value arrives as a string.
     #[serde(default, deserialize_with = "max_age_from_any", skip_serializing_if = "Option::is_none")]
     pub(crate) max_age: Option<i64>,
+    /// Request objects (JAR) are not supported: present, they are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) request: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) request_uri: Option<String>,
+}
+
+impl AuthorizeParams {
+    /// The `prompt` values asked for.
+    pub(crate) fn prompts(&self) -> Vec<&str> {
+        self.prompt.as_deref().unwrap_or_default().split_whitespace().collect()
+    }
+
+    pub(crate) fn prompts_for(&self, value: &str) -> bool {
+        self.prompts().contains(&value)
+    }
 }
 
 fn max_age_from_any<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
@@ -81,7 +97,57 @@ pub(crate) enum AuthorizeFailure {
     Redirect { redirect_uri: String, error: &'static str, description: String, state: Option<String> },
 }
 
-const SCOPES: [&str; 5] = ["openid", "profile", "email", "offline_access", "echo"];
+/// The scopes identity knows; any other asked for is ignored (Core §3.1.2.1).
+pub(crate) const SCOPES: [&str; 7] = ["openid", "profile", "email", "offline_access", "echo", "echo:read", "echo:ask"];
+
+/// What a scope lets a client do, in the words of the consent page.
+pub(crate) fn describe_scope(scope: &str) -> &'static str {
+    match scope {
+        "openid" => "Know who you are (your Echo user id)",
+        "profile" => "See your username, name, organisation and roles",
+        "email" => "See your email address",
+        "offline_access" => "Keep access while you are away (refresh tokens)",
+        "echo" => "Act for you in Echo: read, upload, share and delete your documents and ask questions",
+        "echo:read" => "Read your documents and ask questions about them, without changing anything",
+        "echo:ask" => "Ask questions about your documents",
+        _ => "",
+    }
+}
+
+/// The known scopes of `requested`, in order, once each: what is granted.
+pub(crate) fn granted_scope(requested: &str) -> String {
+    let mut granted: Vec<&str> = Vec::new();
+    for scope in requested.split_whitespace() {
+        if SCOPES.contains(&scope) && !granted.contains(&scope) {
+            granted.push(scope);
+        }
+    }
+    granted.join(" ")
+}
+
+fn has_scope(scope: &str, wanted: &str) -> bool {
+    scope.split_whitespace().any(|s| s == wanted)
+}
+
+/// Whether `requested` is a redirect URI registered for `client`: exactly, or, for a
+/// registered loopback URI (`http://127.0.0.1/…`, `http://[::1]/…`, `http://localhost/…`),
+/// the same URI on any port (RFC 8252 §7.3: native apps listen on a port of their own).
+pub(crate) fn redirect_registered(client: &Client, requested: &str) -> bool {
+    if requested.is_empty() {
+        return false;
+    }
+    if client.redirect_uris.iter().any(|uri| uri == requested) {
+        return true;
+    }
+    let Ok(wanted) = url::Url::parse(requested) else { return false };
+    let loopback = |url: &url::Url| url.scheme() == "http" && matches!(url.host_str(), Some("127.0.0.1" | "[::1]" | "localhost"));
+    if !loopback(&wanted) || wanted.username() != "" || wanted.password().is_some() || wanted.fragment().is_some() {
+        return false;
+    }
+    client.redirect_uris.iter().filter_map(|uri| url::Url::parse(uri).ok()).any(|registered| {
+        loopback(&registered) && registered.host_str() == wanted.host_str() && registered.path() == wanted.path() && registered.query() == wanted.query()
+    })
+}
 
 impl Identity {
     pub(crate) async fn new(config: Arc<EchoConfig>, ctx: Option<ServiceContext>) -> Result<Identity, IdentityError> {
@@ -166,13 +232,14 @@ impl Identity {
         Ok(kids)
     }
 
-    /// Signs `claims` with the current key of `alg`.
-    async fn sign<T: Serialize>(&self, claims: &T, alg: Algorithm) -> Result<String, IdentityError> {
+    /// Signs `claims` with the current key of `alg`; `typ` is `at+jwt` for access
+    /// tokens (RFC 9068) and `JWT` for ID tokens.
+    async fn sign<T: Serialize>(&self, claims: &T, alg: Algorithm, typ: &str) -> Result<String, IdentityError> {
         let keys = self.keys.read().await;
         let key = keys::signing_key(&keys, alg, now_unix()).ok_or_else(|| IdentityError::Internal(format!("no {alg:?} signing key")))?;
         let mut header = Header::new(alg);
         header.kid = Some(key.kid.clone());
-        header.typ = Some("JWT".into());
+        header.typ = Some(typ.into());
         jsonwebtoken::encode(&header, claims, &key.encoding).map_err(|e| IdentityError::Internal(e.to_string()))
     }
 
@@ -359,7 +426,7 @@ impl Identity {
             Ok(_) => return Err(AuthorizeFailure::Page("unknown client".into())),
             Err(_) => return Err(AuthorizeFailure::Page("the identity service is unavailable".into())),
         };
-        if params.redirect_uri.is_empty() || !client.redirect_uris.iter().any(|uri| uri == &params.redirect_uri) {
+        if !redirect_registered(&client, &params.redirect_uri) {
             return Err(AuthorizeFailure::Page("the redirect URI is not registered for this client".into()));
         }
         let redirect = |error: &'static str, description: &str| AuthorizeFailure::Redirect {
@@ -368,11 +435,18 @@ impl Identity {
             description: description.to_string(),
             state: params.state.clone(),
         };
+        if params.request.is_some() {
+            return Err(redirect("request_not_supported", "request objects are not supported; send the parameters themselves"));
+        }
+        if params.request_uri.is_some() {
+            return Err(redirect("request_uri_not_supported", "request_uri is not supported; send the parameters themselves"));
+        }
         if params.response_type != "code" {
             return Err(redirect("unsupported_response_type", "only response_type=code is supported"));
         }
-        if params.scope.split_whitespace().any(|s| !SCOPES.contains(&s)) {
-            return Err(redirect("invalid_scope", "unknown scope requested"));
+        let prompts = params.prompts();
+        if prompts.contains(&"none") && prompts.len() > 1 {
+            return Err(redirect("invalid_request", "prompt=none cannot be combined with other prompt values"));
         }
         match (params.code_challenge.as_deref(), params.code_challenge_method.as_deref()) {
             (Some(challenge), Some("S256")) if (43..=128).contains(&challenge.len()) => {}
@@ -426,6 +500,56 @@ impl Identity {
         Ok(())
     }
 
+    /// Whether `origin` (`scheme://host[:port]`) is the origin of a redirect URI
+    /// registered for a client people sign in to; loopback ones match on any port.
+    pub(crate) async fn origin_registered(&self, origin: &str) -> bool {
+        let Ok(asked) = url::Url::parse(origin) else { return false };
+        let loopback = |url: &url::Url| url.scheme() == "http" && matches!(url.host_str(), Some("127.0.0.1" | "[::1]" | "localhost"));
+        let uris = self.store.browser_redirect_uris().await.unwrap_or_default();
+        uris.iter().filter_map(|uri| url::Url::parse(uri).ok()).any(|registered| {
+            registered.origin() == asked.origin() || (loopback(&registered) && loopback(&asked) && registered.host_str() == asked.host_str())
+        })
+    }
+
+    /// Whether `user` must be asked before `client` gets `params.scope` for them.
+    pub(crate) async fn needs_consent(&self, client: &Client, user: &User, params: &AuthorizeParams) -> Result<bool, IdentityError> {
+        if !client.consent_required {
+            return Ok(false);
+        }
+        if params.prompts_for("consent") {
+            return Ok(true);
+        }
+        let wanted = granted_scope(&params.scope);
+        let given = self.store.consent(&user.id, &client.client_id).await?.unwrap_or_default();
+        Ok(wanted.split_whitespace().any(|scope| !has_scope(&given, scope)))
+    }
+
+    /// A signed, expiring token letting `user_id` (signed in at `auth_time`) answer
+    /// the consent page of this request.
+    pub(crate) fn consent_token(&self, user_id: &str, auth_time: i64, params: &AuthorizeParams, expires_at: i64) -> String {
+        let payload = format!("consent|{user_id}|{auth_time}|{expires_at}|{}", serde_json::to_string(params).unwrap_or_default());
+        let tag = aws_lc_rs::hmac::sign(&self.form_key, payload.as_bytes());
+        format!("{user_id}.{auth_time}.{expires_at}.{}", hex::encode(tag.as_ref()))
+    }
+
+    /// (user id, auth time) of a valid consent token for this request.
+    pub(crate) fn check_consent_token(&self, params: &AuthorizeParams, token: &str) -> Option<(String, i64)> {
+        let mut parts = token.splitn(4, '.');
+        let (user_id, auth_time, expires, _) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let (auth_time, expires_at): (i64, i64) = (auth_time.parse().ok()?, expires.parse().ok()?);
+        let valid = expires_at > now_unix() && common::rand::constant_time_eq(self.consent_token(user_id, auth_time, params, expires_at).as_bytes(), token.as_bytes());
+        valid.then(|| (user_id.to_string(), auth_time))
+    }
+
+    /// Withdraws a consent: the client's refresh tokens for the user end and its
+    /// access tokens are refused everywhere. `false` when there was none.
+    pub(crate) async fn withdraw_consent(&self, user_id: &str, client_id: &str) -> Result<bool, IdentityError> {
+        let Some(tokens) = self.store.withdraw_consent(user_id, client_id).await? else { return Ok(false) };
+        self.revoke_and_announce("consent_withdrawn", tokens, None, None).await?;
+        self.audit(user_id, "identity.consent_withdrawn", &format!("client:{client_id}"), "success", serde_json::json!({})).await;
+        Ok(true)
+    }
+
     /// A token binding the logout confirmation form to the identity session it ends.
     pub(crate) fn logout_token(&self, session_hash: &str, expires_at: i64) -> String {
         let tag = aws_lc_rs::hmac::sign(&self.form_key, format!("logout|{session_hash}|{expires_at}").as_bytes());
@@ -472,7 +596,7 @@ impl Identity {
             client_id: params.client_id.clone(),
             redirect_uri: params.redirect_uri.clone(),
             user_id: user.id.clone(),
-            scope: params.scope.clone(),
+            scope: granted_scope(&params.scope),
             nonce: params.nonce.clone(),
             code_challenge: params.code_challenge.clone(),
             auth_time,
@@ -589,7 +713,7 @@ impl Identity {
             client_id: params.client_id.clone(),
             redirect_uri: params.redirect_uri.clone(),
             user_id: user.id.clone(),
-            scope: params.scope.clone(),
+            scope: granted_scope(&params.scope),
             nonce: params.nonce.clone(),
             code_challenge: params.code_challenge.clone(),
             auth_time: now,
@@ -751,7 +875,7 @@ impl Identity {
             roles: user.roles.clone(),
         };
         let alg = keys::parse_alg(&client.signing_alg)?;
-        let access_token = self.sign(&access, alg).await?;
+        let access_token = self.sign(&access, alg, ACCESS_TOKEN_TYP).await?;
         self.store.record_access_token(&access.jti, &user.id, &client.client_id, refresh_family.as_deref(), access.exp).await?;
         let id_token = if scope.split_whitespace().any(|s| s == "openid") {
             let at_hash = at_hash(&access_token, alg);
@@ -765,13 +889,10 @@ impl Identity {
                 nonce: nonce.map(str::to_string),
                 at_hash,
                 azp: client.client_id.clone(),
-                preferred_username: user.username.clone(),
-                email: user.email.clone(),
-                name: user.name.clone().unwrap_or_else(|| user.username.clone()),
-                org: user.org.clone(),
-                roles: user.roles.clone(),
+                profile: has_scope(scope, "profile").then(|| ProfileClaims::of(user)),
+                email: has_scope(scope, "email").then(|| EmailClaims::of(user)).flatten(),
             };
-            Some(self.sign(&claims, alg).await?)
+            Some(self.sign(&claims, alg, "JWT").await?)
         } else {
             None
         };
@@ -806,38 +927,52 @@ impl Identity {
         })
     }
 
-    /// A client-credentials token for an Echo service, audience-bound to one callee.
-    pub(crate) async fn service_token(&self, client: &Client, audience: &str) -> Result<TokenResponse, IdentityError> {
-        if client.kind != "service" {
-            return Err(IdentityError::UnauthorizedClient);
-        }
-        let valid_audience = ServiceName::ALL.iter().any(|s| s.audience() == audience);
-        if !valid_audience {
-            return Err(IdentityError::InvalidTarget);
-        }
+    /// A client-credentials token. Echo services name the one callee it is for
+    /// (`audience`); any other confidential client gets one for the Echo API with the
+    /// API scopes it asked for (it acts for no user).
+    pub(crate) async fn client_credentials(&self, client: &Client, audience: Option<&str>, scope: Option<&str>) -> Result<TokenResponse, IdentityError> {
+        let (audience, scope) = match client.kind.as_str() {
+            "service" => {
+                let audience = audience.ok_or_else(|| IdentityError::InvalidRequest("audience is required".into()))?;
+                if !ServiceName::ALL.iter().any(|s| s.audience() == audience) {
+                    return Err(IdentityError::InvalidTarget);
+                }
+                (audience.to_string(), "service".to_string())
+            }
+            "confidential" => {
+                if audience.is_some_and(|a| a != API_AUDIENCE) {
+                    return Err(IdentityError::InvalidTarget);
+                }
+                let granted = granted_scope(scope.unwrap_or_default());
+                let api_only: Vec<&str> = granted.split_whitespace().filter(|s| s.starts_with("echo")).collect();
+                (API_AUDIENCE.to_string(), api_only.join(" "))
+            }
+            _ => return Err(IdentityError::UnauthorizedClient),
+        };
+        let alg = keys::parse_alg(&client.signing_alg)?;
         let now = now_unix();
         let ttl = self.config.identity.service_token_ttl_secs;
         let claims = AccessTokenClaims {
             iss: self.issuer.clone(),
             sub: client.client_id.clone(),
-            aud: audience.to_string(),
+            aud: audience,
             exp: now + ttl,
             iat: now,
             nbf: now,
             jti: uuid::Uuid::new_v4().to_string(),
-            scope: "service".into(),
+            scope: scope.clone(),
             client_id: client.client_id.clone(),
             preferred_username: None,
             org: None,
             roles: vec![],
         };
         Ok(TokenResponse {
-            access_token: self.sign(&claims, Algorithm::RS256).await?,
+            access_token: self.sign(&claims, alg, ACCESS_TOKEN_TYP).await?,
             token_type: "Bearer",
             expires_in: ttl,
             id_token: None,
             refresh_token: None,
-            scope: "service".into(),
+            scope,
             jti: claims.jti.clone(),
             expires_at: claims.exp,
         })
@@ -965,6 +1100,7 @@ impl Identity {
         secret: Option<&str>,
         kind: &str,
         signing_alg: &str,
+        consent_required: bool,
     ) -> Result<(), IdentityError> {
         keys::parse_alg(signing_alg).map_err(|e| IdentityError::BadRequest(e.to_string()))?;
         for uri in &redirect_uris {
@@ -982,6 +1118,7 @@ impl Identity {
             redirect_uris,
             kind: kind.to_string(),
             signing_alg: signing_alg.to_string(),
+            consent_required,
         };
         self.store.upsert_client(&client).await?;
         Ok(())
@@ -1090,6 +1227,9 @@ pub(crate) struct IdTokenHint {
     scope: Option<String>,
 }
 
+/// The `typ` of access tokens (RFC 9068 §2.1).
+pub(crate) const ACCESS_TOKEN_TYP: &str = "at+jwt";
+
 #[derive(Serialize)]
 struct IdTokenClaims {
     iss: String,
@@ -1102,12 +1242,44 @@ struct IdTokenClaims {
     nonce: Option<String>,
     at_hash: String,
     azp: String,
-    preferred_username: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    email: Option<String>,
-    name: String,
-    org: String,
-    roles: Vec<String>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    profile: Option<ProfileClaims>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    email: Option<EmailClaims>,
+}
+
+/// Released with scope `profile` (in ID tokens and at `/userinfo`).
+#[derive(Serialize)]
+pub(crate) struct ProfileClaims {
+    pub(crate) preferred_username: String,
+    pub(crate) name: String,
+    pub(crate) org: String,
+    pub(crate) roles: Vec<String>,
+}
+
+impl ProfileClaims {
+    pub(crate) fn of(user: &User) -> ProfileClaims {
+        ProfileClaims {
+            preferred_username: user.username.clone(),
+            name: user.name.clone().unwrap_or_else(|| user.username.clone()),
+            org: user.org.clone(),
+            roles: user.roles.clone(),
+        }
+    }
+}
+
+/// Released with scope `email`, when the user has an address. Echo does not prove
+/// that people own their addresses, so it says so.
+#[derive(Serialize)]
+pub(crate) struct EmailClaims {
+    pub(crate) email: String,
+    pub(crate) email_verified: bool,
+}
+
+impl EmailClaims {
+    pub(crate) fn of(user: &User) -> Option<EmailClaims> {
+        user.email.clone().map(|email| EmailClaims { email, email_verified: false })
+    }
 }
 
 #[derive(Serialize)]
@@ -1160,7 +1332,7 @@ mod properties {
             let config = Arc::new(EchoConfig::for_test(dir.path()));
             let identity = runtime.block_on(async {
                 let identity = Identity::new(config, None).await.unwrap();
-                identity.register_client("app", vec![REGISTERED.into()], None, "public", "RS256").await.unwrap();
+                identity.register_client("app", vec![REGISTERED.into()], None, "public", "RS256", false).await.unwrap();
                 identity
             });
             (dir, runtime, identity)
@@ -1196,6 +1368,7 @@ mod properties {
             let params = AuthorizeParams {
                 response_type, client_id: "app".into(), redirect_uri: redirect.clone(), scope, state,
                 nonce: None, code_challenge: challenge.clone(), code_challenge_method: method.clone(), prompt: None, max_age: None,
+                request: None, request_uri: None,
             };
             match runtime.block_on(identity.validate_authorize(&params)) {
                 Ok(_) => {
@@ -1220,7 +1393,7 @@ mod properties {
                 iss: identity.issuer.clone(), sub: "u".into(), aud: API_AUDIENCE.into(), exp: now_unix() + 60, iat: now_unix(), nbf: now_unix(),
                 jti: "j".into(), scope: "openid".into(), client_id: "app".into(), preferred_username: Some("u".into()), org: Some("o".into()), roles: vec![],
             };
-            let token = runtime.block_on(identity.sign(&claims, alg)).unwrap();
+            let token = runtime.block_on(identity.sign(&claims, alg, ACCESS_TOKEN_TYP)).unwrap();
             prop_assert!(runtime.block_on(identity.verify_access(&token)).is_ok());
             let mut bytes = token.clone().into_bytes();
             let at = position.index(bytes.len());

@@ -109,6 +109,15 @@ CREATE TABLE event_outbox (
 DELETE FROM settings WHERE key = 'form_key';
 "#, r#"
 ALTER TABLE users ADD COLUMN must_change_password INTEGER NOT NULL DEFAULT 0;
+"#, r#"
+ALTER TABLE clients ADD COLUMN consent_required INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE consents (
+    user_id TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    granted_at INTEGER NOT NULL,
+    PRIMARY KEY (user_id, client_id)
+);
 "#];
 
 #[derive(Clone, Debug)]
@@ -147,6 +156,9 @@ pub(crate) struct Client {
     pub(crate) kind: String,
     /// `RS256` (default), `ES256` or `EdDSA`: signs this client's ID and access tokens.
     pub(crate) signing_alg: String,
+    /// Each user is asked once (and again when it wants more) whether this client may
+    /// act for them (`echod client add --consent`).
+    pub(crate) consent_required: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -327,6 +339,7 @@ impl Store {
                 redirect_uris: serde_json::from_str(&uris).unwrap_or_default(),
                 kind: row.try_get("kind")?,
                 signing_alg: row.try_get("signing_alg")?,
+                consent_required: row.try_get::<i64, _>("consent_required")? != 0,
             })
         })
         .transpose()
@@ -335,9 +348,10 @@ impl Store {
     /// Creates or replaces a client registration.
     pub(crate) async fn upsert_client(&self, client: &Client) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "INSERT INTO clients (client_id, secret_hash, redirect_uris, kind, created_at, signing_alg) VALUES (?, ?, ?, ?, ?, ?)
+            "INSERT INTO clients (client_id, secret_hash, redirect_uris, kind, created_at, signing_alg, consent_required) VALUES (?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT(client_id) DO UPDATE SET secret_hash = excluded.secret_hash,
-                 redirect_uris = excluded.redirect_uris, kind = excluded.kind, signing_alg = excluded.signing_alg",
+                 redirect_uris = excluded.redirect_uris, kind = excluded.kind, signing_alg = excluded.signing_alg,
+                 consent_required = excluded.consent_required",
         )
         .bind(&client.client_id)
         .bind(&client.secret_hash)
@@ -345,9 +359,67 @@ impl Store {
         .bind(&client.kind)
         .bind(now_unix())
         .bind(&client.signing_alg)
+        .bind(client.consent_required as i64)
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// The redirect URIs of every client people sign in to (not services): their
+    /// origins may call identity from a browser (CORS).
+    pub(crate) async fn browser_redirect_uris(&self) -> Result<Vec<String>, sqlx::Error> {
+        let rows: Vec<String> = sqlx::query_scalar("SELECT redirect_uris FROM clients WHERE kind != 'service'").fetch_all(&self.pool).await?;
+        Ok(rows.iter().flat_map(|uris| serde_json::from_str::<Vec<String>>(uris).unwrap_or_default()).collect())
+    }
+
+    // ---- consents ----
+
+    /// The scopes `user_id` allowed `client_id`, if they ever did.
+    pub(crate) async fn consent(&self, user_id: &str, client_id: &str) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT scope FROM consents WHERE user_id = ? AND client_id = ?").bind(user_id).bind(client_id).fetch_optional(&self.pool).await
+    }
+
+    pub(crate) async fn grant_consent(&self, user_id: &str, client_id: &str, scope: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO consents (user_id, client_id, scope, granted_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT(user_id, client_id) DO UPDATE SET scope = excluded.scope, granted_at = excluded.granted_at",
+        )
+        .bind(user_id)
+        .bind(client_id)
+        .bind(scope)
+        .bind(now_unix())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// (client id, scope, granted at) of every consent the user gave.
+    pub(crate) async fn consents_of(&self, user_id: &str) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
+        sqlx::query_as("SELECT client_id, scope, granted_at FROM consents WHERE user_id = ? ORDER BY client_id").bind(user_id).fetch_all(&self.pool).await
+    }
+
+    /// Withdraws a consent and ends the client's refresh tokens for the user; the
+    /// access tokens to refuse are returned (jti, exp).
+    pub(crate) async fn withdraw_consent(&self, user_id: &str, client_id: &str) -> Result<Option<Vec<(String, i64)>>, sqlx::Error> {
+        let mut tx = common::db::begin_write(&self.pool).await?;
+        let done = sqlx::query("DELETE FROM consents WHERE user_id = ? AND client_id = ?").bind(user_id).bind(client_id).execute(&mut *tx).await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        sqlx::query("UPDATE refresh_tokens SET revoked_at = ? WHERE user_id = ? AND client_id = ? AND revoked_at IS NULL")
+            .bind(now_unix())
+            .bind(user_id)
+            .bind(client_id)
+            .execute(&mut *tx)
+            .await?;
+        let tokens: Vec<(String, i64)> = sqlx::query_as("SELECT jti, expires_at FROM access_tokens WHERE user_id = ? AND client_id = ? AND expires_at > ?")
+            .bind(user_id)
+            .bind(client_id)
+            .bind(now_unix())
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(tokens))
     }
 
     // ---- keys and settings ----

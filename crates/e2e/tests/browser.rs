@@ -181,3 +181,59 @@ async fn a_person_signs_in_uploads_and_follows_a_citation_in_chromium() {
     browser.quit().await;
     ts.system.stop().await;
 }
+
+/// The sign-in attacks of the P1.1 attack run, in a real browser: the first admin's
+/// printed password must be replaced on a page of its own; a callback URL made by
+/// someone else's sign-in signs nobody in; and a `return_to` that browsers would read
+/// as another site (a tab inside `/\t/evil.example`) lands on Echo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_attacks_fail_in_chromium() {
+    let (Some(chromium), Some(chromedriver)) = (installed(&["/usr/bin/chromium", "/usr/bin/chromium-browser"]), installed(&["/usr/bin/chromedriver"])) else {
+        let reason = "Chromium and chromedriver are not installed (apt-get install chromium chromium-driver; .ci/run does)";
+        assert!(std::env::var_os("CI").is_none(), "CI must run the browser test: {reason}");
+        println!("SKIPPED: {reason}");
+        return;
+    };
+    let ts = TestSystem::start().await;
+    let printed = ts.system.admin_password.clone().unwrap();
+    ts.add_user("mallory", "acme", "member").await;
+    ts.add_user("quinn", "acme", "member").await;
+    let profile = tempfile::tempdir().unwrap();
+    let browser = Browser::start(&chromium, &chromedriver, profile.path()).await;
+    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+
+    // The first admin signs in with the printed password and must choose another.
+    browser.goto(&format!("{}/documents", ts.gateway())).await;
+    browser.type_into("input[name=username]", "admin").await;
+    browser.type_into("input[name=password]", &printed).await;
+    browser.click("button[type=submit]").await;
+    browser.wait_for("the choose-a-password page", |s| s.contains("Choose your password")).await;
+    browser.screenshot(&shots.join("first-password.png")).await;
+    browser.type_into("input[name=new_password]", "the-admins-own-password").await;
+    browser.type_into("input[name=new_password_again]", "the-admins-own-password").await;
+    browser.click("button[type=submit]").await;
+    browser.wait_for("the documents page", |s| s.contains("<h1>Documents</h1>")).await;
+    assert!(browser.current_url().await.starts_with(&ts.gateway()));
+    browser.click("header form button").await;
+    browser.wait_for("the signed-out page", |s| s.contains("You are signed out")).await;
+
+    // Login CSRF: Mallory's unopened callback URL, opened in this browser, signs no one in.
+    let mallorys = ts.browser_start_sign_in("/auth/login", "mallory").await;
+    browser.goto(&mallorys.callback).await;
+    let page = browser.wait_for("the refusal", |s| s.contains("another browser")).await;
+    assert!(!page.contains("mallory"), "not signed in as the attacker");
+    browser.goto(&format!("{}/documents", ts.gateway())).await;
+    assert!(browser.current_url().await.starts_with(&format!("{}/authorize", ts.issuer())), "still signed out: {}", browser.current_url().await);
+
+    // Open redirect: a tab hidden in return_to does not take the browser off-site.
+    browser.goto(&format!("{}/auth/login?return_to=%2F%09%2Fevil.example", ts.gateway())).await;
+    browser.type_into("input[name=username]", "quinn").await;
+    browser.type_into("input[name=password]", &password_of("quinn")).await;
+    browser.click("button[type=submit]").await;
+    browser.wait_for("a page of Echo", |s| s.contains("<h1>Documents</h1>")).await;
+    let landed = browser.current_url().await;
+    assert!(landed.starts_with(&ts.gateway()), "landed on {landed}");
+    browser.quit().await;
+    ts.system.stop().await;
+}

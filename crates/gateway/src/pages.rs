@@ -324,6 +324,108 @@ pub(crate) async fn admin_disable_user(State(app): State<AppState>, PageUser(ses
     users_page(&app, &session, Some(message)).await
 }
 
+#[derive(Deserialize)]
+struct ConsentRow {
+    client_id: String,
+    scope: String,
+    granted_at: String,
+}
+
+#[derive(Template)]
+#[template(path = "profile.html")]
+struct ProfilePage {
+    csrf: String,
+    username: String,
+    org: String,
+    roles: String,
+    consents: Vec<ConsentRow>,
+    message: Option<String>,
+}
+
+async fn profile_page(app: &AppState, session: &crate::session::Session, message: Option<String>, status: StatusCode) -> Response {
+    #[derive(Deserialize)]
+    struct Consents {
+        consents: Vec<ConsentRow>,
+    }
+    let principal = &session.principal;
+    let path = format!("/internal/users/{}/consents", common::client::encode(&principal.sub));
+    let consents = match app.ctx.peers.get_json::<Consents>(ServiceName::Identity, &path, Some(principal)).await {
+        Ok(listed) => listed.consents,
+        Err(error) => return error_page(&error),
+    };
+    let page = ProfilePage {
+        csrf: session.csrf.clone(),
+        username: principal.username.clone(),
+        org: principal.org.clone(),
+        roles: principal.roles.join(", "),
+        consents,
+        message,
+    };
+    render(status, page.render())
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ProfileQuery {
+    #[serde(default)]
+    changed: Option<String>,
+}
+
+pub(crate) async fn profile(State(app): State<AppState>, PageUser(session): PageUser, axum::extract::Query(query): axum::extract::Query<ProfileQuery>) -> Response {
+    let message = query.changed.map(|_| "Your password is changed, and everywhere else you are signed out.".to_string());
+    profile_page(&app, &session, message, StatusCode::OK).await
+}
+
+#[derive(Deserialize)]
+pub(crate) struct PasswordForm {
+    csrf: String,
+    current_password: String,
+    new_password: String,
+    new_password_again: String,
+}
+
+/// The profile page's password change: as through the API, every other session and
+/// token ends and this browser continues under a new session cookie.
+pub(crate) async fn change_password(State(app): State<AppState>, PageUser(session): PageUser, axum::Form(form): axum::Form<PasswordForm>) -> Response {
+    if !common::rand::constant_time_eq(form.csrf.as_bytes(), session.csrf.as_bytes()) {
+        return error_page(&ApiError::forbidden("auth.csrf", "the form expired; reload the page and try again"));
+    }
+    if form.new_password != form.new_password_again {
+        return profile_page(&app, &session, Some("The two new passwords differ.".into()), StatusCode::BAD_REQUEST).await;
+    }
+    let renewed = crate::session::NewSession::generate();
+    match service::change_password(&app, &session.principal, &form.current_password, &form.new_password, Some(&renewed.id_hash)).await {
+        Ok(()) => {}
+        Err(error) if error.kind != ErrorKind::Internal => {
+            return profile_page(&app, &session, Some(format!("Your password was not changed: {}", error.detail)), StatusCode::BAD_REQUEST).await;
+        }
+        Err(error) => return error_page(&error),
+    }
+    let cookie = match renewed.store(&app, &session.principal, session.id_token.as_deref()).await {
+        Ok(cookie) => cookie,
+        Err(error) => return error_page(&error),
+    };
+    if let Err(error) = crate::session::end_sessions_except(&app, &session.principal.sub, &renewed.id_hash).await {
+        return error_page(&ApiError::from(error));
+    }
+    let mut response = Redirect::to("/profile?changed=1").into_response();
+    *response.status_mut() = StatusCode::SEE_OTHER;
+    response.headers_mut().append(axum::http::header::SET_COOKIE, cookie);
+    response
+}
+
+pub(crate) async fn withdraw_consent(State(app): State<AppState>, PageUser(session): PageUser, Path(client_id): Path<String>, axum::Form(form): axum::Form<CsrfForm>) -> Response {
+    if !common::rand::constant_time_eq(form.csrf.as_bytes(), session.csrf.as_bytes()) {
+        return error_page(&ApiError::forbidden("auth.csrf", "the form expired; reload the page and try again"));
+    }
+    let path = format!("/internal/users/{}/consents/{}", common::client::encode(&session.principal.sub), common::client::encode(&client_id));
+    let message = match app.ctx.peers.delete(ServiceName::Identity, &path, Some(&session.principal)).await {
+        Ok(()) => format!("{client_id} may no longer act for you; its tokens stop working."),
+        Err(error) if error.kind != ErrorKind::Internal => format!("Nothing withdrawn: {}", error.detail),
+        Err(error) => return error_page(&error),
+    };
+    profile_page(&app, &session, Some(message), StatusCode::OK).await
+}
+
 #[derive(Template)]
 #[template(source = "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Signed out · Echo</title></head><body style=\"font-family: system-ui, sans-serif; margin: 3rem;\"><h1>You are signed out</h1><p><a href=\"/auth/login\">Sign in again</a></p></body></html>", ext = "html")]
 struct SignedOut;

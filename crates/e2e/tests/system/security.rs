@@ -799,3 +799,26 @@ fn first_non_loopback_address() -> Option<std::net::IpAddr> {
     socket.connect("192.0.2.1:9").ok()?;
     socket.local_addr().ok().map(|a| a.ip()).filter(|ip| !ip.is_loopback())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_profile_page_changes_the_password_and_keeps_only_this_browser() {
+    let ts = TestSystem::start().await;
+    ts.add_user("wren", "acme", "member").await;
+    let (here, csrf) = ts.browser_session("wren").await;
+    let (elsewhere, _) = ts.browser_session("wren").await;
+    let page = ts.http.get(format!("{}/profile", ts.gateway())).header("cookie", &here).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains("Change your password") && page.contains("Applications you allowed"), "{page}");
+    let form = [("csrf", csrf.as_str()), ("current_password", &password_of("wren")), ("new_password", "wren-new-passphrase"), ("new_password_again", "wren-new-passphrase")];
+    let changed = ts.http.post(format!("{}/profile/password", ts.gateway())).header("cookie", &here).form(&form).send().await.unwrap();
+    assert_eq!(changed.status(), StatusCode::SEE_OTHER);
+    let renewed = crate::helpers::cookie_named(&changed, "echo_session").unwrap();
+    let page = ts.http.get(format!("{}/profile?changed=1", ts.gateway())).header("cookie", &renewed).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains("everywhere else you are signed out"));
+    for old in [here, elsewhere] {
+        let answer = ts.http.get(format!("{}/profile", ts.gateway())).header("cookie", &old).send().await.unwrap();
+        assert_eq!(answer.status(), StatusCode::SEE_OTHER, "the old sessions go to sign-in");
+    }
+    let forged = ts.http.post(format!("{}/profile/password", ts.gateway())).header("cookie", &renewed).form(&[("csrf", "nope"), ("current_password", "x"), ("new_password", "y-y-y-y-y-y"), ("new_password_again", "y-y-y-y-y-y")]).send().await.unwrap();
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN);
+    ts.system.stop().await;
+}

@@ -1,4 +1,4 @@
-//! `echod bench identity`, `echod bench authz` (and `echod bench queue`, in `bench/queue.rs`): figures measured against a real
+//! `echod bench identity`, `echod bench authz` (and `echod bench queue` and `echod bench flood`, in `bench/`): figures measured against a real
 //! system started in a temporary data dir (ports chosen by the OS).
 //!
 //! - JWT verification: p50/p99 of `common::auth::TokenVerifier::verify` (what every
@@ -7,6 +7,7 @@
 //!   parameters (OWASP: m = 19 MiB, t = 2, p = 1), `concurrency` clients at once.
 //! - Rejection time for known vs unknown usernames (they must not differ measurably).
 
+pub mod flood;
 pub mod queue;
 
 use std::time::{Duration, Instant};

@@ -172,6 +172,13 @@ enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// A colleague's latency while another user floods the API, with the rate limits on and off.
+    Flood {
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
     /// B8: durable publish → deliver → ack for each bus backend beside Redis Streams and raw JetStream.
     Queue {
         #[arg(long, default_value_t = 20_000)]
@@ -339,6 +346,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Bench(BenchCommand::Authz { iterations, collections, rate, seconds }) => {
             echod::bench::authz(iterations, collections, rate, seconds).await?;
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Flood { seconds, concurrency }) => {
+            echod::bench::flood::run(seconds, concurrency).await?;
             Ok(0)
         }
         Command::Bench(BenchCommand::Queue { messages, producers, consumers }) => {

@@ -671,6 +671,23 @@ mod tests {
     }
 
     #[test]
+    fn lists_switches_and_budgets_come_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("ECHO__TRUSTED_PROXIES", "[10.0.0.1, \"::1\"]");
+            jail.set_env("ECHO__GATEWAY__RATE_LIMITS", "off");
+            jail.set_env("ECHO__GATEWAY__RATE_LIMIT__ASK__PER_MINUTE", "5");
+            let config = EchoConfig::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.trusted_proxies.len(), 2);
+            assert_eq!(config.gateway.rate_limits, Switch::Off);
+            assert_eq!(config.gateway.rate_limit.ask.per_minute, 5);
+            assert_eq!(config.gateway.rate_limit.ask.burst, RateBudgets::default().ask.burst);
+            Ok(())
+        });
+        let on: EchoConfig = Figment::from(Serialized::defaults(EchoConfig::default())).merge(Yaml::string("gateway:\n  rate_limits: on\n")).extract().unwrap();
+        assert_eq!(on.gateway.rate_limits, Switch::On);
+    }
+
+    #[test]
     fn service_names_round_trip() {
         for name in ServiceName::ALL {
             assert_eq!(name.as_str().parse::<ServiceName>().unwrap(), name);

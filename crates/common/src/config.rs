@@ -671,6 +671,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail wants its own error type
     fn lists_switches_and_budgets_come_from_the_environment() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("ECHO__TRUSTED_PROXIES", "[10.0.0.1, \"::1\"]");

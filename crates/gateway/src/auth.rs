@@ -86,29 +86,6 @@ async fn authenticate(parts: &Parts, app: &AppState) -> Result<Caller, ApiError>
     Ok(Caller { principal: session.principal.clone(), session: Some(session) })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn scopes_open_only_their_routes() {
-        let (get, post, delete) = (Method::GET, Method::POST, Method::DELETE);
-        assert!(scope_allows("openid echo", &delete, "/api/v1/documents/x"));
-        assert!(!scope_allows("openid profile email offline_access", &get, "/api/v1/me"), "identity scopes give no API access");
-        assert!(!scope_allows("", &get, "/api/v1/documents"));
-        assert!(scope_allows("echo:read", &get, "/api/v1/documents"));
-        assert!(scope_allows("echo:read", &post, "/api/v1/search"));
-        assert!(scope_allows("echo:read", &post, "/api/v1/ask"));
-        assert!(!scope_allows("echo:read", &post, "/api/v1/documents"));
-        assert!(!scope_allows("echo:read", &delete, "/api/v1/documents/x"));
-        assert!(scope_allows("echo:ask", &post, "/v1/chat/completions"));
-        assert!(scope_allows("echo:ask", &get, "/api/v1/conversations/x"));
-        assert!(!scope_allows("echo:ask", &get, "/api/v1/documents"));
-        assert!(!scope_allows("echo:ask", &post, "/api/v1/search"));
-        assert!(!scope_allows("echoes", &get, "/api/v1/me"));
-    }
-}
-
 /// A signed-in browser user; pages redirect to sign-in when absent.
 pub(crate) struct PageUser(pub(crate) Session);
 
@@ -137,5 +114,28 @@ impl FromRequestParts<AppState> for PageUser {
             }
             Err(error) => Err(crate::pages::error_page(&ApiError::from(error))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_open_only_their_routes() {
+        let (get, post, delete) = (Method::GET, Method::POST, Method::DELETE);
+        assert!(scope_allows("openid echo", &delete, "/api/v1/documents/x"));
+        assert!(!scope_allows("openid profile email offline_access", &get, "/api/v1/me"), "identity scopes give no API access");
+        assert!(!scope_allows("", &get, "/api/v1/documents"));
+        assert!(scope_allows("echo:read", &get, "/api/v1/documents"));
+        assert!(scope_allows("echo:read", &post, "/api/v1/search"));
+        assert!(scope_allows("echo:read", &post, "/api/v1/ask"));
+        assert!(!scope_allows("echo:read", &post, "/api/v1/documents"));
+        assert!(!scope_allows("echo:read", &delete, "/api/v1/documents/x"));
+        assert!(scope_allows("echo:ask", &post, "/v1/chat/completions"));
+        assert!(scope_allows("echo:ask", &get, "/api/v1/conversations/x"));
+        assert!(!scope_allows("echo:ask", &get, "/api/v1/documents"));
+        assert!(!scope_allows("echo:ask", &post, "/api/v1/search"));
+        assert!(!scope_allows("echoes", &get, "/api/v1/me"));
     }
 }

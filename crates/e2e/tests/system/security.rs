@@ -21,6 +21,12 @@ fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, u32)>) {
     }
 }
 
+/// Uploads `bytes` as `name` (`mime`) into the caller's personal collection.
+async fn upload(ts: &TestSystem, token: &str, name: &str, mime: &str, bytes: Vec<u8>) -> reqwest::Response {
+    let part = reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()).mime_str(mime).unwrap();
+    ts.http.post(format!("{}/api/v1/documents", ts.gateway())).bearer_auth(token).multipart(reqwest::multipart::Form::new().part("file", part)).send().await.unwrap()
+}
+
 fn readable_by_others(dir: &std::path::Path) -> Vec<String> {
     let mut all = Vec::new();
     walk(dir, &mut all);
@@ -33,18 +39,7 @@ async fn nothing_in_the_data_dir_is_readable_by_other_users_and_a_copied_identit
     ts.add_user("priya", "acme", "member").await;
     // Make every kind of file exist: a blob, the index, logs, audit, mail.
     let tokens = ts.sign_in("priya", &password_of("priya")).await;
-    let part = reqwest::multipart::Part::bytes(b"# Notes\n\nThe vault code is walnut-7.\n".to_vec()).file_name("notes.md").mime_str("text/markdown").unwrap();
-    let created: serde_json::Value = ts
-        .http
-        .post(format!("{}/api/v1/documents", ts.gateway()))
-        .bearer_auth(&tokens.access_token)
-        .multipart(reqwest::multipart::Form::new().part("file", part))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created: serde_json::Value = upload(&ts, &tokens.access_token, "notes.md", "text/markdown", b"# Notes\n\nThe vault code is walnut-7.\n".to_vec()).await.json().await.unwrap();
     let job = created["job_id"].as_str().unwrap().to_string();
     crate::helpers::eventually("the upload to be indexed", Duration::from_secs(60), || async {
         let job: serde_json::Value = ts.http.get(format!("{}/api/v1/jobs/{job}", ts.gateway())).bearer_auth(&tokens.access_token).send().await.ok()?.json().await.ok()?;
@@ -248,22 +243,7 @@ async fn revoked_access_tokens_are_refused_by_the_gateway_within_a_second_and_af
 
 /// A browser's identity (SSO) session: the `echo_idp` cookie a sign-in at the login form leaves.
 async fn identity_session(ts: &TestSystem, username: &str) -> String {
-    let challenge = "x".repeat(43);
-    let params = [
-        ("response_type", "code"),
-        ("client_id", crate::helpers::CLIENT_ID),
-        ("redirect_uri", crate::helpers::REDIRECT_URI),
-        ("scope", "openid"),
-        ("state", "s"),
-        ("code_challenge", challenge.as_str()),
-        ("code_challenge_method", "S256"),
-    ];
-    let html = ts.http.get(format!("{}/authorize", ts.issuer())).query(&params).send().await.unwrap().text().await.unwrap();
-    let mut form: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    form.push(("form_token".into(), crate::helpers::hidden_value(&html, "form_token").unwrap()));
-    form.push(("username".into(), username.into()));
-    form.push(("password".into(), password_of(username)));
-    let answer = ts.http.post(format!("{}/login", ts.issuer())).form(&form).send().await.unwrap();
+    let answer = submit_login(ts, username, &password_of(username)).await;
     assert_eq!(answer.status(), StatusCode::SEE_OTHER);
     crate::helpers::cookie_named(&answer, "echo_idp").unwrap()
 }
@@ -332,23 +312,7 @@ async fn changing_a_password_ends_every_other_session_and_token() {
 
 /// One sign-in at identity's form from source address `from`: the answer's status.
 async fn login_from(ts: &TestSystem, from: &str, username: &str, password: &str) -> StatusCode {
-    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).local_address(from.parse::<std::net::IpAddr>().unwrap()).build().unwrap();
-    let challenge = "z".repeat(43);
-    let params = [
-        ("response_type", "code"),
-        ("client_id", crate::helpers::CLIENT_ID),
-        ("redirect_uri", crate::helpers::REDIRECT_URI),
-        ("scope", "openid"),
-        ("state", "s"),
-        ("code_challenge", challenge.as_str()),
-        ("code_challenge_method", "S256"),
-    ];
-    let html = http.get(format!("{}/authorize", ts.issuer())).query(&params).send().await.unwrap().text().await.unwrap();
-    let mut form: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    form.push(("form_token".into(), crate::helpers::hidden_value(&html, "form_token").unwrap()));
-    form.push(("username".into(), username.into()));
-    form.push(("password".into(), password.into()));
-    http.post(format!("{}/login", ts.issuer())).form(&form).send().await.unwrap().status()
+    submit_login_with(ts, &client_from(from), username, password).await.status()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,6 +410,11 @@ async fn org_admins_manage_members_only_and_an_org_keeps_an_owner() {
 
 /// Signs in at identity's form with `password`: the answer.
 async fn submit_login(ts: &TestSystem, username: &str, password: &str) -> reqwest::Response {
+    submit_login_with(ts, &ts.http, username, password).await
+}
+
+/// `submit_login` through `http` (a client bound to some source address, say).
+async fn submit_login_with(ts: &TestSystem, http: &reqwest::Client, username: &str, password: &str) -> reqwest::Response {
     let challenge = "w".repeat(43);
     let params = [
         ("response_type", "code"),
@@ -456,12 +425,12 @@ async fn submit_login(ts: &TestSystem, username: &str, password: &str) -> reqwes
         ("code_challenge", challenge.as_str()),
         ("code_challenge_method", "S256"),
     ];
-    let html = ts.http.get(format!("{}/authorize", ts.issuer())).query(&params).send().await.unwrap().text().await.unwrap();
+    let html = http.get(format!("{}/authorize", ts.issuer())).query(&params).send().await.unwrap().text().await.unwrap();
     let mut form: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     form.push(("form_token".into(), crate::helpers::hidden_value(&html, "form_token").unwrap()));
     form.push(("username".into(), username.into()));
     form.push(("password".into(), password.into()));
-    ts.http.post(format!("{}/login", ts.issuer())).form(&form).send().await.unwrap()
+    http.post(format!("{}/login", ts.issuer())).form(&form).send().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -534,8 +503,7 @@ async fn concurrent_uploads_never_pass_the_quota_and_the_rest_hear_413() {
     let total: u64 = documents["documents"].as_array().unwrap().iter().map(|d| d["size"].as_u64().unwrap()).sum();
     assert!(total <= 10 * 1024 * 1024, "stored {total} bytes");
     // The refused uploads' reservations were released: a small file still fits.
-    let part = reqwest::multipart::Part::bytes(b"small and new".to_vec()).file_name("small.txt").mime_str("text/plain").unwrap();
-    let small = ts.http.post(format!("{}/api/v1/documents", ts.gateway())).bearer_auth(&token).multipart(reqwest::multipart::Form::new().part("file", part)).send().await.unwrap();
+    let small = upload(&ts, &token, "small.txt", "text/plain", b"small and new".to_vec()).await;
     assert_eq!(small.status(), StatusCode::ACCEPTED);
     ts.system.stop().await;
 }
@@ -603,9 +571,7 @@ async fn one_users_flood_is_throttled_and_leaves_everyone_else_alone() {
     assert!(metrics.contains("echo_gateway_throttled_total"), "throttling is counted");
 
     // Repeated identical denials are one audit record, then one with the count.
-    let part = reqwest::multipart::Part::bytes(b"# Private\n\nflo's notes\n".to_vec()).file_name("private.md").mime_str("text/markdown").unwrap();
-    let created: serde_json::Value =
-        ts.http.post(format!("{}/api/v1/documents", ts.gateway())).bearer_auth(&flo).multipart(reqwest::multipart::Form::new().part("file", part)).send().await.unwrap().json().await.unwrap();
+    let created: serde_json::Value = upload(&ts, &flo, "private.md", "text/markdown", b"# Private\n\nflo's notes\n".to_vec()).await.json().await.unwrap();
     let document = created["id"].as_str().unwrap().to_string();
     let gus = ts.sign_in("gus", &password_of("gus")).await.access_token;
     let prober = client_from("127.0.0.6");
@@ -738,22 +704,15 @@ async fn smaller_holes_stay_closed() {
     let ts = TestSystem::start().await;
     ts.add_user("vera", "acme", "member").await;
     let token = ts.sign_in("vera", &password_of("vera")).await.access_token;
-    let upload = |name: String, bytes: Vec<u8>| {
-        let (ts, token) = (&ts, token.clone());
-        async move {
-            let part = reqwest::multipart::Part::bytes(bytes).file_name(name).mime_str("text/plain").unwrap();
-            ts.http.post(format!("{}/api/v1/documents", ts.gateway())).bearer_auth(token).multipart(reqwest::multipart::Form::new().part("file", part)).send().await.unwrap()
-        }
-    };
     // A filename that would display reversed loses its bidi override.
-    let created: serde_json::Value = upload("invoice\u{202E}fdp.txt".into(), b"an invoice".to_vec()).await.json().await.unwrap();
+    let created: serde_json::Value = upload(&ts, &token, "invoice\u{202E}fdp.txt", "text/plain", b"an invoice".to_vec()).await.json().await.unwrap();
     let document: serde_json::Value =
         ts.http.get(format!("{}/api/v1/documents/{}", ts.gateway(), created["id"].as_str().unwrap())).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
     assert_eq!(document["filename"], "invoicefdp.txt");
 
     // Text well over 2 MB is indexed, not failed with an internal message.
     let big: Vec<u8> = b"The quarterly figures are in the annex. ".iter().cycle().take(3 * 1024 * 1024).copied().collect();
-    let created: serde_json::Value = upload("big.txt".into(), big).await.json().await.unwrap();
+    let created: serde_json::Value = upload(&ts, &token, "big.txt", "text/plain", big).await.json().await.unwrap();
     let job = created["job_id"].as_str().unwrap().to_string();
     let done = crate::helpers::eventually("the large text to be indexed", Duration::from_secs(120), || async {
         let job: serde_json::Value = ts.http.get(format!("{}/api/v1/jobs/{job}", ts.gateway())).bearer_auth(&token).send().await.ok()?.json().await.ok()?;

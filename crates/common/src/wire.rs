@@ -123,7 +123,8 @@ pub struct RelationshipChanged {
 /// until its `exp`, so the refusal survives their restarts.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TokensRevoked {
-    /// Why: `revoked`, `code_reuse`, `refresh_reuse`, `password_changed`, `password_reset`.
+    /// Why: `revoked`, `code_reuse`, `refresh_reuse`, `password_changed`, `password_reset`,
+    /// `role_changed`, `consent_withdrawn`, `disabled`.
     pub reason: String,
     pub tokens: Vec<RevokedToken>,
     /// When set, every browser session of this user ends…

@@ -26,9 +26,14 @@ fn original_path(parts: &Parts) -> String {
     parts.extensions.get::<axum::extract::OriginalUri>().map(|u| u.0.path().to_string()).unwrap_or_else(|| parts.uri.path().to_string())
 }
 
-/// Spends one request of the caller's budget for this kind of request.
-fn spend(app: &AppState, parts: &Parts, sub: &str) -> Result<(), ApiError> {
-    app.limits.check_user(sub, Budget::of(&parts.method, &original_path(parts)))
+/// Spends one request of the caller's budget for this kind of request; a refusal is
+/// held a moment before it is answered (see `limits::REFUSAL_HOLD`).
+async fn spend(app: &AppState, parts: &Parts, sub: &str) -> Result<(), ApiError> {
+    let spent = app.limits.check_user(sub, Budget::of(&parts.method, &original_path(parts)));
+    if spent.is_err() {
+        tokio::time::sleep(crate::limits::REFUSAL_HOLD).await;
+    }
+    spent
 }
 
 impl FromRequestParts<AppState> for Caller {
@@ -36,7 +41,7 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Self::Rejection> {
         let caller = authenticate(parts, app).await?;
-        spend(app, parts, &caller.principal.sub)?;
+        spend(app, parts, &caller.principal.sub).await?;
         Ok(caller)
     }
 }
@@ -104,7 +109,7 @@ impl FromRequestParts<AppState> for PageUser {
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Self::Rejection> {
         use axum::response::IntoResponse;
         match session::load(&app.pool, &parts.headers).await {
-            Ok(Some(session)) => match spend(app, parts, &session.principal.sub) {
+            Ok(Some(session)) => match spend(app, parts, &session.principal.sub).await {
                 Ok(()) => Ok(PageUser(session)),
                 Err(refused) => Err(crate::pages::error_page(&refused)),
             },

@@ -51,6 +51,7 @@ async fn limit_by_address(
     if let Some(peer) = peer {
         let ip = common::web::client_ip(peer, request.headers(), &app.ctx.config.trusted_proxies);
         if let Err(refused) = app.limits.check_ip(ip) {
+            tokio::time::sleep(limits::REFUSAL_HOLD).await;
             let path = request.uri().path();
             return if path.starts_with("/api/") || path.starts_with("/v1/") { refused.into_response() } else { pages::error_page(&refused) };
         }

@@ -2,8 +2,9 @@
 //! per client address for every request, checked before anything else, and once the
 //! caller is known, one per user for each kind of request (reads, writes, uploads,
 //! questions), so that one person's flood neither starves the others nor fills the
-//! audit log. A refused request gets 429 with `Retry-After` and is counted in
-//! `echo_gateway_throttled_total`. `gateway.rate_limits: off` disables all of it.
+//! audit log. A refused request is held for `REFUSAL_HOLD`, then gets 429 with
+//! `Retry-After`, and is counted in `echo_gateway_throttled_total`.
+//! `gateway.rate_limits: off` disables all of it.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -57,6 +58,11 @@ struct Limiters {
     upload: DefaultKeyedRateLimiter<String>,
     ask: DefaultKeyedRateLimiter<String>,
 }
+
+/// How long a refused request is held before its 429 goes out. A client that waits
+/// for answers (nearly all do) is slowed to this pace per connection, so a flood
+/// costs the gateway little more than the refusals it asked for.
+pub(crate) const REFUSAL_HOLD: Duration = Duration::from_millis(250);
 
 /// The gateway's rate limits; cheap to clone.
 #[derive(Clone)]

@@ -203,11 +203,15 @@ pub async fn set_operator(config: &EchoConfig, username: &str, grant: bool) -> R
     Ok(user.summary())
 }
 
-/// `echod user disable`: also revokes the user's refresh tokens and sessions.
+/// `echod user disable`: also revokes the user's refresh tokens and sessions, and
+/// (through identity's outbox, relayed by the running service) their access tokens
+/// and browser sessions at the gateway.
 pub async fn disable_user(config: &EchoConfig, username: &str) -> Result<(), IdentityError> {
     let identity = service::Identity::new(Arc::new(config.clone()), None).await?;
     let user = identity.store.user_by_username(username).await?.ok_or(IdentityError::NotFound)?;
     identity.store.set_disabled(&user.id, true).await?;
+    identity.end_everything_of(&user.id, "disabled", None).await?;
+    identity.audit("cli", "identity.user_disabled", &format!("user:{}", user.id), "success", serde_json::json!({"via": "cli"})).await;
     Ok(())
 }
 

@@ -154,6 +154,7 @@ pub struct EchoConfig {
     pub parser: ParserConfig,
     pub ingest: IngestConfig,
     pub search: SearchConfig,
+    pub embeddings: EmbeddingsConfig,
     pub rag: RagConfig,
     pub logs: LogsConfig,
     pub audit: AuditConfig,
@@ -372,6 +373,55 @@ pub struct IngestConfig {
 pub struct SearchConfig {
     pub writer_memory_mb: usize,
     pub max_k: usize,
+    /// Reciprocal rank fusion: each list adds `weight / (rrf_k + rank)` to a chunk.
+    pub rrf_k: f32,
+    pub bm25_weight: f32,
+    pub vector_weight: f32,
+    /// How deep each list (BM25, vectors) is read before fusion.
+    pub candidates: usize,
+    /// A reranker speaking the TEI/Jina `/rerank` shape (`{"query", "texts"}` →
+    /// `[{"index", "score"}]`); empty: off.
+    pub rerank_url: String,
+    pub rerank_api_key: Secret,
+    /// How many fused hits the reranker reorders.
+    pub rerank_candidates: usize,
+}
+
+/// Where chunk and query embeddings come from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbeddingsConfig {
+    /// `none` (BM25 only), `local` (the model in `model_dir`, on CPU) or `openai`
+    /// (any OpenAI-compatible `/v1/embeddings`). Unset: `local` when a model is
+    /// installed in `model_dir` (`echod models install`), else `none`.
+    pub provider: Option<String>,
+    /// A directory with `config.json`, `model.safetensors` and `tokenizer.json`.
+    /// Unset: `DATA_DIR/models/all-MiniLM-L6-v2`.
+    pub model_dir: Option<PathBuf>,
+    pub base_url: String,
+    /// The remote model's name (`openai`); recorded with the index.
+    pub model: String,
+    pub api_key: Secret,
+    /// Texts embedded per call.
+    pub batch_size: usize,
+    /// Longer texts are cut to this many tokens (the model's own limit is 256).
+    pub max_tokens: usize,
+    pub timeout_secs: u64,
+}
+
+impl Default for EmbeddingsConfig {
+    fn default() -> Self {
+        EmbeddingsConfig {
+            provider: None,
+            model_dir: None,
+            base_url: String::new(),
+            model: String::new(),
+            api_key: Secret::default(),
+            batch_size: 32,
+            max_tokens: 256,
+            timeout_secs: 60,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -416,6 +466,7 @@ impl Default for EchoConfig {
             parser: ParserConfig::default(),
             ingest: IngestConfig::default(),
             search: SearchConfig::default(),
+            embeddings: EmbeddingsConfig::default(),
             rag: RagConfig::default(),
             logs: LogsConfig::default(),
             audit: AuditConfig::default(),
@@ -489,7 +540,17 @@ impl Default for IngestConfig {
 
 impl Default for SearchConfig {
     fn default() -> Self {
-        SearchConfig { writer_memory_mb: 32, max_k: 100 }
+        SearchConfig {
+            writer_memory_mb: 32,
+            max_k: 100,
+            rrf_k: 60.0,
+            bm25_weight: 1.0,
+            vector_weight: 1.0,
+            candidates: 50,
+            rerank_url: String::new(),
+            rerank_api_key: Secret::default(),
+            rerank_candidates: 30,
+        }
     }
 }
 
@@ -588,6 +649,20 @@ impl EchoConfig {
         if self.ingest.workers == 0 || self.ingest.workers > 64 {
             return invalid("ingest.workers", "must be between 1 and 64");
         }
+        if let Some(provider) = self.embeddings.provider.as_deref()
+            && !matches!(provider, "" | "none" | "local" | "openai")
+        {
+            return invalid("embeddings.provider", "must be `none`, `local` or `openai`");
+        }
+        if self.embeddings.provider.as_deref() == Some("openai") && (self.embeddings.base_url.is_empty() || self.embeddings.model.is_empty()) {
+            return invalid("embeddings.base_url", "and embeddings.model are needed with provider `openai`");
+        }
+        if self.embeddings.batch_size == 0 || self.embeddings.batch_size > 256 {
+            return invalid("embeddings.batch_size", "must be between 1 and 256");
+        }
+        if self.search.candidates == 0 || self.search.candidates > 1000 || self.search.rrf_k <= 0.0 {
+            return invalid("search.candidates", "must be 1 to 1000, with rrf_k above 0");
+        }
         if !matches!(self.rag.audit_question.as_str(), "hash" | "plain") {
             return invalid("rag.audit_question", "must be `hash` or `plain`");
         }
@@ -624,6 +699,26 @@ impl EchoConfig {
 
     pub fn db_path(&self, service: ServiceName) -> PathBuf {
         self.data_dir.join(format!("{}.db", service.as_str()))
+    }
+
+    /// Where `echod models install` puts the default embedding model.
+    pub fn default_model_dir(&self) -> PathBuf {
+        self.data_dir.join("models").join("all-MiniLM-L6-v2")
+    }
+
+    /// The embedding model directory in force.
+    pub fn model_dir(&self) -> PathBuf {
+        self.embeddings.model_dir.clone().unwrap_or_else(|| self.default_model_dir())
+    }
+
+    /// The embedding provider in force: the configured one, else `local` when a model
+    /// is installed, else `none`.
+    pub fn embedding_provider(&self) -> &str {
+        match self.embeddings.provider.as_deref() {
+            Some(provider) if !provider.is_empty() => provider,
+            _ if self.model_dir().join("model.safetensors").exists() => "local",
+            _ => "none",
+        }
     }
 
     pub fn secrets_dir(&self) -> PathBuf {

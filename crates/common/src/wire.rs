@@ -293,6 +293,9 @@ pub struct ParsedDocument {
     pub blocks: Vec<TextBlock>,
     #[serde(default)]
     pub n_pages: Option<u32>,
+    /// The document's own title (HTML `<title>`, Markdown's first heading).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
 }
 
 // ---- ingest ----
@@ -370,6 +373,44 @@ pub struct Chunk {
     pub char_end: u64,
     #[serde(default = "default_classification")]
     pub classification: String,
+    /// The document's title (an HTML `<title>`, a first heading, else the filename).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// The chunk's embedding: little-endian f32s, base64 (see `encode_vector`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<String>,
+}
+
+/// An embedding as it crosses a process: little-endian f32s, standard base64.
+pub fn encode_vector(vector: &[f32]) -> String {
+    use base64::Engine;
+    let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The inverse of `encode_vector`; `None` for anything that is not whole f32s.
+pub fn decode_vector(text: &str) -> Option<Vec<f32>> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(text).ok()?;
+    if bytes.len() % 4 != 0 {
+        return None;
+    }
+    Some(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
+/// Texts to embed (`POST /v1/embed` of search).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EmbedRequest {
+    pub texts: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EmbedResponse {
+    /// One `encode_vector` per text, in order.
+    pub vectors: Vec<String>,
+    /// The model, e.g. `all-MiniLM-L6-v2`, and its dimension.
+    pub model: String,
+    pub dimension: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -388,6 +429,18 @@ pub struct SearchQuery {
     /// Collections of `collections` where only these classifications may be read.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub restricted: std::collections::BTreeMap<String, Vec<String>>,
+    /// `hybrid` (default when embeddings are on), `bm25` or `vector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<SearchMode>,
+}
+
+/// Which rankings a search uses.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SearchMode {
+    Hybrid,
+    Bm25,
+    Vector,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -403,6 +456,11 @@ pub struct SearchHit {
     pub section: Option<String>,
     #[serde(default = "default_classification")]
     pub classification: String,
+    /// The part of `text` that matched, HTML-escaped, query terms in `<mark>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snippet: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

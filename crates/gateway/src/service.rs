@@ -162,7 +162,7 @@ pub(crate) async fn search(app: &AppState, principal: &Principal, query: &str, k
         return Ok(vec![]);
     }
     let restricted = allowed.restricted.iter().filter(|(c, _)| collections.contains(c)).map(|(c, v)| (c.clone(), v.clone())).collect();
-    let request = SearchQuery { query: query.to_string(), k: k.clamp(1, 100), collections, restricted };
+    let request = SearchQuery { query: query.to_string(), k: k.clamp(1, 100), collections, restricted, mode: None };
     let results: SearchResults = app.ctx.peers.post_json(ServiceName::Search, "/v1/search", None, &request).await?;
     // Every hit is re-checked against the authz answer of this request.
     Ok(results.hits.into_iter().filter(|hit| allowed.allows(&hit.collection_id, &hit.classification)).collect())

@@ -14,7 +14,7 @@ use reqwest::Method;
 use tokio::sync::Notify;
 
 use common::bus::PublishMessage;
-use common::wire::{Chunk, DocumentFailed, DocumentIndexed, DocumentUploaded, IndexRequest, ParsedDocument, events};
+use common::wire::{Chunk, DocumentFailed, DocumentIndexed, DocumentUploaded, EmbedRequest, EmbedResponse, IndexRequest, ParsedDocument, events};
 use common::{ApiError, ErrorKind, ServiceContext, ServiceName};
 
 use crate::chunk::chunk_blocks;
@@ -147,6 +147,41 @@ async fn process(ctx: &ServiceContext, store: &CatalogStore, uploaded: &Document
     }
 }
 
+/// Texts sent to the embedder per call: small enough that a call never runs long.
+const EMBED_BATCH: usize = 64;
+
+/// The embedding stage: each chunk's vector from the search service's embedder, in
+/// batches. What is embedded is the chunk with its document title and heading path,
+/// so a passage that only makes sense under its heading is found by it.
+async fn embed_chunks(ctx: &ServiceContext, chunks: &mut [Chunk]) -> Result<(), ApiError> {
+    for batch in chunks.chunks_mut(EMBED_BATCH) {
+        let texts: Vec<String> = batch.iter().map(embedding_text).collect();
+        let answer: EmbedResponse = ctx.peers.post_json(ServiceName::Search, "/v1/embed", None, &EmbedRequest { texts }).await?;
+        if answer.vectors.len() != batch.len() {
+            return Err(ApiError::unavailable("ingest.embedding_failed", "the embedder answered with a different number of vectors"));
+        }
+        for (chunk, vector) in batch.iter_mut().zip(answer.vectors) {
+            chunk.embedding = Some(vector);
+        }
+    }
+    Ok(())
+}
+
+/// What the embedding of a chunk is computed from.
+fn embedding_text(chunk: &Chunk) -> String {
+    let mut text = String::new();
+    if let Some(title) = &chunk.title {
+        text.push_str(title);
+        text.push_str("\n");
+    }
+    if let Some(section) = chunk.section.as_ref().filter(|s| chunk.title.as_deref() != Some(s.as_str())) {
+        text.push_str(section);
+        text.push_str("\n");
+    }
+    text.push_str(&chunk.text);
+    text
+}
+
 async fn run_stages(ctx: &ServiceContext, store: &CatalogStore, uploaded: &DocumentUploaded, attempts: i64) -> Result<usize, ApiError> {
     store.set_stage(&uploaded.job_id, "parsing", Some(attempts), None).await?;
     let path = format!("/v1/blobs/{}", uploaded.blob_id);
@@ -163,9 +198,10 @@ async fn run_stages(ctx: &ServiceContext, store: &CatalogStore, uploaded: &Docum
     store.set_stage(&uploaded.job_id, "chunking", None, None).await?;
     let config = &ctx.config.ingest;
     let blocks = parsed.blocks;
+    let title = parsed.title.clone().unwrap_or_else(|| uploaded.filename.clone());
     let (budget, overlap) = (config.chunk_chars, config.chunk_overlap_chars);
     let drafts = tokio::task::spawn_blocking(move || chunk_blocks(&blocks, budget, overlap)).await.map_err(ApiError::internal)?;
-    let chunks: Vec<Chunk> = drafts
+    let mut chunks: Vec<Chunk> = drafts
         .into_iter()
         .enumerate()
         .map(|(ordinal, draft)| Chunk {
@@ -179,9 +215,16 @@ async fn run_stages(ctx: &ServiceContext, store: &CatalogStore, uploaded: &Docum
             char_start: draft.char_start,
             char_end: draft.char_end,
             classification: uploaded.classification.clone(),
+            title: Some(title.clone()),
+            embedding: None,
         })
         .collect();
     let n_chunks = chunks.len();
+
+    if ctx.config.embedding_provider() != "none" {
+        store.set_stage(&uploaded.job_id, "embedding", None, None).await?;
+        embed_chunks(ctx, &mut chunks).await?;
+    }
 
     store.set_stage(&uploaded.job_id, "indexing", None, None).await?;
     // One request carries every chunk so the document is replaced atomically.

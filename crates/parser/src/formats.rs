@@ -29,21 +29,29 @@ pub fn extract(format: Format, bytes: &[u8]) -> Result<ParsedDocument, ParseErro
     if bytes.is_empty() {
         return Err(ParseError::Empty);
     }
-    let (blocks, n_pages) = match format {
-        Format::Text => (plain_text(utf8(bytes)?), None),
-        Format::Markdown => (markdown(utf8(bytes)?), None),
-        Format::Html => (html(utf8(bytes)?), None),
+    let (blocks, n_pages, title) = match format {
+        Format::Text => (plain_text(utf8(bytes)?), None, None),
+        Format::Markdown => {
+            let blocks = markdown(utf8(bytes)?);
+            // The first heading names the document.
+            let title = blocks.first().and_then(|b| b.section.as_ref()).map(|s| s.split(" > ").next().unwrap_or_default().to_string());
+            (blocks, None, title)
+        }
+        Format::Html => {
+            let text = utf8(bytes)?;
+            (html(text), None, html_title(text))
+        }
         Format::Pdf => {
             let blocks = pdf(bytes)?;
             let n_pages = blocks.iter().filter_map(|b| b.page).max();
-            (blocks, n_pages)
+            (blocks, n_pages, None)
         }
     };
     let blocks: Vec<TextBlock> = blocks.into_iter().filter(|b| !b.text.trim().is_empty()).collect();
     if blocks.is_empty() {
         return Err(ParseError::NoText);
     }
-    Ok(ParsedDocument { format: format.as_str().to_string(), blocks, n_pages })
+    Ok(ParsedDocument { format: format.as_str().to_string(), blocks, n_pages, title })
 }
 
 fn utf8(bytes: &[u8]) -> Result<&str, ParseError> {
@@ -123,6 +131,30 @@ fn markdown(text: &str) -> Vec<TextBlock> {
     blocks
 }
 
+/// The `<title>` of an HTML page, whitespace collapsed.
+fn html_title(text: &str) -> Option<String> {
+    use scraper::{Html, Selector};
+    let document = Html::parse_document(text);
+    let selector = Selector::parse("title").ok()?;
+    let title = document.select(&selector).next()?.text().collect::<String>();
+    let title = title.split_whitespace().collect::<Vec<_>>().join(" ");
+    (!title.is_empty()).then(|| title.chars().take(300).collect())
+}
+
+/// Page furniture that is not the page's content: navigation, headers and footers,
+/// side bars (HTML5 elements, ARIA roles, and the class names documentation
+/// generators such as Sphinx use).
+fn is_furniture(element: &scraper::ElementRef<'_>) -> bool {
+    let value = element.value();
+    if matches!(value.name(), "nav" | "header" | "footer" | "aside" | "script" | "style" | "noscript" | "template") {
+        return true;
+    }
+    if value.attr("role").is_some_and(|role| matches!(role, "navigation" | "banner" | "contentinfo" | "search")) {
+        return true;
+    }
+    value.classes().any(|class| matches!(class, "related" | "sphinxsidebar" | "footer" | "breadcrumbs" | "navbar" | "headerlink"))
+}
+
 fn html(text: &str) -> Vec<TextBlock> {
     use scraper::{Html, Selector};
     let document = Html::parse_document(text);
@@ -132,11 +164,14 @@ fn html(text: &str) -> Vec<TextBlock> {
     let mut headings: Vec<(u8, String)> = Vec::new();
     let mut current = String::new();
     for element in document.select(&selector) {
-        let nested = element.ancestors().filter_map(scraper::ElementRef::wrap).any(|a| block_names.contains(&a.value().name()));
-        if nested {
+        let ancestors: Vec<scraper::ElementRef<'_>> = element.ancestors().filter_map(scraper::ElementRef::wrap).collect();
+        let nested = ancestors.iter().any(|a| block_names.contains(&a.value().name()));
+        if nested || is_furniture(&element) || ancestors.iter().any(is_furniture) {
             continue;
         }
-        let content = element.text().collect::<Vec<_>>().join(" ");
+        // Inline elements join as the browser shows them (`<code>os</code>.environ`
+        // is `os.environ`); the pilcrows of heading permalinks are no text.
+        let content = element.text().collect::<String>().replace('¶', "");
         let content = content.split_whitespace().collect::<Vec<_>>().join(" ");
         if content.is_empty() {
             continue;
@@ -207,6 +242,22 @@ mod tests {
         assert!(!all.contains("evil"));
         assert_eq!(all.matches("Item").count(), 1, "nested blocks are not repeated");
         assert_eq!(doc.blocks.last().unwrap().section.as_deref(), Some("Title > Sub"));
+    }
+
+    #[test]
+    fn html_keeps_the_title_drops_page_furniture_and_joins_inline_text() {
+        let html = "<html><head><title>  os — Miscellaneous\n interfaces </title></head><body>\
+            <div class=\"related\" role=\"navigation\"><ul><li>previous | next | index</li></ul></div>\
+            <nav><p>Site menu</p></nav>\
+            <h1>os<a class=\"headerlink\" href=\"#\">¶</a></h1>\
+            <p>Read <code><span>os</span>.environ</code> for the environment.</p>\
+            <footer><p>© Copyright</p></footer></body></html>";
+        let doc = extract(Format::Html, html.as_bytes()).unwrap();
+        assert_eq!(doc.title.as_deref(), Some("os — Miscellaneous interfaces"));
+        let all: String = doc.blocks.iter().map(|b| b.text.clone()).collect::<Vec<_>>().join("\n");
+        assert!(all.contains("Read os.environ for the environment."), "{all}");
+        assert!(!all.contains("Site menu") && !all.contains("previous") && !all.contains("Copyright") && !all.contains('¶'), "{all}");
+        assert_eq!(doc.blocks[0].section.as_deref(), Some("os"));
     }
 
     #[test]

@@ -68,7 +68,7 @@ mod tests {
     use super::*;
 
     fn hit(id: &str, text: &str) -> SearchHit {
-        SearchHit { document_id: "d".into(), chunk_id: id.into(), collection_id: "c".into(), score: 1.0, text: text.into(), classification: "internal".into(), page: Some(3), section: None }
+        SearchHit { document_id: "d".into(), chunk_id: id.into(), collection_id: "c".into(), score: 1.0, text: text.into(), classification: "internal".into(), page: Some(3), section: None, snippet: None, title: None }
     }
 
     #[test]

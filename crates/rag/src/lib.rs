@@ -103,7 +103,7 @@ async fn ask(State(state): State<AppState>, ActingUser(principal): ActingUser, J
     let hits = if collections.is_empty() {
         vec![]
     } else {
-        let query = SearchQuery { query: question.clone(), k: config.top_k, collections, restricted };
+        let query = SearchQuery { query: question.clone(), k: config.top_k, collections, restricted, mode: None };
         let results: SearchResults = state.ctx.peers.post_json(ServiceName::Search, "/v1/search", None, &query).await?;
         // Re-checked against the same answer: collection and classification.
         results.hits.into_iter().filter(|hit| readable.allows(&hit.collection_id, &hit.classification)).collect::<Vec<_>>()

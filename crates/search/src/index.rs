@@ -1,18 +1,26 @@
-//! The embedded chunk index: Tantivy BM25 with an English stemmer. Queries are built
-//! from analysed terms (user text is never parsed as query syntax) and are always
-//! restricted to the caller's collections inside the query, before ranking.
+//! The embedded chunk index: Tantivy BM25 (English stemmer) over the chunk text, its
+//! heading path and its document's title (the last two boosted), plus each chunk's
+//! embedding kept in a fast field and mirrored in memory (`vectors`) for similarity
+//! search. A search ranks by BM25, by vectors, or both fused by reciprocal rank,
+//! collapses chunks whose text is the same, and returns snippets with the query terms
+//! marked. Queries are built from analysed terms (user text is never query syntax) and
+//! every ranking is restricted to the caller's collections inside the search itself.
 //! Blocking calls: run them on `spawn_blocking`.
 
-use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
 
 use tantivy::collector::TopDocs;
-use tantivy::query::{BooleanQuery, Occur, Query, TermQuery};
-use tantivy::schema::{Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing, TextOptions, Value};
-use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
+use tantivy::query::{BooleanQuery, BoostQuery, Occur, Query, TermQuery};
+use tantivy::schema::{BytesOptions, FAST, Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing, TextOptions, Value};
+use tantivy::snippet::SnippetGenerator;
+use tantivy::{DocAddress, Index, IndexReader, IndexWriter, ReloadPolicy, Searcher, TantivyDocument, Term};
 
-use common::wire::{Chunk, SearchHit};
+use common::wire::{Chunk, SearchHit, SearchMode};
+
+use crate::embed::ModelId;
+use crate::vectors::{VectorRow, VectorTable};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -22,81 +30,279 @@ pub enum IndexError {
     Directory(String),
     #[error("index writer lock poisoned")]
     Poisoned,
+    #[error(
+        "the index holds vectors of {recorded}, but the configured embedding model is {configured}; run `echod reindex` to rebuild it with the new model"
+    )]
+    ModelMismatch { recorded: String, configured: String },
+    #[error("a chunk's embedding is not {0} little-endian f32s")]
+    BadEmbedding(usize),
 }
+
+/// Bumped whenever the schema changes; an index of another version is set aside.
+const SCHEMA_VERSION: u32 = 2;
 
 struct Fields {
     chunk_id: Field,
     document_id: Field,
     collection_id: Field,
+    collection: Field,
+    classification: Field,
     text: Field,
+    headings: Field,
+    title: Field,
     page: Field,
     section: Field,
     ordinal: Field,
+    vector: Field,
 }
+
+/// How a hybrid search weighs its lists.
+#[derive(Clone, Copy, Debug)]
+pub struct Fusion {
+    pub rrf_k: f32,
+    pub bm25_weight: f32,
+    pub vector_weight: f32,
+    /// How deep each list is read.
+    pub candidates: usize,
+}
+
+impl Default for Fusion {
+    fn default() -> Self {
+        Fusion { rrf_k: 60.0, bm25_weight: 1.0, vector_weight: 1.0, candidates: 50 }
+    }
+}
+
+/// One search: the query, its vector when embeddings are on, what the caller may read.
+pub struct SearchRequest<'a> {
+    pub query: &'a str,
+    pub vector: Option<&'a [f32]>,
+    pub collections: &'a [String],
+    pub restricted: &'a BTreeMap<String, Vec<String>>,
+    pub k: usize,
+    pub mode: SearchMode,
+    pub fusion: Fusion,
+}
+
+/// Boosts of the fields a query term is looked up in, beside the chunk's own text.
+const HEADINGS_BOOST: f32 = 1.5;
+const TITLE_BOOST: f32 = 1.5;
 
 pub struct ChunkIndex {
     index: Index,
     reader: IndexReader,
     writer: Mutex<IndexWriter>,
     fields: Fields,
+    vectors: RwLock<VectorTable>,
+    /// Which model made the stored vectors (written with the first one).
+    model_file: PathBuf,
+    recorded_model: RwLock<Option<ModelId>>,
 }
 
 fn schema() -> (Schema, Fields) {
     let mut builder = Schema::builder();
-    let text_options = TextOptions::default()
-        .set_indexing_options(TextFieldIndexing::default().set_tokenizer("en_stem").set_index_option(IndexRecordOption::WithFreqsAndPositions))
-        .set_stored();
+    let stemmed = TextFieldIndexing::default().set_tokenizer("en_stem").set_index_option(IndexRecordOption::WithFreqsAndPositions);
     let fields = Fields {
-        chunk_id: builder.add_text_field("chunk_id", STRING | STORED),
-        document_id: builder.add_text_field("document_id", STRING | STORED),
-        collection_id: builder.add_text_field("collection_id", STRING | STORED),
-        text: builder.add_text_field("text", text_options),
+        chunk_id: builder.add_text_field("chunk_id", STRING | STORED | FAST),
+        document_id: builder.add_text_field("document_id", STRING | STORED | FAST),
+        collection_id: builder.add_text_field("collection_id", STRING),
+        collection: builder.add_text_field("collection", STRING | STORED | FAST),
+        classification: builder.add_text_field("classification", STRING | STORED | FAST),
+        text: builder.add_text_field("text", TextOptions::default().set_indexing_options(stemmed.clone()).set_stored()),
+        headings: builder.add_text_field("headings", TextOptions::default().set_indexing_options(stemmed.clone())),
+        title: builder.add_text_field("title", TextOptions::default().set_indexing_options(stemmed).set_stored()),
         page: builder.add_u64_field("page", STORED),
         section: builder.add_text_field("section", TextOptions::default().set_stored()),
         ordinal: builder.add_u64_field("ordinal", STORED | INDEXED),
+        vector: builder.add_bytes_field("vector", BytesOptions::default().set_fast()),
     };
     (builder.build(), fields)
 }
 
+fn vector_bytes(vector: &[f32]) -> Vec<u8> {
+    vector.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn vector_of(bytes: &[u8]) -> Option<Box<[f32]>> {
+    (bytes.len() % 4 == 0 && !bytes.is_empty()).then(|| bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
+/// The text a chunk's duplicates share: its words, lower-cased.
+fn duplicate_key(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for word in text.split_whitespace() {
+        word.to_lowercase().hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
 impl ChunkIndex {
+    /// Opens (or creates) the index in `dir`. An index of an older layout is moved
+    /// aside to `dir.old` and a new one started (`echod reindex` fills it again).
     pub fn open(dir: &Path, writer_memory_mb: usize) -> Result<ChunkIndex, IndexError> {
         std::fs::create_dir_all(dir).map_err(|e| IndexError::Directory(e.to_string()))?;
+        let version_file = dir.join("echo-schema-version");
+        let version: Option<u32> = std::fs::read_to_string(&version_file).ok().and_then(|v| v.trim().parse().ok());
+        let has_index = dir.join("meta.json").exists();
+        if has_index && version != Some(SCHEMA_VERSION) {
+            let aside = dir.with_extension("old");
+            let _ = std::fs::remove_dir_all(&aside);
+            std::fs::rename(dir, &aside).map_err(|e| IndexError::Directory(e.to_string()))?;
+            std::fs::create_dir_all(dir).map_err(|e| IndexError::Directory(e.to_string()))?;
+            tracing::warn!(old = %aside.display(), "the search index has an older layout; it was set aside and a new one started: run `echod reindex` to fill it");
+        }
+        std::fs::write(&version_file, SCHEMA_VERSION.to_string()).map_err(|e| IndexError::Directory(e.to_string()))?;
         let (schema, fields) = schema();
         let directory = tantivy::directory::MmapDirectory::open(dir).map_err(|e| IndexError::Directory(e.to_string()))?;
         let index = Index::open_or_create(directory, schema)?;
         let writer = index.writer(writer_memory_mb.clamp(15, 1024) * 1024 * 1024)?;
         let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
-        Ok(ChunkIndex { index, reader, writer: Mutex::new(writer), fields })
+        let model_file = dir.join("embedding-model.json");
+        let recorded_model = std::fs::read(&model_file).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let chunk_index =
+            ChunkIndex { index, reader, writer: Mutex::new(writer), fields, vectors: RwLock::new(VectorTable::default()), model_file, recorded_model: RwLock::new(recorded_model) };
+        chunk_index.load_vectors()?;
+        Ok(chunk_index)
     }
 
-    /// Replaces every chunk of `document_id` with `chunks`, durably, and makes them searchable.
+    /// Rebuilds the in-memory vectors from the index's fast fields.
+    fn load_vectors(&self) -> Result<(), IndexError> {
+        let searcher = self.reader.searcher();
+        let mut table = VectorTable::default();
+        let mut bytes = Vec::new();
+        let mut text = String::new();
+        for segment in searcher.segment_readers() {
+            let fast = segment.fast_fields();
+            let (Some(vectors), Some(chunks), Some(documents), Some(collections), Some(classes)) =
+                (fast.bytes("vector")?, fast.str("chunk_id")?, fast.str("document_id")?, fast.str("collection")?, fast.str("classification")?)
+            else {
+                continue;
+            };
+            let string_of = |column: &tantivy::columnar::StrColumn, doc: u32, text: &mut String| -> Option<std::sync::Arc<str>> {
+                let ord = column.term_ords(doc).next()?;
+                text.clear();
+                column.ord_to_str(ord, text).ok()?;
+                Some(std::sync::Arc::from(text.as_str()))
+            };
+            for doc in 0..segment.max_doc() {
+                if segment.alive_bitset().is_some_and(|alive| !alive.is_alive(doc)) {
+                    continue;
+                }
+                let Some(ord) = vectors.term_ords(doc).next() else { continue };
+                bytes.clear();
+                if !vectors.ord_to_bytes(ord, &mut bytes).unwrap_or(false) {
+                    continue;
+                }
+                let (Some(vector), Some(chunk_id), Some(document_id), Some(collection), Some(classification)) = (
+                    vector_of(&bytes),
+                    string_of(&chunks, doc, &mut text),
+                    string_of(&documents, doc, &mut text),
+                    string_of(&collections, doc, &mut text),
+                    string_of(&classes, doc, &mut text),
+                ) else {
+                    continue;
+                };
+                table.insert(VectorRow { chunk_id, document_id, collection, classification, vector });
+            }
+        }
+        *self.vectors.write().map_err(|_| IndexError::Poisoned)? = table;
+        Ok(())
+    }
+
+    /// The model the stored vectors were made with, if any were stored.
+    pub fn recorded_model(&self) -> Option<ModelId> {
+        self.recorded_model.read().ok().and_then(|m| m.clone())
+    }
+
+    /// Refuses vectors of another model than the one the index holds, and records
+    /// the model with the first vectors.
+    pub fn check_model(&self, model: &ModelId) -> Result<(), IndexError> {
+        let mut recorded = self.recorded_model.write().map_err(|_| IndexError::Poisoned)?;
+        match recorded.as_ref() {
+            Some(known) if known.name == model.name && (known.dimension == model.dimension || model.dimension == 0) => Ok(()),
+            Some(known) if self.n_vectors() == 0 => {
+                tracing::info!(old = %known, new = %model, "the index has no vectors left; recording the new model");
+                self.write_model(model)?;
+                *recorded = Some(model.clone());
+                Ok(())
+            }
+            Some(known) => Err(IndexError::ModelMismatch { recorded: known.to_string(), configured: model.to_string() }),
+            None => {
+                self.write_model(model)?;
+                *recorded = Some(model.clone());
+                Ok(())
+            }
+        }
+    }
+
+    fn write_model(&self, model: &ModelId) -> Result<(), IndexError> {
+        let bytes = serde_json::to_vec(model).map_err(|e| IndexError::Directory(e.to_string()))?;
+        std::fs::write(&self.model_file, bytes).map_err(|e| IndexError::Directory(e.to_string()))
+    }
+
+    /// Replaces every chunk of `document_id` with `chunks`, durably, and makes them
+    /// searchable (text and vectors alike) before it returns.
     pub fn replace_document(&self, document_id: &str, chunks: &[Chunk]) -> Result<(), IndexError> {
+        let mut decoded: Vec<Option<Box<[f32]>>> = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            match &chunk.embedding {
+                Some(encoded) => {
+                    let vector = common::wire::decode_vector(encoded).filter(|v| !v.is_empty()).ok_or(IndexError::BadEmbedding(0))?;
+                    let dimension = self.vectors.read().map(|t| t.dimension()).unwrap_or(0);
+                    if dimension != 0 && vector.len() != dimension {
+                        return Err(IndexError::BadEmbedding(dimension));
+                    }
+                    decoded.push(Some(vector.into_boxed_slice()));
+                }
+                None => decoded.push(None),
+            }
+        }
         let mut writer = self.writer.lock().map_err(|_| IndexError::Poisoned)?;
         writer.delete_term(Term::from_field_text(self.fields.document_id, document_id));
-        for chunk in chunks {
+        for (chunk, vector) in chunks.iter().zip(&decoded) {
             let mut doc = TantivyDocument::default();
             doc.add_text(self.fields.chunk_id, &chunk.chunk_id);
             doc.add_text(self.fields.document_id, document_id);
             // Two terms: the collection (found by those who may read it whatever the
             // classification) and `collection#classification` (found by those who may
-            // read only some classifications there). Chunks indexed before
-            // classifications existed have only the first, so partial access never finds
-            // them: it fails closed.
+            // read only some classifications there).
             doc.add_text(self.fields.collection_id, &chunk.collection_id);
             doc.add_text(self.fields.collection_id, classified(&chunk.collection_id, &chunk.classification));
+            doc.add_text(self.fields.collection, &chunk.collection_id);
+            doc.add_text(self.fields.classification, &chunk.classification);
             doc.add_text(self.fields.text, &chunk.text);
+            if let Some(section) = &chunk.section {
+                doc.add_text(self.fields.section, section);
+                doc.add_text(self.fields.headings, section);
+            }
+            if let Some(title) = &chunk.title {
+                doc.add_text(self.fields.title, title);
+            }
             if let Some(page) = chunk.page {
                 doc.add_u64(self.fields.page, page as u64);
             }
-            if let Some(section) = &chunk.section {
-                doc.add_text(self.fields.section, section);
-            }
             doc.add_u64(self.fields.ordinal, chunk.ordinal as u64);
+            if let Some(vector) = vector {
+                doc.add_bytes(self.fields.vector, &vector_bytes(vector));
+            }
             writer.add_document(doc)?;
         }
         writer.commit()?;
         drop(writer);
         self.reader.reload()?;
+        let mut table = self.vectors.write().map_err(|_| IndexError::Poisoned)?;
+        table.remove_document(document_id);
+        for (chunk, vector) in chunks.iter().zip(decoded) {
+            if let Some(vector) = vector {
+                table.insert(VectorRow {
+                    chunk_id: chunk.chunk_id.as_str().into(),
+                    document_id: document_id.into(),
+                    collection: chunk.collection_id.as_str().into(),
+                    classification: chunk.classification.as_str().into(),
+                    vector,
+                });
+            }
+        }
         Ok(())
     }
 
@@ -104,12 +310,12 @@ impl ChunkIndex {
         self.replace_document(document_id, &[])
     }
 
-    fn terms(&self, text: &str) -> Result<Vec<Term>, IndexError> {
+    fn terms(&self, field: Field, text: &str) -> Result<Vec<Term>, IndexError> {
         let mut analyzer = self.index.tokenizer_for_field(self.fields.text)?;
         let mut stream = analyzer.token_stream(text);
         let mut terms = Vec::new();
         while stream.advance() {
-            let term = Term::from_field_text(self.fields.text, &stream.token().text);
+            let term = Term::from_field_text(field, &stream.token().text);
             if !terms.contains(&term) {
                 terms.push(term);
             }
@@ -120,71 +326,184 @@ impl ChunkIndex {
         Ok(terms)
     }
 
-    /// BM25 top-`k` over the given collections only, and in those of `restricted` only
-    /// over the classifications listed there.
-    pub fn search(&self, query: &str, collections: &[String], restricted: &BTreeMap<String, Vec<String>>, k: usize) -> Result<Vec<SearchHit>, IndexError> {
-        let terms = self.terms(query)?;
-        if terms.is_empty() || collections.is_empty() || k == 0 {
-            return Ok(vec![]);
-        }
-        let text_clauses: Vec<(Occur, Box<dyn Query>)> = terms
-            .into_iter()
-            .map(|term| (Occur::Should, Box::new(TermQuery::new(term, IndexRecordOption::WithFreqs)) as Box<dyn Query>))
-            .collect();
+    /// The permission filter as a query: the collections, and in those of
+    /// `restricted`, only the listed classifications.
+    fn filter_query(&self, collections: &[String], restricted: &BTreeMap<String, Vec<String>>) -> Option<Box<dyn Query>> {
         let term_clause = |value: &str| {
             let term = Term::from_field_text(self.fields.collection_id, value);
             (Occur::Should, Box::new(TermQuery::new(term, IndexRecordOption::Basic)) as Box<dyn Query>)
         };
-        let mut collection_clauses: Vec<(Occur, Box<dyn Query>)> = Vec::with_capacity(collections.len());
+        let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::with_capacity(collections.len());
         for collection in collections {
             match restricted.get(collection) {
-                None => collection_clauses.push(term_clause(collection)),
-                Some(classes) => collection_clauses.extend(classes.iter().map(|class| term_clause(&classified(collection, class)))),
+                None => clauses.push(term_clause(collection)),
+                Some(classes) => clauses.extend(classes.iter().map(|class| term_clause(&classified(collection, class)))),
             }
         }
-        if collection_clauses.is_empty() {
+        (!clauses.is_empty()).then(|| Box::new(BooleanQuery::new(clauses)) as Box<dyn Query>)
+    }
+
+    /// The BM25 part: each query term in the text, the heading path and the title.
+    fn text_query(&self, query: &str) -> Result<Option<(Box<dyn Query>, Box<dyn Query>)>, IndexError> {
+        let text_terms = self.terms(self.fields.text, query)?;
+        if text_terms.is_empty() {
+            return Ok(None);
+        }
+        let mut all: Vec<(Occur, Box<dyn Query>)> = Vec::new();
+        let mut text_only: Vec<(Occur, Box<dyn Query>)> = Vec::new();
+        for term in &text_terms {
+            let word = term.value().as_str().unwrap_or_default().to_string();
+            all.push((Occur::Should, Box::new(TermQuery::new(term.clone(), IndexRecordOption::WithFreqs))));
+            text_only.push((Occur::Should, Box::new(TermQuery::new(term.clone(), IndexRecordOption::WithFreqs))));
+            for (field, boost) in [(self.fields.headings, HEADINGS_BOOST), (self.fields.title, TITLE_BOOST)] {
+                let term = Term::from_field_text(field, &word);
+                all.push((Occur::Should, Box::new(BoostQuery::new(Box::new(TermQuery::new(term, IndexRecordOption::WithFreqs)), boost))));
+            }
+        }
+        Ok(Some((Box::new(BooleanQuery::new(all)), Box::new(BooleanQuery::new(text_only)))))
+    }
+
+    /// Ranks the caller's chunks for `request`; never a chunk outside its collections.
+    pub fn search(&self, request: &SearchRequest<'_>) -> Result<Vec<SearchHit>, IndexError> {
+        let (collections, restricted, k) = (request.collections, request.restricted, request.k);
+        if collections.is_empty() || k == 0 {
             return Ok(vec![]);
         }
-        let query = BooleanQuery::new(vec![
-            (Occur::Must, Box::new(BooleanQuery::new(text_clauses)) as Box<dyn Query>),
-            (Occur::Must, Box::new(BooleanQuery::new(collection_clauses)) as Box<dyn Query>),
-        ]);
+        let Some(filter) = self.filter_query(collections, restricted) else { return Ok(vec![]) };
         let searcher = self.reader.searcher();
-        let top = searcher.search(&query, &TopDocs::with_limit(k).order_by_score())?;
-        let mut hits = Vec::with_capacity(top.len());
-        for (score, address) in top {
-            let doc: TantivyDocument = searcher.doc(address)?;
-            let text_of = |field: Field| doc.get_first(field).and_then(|v| v.as_str().map(str::to_string));
-            let collection_id = text_of(self.fields.collection_id).unwrap_or_default();
-            let prefix = format!("{collection_id}#");
-            let classification = doc
-                .get_all(self.fields.collection_id)
-                .filter_map(|v| v.as_str())
-                .find_map(|v| v.strip_prefix(prefix.as_str()).map(str::to_string))
-                .unwrap_or_else(common::wire::default_classification);
-            let hit = SearchHit {
-                document_id: text_of(self.fields.document_id).unwrap_or_default(),
-                chunk_id: text_of(self.fields.chunk_id).unwrap_or_default(),
-                collection_id,
-                score,
-                text: text_of(self.fields.text).unwrap_or_default(),
-                page: doc.get_first(self.fields.page).and_then(|v| v.as_u64()).map(|p| p as u32),
-                section: text_of(self.fields.section),
-                classification,
+        let depth = request.fusion.candidates.max(k);
+        let queries = self.text_query(request.query)?;
+        let vector = request.vector.filter(|_| request.mode != SearchMode::Bm25);
+        // (chunk id) → fused score, and what is known to fetch the hit.
+        let mut fused: HashMap<String, (f32, Option<DocAddress>)> = HashMap::new();
+        if request.mode != SearchMode::Vector
+            && let Some((query, _)) = &queries
+        {
+            let combined = BooleanQuery::new(vec![(Occur::Must, query.box_clone()), (Occur::Must, filter.box_clone())]);
+            let top = searcher.search(&combined, &TopDocs::with_limit(depth).order_by_score())?;
+            let weight = if vector.is_some() { request.fusion.bm25_weight } else { 1.0 };
+            for (rank, (score, address)) in top.into_iter().enumerate() {
+                let chunk_id = self.chunk_id_of(&searcher, address)?;
+                let contribution = if vector.is_some() { weight / (request.fusion.rrf_k + rank as f32 + 1.0) } else { score };
+                let entry = fused.entry(chunk_id).or_insert((0.0, Some(address)));
+                entry.0 += contribution;
+            }
+        }
+        if let Some(vector) = vector {
+            let table = self.vectors.read().map_err(|_| IndexError::Poisoned)?;
+            let weight = request.fusion.vector_weight;
+            for (rank, (_, row)) in table.nearest(vector, collections, restricted, depth).into_iter().enumerate() {
+                let contribution = if request.mode == SearchMode::Vector { 1.0 / (rank as f32 + 1.0) } else { weight / (request.fusion.rrf_k + rank as f32 + 1.0) };
+                let entry = fused.entry(row.chunk_id.to_string()).or_insert((0.0, None));
+                entry.0 += contribution;
+            }
+        }
+        let mut ranked: Vec<(String, f32, Option<DocAddress>)> = fused.into_iter().map(|(id, (score, address))| (id, score, address)).collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let snippets = match &queries {
+            Some((_, text_only)) => {
+                let mut generator = SnippetGenerator::create(&searcher, text_only.as_ref(), self.fields.text)?;
+                generator.set_max_num_chars(240);
+                Some(generator)
+            }
+            None => None,
+        };
+        let mut hits = Vec::with_capacity(k);
+        let mut seen_texts: HashSet<u64> = HashSet::new();
+        for (chunk_id, score, address) in ranked {
+            if hits.len() >= k {
+                break;
+            }
+            let address = match address {
+                Some(address) => address,
+                None => match self.address_of(&searcher, &chunk_id)? {
+                    Some(address) => address,
+                    None => continue,
+                },
             };
-            // Defence in depth: the filter is in the query, and every hit is re-checked.
-            let allowed = collections.contains(&hit.collection_id)
-                && restricted.get(&hit.collection_id).is_none_or(|classes| classes.contains(&hit.classification));
-            if allowed {
+            let doc: TantivyDocument = searcher.doc(address)?;
+            let hit = self.hit_of(&doc, score, snippets.as_ref());
+            // Defence in depth: the filter is in both rankings, and every hit is re-checked.
+            let allowed = collections.contains(&hit.collection_id) && restricted.get(&hit.collection_id).is_none_or(|classes| classes.contains(&hit.classification));
+            // The same text in several places (a repeated paragraph, an included page) once.
+            if allowed && seen_texts.insert(duplicate_key(&hit.text)) {
                 hits.push(hit);
             }
         }
         Ok(hits)
     }
 
+    fn chunk_id_of(&self, searcher: &Searcher, address: DocAddress) -> Result<String, IndexError> {
+        let segment = searcher.segment_reader(address.segment_ord);
+        if let Some(column) = segment.fast_fields().str("chunk_id")?
+            && let Some(ord) = column.term_ords(address.doc_id).next()
+        {
+            let mut text = String::new();
+            if column.ord_to_str(ord, &mut text).unwrap_or(false) {
+                return Ok(text);
+            }
+        }
+        let doc: TantivyDocument = searcher.doc(address)?;
+        Ok(doc.get_first(self.fields.chunk_id).and_then(|v| v.as_str()).unwrap_or_default().to_string())
+    }
+
+    fn address_of(&self, searcher: &Searcher, chunk_id: &str) -> Result<Option<DocAddress>, IndexError> {
+        let query = TermQuery::new(Term::from_field_text(self.fields.chunk_id, chunk_id), IndexRecordOption::Basic);
+        Ok(searcher.search(&query, &TopDocs::with_limit(1).order_by_score())?.into_iter().next().map(|(_, address)| address))
+    }
+
+    fn hit_of(&self, doc: &TantivyDocument, score: f32, snippets: Option<&SnippetGenerator>) -> SearchHit {
+        let text_of = |field: Field| doc.get_first(field).and_then(|v| v.as_str().map(str::to_string));
+        let text = text_of(self.fields.text).unwrap_or_default();
+        let snippet = snippets.map(|generator| {
+            let snippet = generator.snippet(&text);
+            if snippet.is_empty() { escape_html(&text.chars().take(240).collect::<String>()) } else { marked(snippet.fragment(), snippet.highlighted()) }
+        });
+        SearchHit {
+            document_id: text_of(self.fields.document_id).unwrap_or_default(),
+            chunk_id: text_of(self.fields.chunk_id).unwrap_or_default(),
+            collection_id: text_of(self.fields.collection).unwrap_or_default(),
+            score,
+            page: doc.get_first(self.fields.page).and_then(|v| v.as_u64()).map(|p| p as u32),
+            section: text_of(self.fields.section),
+            classification: text_of(self.fields.classification).unwrap_or_else(common::wire::default_classification),
+            title: text_of(self.fields.title),
+            snippet,
+            text,
+        }
+    }
+
     pub fn n_chunks(&self) -> u64 {
         self.reader.searcher().num_docs()
     }
+
+    pub fn n_vectors(&self) -> usize {
+        self.vectors.read().map(|t| t.len()).unwrap_or(0)
+    }
+}
+
+fn escape_html(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// `fragment` with the `highlighted` byte ranges in `<mark>`, everything escaped.
+fn marked(fragment: &str, highlighted: &[std::ops::Range<usize>]) -> String {
+    let mut html = String::new();
+    let mut from = 0;
+    let mut ranges: Vec<std::ops::Range<usize>> = highlighted.to_vec();
+    ranges.sort_by_key(|r| r.start);
+    for range in ranges {
+        if range.start < from || range.end > fragment.len() || !fragment.is_char_boundary(range.start) || !fragment.is_char_boundary(range.end) {
+            continue;
+        }
+        html.push_str(&escape_html(&fragment[from..range.start]));
+        html.push_str("<mark>");
+        html.push_str(&escape_html(&fragment[range.clone()]));
+        html.push_str("</mark>");
+        from = range.end;
+    }
+    html.push_str(&escape_html(&fragment[from..]));
+    html
 }
 
 /// The second collection term of a chunk: its collection and its classification.
@@ -209,41 +528,67 @@ mod tests {
             char_start: 0,
             char_end: text.len() as u64,
             classification: "internal".into(),
+            title: None,
+            embedding: None,
         }
     }
 
-    #[test]
-    fn partial_access_finds_only_the_listed_classifications_and_old_chunks_fail_closed() {
-        let dir = tempfile::tempdir().unwrap();
-        let index = ChunkIndex::open(dir.path(), 15).unwrap();
-        let classified = |doc: &str, class: &str| Chunk { classification: class.into(), ..chunk(doc, "c1", 0, "turbine maintenance schedule") };
-        index.replace_document("d-int", &[classified("d-int", "internal")]).unwrap();
-        index.replace_document("d-res", &[classified("d-res", "restricted")]).unwrap();
-        let everything = index.search("turbine", &["c1".into()], &BTreeMap::new(), 10).unwrap();
-        assert_eq!(everything.len(), 2, "full access sees both");
-        let restricted = BTreeMap::from([("c1".to_string(), vec!["public".to_string(), "internal".to_string()])]);
-        let partial = index.search("turbine", &["c1".into()], &restricted, 10).unwrap();
-        assert_eq!(partial.iter().map(|h| h.document_id.as_str()).collect::<Vec<_>>(), ["d-int"]);
-        assert_eq!(partial[0].classification, "internal");
-        let none = BTreeMap::from([("c1".to_string(), vec![])]);
-        assert!(index.search("turbine", &["c1".into()], &none, 10).unwrap().is_empty(), "no classification, nothing");
-        // A term that looks like a classified collection is just text to the query.
-        assert!(index.search("turbine", &["c1#restricted".into()], &BTreeMap::new(), 10).unwrap().is_empty(), "the hit is not in the listed collections");
+    fn bm25<'a>(query: &'a str, collections: &'a [String], restricted: &'a BTreeMap<String, Vec<String>>, k: usize) -> SearchRequest<'a> {
+        SearchRequest { query, vector: None, collections, restricted, k, mode: SearchMode::Bm25, fusion: Fusion::default() }
+    }
+
+    fn search(index: &ChunkIndex, query: &str, collections: &[&str]) -> Vec<SearchHit> {
+        let collections: Vec<String> = collections.iter().map(|c| c.to_string()).collect();
+        index.search(&bm25(query, &collections, &BTreeMap::new(), 10)).unwrap()
     }
 
     #[test]
-    fn search_ranks_stems_and_never_crosses_collections() {
+    fn partial_access_finds_only_the_listed_classifications() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = ChunkIndex::open(dir.path(), 15).unwrap();
+        let classified = |doc: &str, class: &str| Chunk { classification: class.into(), ..chunk(doc, "c1", 0, &format!("turbine maintenance schedule {doc}")) };
+        index.replace_document("d-int", &[classified("d-int", "internal")]).unwrap();
+        index.replace_document("d-res", &[classified("d-res", "restricted")]).unwrap();
+        assert_eq!(search(&index, "turbine", &["c1"]).len(), 2, "full access sees both");
+        let c1 = vec!["c1".to_string()];
+        let restricted = BTreeMap::from([("c1".to_string(), vec!["public".to_string(), "internal".to_string()])]);
+        let partial = index.search(&bm25("turbine", &c1, &restricted, 10)).unwrap();
+        assert_eq!(partial.iter().map(|h| h.document_id.as_str()).collect::<Vec<_>>(), ["d-int"]);
+        assert_eq!(partial[0].classification, "internal");
+        let none = BTreeMap::from([("c1".to_string(), vec![])]);
+        assert!(index.search(&bm25("turbine", &c1, &none, 10)).unwrap().is_empty(), "no classification, nothing");
+        assert!(search(&index, "turbine", &["c1#restricted"]).is_empty(), "the hit is not in the listed collections");
+    }
+
+    #[test]
+    fn search_ranks_stems_marks_terms_and_never_crosses_collections() {
         let dir = tempfile::tempdir().unwrap();
         let index = ChunkIndex::open(dir.path(), 15).unwrap();
         index.replace_document("d1", &[chunk("d1", "c1", 0, "The reactor cooling pumps were replaced in spring."), chunk("d1", "c1", 1, "Lunch menus.")]).unwrap();
         index.replace_document("d2", &[chunk("d2", "c2", 0, "Reactor pump secrets of another team.")]).unwrap();
-        let hits = index.search("replacing reactor pump", &["c1".into()], &BTreeMap::new(), 10).unwrap();
+        let hits = search(&index, "replacing reactor pump", &["c1"]);
         assert_eq!(hits.len(), 1);
         assert_eq!(hits[0].chunk_id, "d1:0");
         assert_eq!(hits[0].page, Some(1));
-        assert!(index.search("reactor", &[], &BTreeMap::new(), 10).unwrap().is_empty(), "no collections, no hits");
-        let both = index.search("reactor", &["c1".into(), "c2".into()], &BTreeMap::new(), 10).unwrap();
-        assert_eq!(both.len(), 2);
+        let snippet = hits[0].snippet.clone().unwrap();
+        assert!(snippet.contains("<mark>reactor</mark>") && snippet.contains("<mark>pumps</mark>"), "{snippet}");
+        assert!(search(&index, "reactor", &[]).is_empty(), "no collections, no hits");
+        assert_eq!(search(&index, "reactor", &["c1", "c2"]).len(), 2);
+    }
+
+    #[test]
+    fn titles_and_headings_count_and_duplicates_collapse() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = ChunkIndex::open(dir.path(), 15).unwrap();
+        let titled = Chunk { title: Some("zipfile — Work with ZIP archives".into()), ..chunk("zip", "c1", 0, "Open a file and read its members.") };
+        let other = chunk("other", "c1", 0, "Some archives are mentioned here, and zip means little.");
+        index.replace_document("zip", &[titled]).unwrap();
+        index.replace_document("other", &[other]).unwrap();
+        let hits = search(&index, "zip archives", &["c1"]);
+        assert_eq!(hits[0].document_id, "zip", "the title decides: {hits:?}");
+        index.replace_document("copy1", &[chunk("copy1", "c1", 0, "Identical boilerplate paragraph about licences.")]).unwrap();
+        index.replace_document("copy2", &[chunk("copy2", "c1", 0, "identical   boilerplate paragraph about licences.")]).unwrap();
+        assert_eq!(search(&index, "boilerplate licences", &["c1"]).len(), 1, "one of the two copies");
     }
 
     #[test]
@@ -251,8 +596,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let index = ChunkIndex::open(dir.path(), 15).unwrap();
         index.replace_document("d1", &[chunk("d1", "c1", 0, "collection_id c2 title")]).unwrap();
-        let hits = index.search("collection_id:c2 OR (title", &["c1".into()], &BTreeMap::new(), 10).unwrap();
-        assert_eq!(hits.len(), 1, "operators and fields in user text are plain words");
+        assert_eq!(search(&index, "collection_id:c2 OR (title", &["c1"]).len(), 1, "operators and fields in user text are plain words");
     }
 
     #[test]
@@ -261,9 +605,43 @@ mod tests {
         let index = ChunkIndex::open(dir.path(), 15).unwrap();
         index.replace_document("d1", &[chunk("d1", "c1", 0, "alpha")]).unwrap();
         index.replace_document("d1", &[chunk("d1", "c1", 0, "beta")]).unwrap();
-        assert!(index.search("alpha", &["c1".into()], &BTreeMap::new(), 10).unwrap().is_empty());
-        assert_eq!(index.search("beta", &["c1".into()], &BTreeMap::new(), 10).unwrap().len(), 1);
+        assert!(search(&index, "alpha", &["c1"]).is_empty());
+        assert_eq!(search(&index, "beta", &["c1"]).len(), 1);
         index.delete_document("d1").unwrap();
         assert_eq!(index.n_chunks(), 0);
+    }
+
+    fn with_vector(mut chunk: Chunk, vector: &[f32]) -> Chunk {
+        chunk.embedding = Some(common::wire::encode_vector(vector));
+        chunk
+    }
+
+    #[test]
+    fn vectors_persist_rank_within_the_filter_and_fuse_with_bm25() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let index = ChunkIndex::open(dir.path(), 15).unwrap();
+            index.check_model(&ModelId { name: "test".into(), dimension: 3 }).unwrap();
+            index.replace_document("d1", &[with_vector(chunk("d1", "c1", 0, "how to unpack an archive"), &[1.0, 0.0, 0.0])]).unwrap();
+            index.replace_document("d2", &[with_vector(chunk("d2", "c1", 0, "holiday schedule"), &[0.0, 1.0, 0.0])]).unwrap();
+            index.replace_document("d3", &[with_vector(chunk("d3", "c2", 0, "extracting compressed files"), &[0.99, 0.1, 0.0])]).unwrap();
+        }
+        let index = ChunkIndex::open(dir.path(), 15).unwrap();
+        assert_eq!(index.n_vectors(), 3, "vectors come back after reopening");
+        assert_eq!(index.recorded_model().unwrap().name, "test");
+        let c1 = vec!["c1".to_string()];
+        let none = BTreeMap::new();
+        let query = [0.98, 0.05, 0.0];
+        let request = SearchRequest { query: "decompress", vector: Some(&query), collections: &c1, restricted: &none, k: 10, mode: SearchMode::Vector, fusion: Fusion::default() };
+        let hits = index.search(&request).unwrap();
+        assert_eq!(hits.iter().map(|h| h.document_id.as_str()).collect::<Vec<_>>(), ["d1", "d2"], "nearest first, d3 is not in c1");
+        let hybrid = SearchRequest { query: "holiday", mode: SearchMode::Hybrid, ..request };
+        let hits = index.search(&hybrid).unwrap();
+        assert_eq!(hits.len(), 2);
+        assert_eq!(hits[0].document_id, "d2", "in both lists beats first in one: {hits:?}");
+        let mismatch = index.check_model(&ModelId { name: "other".into(), dimension: 5 }).unwrap_err().to_string();
+        assert!(mismatch.contains("echod reindex"), "{mismatch}");
+        index.delete_document("d1").unwrap();
+        assert_eq!(index.n_vectors(), 2);
     }
 }

@@ -84,7 +84,7 @@ async fn owners_see_members_and_delete_collections_and_nothing_of_them_remains()
     // Behind the gateway's filter, the index itself lets go of the chunks (the deletion
     // events reach search): asked directly for that collection, it finds nothing.
     let peers = common::ServiceContext::new(std::sync::Arc::new(ts.config.clone()), common::ServiceName::Gateway, Default::default()).unwrap().peers;
-    let query = common::wire::SearchQuery { query: "quillfeather rendezvous".into(), k: 10, collections: vec![collection.clone()], restricted: Default::default() };
+    let query = common::wire::SearchQuery { query: "quillfeather rendezvous".into(), k: 10, collections: vec![collection.clone()], restricted: Default::default(), mode: None };
     eventually("the chunks leave the index", Duration::from_secs(20), || async {
         let results: common::wire::SearchResults = peers.post_json(common::ServiceName::Search, "/v1/search", None, &query).await.ok()?;
         results.hits.is_empty().then_some(())

@@ -21,12 +21,14 @@ async fn indexed_chunks_are_found_only_within_the_given_collections() {
         char_start: 0,
         char_end: text.len() as u64,
         classification: "internal".into(),
+        title: None,
+        embedding: None,
     };
     for (doc, collection, text) in [("d1", "c1", "quarterly revenue grew"), ("d2", "c2", "quarterly revenue secrets")] {
         let request = IndexRequest { document_id: doc.into(), chunks: vec![chunk(doc, collection, text)] };
         let _: serde_json::Value = peers.post_json(ServiceName::Search, "/v1/index", None, &request).await.unwrap();
     }
-    let query = |collections: Vec<String>| SearchQuery { query: "quarterly revenue".into(), k: 10, collections, restricted: Default::default() };
+    let query = |collections: Vec<String>| SearchQuery { query: "quarterly revenue".into(), k: 10, collections, restricted: Default::default(), mode: None };
     let results: SearchResults = peers.post_json(ServiceName::Search, "/v1/search", None, &query(vec!["c1".into()])).await.unwrap();
     assert_eq!(results.hits.len(), 1);
     assert_eq!(results.hits[0].document_id, "d1");

@@ -64,6 +64,12 @@ struct CachedList {
 /// Entries kept before the cache starts over (each is one principal and action).
 const READABLE_CACHE_ENTRIES: usize = 10_000;
 
+/// The policy generation a start begins at: the clock in milliseconds, so that it
+/// keeps growing across restarts (readers compare epochs).
+fn start_generation() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(1)
+}
+
 /// Validates the built-in schema and policies (for `echod config check`).
 pub fn check_policies(config: &common::EchoConfig) -> Result<usize, PolicyError> {
     Ok(Engine::from_dir(config.authz.policy_dir.as_deref())?.1)
@@ -76,7 +82,7 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     let ready = common::server::sqlite_ready(store.pool.clone(), vec![]);
     let denials = denials::Denials::new(std::time::Duration::from_secs(ctx.config.authz.denial_audit_window_secs.max(1)));
     denials.spawn_flusher(ctx.clone());
-    let state = AppState { ctx: ctx.clone(), engine, store, policy_generation: Arc::default(), readable_cache: Arc::default(), facts_cache: Arc::default(), denials };
+    let state = AppState { ctx: ctx.clone(), engine, store, policy_generation: Arc::new(std::sync::atomic::AtomicU64::new(start_generation())), readable_cache: Arc::default(), facts_cache: Arc::default(), denials };
     spawn_reload_on_hangup(state.clone());
     let routes = Router::new()
         .route("/v1/collections", get(list_collections).post(create_collection))
@@ -111,6 +117,28 @@ impl AppState {
         }
         self.policy_generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(n_files)
+    }
+
+    async fn epoch(&self) -> Result<common::wire::AccessEpoch, sqlx::Error> {
+        let policies = self.policy_generation.load(std::sync::atomic::Ordering::SeqCst);
+        Ok(common::wire::AccessEpoch { version: self.store.version().await?, policies })
+    }
+
+    /// Announces a change of access (after it is committed) with the new epoch, so
+    /// that caches of access answers elsewhere (search) drop what it outdates.
+    async fn announce(&self, object: String, relation: &str, subjects: serde_json::Value) {
+        let epoch = match self.epoch().await {
+            Ok(epoch) => epoch,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the access epoch; the change is announced without it");
+                common::wire::AccessEpoch { version: i64::MAX, policies: u64::MAX }
+            }
+        };
+        let change = common::wire::RelationshipChanged { object: object.clone(), relation: relation.into(), subjects, epoch };
+        let event = self.ctx.bus.event(events::RELATIONSHIP_CHANGED, Some(object), serde_json::to_value(&change).unwrap_or_default());
+        if let Err(error) = self.ctx.bus.publish_one(event).await {
+            tracing::warn!(%error, "relationship change not published");
+        }
     }
 
     /// Evaluates `action` for `principal` on each of `collections`; returns the allowed ones
@@ -336,6 +364,7 @@ async fn create_collection(State(state): State<AppState>, ActingUser(principal):
             format!("{whose} {cap} collections, the most allowed (authz.max_collections_per_user); delete one first"),
         ));
     };
+    state.announce(format!("collection:{id}"), "created", serde_json::json!([{"type": "user", "id": principal.sub, "role": "owner"}])).await;
     let row = state.store.collection(&id).await?.ok_or_else(|| ApiError::internal(anyhow::anyhow!("collection vanished")))?;
     state
         .ctx
@@ -401,14 +430,7 @@ async fn share_collection(
         }
     }
     state.store.replace_shares(&id, &members).await?;
-    let event = state.ctx.bus.event(
-        events::RELATIONSHIP_CHANGED,
-        Some(format!("collection:{id}")),
-        serde_json::json!({"object": format!("collection:{id}"), "relation": "members", "subjects": members.iter().map(|(t, s, r)| serde_json::json!({"type": t, "id": s, "role": r})).collect::<Vec<_>>()}),
-    );
-    if let Err(error) = state.ctx.bus.publish_one(event).await {
-        tracing::warn!(%error, "relationship change not published");
-    }
+    state.announce(format!("collection:{id}"), "members", serde_json::json!(members.iter().map(|(t, s, r)| serde_json::json!({"type": t, "id": s, "role": r})).collect::<Vec<_>>())).await;
     state.ctx.audit(&principal.sub, "collection.shared", &format!("collection:{id}"), "success", serde_json::json!({"members": members.len()})).await;
     let role = state.role_of(&principal, &row).await?;
     Ok(Json(state.wire(&row, role)))
@@ -445,14 +467,7 @@ async fn delete_collection(State(state): State<AppState>, ActingUser(principal):
         return Err(ApiError::new(common::ErrorKind::Conflict, "collection.personal", "a personal collection cannot be deleted"));
     }
     state.store.delete_collection(&id).await?;
-    let event = state.ctx.bus.event(
-        events::RELATIONSHIP_CHANGED,
-        Some(format!("collection:{id}")),
-        serde_json::json!({"object": format!("collection:{id}"), "relation": "deleted", "subjects": []}),
-    );
-    if let Err(error) = state.ctx.bus.publish_one(event).await {
-        tracing::warn!(%error, "relationship change not published");
-    }
+    state.announce(format!("collection:{id}"), "deleted", serde_json::json!([])).await;
     state.ctx.audit(&principal.sub, "collection.deleted", &format!("collection:{id}"), "success", serde_json::json!({"name": row.name})).await;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
@@ -467,7 +482,10 @@ fn spawn_reload_on_hangup(state: AppState) {
                 received = hangups.recv() => if received.is_none() { break },
             }
             match state.reload() {
-                Ok(n) => tracing::info!(policy_files = n, "policies reloaded on SIGHUP"),
+                Ok(n) => {
+                tracing::info!(policy_files = n, "policies reloaded on SIGHUP");
+                state.announce("policies".into(), "reloaded", serde_json::json!([])).await;
+            }
                 Err(error) => tracing::error!(%error, "policy reload refused; the previous policies stay in force"),
             }
         }
@@ -477,6 +495,7 @@ fn spawn_reload_on_hangup(state: AppState) {
 async fn reload_policies(State(state): State<AppState>, caller: common::server::Caller) -> ApiResult<Json<serde_json::Value>> {
     match state.reload() {
         Ok(n_files) => {
+            state.announce("policies".into(), "reloaded", serde_json::json!([])).await;
             // The operator on whose behalf the gateway asked, or the calling service.
             let actor = caller.principal.as_ref().map(|p| p.sub.clone()).unwrap_or_else(|| caller.client_id.clone());
             state
@@ -540,6 +559,7 @@ async fn create_group(State(state): State<AppState>, ActingUser(principal): Acti
             format!("the organisation already has {cap} groups, the most allowed (authz.max_groups_per_org)"),
         ));
     };
+    state.announce(format!("group:{id}"), "created", serde_json::json!([])).await;
     state.ctx.audit(&principal.sub, "group.created", &format!("group:{id}"), "success", serde_json::json!({"name": name})).await;
     Ok(Json(serde_json::json!({"id": id, "name": name, "members": []})))
 }
@@ -568,14 +588,7 @@ async fn set_group_members(State(state): State<AppState>, ActingUser(principal):
         }
     }
     state.store.replace_group_members(&id, &body.users).await?;
-    let event = state.ctx.bus.event(
-        events::RELATIONSHIP_CHANGED,
-        Some(format!("group:{id}")),
-        serde_json::json!({"object": format!("group:{id}"), "relation": "members", "subjects": body.users}),
-    );
-    if let Err(error) = state.ctx.bus.publish_one(event).await {
-        tracing::warn!(%error, "relationship change not published");
-    }
+    state.announce(format!("group:{id}"), "members", serde_json::json!(body.users)).await;
     state.ctx.audit(&principal.sub, "group.members_changed", &format!("group:{id}"), "success", serde_json::json!({"members": body.users.len()})).await;
     Ok(Json(serde_json::json!({"id": id, "members": body.users})))
 }
@@ -626,6 +639,7 @@ async fn create_room(State(state): State<AppState>, ActingUser(principal): Actin
     if !state.store.create_room(&body.id, &principal.org, &principal.sub).await? {
         return Err(ApiError::conflict("authz.room_exists", "that room is already registered"));
     }
+    state.announce(format!("room:{}", body.id), "created", serde_json::json!([{"type": "user", "id": principal.sub, "role": "owner"}])).await;
     state.ctx.audit(&principal.sub, "room.created", &format!("room:{}", body.id), "success", serde_json::json!({})).await;
     Ok((axum::http::StatusCode::CREATED, Json(serde_json::json!({"id": body.id, "members": [{"user": principal.sub, "role": "owner"}]}))))
 }
@@ -701,14 +715,7 @@ async fn set_room_members(State(state): State<AppState>, ActingUser(principal): 
         }
     }
     state.store.replace_room_members(&id, &members).await?;
-    let event = state.ctx.bus.event(
-        events::RELATIONSHIP_CHANGED,
-        Some(format!("room:{id}")),
-        serde_json::json!({"object": format!("room:{id}"), "relation": "members", "subjects": members.iter().map(|(u, r)| serde_json::json!({"type": "user", "id": u, "role": r})).collect::<Vec<_>>()}),
-    );
-    if let Err(error) = state.ctx.bus.publish_one(event).await {
-        tracing::warn!(%error, "relationship change not published");
-    }
+    state.announce(format!("room:{id}"), "members", serde_json::json!(members.iter().map(|(u, r)| serde_json::json!({"type": "user", "id": u, "role": r})).collect::<Vec<_>>())).await;
     state.ctx.audit(&principal.sub, "room.members_changed", &format!("room:{id}"), "success", serde_json::json!({"members": members.len()})).await;
     let room = state.store.room(&id).await?.ok_or_else(|| ApiError::not_found("chat.room_not_found", "no such room"))?;
     Ok(Json(room_members_json(&room)))
@@ -730,8 +737,8 @@ async fn readable(State(state): State<AppState>, ActingUser(principal): ActingUs
     state.store.ensure_personal(&principal.sub, &principal.username, &principal.org).await?;
     // Read both before evaluating: a change that lands meanwhile leaves an entry
     // tagged with the older version, which the next request will not use.
-    let policy_generation = state.policy_generation.load(std::sync::atomic::Ordering::SeqCst);
-    let version = state.store.version().await?;
+    let epoch = state.epoch().await?;
+    let (policy_generation, version) = (epoch.policies, epoch.version);
     let key = format!("{}\u{1f}{}\u{1f}{}\u{1f}{}", principal.sub, principal.org, principal.roles.join(","), request.action);
     let cached = state.readable_cache.lock().ok().and_then(|cache| {
         cache.get(&key).filter(|c| c.version == version && c.policy_generation == policy_generation).map(|c| c.answer.clone())
@@ -744,7 +751,7 @@ async fn readable(State(state): State<AppState>, ActingUser(principal): ActingUs
     let answer = if request.action.starts_with("document:") {
         // Per classification: a collection is listed when any may be read, and
         // restricted to those when not all may.
-        let mut answer = ReadableCollections { collections: Vec::new(), restricted: Default::default() };
+        let mut answer = ReadableCollections { collections: Vec::new(), restricted: Default::default(), epoch };
         for (id, classes) in state.classes_allowed(&principal, &request.action, &candidates).await? {
             if classes.is_empty() {
                 continue;
@@ -757,7 +764,7 @@ async fn readable(State(state): State<AppState>, ActingUser(principal): ActingUs
         answer
     } else {
         let allowed = state.evaluate(&principal, &request.action, &candidates).await?;
-        ReadableCollections { collections: allowed.into_iter().map(|(row, _)| row.id).collect(), restricted: Default::default() }
+        ReadableCollections { collections: allowed.into_iter().map(|(row, _)| row.id).collect(), restricted: Default::default(), epoch }
     };
     let answer = Arc::new(answer);
     if let Ok(mut cache) = state.readable_cache.lock() {

@@ -385,6 +385,11 @@ pub struct SearchConfig {
     pub rerank_api_key: Secret,
     /// How many fused hits the reranker reorders.
     pub rerank_candidates: usize,
+    /// How long search reuses a user's readable-collections answer from authz. Any
+    /// change of access (shares, groups, collections, policies) is announced on the
+    /// bus and drops outdated answers at once; this bounds an answer's life should an
+    /// announcement be lost. 0: ask authz on every search.
+    pub readable_cache_secs: u64,
 }
 
 /// Where chunk and query embeddings come from.
@@ -550,6 +555,7 @@ impl Default for SearchConfig {
             rerank_url: String::new(),
             rerank_api_key: Secret::default(),
             rerank_candidates: 30,
+            readable_cache_secs: 10,
         }
     }
 }

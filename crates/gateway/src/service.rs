@@ -149,23 +149,14 @@ pub(crate) async fn list_documents(app: &AppState, principal: &Principal, collec
     app.ctx.peers.post_json(ServiceName::Ingest, "/v1/documents/query", Some(principal), &body).await
 }
 
-pub(crate) async fn search(app: &AppState, principal: &Principal, query: &str, k: usize, wanted: Option<&[String]>) -> Result<Vec<SearchHit>, ApiError> {
-    if query.trim().is_empty() || query.len() > 4096 {
+/// The search of the acting user: search asks authz what they may read, searches
+/// only that and re-checks every hit (the one authorized retrieval path).
+pub(crate) async fn search(app: &AppState, principal: &Principal, query: SearchQuery) -> Result<Vec<SearchHit>, ApiError> {
+    if query.query.trim().is_empty() || query.query.len() > 4096 {
         return Err(ApiError::bad_request("search.invalid_query", "queries are 1 to 4096 bytes"));
     }
-    let allowed = readable(app, principal, "document:read_chunks").await?;
-    let collections: Vec<String> = match wanted {
-        Some(wanted) => allowed.collections.iter().filter(|c| wanted.contains(c)).cloned().collect(),
-        None => allowed.collections.clone(),
-    };
-    if collections.is_empty() {
-        return Ok(vec![]);
-    }
-    let restricted = allowed.restricted.iter().filter(|(c, _)| collections.contains(c)).map(|(c, v)| (c.clone(), v.clone())).collect();
-    let request = SearchQuery { query: query.to_string(), k: k.clamp(1, 100), collections, restricted, mode: None };
-    let results: SearchResults = app.ctx.peers.post_json(ServiceName::Search, "/v1/search", None, &request).await?;
-    // Every hit is re-checked against the authz answer of this request.
-    Ok(results.hits.into_iter().filter(|hit| allowed.allows(&hit.collection_id, &hit.classification)).collect())
+    let results: SearchResults = app.ctx.peers.post_json(ServiceName::Search, "/v1/search", Some(principal), &query).await?;
+    Ok(results.hits)
 }
 
 pub(crate) async fn ask(app: &AppState, principal: &Principal, request: &AskRequest) -> Result<Answer, ApiError> {

@@ -8,7 +8,6 @@
 
 mod answer;
 
-use std::collections::HashSet;
 
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
@@ -92,22 +91,11 @@ async fn ask(State(state): State<AppState>, ActingUser(principal): ActingUser, J
             id
         }
     };
-    let readable = readable(&state.ctx, &principal).await?;
-    let allowed: HashSet<String> = readable.collections.iter().cloned().collect();
-    let collections: Vec<String> = match &request.collections {
-        Some(requested) => requested.iter().filter(|c| allowed.contains(*c)).cloned().collect(),
-        None => allowed.iter().cloned().collect(),
-    };
-    let restricted = readable.restricted.iter().filter(|(c, _)| collections.contains(c)).map(|(c, v)| (c.clone(), v.clone())).collect();
     let config = &state.ctx.config.rag;
-    let hits = if collections.is_empty() {
-        vec![]
-    } else {
-        let query = SearchQuery { query: question.clone(), k: config.top_k, collections, restricted, mode: None };
-        let results: SearchResults = state.ctx.peers.post_json(ServiceName::Search, "/v1/search", None, &query).await?;
-        // Re-checked against the same answer: collection and classification.
-        results.hits.into_iter().filter(|hit| readable.allows(&hit.collection_id, &hit.classification)).collect::<Vec<_>>()
-    };
+    // The one authorized retrieval path: search asks authz, filters, re-checks.
+    let query = SearchQuery { query: question.clone(), k: config.top_k, collections: request.collections.clone(), mode: None, full_text: true };
+    let results: SearchResults = state.ctx.peers.post_json(ServiceName::Search, "/v1/search", Some(&principal), &query).await?;
+    let hits = results.hits;
     let (text, citations) = answer::extractive(&question, &hits, config.max_citations);
     let mut tx = common::db::begin_write(&state.pool).await?;
     for (role, content, cited) in [("user", question.as_str(), "[]".to_string()), ("assistant", text.as_str(), serde_json::to_string(&citations).unwrap_or_default())] {

@@ -473,6 +473,12 @@ impl ChunkIndex {
         }
     }
 
+    /// How many chunks of `document_id` the index holds.
+    pub fn chunks_of(&self, document_id: &str) -> Result<usize, IndexError> {
+        let query = TermQuery::new(Term::from_field_text(self.fields.document_id, document_id), IndexRecordOption::Basic);
+        Ok(self.reader.searcher().search(&query, &tantivy::collector::Count)?)
+    }
+
     pub fn n_chunks(&self) -> u64 {
         self.reader.searcher().num_docs()
     }

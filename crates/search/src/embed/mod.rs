@@ -5,6 +5,7 @@
 //! embeddings are cached. Every vector comes back unit-length, so a dot product is
 //! the cosine.
 
+pub(crate) mod install;
 mod local;
 mod remote;
 
@@ -98,7 +99,10 @@ impl Embedder {
             Provider::Local { dir, .. } => {
                 let config: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).ok()?).ok()?;
                 let dimension = config["hidden_size"].as_u64()? as usize;
-                let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| LOCAL_MODEL_NAME.into());
+                let name = match install::installed(dir) {
+                    Some(record) => record.name,
+                    None => dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| LOCAL_MODEL_NAME.into()),
+                };
                 Some(ModelId { name, dimension })
             }
             Provider::Remote(remote) => Some(ModelId { name: remote.model().to_string(), dimension: 0 }),

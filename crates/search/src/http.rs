@@ -1,0 +1,47 @@
+//! The search service's HTTP handlers: decode, call `service`, encode. Every route
+//! needs a service token; `/v1/search` also the user it searches for.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+
+use common::error::{ApiResult, Json};
+use common::server::ActingUser;
+use common::wire::{EmbedRequest, EmbedResponse, IndexRequest, SearchQuery, SearchResults};
+use common::ApiError;
+
+use crate::service::Retrieval;
+
+/// Texts one embedding call may carry.
+const MAX_EMBED_TEXTS: usize = 1024;
+
+/// `POST /v1/search`: what the acting user may read that answers the query.
+pub(crate) async fn search(State(retrieval): State<Retrieval>, ActingUser(principal): ActingUser, Json(query): Json<SearchQuery>) -> ApiResult<Json<SearchResults>> {
+    Ok(Json(SearchResults { hits: retrieval.search(&principal, query).await? }))
+}
+
+/// `POST /v1/embed`: the ingest worker's embedding stage.
+pub(crate) async fn embed(State(retrieval): State<Retrieval>, Json(request): Json<EmbedRequest>) -> ApiResult<Json<EmbedResponse>> {
+    if request.texts.len() > MAX_EMBED_TEXTS {
+        return Err(ApiError::bad_request("search.too_many_texts", format!("at most {MAX_EMBED_TEXTS} texts per call")));
+    }
+    let (vectors, model) = retrieval.embed(request.texts).await?;
+    let dimension = vectors.first().map(Vec::len).unwrap_or(model.dimension);
+    Ok(Json(EmbedResponse { vectors: vectors.iter().map(|v| common::wire::encode_vector(v)).collect(), model: model.name, dimension }))
+}
+
+/// `POST /v1/index`: a document's chunks replace its old ones.
+pub(crate) async fn index(State(retrieval): State<Retrieval>, Json(request): Json<IndexRequest>) -> ApiResult<Json<serde_json::Value>> {
+    let indexed = retrieval.index(request.document_id, request.chunks).await?;
+    Ok(Json(serde_json::json!({"indexed": indexed})))
+}
+
+/// `GET /v1/documents/{id}`: how many chunks of the document the index holds.
+pub(crate) async fn document(State(retrieval): State<Retrieval>, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    Ok(Json(serde_json::json!({"document_id": id.clone(), "chunks": retrieval.chunks_of(id).await?})))
+}
+
+/// `DELETE /v1/documents/{id}`.
+pub(crate) async fn delete_document(State(retrieval): State<Retrieval>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    retrieval.delete(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

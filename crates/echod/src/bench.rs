@@ -7,7 +7,11 @@
 //!   parameters (OWASP: m = 19 MiB, t = 2, p = 1), `concurrency` clients at once.
 //! - Rejection time for known vs unknown usernames (they must not differ measurably).
 
+mod corpus;
+pub mod embed;
 pub mod flood;
+mod python;
+pub mod quality;
 pub mod queue;
 
 use std::time::{Duration, Instant};
@@ -20,6 +24,37 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     }
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
+}
+
+/// An access token (scope `echo`) for `username`, by code + PKCE through the login form.
+pub(crate) async fn sign_in(http: &reqwest::Client, issuer: &str, client: &str, redirect: &str, username: &str, password: &str) -> anyhow::Result<String> {
+    let verifier = common::rand::token(48);
+    let challenge = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, <sha2::Sha256 as sha2::Digest>::digest(verifier.as_bytes()));
+    let params = [
+        ("response_type", "code"),
+        ("client_id", client),
+        ("redirect_uri", redirect),
+        ("scope", "openid echo"),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+    ];
+    let page = http.get(format!("{issuer}/authorize")).query(&params).send().await?.text().await?;
+    let marker = "name=\"form_token\" value=\"";
+    let start = page.find(marker).map(|i| i + marker.len()).ok_or_else(|| anyhow::anyhow!("no form token"))?;
+    let form_token = page[start..start + page[start..].find('"').unwrap_or(0)].to_string();
+    let mut form: Vec<(&str, &str)> = params.to_vec();
+    form.extend([("username", username), ("password", password), ("form_token", form_token.as_str())]);
+    let answer = http.post(format!("{issuer}/login")).form(&form).send().await?;
+    let location = answer.headers().get("location").and_then(|v| v.to_str().ok()).ok_or_else(|| anyhow::anyhow!("sign-in did not redirect"))?;
+    let code = url::Url::parse(location)?.query_pairs().find(|(k, _)| k == "code").map(|(_, v)| v.into_owned()).ok_or_else(|| anyhow::anyhow!("no code"))?;
+    let tokens: serde_json::Value = http
+        .post(format!("{issuer}/token"))
+        .form(&[("grant_type", "authorization_code"), ("code", &code), ("redirect_uri", redirect), ("client_id", client), ("code_verifier", &verifier)])
+        .send()
+        .await?
+        .json()
+        .await?;
+    tokens["access_token"].as_str().map(str::to_string).ok_or_else(|| anyhow::anyhow!("no access token: {tokens}"))
 }
 
 struct LoginClient {

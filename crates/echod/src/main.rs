@@ -196,6 +196,44 @@ enum BenchCommand {
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
     },
+    /// B3: the local embedding model beside sentence-transformers (speed, cosine).
+    Embed {
+        #[arg(long, default_value_t = 2000)]
+        chunks: usize,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+    },
+    /// Retrieval quality (recall@10, top-1, MRR, nDCG@10) of Echo's bm25, vector and
+    /// hybrid search beside LlamaIndex's BM25 and fusion retrievers, same files.
+    Quality {
+        /// An evaluation file (default tests/eval/debian-docs.json).
+        #[arg(long)]
+        eval: Option<PathBuf>,
+        /// A BEIR directory (corpus.jsonl, queries.jsonl, qrels/test.tsv) instead.
+        #[arg(long, conflicts_with = "eval")]
+        beir: Option<PathBuf>,
+        /// At most this many questions (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        /// Skip the LlamaIndex baselines.
+        #[arg(long)]
+        no_baselines: bool,
+        /// Keep Echo's data dir here and reuse it on the next run with the same corpus.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// A TEI/Jina-style reranker to measure too.
+        #[arg(long)]
+        rerank_url: Option<String>,
+        #[arg(long)]
+        rrf_k: Option<f32>,
+        #[arg(long)]
+        bm25_weight: Option<f32>,
+        #[arg(long)]
+        vector_weight: Option<f32>,
+        /// Write every system's ranked lists to this JSON file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// B8: durable publish → deliver → ack for each bus backend beside Redis Streams and raw JetStream.
     Queue {
         #[arg(long, default_value_t = 20_000)]
@@ -367,6 +405,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Bench(BenchCommand::Flood { seconds, concurrency }) => {
             echod::bench::flood::run(seconds, concurrency).await?;
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Embed { chunks, batch }) => {
+            echod::bench::embed::run(chunks, batch).await?;
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Quality { eval, beir, limit, no_baselines, data_dir, rerank_url, rrf_k, bm25_weight, vector_weight, out }) => {
+            let args = echod::bench::quality::QualityArgs { eval, beir, limit, baselines: !no_baselines, data_dir, rerank_url, rrf_k, bm25_weight, vector_weight, out };
+            echod::bench::quality::run(args).await?;
             Ok(0)
         }
         Command::Bench(BenchCommand::Queue { messages, producers, consumers }) => {

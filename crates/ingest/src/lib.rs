@@ -1,7 +1,7 @@
 //! ingest — the document catalog, job status, the transactional outbox and the
 //! worker pipeline (parse → chunk → index).
 //!
-//! Public surface: `run`. The HTTP API is internal (the gateway calls it after its
+//! Public surface: `run`, and `chunk_texts` (the chunker, for benchmarks). The HTTP API is internal (the gateway calls it after its
 //! own authorization checks); the worker runs in the same process unless
 //! `ingest.workers` is 0. Invariants: a document row never exists without its job and
 //! its `uploaded` event in the outbox; deleted documents are invisible everywhere.
@@ -32,6 +32,12 @@ struct AppState {
     ctx: ServiceContext,
     store: CatalogStore,
     wake_relay: Arc<Notify>,
+}
+
+/// The texts the chunker makes of `blocks` with a budget of `chunk_chars` characters
+/// and `overlap_chars` of overlap (what the worker embeds and indexes).
+pub fn chunk_texts(blocks: &[common::wire::TextBlock], chunk_chars: usize, overlap_chars: usize) -> Vec<String> {
+    chunk::chunk_blocks(blocks, chunk_chars, overlap_chars).into_iter().map(|draft| draft.text).collect()
 }
 
 /// Runs the ingest API, the outbox relay and (unless `ingest.workers` is 0) the workers.

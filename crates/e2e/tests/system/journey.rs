@@ -85,8 +85,14 @@ async fn a_user_uploads_asks_gets_a_cited_answer_and_other_orgs_see_nothing() {
     let hits: Value = post(&ts, &ann.access_token, "/api/v1/search", json!({"query": "launch code", "k": 5})).await.json().await.unwrap();
     let first = &hits["hits"][0];
     assert_eq!(first["document_id"], document_id.as_str(), "{hits}");
-    assert!(first["text"].as_str().unwrap().contains("tangerine-42"));
+    assert!(first["text"].is_null(), "hits are compact unless the whole text is asked for: {first}");
+    let snippet = first["snippet"].as_str().unwrap();
+    assert!(snippet.contains("<mark>launch</mark>") && snippet.contains("tangerine-42"), "{snippet}");
     assert_eq!(first["section"], "Reactor handbook > Launch procedure");
+    let full: Value = post(&ts, &ann.access_token, "/api/v1/search", json!({"query": "launch code", "k": 5, "full_text": true, "mode": "bm25"})).await.json().await.unwrap();
+    assert!(full["hits"][0]["text"].as_str().unwrap().contains("tangerine-42"), "{full}");
+    let unknown = post(&ts, &ann.access_token, "/api/v1/search", json!({"query": "launch code", "mode": "telepathy"})).await;
+    assert_eq!(unknown.status(), StatusCode::BAD_REQUEST, "an unknown mode is refused, not ignored");
 
     let answer: Value = post(&ts, &ann.access_token, "/api/v1/ask", json!({"question": "What is the launch code?"})).await.json().await.unwrap();
     assert_eq!(answer["mode"], "extractive");

@@ -9,9 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
-use sha2::Digest;
-
 use common::EchoConfig;
 use common::config::Switch;
 
@@ -22,37 +19,6 @@ const REDIRECT: &str = "http://127.0.0.1:9/cb";
 
 fn client_from(address: &str) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).local_address(address.parse::<std::net::IpAddr>()?).pool_max_idle_per_host(256).build()?)
-}
-
-/// An access token (scope `echo`) for `username`, by code + PKCE through the login form.
-async fn sign_in(http: &reqwest::Client, issuer: &str, username: &str, password: &str) -> anyhow::Result<String> {
-    let verifier = common::rand::token(48);
-    let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()));
-    let params = [
-        ("response_type", "code"),
-        ("client_id", CLIENT),
-        ("redirect_uri", REDIRECT),
-        ("scope", "openid echo"),
-        ("code_challenge", challenge.as_str()),
-        ("code_challenge_method", "S256"),
-    ];
-    let page = http.get(format!("{issuer}/authorize")).query(&params).send().await?.text().await?;
-    let marker = "name=\"form_token\" value=\"";
-    let start = page.find(marker).map(|i| i + marker.len()).ok_or_else(|| anyhow::anyhow!("no form token"))?;
-    let form_token = page[start..start + page[start..].find('"').unwrap_or(0)].to_string();
-    let mut form: Vec<(&str, &str)> = params.to_vec();
-    form.extend([("username", username), ("password", password), ("form_token", form_token.as_str())]);
-    let answer = http.post(format!("{issuer}/login")).form(&form).send().await?;
-    let location = answer.headers().get("location").and_then(|v| v.to_str().ok()).ok_or_else(|| anyhow::anyhow!("sign-in did not redirect"))?;
-    let code = url::Url::parse(location)?.query_pairs().find(|(k, _)| k == "code").map(|(_, v)| v.into_owned()).ok_or_else(|| anyhow::anyhow!("no code"))?;
-    let tokens: serde_json::Value = http
-        .post(format!("{issuer}/token"))
-        .form(&[("grant_type", "authorization_code"), ("code", &code), ("redirect_uri", REDIRECT), ("client_id", CLIENT), ("code_verifier", &verifier)])
-        .send()
-        .await?
-        .json()
-        .await?;
-    tokens["access_token"].as_str().map(str::to_string).ok_or_else(|| anyhow::anyhow!("no access token: {tokens}"))
 }
 
 /// The colleague's latencies over `seconds`, one request at a time.
@@ -90,8 +56,8 @@ async fn run_once(limits: Switch, seconds: u64, concurrency: usize) -> anyhow::R
     let issuer = config.issuer();
     let url = format!("{}/api/v1/me", config.url(common::ServiceName::Gateway));
     let (flood_http, colleague_http) = (client_from("127.0.0.3")?, client_from("127.0.0.4")?);
-    let flooder_token = sign_in(&flood_http, &issuer, "flooder", "bench-password-123").await?;
-    let colleague_token = sign_in(&colleague_http, &issuer, "colleague", "bench-password-123").await?;
+    let flooder_token = super::sign_in(&flood_http, &issuer, CLIENT, REDIRECT, "flooder", "bench-password-123").await?;
+    let colleague_token = super::sign_in(&colleague_http, &issuer, CLIENT, REDIRECT, "colleague", "bench-password-123").await?;
 
     let (quiet, quiet_refused) = colleague(&colleague_http, &url, &colleague_token, seconds).await?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -1,0 +1,71 @@
+//! `echod bench embed` (B3): Echo's local encoder beside sentence-transformers on the
+//! same chunk texts, same model files, fp32, every core, in the same run. The texts
+//! are the first `chunks` chunks the ingest chunker makes of the Python manual of
+//! the evaluation set (real prose and code, 1,200-character budget, cut at 256
+//! tokens like the model). Reports chunks/s for both and the cosine between each
+//! pair of vectors (minimum and mean).
+
+use std::time::Instant;
+
+use anyhow::Context;
+
+pub async fn run(chunks: usize, batch: usize) -> anyhow::Result<()> {
+    let cache = super::python::bench_data();
+    let eval = super::python::repo_root().join("tests/eval/debian-docs.json");
+    let set = super::corpus::load_eval(&eval, &cache)?;
+    let config = common::EchoConfig::default();
+    let mut texts = Vec::with_capacity(chunks);
+    for file in set.files.iter().filter(|f| f.ends_with(".html")) {
+        let bytes = std::fs::read(set.dir.join(file))?;
+        let Ok(parsed) = parser::extract(parser::Format::Html, &bytes) else { continue };
+        texts.extend(ingest::chunk_texts(&parsed.blocks, config.ingest.chunk_chars, config.ingest.chunk_overlap_chars));
+        if texts.len() >= chunks {
+            break;
+        }
+    }
+    texts.truncate(chunks);
+    let model_dir = super::python::bench_model().await?;
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!("B3 embed: {} chunks of the Python manual (mean {} chars), batch {batch}, {threads} threads, model {}", texts.len(), texts.iter().map(String::len).sum::<usize>() / texts.len().max(1), model_dir.display());
+
+    let (echo_vectors, echo_seconds) = {
+        let (dir, texts) = (model_dir.clone(), texts.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<Vec<f32>>, f64)> {
+            let model = search::LocalModel::load(&dir, 256)?;
+            model.embed(&texts[..8.min(texts.len())], batch)?;
+            let started = Instant::now();
+            let vectors = model.embed(&texts, batch)?;
+            Ok((vectors, started.elapsed().as_secs_f64()))
+        })
+        .await??
+    };
+    println!("  echo (candle, own BERT forward):  {:>7.1} chunks/s  ({echo_seconds:.1} s)", texts.len() as f64 / echo_seconds);
+
+    let work = tempfile::tempdir()?;
+    let (texts_path, out_path) = (work.path().join("texts.jsonl"), work.path().join("vectors.f32"));
+    let lines: Vec<String> = texts.iter().map(|t| serde_json::to_string(t).unwrap_or_default()).collect();
+    std::fs::write(&texts_path, lines.join("\n") + "\n")?;
+    let (model_arg, batch_arg) = (model_dir.clone().into_os_string(), std::ffi::OsString::from(batch.to_string()));
+    let (t, o) = (texts_path.clone(), out_path.clone());
+    let summary = tokio::task::spawn_blocking(move || super::python::run_script("st_embed.py", &[t.as_os_str(), &model_arg, o.as_os_str(), &batch_arg])).await??;
+    let st_seconds = summary["seconds"].as_f64().context("st_embed.py printed no time")?;
+    println!("  sentence-transformers (torch {}): {:>7.1} chunks/s  ({st_seconds:.1} s, {} threads)", summary["torch"].as_str().unwrap_or("?"), texts.len() as f64 / st_seconds, summary["threads"]);
+
+    let bytes = std::fs::read(&out_path)?;
+    let dimension = echo_vectors.first().map(Vec::len).unwrap_or(0);
+    anyhow::ensure!(dimension > 0 && bytes.len() == texts.len() * dimension * 4, "sentence-transformers wrote {} bytes for {} vectors of {dimension}", bytes.len(), texts.len());
+    let reference: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let mut cosines: Vec<f64> = echo_vectors
+        .iter()
+        .zip(reference.chunks_exact(dimension))
+        .map(|(a, b)| {
+            let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+            let norms = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt() * b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+            dot / norms.max(1e-12)
+        })
+        .collect();
+    cosines.sort_by(f64::total_cmp);
+    let mean = cosines.iter().sum::<f64>() / cosines.len().max(1) as f64;
+    println!("  speed-up {:.2}x; cosine to sentence-transformers: min {:.6}, mean {:.6}", st_seconds / echo_seconds, cosines.first().copied().unwrap_or(0.0), mean);
+    Ok(())
+}

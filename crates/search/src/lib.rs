@@ -35,7 +35,7 @@ pub use index::{ChunkIndex, Fusion, IndexError, SearchRequest};
 use service::Retrieval;
 
 // A dependency only to turn on its AVX-512 kernels for candle's matrix products.
-use gemm_common as _;
+use gemm as _;
 
 /// The fusion settings of `config.search`.
 pub fn fusion_of(config: &common::config::SearchConfig) -> Fusion {

@@ -382,6 +382,8 @@ pub struct SearchConfig {
     /// A reranker speaking the TEI/Jina `/rerank` shape (`{"query", "texts"}` →
     /// `[{"index", "score"}]`); empty: off.
     pub rerank_url: String,
+    /// The model name sent with the Jina/Cohere shape (`…/v1/rerank`).
+    pub rerank_model: String,
     pub rerank_api_key: Secret,
     /// How many fused hits the reranker reorders.
     pub rerank_candidates: usize,
@@ -553,6 +555,7 @@ impl Default for SearchConfig {
             vector_weight: 1.0,
             candidates: 50,
             rerank_url: String::new(),
+            rerank_model: String::new(),
             rerank_api_key: Secret::default(),
             rerank_candidates: 30,
             readable_cache_secs: 10,

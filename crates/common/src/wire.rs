@@ -462,6 +462,10 @@ pub struct SearchQuery {
     /// Each hit's whole chunk text in `text`; otherwise hits carry the snippet only.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub full_text: bool,
+    /// Whether the configured reranker reorders the hits; unset: yes, when one is
+    /// configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerank: Option<bool>,
 }
 
 /// Which rankings a search uses.
@@ -498,6 +502,39 @@ pub struct SearchHit {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SearchResults {
     pub hits: Vec<SearchHit>,
+}
+
+/// A rebuild of the whole index (`echod reindex`), as ingest runs it: every indexed
+/// document parsed, chunked and embedded again into a new index generation, which
+/// replaces the live one when all are in.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReindexRun {
+    pub id: String,
+    /// `running`, `stopped` (an error paused it; starting again resumes) or `done`.
+    pub status: String,
+    /// Documents to rebuild, as counted at the start.
+    pub total: i64,
+    /// Documents rebuilt so far (the cursor survives restarts).
+    pub done: i64,
+    /// Documents that could not be rebuilt (each marked failed with the reason).
+    pub failed: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub started_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+}
+
+/// Search's index generations (`/v1/rebuild`): the live one, and the one being
+/// rebuilt beside it while `echod reindex` runs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RebuildStatus {
+    pub building: bool,
+    pub live: String,
+    pub live_chunks: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+    pub next_chunks: u64,
 }
 
 // ---- authz ----

@@ -7,6 +7,13 @@
 //! its token. Halfway through, a third of the collections are re-shared, so answers
 //! computed before (and cached) must follow.
 //!
+//! The world: 5 orgs of 20 people (the first of each its admin) plus an admin each,
+//! two groups per org, every person's collection, 0–2 team collections each and one
+//! owned by each org, and at least 1,000 documents. Retrieval is hybrid (BM25 and
+//! the local embedding model fused) when the model can be had (`ECHO_TEST_MODEL_DIR`,
+//! `ECHO_TEST_MODEL_WHEEL`, or the pinned PyPI wheel; under CI it must be), so the
+//! permission filter is checked in both rankings.
+//!
 //! `ECHO_LEAK_PROBES` (default 1500) and `ECHO_LEAK_SEED` (default: time) choose the
 //! run; the seed is printed so a failure can be replayed. A long run:
 //! `ECHO_LEAK_PROBES=10000 cargo test -p e2e --test leak -- --nocapture`.
@@ -59,6 +66,9 @@ struct Doc {
 }
 
 const CLASSIFICATIONS: [&str; 4] = ["public", "internal", "confidential", "restricted"];
+const ORGS: [&str; 5] = ["acme", "globex", "initech", "umbrella", "hooli"];
+const PEOPLE_PER_ORG: usize = 20;
+const MIN_DOCUMENTS: usize = 1000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_probe_ever_sees_what_the_policy_forbids_and_every_allowed_document_is_found() {
@@ -68,14 +78,24 @@ async fn no_probe_ever_sees_what_the_policy_forbids_and_every_allowed_document_i
     });
     println!("leak test: seed {seed}, {probes} probes");
     let mut rng = Rng(seed);
-    let ts = TestSystem::start().await;
+    let model = helpers::embedding_model().await;
+    let hybrid = model.is_some();
+    let ts = TestSystem::start_with(|config| {
+        config.gateway.rate_limits = common::config::Switch::Off;
+        if let Some(dir) = model {
+            config.embeddings.provider = Some("local".into());
+            config.embeddings.model_dir = Some(dir);
+        }
+    })
+    .await;
+    println!("leak test: retrieval is {}", if hybrid { "hybrid (BM25 + vectors)" } else { "BM25 only (no embedding model)" });
     let gateway = ts.gateway();
-    let orgs = ["acme", "globex", "initech"];
+    let orgs = ORGS;
 
-    // People: 3 orgs × 4 users.
+    // People: 5 orgs × 20 users.
     let mut users = Vec::new();
     for (org_idx, org) in orgs.iter().enumerate() {
-        for n in 0..4 {
+        for n in 0..PEOPLE_PER_ORG {
             let name = format!("{org}-u{n}");
             ts.add_user(&name, org, if n == 0 { "admin" } else { "member" }).await;
             let token = ts.sign_in(&name, &password_of(&name)).await.access_token;
@@ -151,13 +171,15 @@ async fn no_probe_ever_sees_what_the_policy_forbids_and_every_allowed_document_i
     let ids: Vec<String> = collections.keys().cloned().collect();
     share_randomly(&ts, &mut rng, &users, &groups, &mut collections, &ids).await;
 
-    // Documents: two per collection, each with its own marker word and classification.
+    // Documents: enough per collection for at least MIN_DOCUMENTS, each with its own
+    // marker word and classification.
+    let per_collection = MIN_DOCUMENTS.div_ceil(collections.len()).max(2);
     let mut docs = Vec::new();
     let mut jobs = Vec::new();
     for (id, (owner, members, _)) in &collections {
         // Uploaders: the owner, or a member who may write.
         let writers: Vec<usize> = std::iter::once(*owner).chain(members.iter().filter(|(_, r)| *r == "editor" || *r == "manager").map(|(i, _)| *i)).collect();
-        for n in 0..2 {
+        for n in 0..per_collection {
             let marker = format!("mk{:x}", rng.next() >> 16);
             let classification = CLASSIFICATIONS[rng.below(CLASSIFICATIONS.len())];
             let text = format!("# Note {n}\n\nThis note belongs to a collection. Its marker word is {marker}. Nothing else of interest.\n");
@@ -173,7 +195,7 @@ async fn no_probe_ever_sees_what_the_policy_forbids_and_every_allowed_document_i
         }
     }
     for (token, job) in &jobs {
-        eventually("indexing", Duration::from_secs(120), || async {
+        eventually("indexing", Duration::from_secs(600), || async {
             let job: Value = ts.http.get(format!("{gateway}/api/v1/jobs/{job}")).bearer_auth(token).send().await.ok()?.json().await.ok()?;
             (job["status"] == "done").then_some(())
         })
@@ -263,7 +285,8 @@ async fn no_probe_ever_sees_what_the_policy_forbids_and_every_allowed_document_i
     println!("leak test: {} collections owned by their org", org_owned.len());
     let by_class: BTreeMap<&str, usize> = CLASSIFICATIONS.iter().map(|c| (*c, docs.iter().filter(|d| d.classification == *c).count())).collect();
     println!(
-        "leak test: seed {seed}: {probes} probes over {} users, {} groups, {} collections, {} documents {by_class:?}; {allowed_probes} searches for readable targets, {denied_probes} for forbidden ones; {} leaks, {} misses",
+        "leak test: seed {seed}: {probes} probes ({}) over {} users, {} groups, {} collections, {} documents {by_class:?}; {allowed_probes} searches for readable targets, {denied_probes} for forbidden ones; {} leaks, {} misses",
+        if hybrid { "hybrid" } else { "BM25" },
         users.len(),
         groups.len(),
         collections.len(),
@@ -272,6 +295,7 @@ async fn no_probe_ever_sees_what_the_policy_forbids_and_every_allowed_document_i
         misses.len()
     );
     assert!(leaks.is_empty(), "seed {seed}: {} leaks, first: {:?}", leaks.len(), leaks.iter().take(5).collect::<Vec<_>>());
+    assert!(docs.len() >= MIN_DOCUMENTS && users.len() >= 100, "the world is as large as promised");
     assert!(misses.is_empty(), "seed {seed}: {} misses, first: {:?}", misses.len(), misses.iter().take(5).collect::<Vec<_>>());
     ts.system.stop().await;
 }

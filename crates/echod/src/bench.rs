@@ -13,6 +13,7 @@ pub mod flood;
 mod python;
 pub mod quality;
 pub mod queue;
+pub mod search;
 
 use std::time::{Duration, Instant};
 

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use common::{EchoConfig, ServiceContext, ServiceName};
 
 pub mod bench;
+pub mod reindex;
 
 /// A running Echo: every service, each on its own port.
 pub struct System {

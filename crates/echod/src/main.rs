@@ -59,6 +59,9 @@ enum Command {
     /// The embedding model.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Rebuild the whole index (after changing the embedding model or chunking);
+    /// searches answer from the old index until the new one is complete. Resumable.
+    Reindex(#[command(flatten)] Location),
 }
 
 #[derive(Subcommand)]
@@ -233,6 +236,21 @@ enum BenchCommand {
         /// Write every system's ranked lists to this JSON file.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// B4 index and B5 query: Echo's embedded hybrid index beside LlamaIndex's
+    /// BM25 + vector fusion on the same chunks, vectors and queries.
+    Search {
+        /// Chunk counts to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [50_000usize, 100_000])]
+        sizes: Vec<usize>,
+        #[arg(long, default_value_t = 1000)]
+        queries: usize,
+        /// Skip the LlamaIndex baseline.
+        #[arg(long)]
+        no_baselines: bool,
+        /// Queries the baseline answers (it is slow at 100k chunks).
+        #[arg(long, default_value_t = 200)]
+        baseline_queries: usize,
     },
     /// B8: durable publish → deliver → ack for each bus backend beside Redis Streams and raw JetStream.
     Queue {
@@ -416,6 +434,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             echod::bench::quality::run(args).await?;
             Ok(0)
         }
+        Command::Bench(BenchCommand::Search { sizes, queries, no_baselines, baseline_queries }) => {
+            echod::bench::search::run(echod::bench::search::SearchArgs { sizes, queries, baselines: !no_baselines, baseline_queries }).await?;
+            Ok(0)
+        }
         Command::Bench(BenchCommand::Queue { messages, producers, consumers }) => {
             echod::bench::queue::run(messages, producers, consumers).await?;
             Ok(0)
@@ -428,6 +450,18 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("installed {} ({} dimensions, weights sha256 {}) into {}", record.name, record.dimension, record.weights_sha256, target.display());
             println!("search is hybrid (keywords + meaning) from Echo's next start; documents indexed before need `echod reindex` to get vectors");
             Ok(0)
+        }
+        Command::Reindex(location) => {
+            let config = config_for(&location)?;
+            common::telemetry::init(&common::config::LogConfig { level: "warn".into(), ..config.log.clone() });
+            let stop = CancellationToken::new();
+            tokio::spawn(wait_for_signal(stop.clone()));
+            let started = Instant::now();
+            let run = echod::reindex::run(config, stop, |run| eprint!("\r  {}", echod::reindex::progress_line(run))).await;
+            eprintln!();
+            let run = run?;
+            println!("index rebuilt: {} documents in {:.1} s{}", run.done, started.elapsed().as_secs_f64(), if run.failed > 0 { format!("; {} could not be read again and are marked failed", run.failed) } else { String::new() });
+            Ok(if run.failed > 0 { 3 } else { 0 })
         }
         Command::Config(ConfigCommand::Check(location)) => {
             let config = config_for(&location)?;

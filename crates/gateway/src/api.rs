@@ -114,6 +114,9 @@ pub(crate) struct SearchBody {
     /// Each hit's whole chunk text; by default hits carry a highlighted snippet.
     #[serde(default)]
     full_text: bool,
+    /// Whether the configured reranker reorders the hits (default: when configured).
+    #[serde(default)]
+    rerank: Option<bool>,
 }
 
 fn default_k() -> usize {
@@ -121,7 +124,7 @@ fn default_k() -> usize {
 }
 
 pub(crate) async fn search(State(app): State<AppState>, caller: Caller, Json(body): Json<SearchBody>) -> ApiResult<Json<serde_json::Value>> {
-    let query = common::wire::SearchQuery { query: body.query, k: body.k.clamp(1, 100), collections: body.collections, mode: body.mode, full_text: body.full_text };
+    let query = common::wire::SearchQuery { query: body.query, k: body.k.clamp(1, 100), collections: body.collections, mode: body.mode, full_text: body.full_text, rerank: body.rerank };
     let hits = service::search(&app, &caller.principal, query).await?;
     Ok(Json(serde_json::json!({"hits": hits})))
 }

@@ -1,5 +1,6 @@
 //! ingest — the document catalog, job status, the transactional outbox and the
-//! worker pipeline (parse → chunk → index).
+//! worker pipeline (parse → chunk → embed → index), and rebuilds of the whole index
+//! (`reindex`).
 //!
 //! Public surface: `run`, and `chunk_texts` (the chunker, for benchmarks). The HTTP API is internal (the gateway calls it after its
 //! own authorization checks); the worker runs in the same process unless
@@ -7,6 +8,7 @@
 //! its `uploaded` event in the outbox; deleted documents are invisible everywhere.
 
 mod chunk;
+mod reindex;
 mod store;
 mod worker;
 
@@ -22,7 +24,7 @@ use tokio::sync::Notify;
 
 use common::error::{ApiResult, Json};
 use common::server::ActingUser;
-use common::wire::{CreatedDocument, Document, DocumentDeleted, DocumentUploaded, Job, NewDocument, events};
+use common::wire::{CreatedDocument, Document, DocumentDeleted, DocumentUploaded, Job, NewDocument, ReindexRun, events};
 use common::{ApiError, ServiceContext, ServiceName};
 
 use store::CatalogStore;
@@ -32,6 +34,7 @@ struct AppState {
     ctx: ServiceContext,
     store: CatalogStore,
     wake_relay: Arc<Notify>,
+    reindexer: reindex::Reindexer,
 }
 
 /// The texts the chunker makes of `blocks` with a budget of `chunk_chars` characters
@@ -52,13 +55,16 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         worker_ready.set();
     }
     let ready = common::server::sqlite_ready(store.pool.clone(), vec![("the ingest worker subscription", worker_ready)]);
-    let state = AppState { ctx: ctx.clone(), store, wake_relay };
+    let reindexer = reindex::Reindexer::new(ctx.clone(), store.clone());
+    reindexer.resume_if_running().await;
+    let state = AppState { ctx: ctx.clone(), store, wake_relay, reindexer };
     let routes = Router::new()
         .route("/v1/documents", post(create_document))
         .route("/v1/documents/query", post(list_documents))
         .route("/v1/documents/{id}", get(get_document).delete(delete_document))
         .route("/v1/collections/{id}/purge", post(purge_collection))
         .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/reindex", get(reindex_status).post(start_reindex))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
         .with_state(state);
     let router = common::server::service_router(&ctx, routes, ready).fallback(common::server::not_found);
@@ -186,6 +192,17 @@ async fn purge_collection(State(state): State<AppState>, ActingUser(principal): 
     }
     state.ctx.audit(&principal.sub, "collection.purged", &format!("collection:{id}"), "success", serde_json::json!({"documents": deleted})).await;
     Ok(Json(serde_json::json!({"deleted": deleted})))
+}
+
+/// `POST /v1/reindex`: starts rebuilding the whole index, or resumes the rebuild
+/// that was cut short (`echod reindex`).
+async fn start_reindex(State(state): State<AppState>) -> ApiResult<(StatusCode, Json<ReindexRun>)> {
+    Ok((StatusCode::ACCEPTED, Json(state.reindexer.start().await?)))
+}
+
+/// `GET /v1/reindex`: the newest rebuild and how far it got.
+async fn reindex_status(State(state): State<AppState>) -> ApiResult<Json<ReindexRun>> {
+    state.reindexer.status().await?.map(Json).ok_or_else(|| ApiError::not_found("reindex.none", "the index was never rebuilt"))
 }
 
 async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Job>> {

@@ -4,7 +4,7 @@
 
 use sqlx::{Row, SqlitePool};
 
-use common::wire::{CloudEvent, Document, Job, NewDocument};
+use common::wire::{CloudEvent, Document, Job, NewDocument, ReindexRun};
 use common::{now_unix, rfc3339};
 
 pub(crate) const MIGRATIONS: &[&str] = &[r#"
@@ -45,7 +45,48 @@ CREATE TABLE outbox (
 );
 "#, r#"
 ALTER TABLE documents ADD COLUMN classification TEXT NOT NULL DEFAULT 'internal';
+"#, r#"
+CREATE TABLE reindex_runs (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    cursor TEXT NOT NULL DEFAULT '',
+    error TEXT,
+    started_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    finished_at INTEGER
+);
 "#];
+
+/// A rebuild of the index and where it stands: the last document done (`cursor`,
+/// documents go in id order) and when it started (documents that became indexed
+/// after that are swept again at the end).
+#[derive(Clone, Debug)]
+pub(crate) struct RunRow {
+    pub(crate) run: ReindexRun,
+    pub(crate) cursor: String,
+    pub(crate) started_unix: i64,
+}
+
+fn run_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<RunRow, sqlx::Error> {
+    let started_unix: i64 = row.try_get("started_at")?;
+    Ok(RunRow {
+        run: ReindexRun {
+            id: row.try_get("id")?,
+            status: row.try_get("status")?,
+            total: row.try_get("total")?,
+            done: row.try_get("done")?,
+            failed: row.try_get("failed")?,
+            error: row.try_get("error")?,
+            started_at: rfc3339(started_unix),
+            finished_at: row.try_get::<Option<i64>, _>("finished_at")?.map(rfc3339),
+        },
+        cursor: row.try_get("cursor")?,
+        started_unix,
+    })
+}
 
 #[derive(Clone)]
 pub(crate) struct CatalogStore {
@@ -283,5 +324,77 @@ impl CatalogStore {
     pub(crate) async fn outbox_done(&self, id: i64) -> Result<(), sqlx::Error> {
         sqlx::query("DELETE FROM outbox WHERE id = ?").bind(id).execute(&self.pool).await?;
         Ok(())
+    }
+
+    /// The newest rebuild of the index, if any ever ran.
+    pub(crate) async fn latest_run(&self) -> Result<Option<RunRow>, sqlx::Error> {
+        let row = sqlx::query("SELECT * FROM reindex_runs ORDER BY started_at DESC, rowid DESC LIMIT 1").fetch_optional(&self.pool).await?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+
+    /// A new rebuild over every indexed document.
+    pub(crate) async fn create_run(&self) -> Result<RunRow, sqlx::Error> {
+        let (id, now) = (common::rand::token(12), now_unix());
+        let mut tx = common::db::begin_write(&self.pool).await?;
+        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM documents WHERE status = 'done' AND deleted_at IS NULL").fetch_one(&mut *tx).await?;
+        sqlx::query("INSERT INTO reindex_runs (id, status, total, started_at, updated_at) VALUES (?, 'running', ?, ?, ?)")
+            .bind(&id)
+            .bind(total)
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query("SELECT * FROM reindex_runs WHERE id = ?").bind(&id).fetch_one(&mut *tx).await?;
+        tx.commit().await?;
+        run_from_row(&row)
+    }
+
+    pub(crate) async fn set_run_status(&self, id: &str, status: &str, error: Option<&str>) -> Result<(), sqlx::Error> {
+        let now = now_unix();
+        let finished = (status == "done").then_some(now);
+        sqlx::query("UPDATE reindex_runs SET status = ?, error = ?, updated_at = ?, finished_at = COALESCE(?, finished_at) WHERE id = ?")
+            .bind(status)
+            .bind(error)
+            .bind(now)
+            .bind(finished)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records a document of the rebuild as done (or failed) and moves the cursor past it.
+    pub(crate) async fn advance_run(&self, id: &str, document_id: &str, ok: bool) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE reindex_runs SET cursor = MAX(cursor, ?), done = done + ?, failed = failed + ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(document_id)
+        .bind(i64::from(ok))
+        .bind(i64::from(!ok))
+        .bind(now_unix())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Indexed documents after `cursor` in id order, at most `limit`.
+    pub(crate) async fn indexed_after(&self, cursor: &str, limit: i64) -> Result<Vec<Document>, sqlx::Error> {
+        let rows = sqlx::query("SELECT * FROM documents WHERE status = 'done' AND deleted_at IS NULL AND id > ? ORDER BY id LIMIT ?")
+            .bind(cursor)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(document_from_row).collect()
+    }
+
+    /// Documents the rebuild passed that became indexed at or after `since`.
+    pub(crate) async fn indexed_since(&self, since: i64, cursor: &str) -> Result<Vec<Document>, sqlx::Error> {
+        let rows = sqlx::query("SELECT * FROM documents WHERE status = 'done' AND deleted_at IS NULL AND updated_at >= ? AND id <= ? ORDER BY id")
+            .bind(since)
+            .bind(cursor)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(document_from_row).collect()
     }
 }

@@ -86,7 +86,7 @@ pub(crate) fn spawn_workers(ctx: ServiceContext, store: CatalogStore, ready: com
     });
 }
 
-fn permanent(error: &ApiError) -> bool {
+pub(crate) fn permanent(error: &ApiError) -> bool {
     matches!(error.kind, ErrorKind::BadRequest | ErrorKind::UnsupportedMediaType | ErrorKind::PayloadTooLarge | ErrorKind::NotFound)
 }
 
@@ -182,8 +182,42 @@ fn embedding_text(chunk: &Chunk) -> String {
     text
 }
 
+/// Where a document's progress through the stages is recorded: its job (uploads),
+/// or nowhere (a rebuild of the index, which keeps its own count).
+pub(crate) enum Stages<'a> {
+    Job { store: &'a CatalogStore, job_id: &'a str, attempts: i64 },
+    Quiet,
+}
+
+impl Stages<'_> {
+    async fn enter(&self, stage: &str) -> Result<(), ApiError> {
+        match self {
+            Stages::Job { store, job_id, attempts } => {
+                let attempts = (stage == "parsing").then_some(*attempts);
+                Ok(store.set_stage(job_id, stage, attempts, None).await?)
+            }
+            Stages::Quiet => Ok(()),
+        }
+    }
+}
+
 async fn run_stages(ctx: &ServiceContext, store: &CatalogStore, uploaded: &DocumentUploaded, attempts: i64) -> Result<usize, ApiError> {
-    store.set_stage(&uploaded.job_id, "parsing", Some(attempts), None).await?;
+    let stages = Stages::Job { store, job_id: &uploaded.job_id, attempts };
+    let chunks = build_chunks(ctx, uploaded, &stages).await?;
+    let n_chunks = chunks.len();
+    stages.enter("indexing").await?;
+    // One request carries every chunk so the document is replaced atomically.
+    let request = IndexRequest { document_id: uploaded.document_id.clone(), chunks };
+    let _: serde_json::Value = ctx.peers.post_json(ServiceName::Search, "/v1/index", None, &request).await?;
+    store.set_chunks(&uploaded.document_id, n_chunks).await?;
+    stages.enter("done").await?;
+    metrics::counter!("echo_ingest_documents_indexed_total").increment(1);
+    Ok(n_chunks)
+}
+
+/// Parse → chunk → embed: a document's chunks, ready for the index.
+pub(crate) async fn build_chunks(ctx: &ServiceContext, uploaded: &DocumentUploaded, stages: &Stages<'_>) -> Result<Vec<Chunk>, ApiError> {
+    stages.enter("parsing").await?;
     let path = format!("/v1/blobs/{}", uploaded.blob_id);
     let request = ctx.peers.request(ServiceName::Storage, Method::GET, &path, None).await?;
     let bytes = ctx.peers.send(ServiceName::Storage, request).await?.bytes().await.map_err(|e| ApiError::unavailable("ingest.blob_read", e.to_string()))?;
@@ -195,7 +229,7 @@ async fn run_stages(ctx: &ServiceContext, store: &CatalogStore, uploaded: &Docum
     let request = ctx.peers.request(ServiceName::Parser, Method::POST, &query, None).await?.body(bytes);
     let parsed: ParsedDocument = ctx.peers.send(ServiceName::Parser, request).await?.json().await.map_err(ApiError::internal)?;
 
-    store.set_stage(&uploaded.job_id, "chunking", None, None).await?;
+    stages.enter("chunking").await?;
     let config = &ctx.config.ingest;
     let blocks = parsed.blocks;
     let title = parsed.title.clone().unwrap_or_else(|| uploaded.filename.clone());
@@ -219,19 +253,10 @@ async fn run_stages(ctx: &ServiceContext, store: &CatalogStore, uploaded: &Docum
             embedding: None,
         })
         .collect();
-    let n_chunks = chunks.len();
 
     if ctx.config.embedding_provider() != "none" {
-        store.set_stage(&uploaded.job_id, "embedding", None, None).await?;
+        stages.enter("embedding").await?;
         embed_chunks(ctx, &mut chunks).await?;
     }
-
-    store.set_stage(&uploaded.job_id, "indexing", None, None).await?;
-    // One request carries every chunk so the document is replaced atomically.
-    let request = IndexRequest { document_id: uploaded.document_id.clone(), chunks };
-    let _: serde_json::Value = ctx.peers.post_json(ServiceName::Search, "/v1/index", None, &request).await?;
-    store.set_chunks(&uploaded.document_id, n_chunks).await?;
-    store.set_stage(&uploaded.job_id, "done", None, None).await?;
-    metrics::counter!("echo_ingest_documents_indexed_total").increment(1);
-    Ok(n_chunks)
+    Ok(chunks)
 }

@@ -93,7 +93,7 @@ async fn ask(State(state): State<AppState>, ActingUser(principal): ActingUser, J
     };
     let config = &state.ctx.config.rag;
     // The one authorized retrieval path: search asks authz, filters, re-checks.
-    let query = SearchQuery { query: question.clone(), k: config.top_k, collections: request.collections.clone(), mode: None, full_text: true };
+    let query = SearchQuery { query: question.clone(), k: config.top_k, collections: request.collections.clone(), mode: None, full_text: true, rerank: None };
     let results: SearchResults = state.ctx.peers.post_json(ServiceName::Search, "/v1/search", Some(&principal), &query).await?;
     let hits = results.hits;
     let (text, citations) = answer::extractive(&question, &hits, config.max_citations);

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 
 use common::error::{ApiResult, Json};
 use common::server::ActingUser;
-use common::wire::{EmbedRequest, EmbedResponse, IndexRequest, SearchQuery, SearchResults};
+use common::wire::{EmbedRequest, EmbedResponse, IndexRequest, RebuildStatus, SearchQuery, SearchResults};
 use common::ApiError;
 
 use crate::service::Retrieval;
@@ -31,8 +31,34 @@ pub(crate) async fn embed(State(retrieval): State<Retrieval>, Json(request): Jso
 
 /// `POST /v1/index`: a document's chunks replace its old ones.
 pub(crate) async fn index(State(retrieval): State<Retrieval>, Json(request): Json<IndexRequest>) -> ApiResult<Json<serde_json::Value>> {
-    let indexed = retrieval.index(request.document_id, request.chunks).await?;
+    let indexed = retrieval.index(request.document_id, request.chunks, false).await?;
     Ok(Json(serde_json::json!({"indexed": indexed})))
+}
+
+/// `POST /v1/rebuild/index`: a document's chunks into the index being rebuilt only.
+pub(crate) async fn rebuild_index(State(retrieval): State<Retrieval>, Json(request): Json<IndexRequest>) -> ApiResult<Json<serde_json::Value>> {
+    let indexed = retrieval.index(request.document_id, request.chunks, true).await?;
+    Ok(Json(serde_json::json!({"indexed": indexed})))
+}
+
+/// `GET /v1/rebuild`: the live index and the one being rebuilt, if any.
+pub(crate) async fn rebuild_status(State(retrieval): State<Retrieval>) -> Json<RebuildStatus> {
+    Json(retrieval.rebuild_status())
+}
+
+/// `POST /v1/rebuild`: starts a rebuild beside the live index (or goes on with one).
+pub(crate) async fn begin_rebuild(State(retrieval): State<Retrieval>) -> ApiResult<Json<RebuildStatus>> {
+    Ok(Json(retrieval.begin_rebuild().await?))
+}
+
+/// `POST /v1/rebuild/finish`: the rebuilt index becomes the live one.
+pub(crate) async fn finish_rebuild(State(retrieval): State<Retrieval>) -> ApiResult<Json<RebuildStatus>> {
+    Ok(Json(retrieval.finish_rebuild().await?))
+}
+
+/// `DELETE /v1/rebuild`: gives up the rebuild; the live index stays.
+pub(crate) async fn abandon_rebuild(State(retrieval): State<Retrieval>) -> ApiResult<Json<RebuildStatus>> {
+    Ok(Json(retrieval.abandon_rebuild().await?))
 }
 
 /// `GET /v1/documents/{id}`: how many chunks of the document the index holds.

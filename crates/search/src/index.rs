@@ -36,6 +36,10 @@ pub enum IndexError {
     ModelMismatch { recorded: String, configured: String },
     #[error("a chunk's embedding is not {0} little-endian f32s")]
     BadEmbedding(usize),
+    #[error("no index rebuild is under way")]
+    NoRebuild,
+    #[error("vectors cannot be stored: no embedding provider is configured")]
+    NoModel,
 }
 
 /// Bumped whenever the schema changes; an index of another version is set aside.
@@ -212,6 +216,15 @@ impl ChunkIndex {
     /// The model the stored vectors were made with, if any were stored.
     pub fn recorded_model(&self) -> Option<ModelId> {
         self.recorded_model.read().ok().and_then(|m| m.clone())
+    }
+
+    /// Whether the stored vectors (if any) are `model`'s, so a query vector of that
+    /// model can be compared with them.
+    pub fn holds_vectors_of(&self, model: &ModelId) -> bool {
+        match self.recorded_model() {
+            Some(known) => self.n_vectors() == 0 || (known.name == model.name && (known.dimension == model.dimension || model.dimension == 0)),
+            None => true,
+        }
     }
 
     /// Refuses vectors of another model than the one the index holds, and records

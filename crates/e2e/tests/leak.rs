@@ -213,8 +213,14 @@ async fn no_probe_ever_sees_what_the_policy_forbids_and_every_allowed_document_i
         let model = Model { collections: &collections, groups: &groups, users: &users, org_owned: &org_owned };
         let user_idx = rng.below(users.len());
         let user = &users[user_idx];
-        let target = &docs[rng.below(docs.len())];
         let allowed: BTreeSet<String> = docs.iter().filter(|d| model.may_read(user_idx, d)).map(|d| d.id.clone()).collect();
+        // In a large world a person reads a small share: half the targets are drawn
+        // from what they may read, so misses are probed as often as leaks.
+        let readable: Vec<&Doc> = docs.iter().filter(|d| allowed.contains(&d.id)).collect();
+        let target = match rng.chance(50) && !readable.is_empty() {
+            true => readable[rng.below(readable.len())],
+            false => &docs[rng.below(docs.len())],
+        };
         let kind = probe % 10;
         if kind < 6 {
             // Search by the target's marker (sometimes with another marker too).

@@ -209,6 +209,7 @@ impl ChunkIndex {
                 table.insert(VectorRow { chunk_id, document_id, collection, classification, vector });
             }
         }
+        table.maintain();
         *self.vectors.write().map_err(|_| IndexError::Poisoned)? = table;
         Ok(())
     }
@@ -316,6 +317,7 @@ impl ChunkIndex {
                 });
             }
         }
+        table.maintain();
         Ok(())
     }
 

@@ -1,13 +1,23 @@
 //! The vectors of the indexed chunks, in memory, grouped by collection so that a
 //! search scores only the chunks the caller may read (the filter is applied during
 //! the search: a restricted caller never gets fewer than `k` because others' chunks
-//! crowded them out). Exact scoring (dot products of unit vectors = cosine). The
-//! vectors' home is the Tantivy index (a fast field), so this table is rebuilt from it
-//! at start and kept in step by the index after each commit. No IO here.
+//! crowded them out). Dot products of unit vectors = cosine.
+//!
+//! Exact scoring while the caller's permitted vectors are few enough to score in a
+//! millisecond or two; beyond that an HNSW graph (`hnsw_rs`) built over every vector,
+//! searched with the caller's permission as its filter (only permitted points enter
+//! the result; the graph is walked through all). When the graph returns fewer than
+//! asked, or the permitted share is too small for a filtered graph search to find
+//! its neighbours, exact scoring answers instead: never fewer results than exact.
+//! Removed vectors are tombstones in the graph until a rebuild (past a third).
+//! The vectors' home is the Tantivy index (a fast field), so this table is rebuilt
+//! from it at start and kept in step by the index after each commit. No IO here.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
+
+use hnsw_rs::prelude::{Distance, Hnsw};
 
 /// One chunk's vector and what a search must know to filter it.
 #[derive(Clone, Debug)]
@@ -19,6 +29,79 @@ pub(crate) struct VectorRow {
     pub(crate) vector: Box<[f32]>,
 }
 
+/// When the graph is built, and when it answers instead of exact scoring.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AnnSettings {
+    /// Vectors in the table before a graph is built.
+    pub(crate) min_vectors: usize,
+    /// Permitted vectors for a search to use the graph (fewer: exact is fast enough).
+    pub(crate) min_permitted: usize,
+    /// Least share of all vectors the caller may read for the graph to be used.
+    pub(crate) min_share: f32,
+    /// Breadth of the graph search (`ef`), at least the number asked for.
+    pub(crate) ef_search: usize,
+}
+
+impl Default for AnnSettings {
+    fn default() -> Self {
+        AnnSettings { min_vectors: 30_000, min_permitted: 20_000, min_share: 0.2, ef_search: 128 }
+    }
+}
+
+/// Graph edges per node and breadth while building: the usual HNSW settings for
+/// 384-d sentence embeddings.
+const HNSW_CONNECTIONS: usize = 16;
+const HNSW_EF_CONSTRUCTION: usize = 100;
+const HNSW_LAYERS: usize = 16;
+
+/// `1 - dot`: the distance of unit vectors, with this module's vectorised dot.
+#[derive(Clone, Copy, Default)]
+struct UnitDot;
+
+impl Distance<f32> for UnitDot {
+    fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
+        (1.0 - dot(a, b)).max(0.0)
+    }
+}
+
+/// The graph and which table slot each of its points is (a point whose row went is
+/// `None` until the graph is rebuilt).
+struct Ann {
+    graph: Hnsw<'static, f32, UnitDot>,
+    point_slot: Vec<Option<usize>>,
+    slot_point: HashMap<usize, usize>,
+    dead: usize,
+}
+
+impl Ann {
+    fn build(rows: &[Option<VectorRow>]) -> Ann {
+        let live: Vec<(usize, &VectorRow)> = rows.iter().enumerate().filter_map(|(slot, row)| row.as_ref().map(|r| (slot, r))).collect();
+        let mut graph = Hnsw::new(HNSW_CONNECTIONS, live.len().max(1024), HNSW_LAYERS, HNSW_EF_CONSTRUCTION, UnitDot);
+        let data: Vec<(&[f32], usize)> = live.iter().enumerate().map(|(point, (_, row))| (&row.vector[..], point)).collect();
+        graph.parallel_insert_slice(&data);
+        graph.set_searching_mode(true);
+        let point_slot = live.iter().map(|(slot, _)| Some(*slot)).collect();
+        let slot_point = live.iter().enumerate().map(|(point, (slot, _))| (*slot, point)).collect();
+        Ann { graph, point_slot, slot_point, dead: 0 }
+    }
+
+    fn insert(&mut self, slot: usize, vector: &[f32]) {
+        let point = self.point_slot.len();
+        self.point_slot.push(Some(slot));
+        self.slot_point.insert(slot, point);
+        self.graph.insert_slice((vector, point));
+    }
+
+    fn remove(&mut self, slot: usize) {
+        if let Some(point) = self.slot_point.remove(&slot)
+            && let Some(entry) = self.point_slot.get_mut(point)
+        {
+            *entry = None;
+            self.dead += 1;
+        }
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct VectorTable {
     dimension: usize,
@@ -26,6 +109,8 @@ pub(crate) struct VectorTable {
     free: Vec<usize>,
     by_document: HashMap<Arc<str>, Vec<usize>>,
     by_collection: HashMap<Arc<str>, HashSet<usize>>,
+    ann_settings: AnnSettings,
+    ann: Option<Ann>,
 }
 
 /// A scored slot; ordered by score so a heap keeps the best.
@@ -93,14 +178,47 @@ impl VectorTable {
         };
         self.by_document.entry(row.document_id.clone()).or_default().push(slot);
         self.by_collection.entry(row.collection.clone()).or_default().insert(slot);
+        if let Some(ann) = &mut self.ann {
+            ann.insert(slot, &row.vector);
+        }
         self.rows[slot] = Some(row);
         true
+    }
+
+    pub(crate) fn with_ann_settings(settings: AnnSettings) -> VectorTable {
+        VectorTable { ann_settings: settings, ..VectorTable::default() }
+    }
+
+    /// Builds the graph once the table is large enough, and again when a third of
+    /// its points are gone. Call after a batch of changes.
+    pub(crate) fn maintain(&mut self) {
+        let (len, settings) = (self.len(), self.ann_settings);
+        match &self.ann {
+            None if len >= settings.min_vectors => {}
+            Some(ann) if ann.dead * 3 > ann.point_slot.len() && len >= settings.min_vectors => {}
+            Some(_) if len < settings.min_vectors / 2 => {
+                self.ann = None;
+                return;
+            }
+            _ => return,
+        }
+        let started = std::time::Instant::now();
+        self.ann = Some(Ann::build(&self.rows));
+        tracing::info!(vectors = len, seconds = started.elapsed().as_secs_f64(), "vector graph (HNSW) built");
+    }
+
+    /// Whether searches may use the graph (tests compare it with exact scoring).
+    pub(crate) fn has_graph(&self) -> bool {
+        self.ann.is_some()
     }
 
     pub(crate) fn remove_document(&mut self, document_id: &str) {
         let Some(slots) = self.by_document.remove(document_id) else { return };
         for slot in slots {
             if let Some(row) = self.rows.get_mut(slot).and_then(Option::take) {
+                if let Some(ann) = &mut self.ann {
+                    ann.remove(slot);
+                }
                 if let Some(set) = self.by_collection.get_mut(&row.collection) {
                     set.remove(&slot);
                     if set.is_empty() {
@@ -118,8 +236,41 @@ impl VectorTable {
     }
 
     /// The `n` rows most similar to `query` among `collections` (and in those of
-    /// `restricted`, only the classifications listed), best first.
+    /// `restricted`, only the classifications listed), best first: from the graph
+    /// when it is built and the caller may read enough of it, else exactly.
     pub(crate) fn nearest(&self, query: &[f32], collections: &[String], restricted: &BTreeMap<String, Vec<String>>, n: usize) -> Vec<(f32, &VectorRow)> {
+        if query.len() != self.dimension || n == 0 {
+            return vec![];
+        }
+        let permitted = self.permitted(collections);
+        let settings = self.ann_settings;
+        if let Some(ann) = &self.ann
+            && permitted >= settings.min_permitted
+            && permitted as f32 >= settings.min_share * self.len() as f32
+        {
+            let found = self.nearest_in_graph(ann, query, collections, restricted, n);
+            if found.len() >= n.min(permitted) {
+                metrics::counter!("echo_search_vector_searches_total", "method" => "graph").increment(1);
+                return found;
+            }
+        }
+        metrics::counter!("echo_search_vector_searches_total", "method" => "exact").increment(1);
+        self.nearest_exact(query, collections, restricted, n)
+    }
+
+    fn nearest_in_graph(&self, ann: &Ann, query: &[f32], collections: &[String], restricted: &BTreeMap<String, Vec<String>>, n: usize) -> Vec<(f32, &VectorRow)> {
+        let readable: HashSet<&str> = collections.iter().map(String::as_str).collect();
+        let permits = |row: &VectorRow| {
+            readable.contains(&*row.collection) && restricted.get(&*row.collection).is_none_or(|allowed| allowed.iter().any(|c| c.as_str() == &*row.classification))
+        };
+        let row_of = |point: usize| ann.point_slot.get(point).copied().flatten().and_then(|slot| self.rows.get(slot)?.as_ref());
+        let filter = |point: &usize| row_of(*point).is_some_and(permits);
+        let neighbours = ann.graph.search_filter(query, n, self.ann_settings.ef_search.max(n), Some(&filter));
+        neighbours.into_iter().filter_map(|neighbour| row_of(neighbour.d_id).map(|row| (1.0 - neighbour.distance, row))).collect()
+    }
+
+    /// Every permitted row scored: the reference the graph is checked against.
+    pub(crate) fn nearest_exact(&self, query: &[f32], collections: &[String], restricted: &BTreeMap<String, Vec<String>>, n: usize) -> Vec<(f32, &VectorRow)> {
         if query.len() != self.dimension || n == 0 {
             return vec![];
         }
@@ -183,5 +334,108 @@ mod tests {
         assert_eq!(table.len(), 2);
         assert_eq!(table.permitted(&["c1".into(), "c2".into()]), 2);
         assert!(!table.insert(row("x", "dx", "c1", "internal", &[1.0, 0.0, 0.0])), "another dimension is refused");
+    }
+
+    /// xorshift64*: seeded test data.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn unit(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        }
+        fn vector(&mut self, dimension: usize) -> Vec<f32> {
+            let mut v: Vec<f32> = (0..dimension).map(|_| self.unit()).collect();
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.iter_mut().for_each(|x| *x /= norm);
+            v
+        }
+    }
+
+    const CLASSES: [&str; 2] = ["internal", "restricted"];
+
+    /// A table with a graph: 8 collections, documents of 4 vectors, some removed and
+    /// some added after the graph was built (tombstones and late points both).
+    fn graph_table(seed: u64) -> (VectorTable, Rng) {
+        let mut rng = Rng(seed | 1);
+        let settings = AnnSettings { min_vectors: 200, min_permitted: 40, min_share: 0.05, ef_search: 64 };
+        let mut table = VectorTable::with_ann_settings(settings);
+        let mut add = |table: &mut VectorTable, rng: &mut Rng, doc: usize| {
+            for i in 0..4 {
+                let (collection, class) = (format!("c{}", rng.next() % 8), CLASSES[(rng.next() % 2) as usize]);
+                table.insert(row(&format!("d{doc}-{i}"), &format!("d{doc}"), &collection, class, &rng.vector(24)));
+            }
+        };
+        for doc in 0..150 {
+            add(&mut table, &mut rng, doc);
+        }
+        table.maintain();
+        assert!(table.has_graph());
+        for doc in (0..150).step_by(7) {
+            table.remove_document(&format!("d{doc}"));
+        }
+        for doc in 150..180 {
+            add(&mut table, &mut rng, doc);
+        }
+        table.maintain();
+        (table, rng)
+    }
+
+    fn permitted_subset(rng: &mut Rng) -> (Vec<String>, BTreeMap<String, Vec<String>>) {
+        let collections: Vec<String> = (0..8).filter(|_| rng.next() % 3 != 0).map(|c| format!("c{c}")).collect();
+        let restricted = collections.iter().filter(|_| rng.next() % 4 == 0).map(|c| (c.clone(), vec!["internal".to_string()])).collect();
+        (collections, restricted)
+    }
+
+    #[test]
+    fn the_graph_finds_what_exact_scoring_finds_within_the_same_permission() {
+        let (mut recall_sum, mut cases, mut short) = (0.0f64, 0usize, 0usize);
+        for seed in 1..=8u64 {
+            let (table, mut rng) = graph_table(seed * 7919);
+            for _ in 0..25 {
+                let (collections, restricted) = permitted_subset(&mut rng);
+                let query = rng.vector(24);
+                let exact: Vec<Arc<str>> = table.nearest_exact(&query, &collections, &restricted, 10).into_iter().map(|(_, r)| r.chunk_id.clone()).collect();
+                // The graph alone (no fallback), so its own recall is what is measured.
+                let found = table.nearest_in_graph(table.ann.as_ref().unwrap(), &query, &collections, &restricted, 10);
+                if found.len() < exact.len() {
+                    short += 1;
+                }
+                for (_, row) in &found {
+                    assert!(collections.iter().any(|c| c.as_str() == &*row.collection), "{} is outside the permitted collections", row.chunk_id);
+                    assert!(restricted.get(&*row.collection).is_none_or(|allowed| allowed.iter().any(|c| c.as_str() == &*row.classification)), "{} is of a class not permitted", row.chunk_id);
+                }
+                assert_eq!(table.nearest(&query, &collections, &restricted, 10).len(), exact.len(), "never fewer than exact scoring finds");
+                let hits = found.iter().filter(|(_, r)| exact.contains(&r.chunk_id)).count();
+                recall_sum += hits as f64 / exact.len().max(1) as f64;
+                cases += 1;
+            }
+        }
+        let recall = recall_sum / cases as f64;
+        assert!(recall >= 0.9, "recall@10 of the graph against exact scoring: {recall:.3}");
+        assert!(short * 10 <= cases, "the graph alone came back short in {short} of {cases} searches");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..Default::default() })]
+        #[test]
+        fn no_search_ever_returns_a_vector_outside_the_permitted_set(seed in 1u64..u64::MAX, mask in 0u8..=255, restrict in 0u8..=255, n in 1usize..40) {
+            let (table, mut rng) = graph_table(seed % 97 + 1);
+            let collections: Vec<String> = (0..8).filter(|c| mask & (1 << c) != 0).map(|c| format!("c{c}")).collect();
+            let restricted: BTreeMap<String, Vec<String>> = (0..8).filter(|c| restrict & (1 << c) != 0).map(|c| (format!("c{c}"), vec!["internal".to_string()])).collect();
+            let query = rng.vector(24);
+            let found = table.nearest(&query, &collections, &restricted, n);
+            let exact = table.nearest_exact(&query, &collections, &restricted, n);
+            proptest::prop_assert_eq!(found.len(), exact.len());
+            for (_, row) in found {
+                proptest::prop_assert!(collections.iter().any(|c| c.as_str() == &*row.collection));
+                proptest::prop_assert!(restricted.get(&*row.collection).is_none_or(|allowed| allowed.iter().any(|c| c.as_str() == &*row.classification)));
+            }
+        }
     }
 }

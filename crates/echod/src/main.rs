@@ -251,6 +251,26 @@ enum BenchCommand {
         /// Queries the baseline answers (it is slow at 100k chunks).
         #[arg(long, default_value_t = 200)]
         baseline_queries: usize,
+        /// Distinct chunks embedded (the rest are perturbed replicas of them).
+        #[arg(long, default_value_t = 15_000)]
+        unique: usize,
+    },
+    /// B7: authenticated search through the gateway under wrk, beside FastAPI + PyJWT +
+    /// LlamaIndex BM25 (run it as `taskset -c 0 echod bench api`).
+    Api {
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// The core wrk runs on.
+        #[arg(long, default_value_t = 1)]
+        wrk_core: usize,
+        /// Skip the FastAPI baseline.
+        #[arg(long)]
+        no_baseline: bool,
+        /// Echo without the embedding model (BM25 only, like the baseline).
+        #[arg(long)]
+        bm25_only: bool,
     },
     /// B8: durable publish → deliver → ack for each bus backend beside Redis Streams and raw JetStream.
     Queue {
@@ -434,8 +454,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             echod::bench::quality::run(args).await?;
             Ok(0)
         }
-        Command::Bench(BenchCommand::Search { sizes, queries, no_baselines, baseline_queries }) => {
-            echod::bench::search::run(echod::bench::search::SearchArgs { sizes, queries, baselines: !no_baselines, baseline_queries }).await?;
+        Command::Bench(BenchCommand::Search { sizes, queries, no_baselines, baseline_queries, unique }) => {
+            echod::bench::search::run(echod::bench::search::SearchArgs { sizes, queries, baselines: !no_baselines, baseline_queries, unique }).await?;
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Api { seconds, connections, wrk_core, no_baseline, bm25_only }) => {
+            echod::bench::api::run(echod::bench::api::ApiArgs { seconds, connections, wrk_core, baseline: !no_baseline, bm25_only }).await?;
             Ok(0)
         }
         Command::Bench(BenchCommand::Queue { messages, producers, consumers }) => {

@@ -359,8 +359,12 @@ impl ChunkIndex {
     }
 
     /// The BM25 part: each query term in the text, the heading path and the title.
+    /// English stop words are left out of the query (unless it is nothing else): they
+    /// hardly move a BM25 score, yet each matches nearly every chunk, and scoring those
+    /// matches was most of a search's time.
     fn text_query(&self, query: &str) -> Result<Option<(Box<dyn Query>, Box<dyn Query>)>, IndexError> {
-        let text_terms = self.terms(self.fields.text, query)?;
+        let content = without_stop_words(query);
+        let text_terms = self.terms(self.fields.text, if content.trim().is_empty() { query } else { &content })?;
         if text_terms.is_empty() {
             return Ok(None);
         }
@@ -386,9 +390,11 @@ impl ChunkIndex {
         }
         let Some(filter) = self.filter_query(collections, restricted) else { return Ok(vec![]) };
         let searcher = self.reader.searcher();
-        let depth = request.fusion.candidates.max(k);
         let queries = self.text_query(request.query)?;
         let vector = request.vector.filter(|_| request.mode != SearchMode::Bm25);
+        // Fusion reads each list deep; one ranking alone needs only a margin for the
+        // duplicates that collapse.
+        let depth = if vector.is_some() { request.fusion.candidates.max(k) } else { (2 * k).min(request.fusion.candidates.max(k)) };
         // (chunk id) → fused score, and what is known to fetch the hit.
         let mut fused: HashMap<String, (f32, Option<DocAddress>)> = HashMap::new();
         if request.mode != SearchMode::Vector
@@ -398,7 +404,12 @@ impl ChunkIndex {
             let top = searcher.search(&combined, &TopDocs::with_limit(depth).order_by_score())?;
             let weight = if vector.is_some() { request.fusion.bm25_weight } else { 1.0 };
             for (rank, (score, address)) in top.into_iter().enumerate() {
-                let chunk_id = self.chunk_id_of(&searcher, address)?;
+                // Only fusion needs the chunk id to meet the other list; alone, the
+                // address is the key.
+                let chunk_id = match vector {
+                    Some(_) => self.chunk_id_of(&searcher, address)?,
+                    None => format!("{}:{}", address.segment_ord, address.doc_id),
+                };
                 let contribution = if vector.is_some() { weight / (request.fusion.rrf_k + rank as f32 + 1.0) } else { score };
                 let entry = fused.entry(chunk_id).or_insert((0.0, Some(address)));
                 entry.0 += contribution;
@@ -527,6 +538,21 @@ fn marked(fragment: &str, highlighted: &[std::ops::Range<usize>]) -> String {
     html
 }
 
+/// Lucene's English stop words (its `EnglishAnalyzer` default set).
+const STOP_WORDS: [&str; 33] = [
+    "a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "if", "in", "into", "is", "it", "no", "not", "of", "on", "or", "such", "that", "the", "their",
+    "then", "there", "these", "they", "this", "to", "was", "will", "with",
+];
+
+/// `query` without its stop words (words are runs of letters, digits and `_`).
+fn without_stop_words(query: &str) -> String {
+    query
+        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .filter(|word| !word.is_empty() && !STOP_WORDS.contains(&word.to_lowercase().as_str()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The second collection term of a chunk: its collection and its classification.
 fn classified(collection: &str, classification: &str) -> String {
     format!("{collection}#{classification}")
@@ -610,6 +636,18 @@ mod tests {
         index.replace_document("copy1", &[chunk("copy1", "c1", 0, "Identical boilerplate paragraph about licences.")]).unwrap();
         index.replace_document("copy2", &[chunk("copy2", "c1", 0, "identical   boilerplate paragraph about licences.")]).unwrap();
         assert_eq!(search(&index, "boilerplate licences", &["c1"]).len(), 1, "one of the two copies");
+    }
+
+    #[test]
+    fn stop_words_leave_the_query_unless_it_has_nothing_else() {
+        assert_eq!(without_stop_words("How is the size of a ZIP archive read?"), "How size ZIP archive read");
+        assert_eq!(without_stop_words("to be or not to be"), "");
+        let dir = tempfile::tempdir().unwrap();
+        let index = ChunkIndex::open(dir.path(), 15).unwrap();
+        index.replace_document("d1", &[chunk("d1", "c1", 0, "To be or not to be.")]).unwrap();
+        index.replace_document("d2", &[chunk("d2", "c1", 0, "The size of the archive.")]).unwrap();
+        assert_eq!(search(&index, "to be or not to be", &["c1"])[0].document_id, "d1", "a query of stop words only still searches");
+        assert_eq!(search(&index, "what is the archive size", &["c1"]).len(), 1, "the stop words match nothing by themselves");
     }
 
     #[test]

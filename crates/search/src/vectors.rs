@@ -185,6 +185,7 @@ impl VectorTable {
         true
     }
 
+    #[cfg(test)]
     pub(crate) fn with_ann_settings(settings: AnnSettings) -> VectorTable {
         VectorTable { ann_settings: settings, ..VectorTable::default() }
     }
@@ -208,6 +209,7 @@ impl VectorTable {
     }
 
     /// Whether searches may use the graph (tests compare it with exact scoring).
+    #[cfg(test)]
     pub(crate) fn has_graph(&self) -> bool {
         self.ann.is_some()
     }
@@ -365,7 +367,7 @@ mod tests {
         let mut rng = Rng(seed | 1);
         let settings = AnnSettings { min_vectors: 200, min_permitted: 40, min_share: 0.05, ef_search: 64 };
         let mut table = VectorTable::with_ann_settings(settings);
-        let mut add = |table: &mut VectorTable, rng: &mut Rng, doc: usize| {
+        let add = |table: &mut VectorTable, rng: &mut Rng, doc: usize| {
             for i in 0..4 {
                 let (collection, class) = (format!("c{}", rng.next() % 8), CLASSES[(rng.next() % 2) as usize]);
                 table.insert(row(&format!("d{doc}-{i}"), &format!("d{doc}"), &collection, class, &rng.vector(24)));

@@ -120,15 +120,16 @@ fn subset_of(question: &Question) -> &'static str {
     if question.gold.iter().any(|g| g.to_lowercase().contains(".pdf")) { "pdf" } else { "html/text" }
 }
 
-struct Echo {
-    system: crate::System,
-    http: reqwest::Client,
-    token: String,
-    gateway: String,
+/// A whole Echo started for a benchmark, with one signed-in member of org `bench`.
+pub(crate) struct Echo {
+    pub(crate) system: crate::System,
+    pub(crate) http: reqwest::Client,
+    pub(crate) token: String,
+    pub(crate) gateway: String,
 }
 
 impl Echo {
-    async fn start(config: EchoConfig, fresh: bool) -> anyhow::Result<Echo> {
+    pub(crate) async fn start(config: EchoConfig, fresh: bool) -> anyhow::Result<Echo> {
         let system = crate::up(config).await?;
         crate::wait_ready(&system.config, Duration::from_secs(60)).await?;
         let config = (*system.config).clone();
@@ -143,7 +144,7 @@ impl Echo {
     }
 
     /// Uploads every file (4 at a time); returns document id → corpus path.
-    async fn upload(&self, set: &EvalSet) -> anyhow::Result<HashMap<String, String>> {
+    pub(crate) async fn upload(&self, set: &EvalSet) -> anyhow::Result<HashMap<String, String>> {
         use futures_util::StreamExt;
         let uploads = futures_util::stream::iter(set.files.iter().cloned())
             .map(|relative| async move {
@@ -168,7 +169,7 @@ impl Echo {
     }
 
     /// Waits until no document is still being processed; returns (indexed, failed).
-    async fn wait_indexed(&self, expected: usize) -> anyhow::Result<(usize, Vec<String>)> {
+    pub(crate) async fn wait_indexed(&self, expected: usize) -> anyhow::Result<(usize, Vec<String>)> {
         let started = Instant::now();
         let mut last_report = Instant::now();
         loop {
@@ -197,9 +198,9 @@ impl Echo {
                     break;
                 }
             }
-            let done = statuses.get("indexed").copied().unwrap_or(0) + failed.len();
+            let done = statuses.get("done").copied().unwrap_or(0) + failed.len();
             if done >= expected {
-                return Ok((statuses.get("indexed").copied().unwrap_or(0), failed));
+                return Ok((statuses.get("done").copied().unwrap_or(0), failed));
             }
             if last_report.elapsed() > Duration::from_secs(30) {
                 eprintln!("  {:.0} s: {statuses:?}", started.elapsed().as_secs_f64());
@@ -264,6 +265,8 @@ pub async fn run(args: QualityArgs) -> anyhow::Result<()> {
     config.log.ship = false;
     config.log.level = "warn".into();
     config.gateway.rate_limits = Switch::Off;
+    // Ingesting the corpus with embeddings outlasts a 10-minute access token.
+    config.identity.access_token_ttl_secs = 86_400;
     config.storage.quota_bytes_per_user = 100 * 1024 * 1024 * 1024;
     config.embeddings.provider = Some("local".into());
     config.embeddings.model_dir = Some(model_dir.clone());

@@ -30,6 +30,8 @@ pub struct SearchArgs {
     pub baselines: bool,
     /// LlamaIndex answers at most this many of the queries (it is slow at 100k).
     pub baseline_queries: usize,
+    /// Distinct chunks embedded; larger sizes are perturbed replicas of them.
+    pub unique: usize,
 }
 
 /// xorshift64*: seeded, reproducible.
@@ -146,7 +148,7 @@ fn line(name: &str, latencies: &mut [Duration]) -> String {
 
 pub async fn run(args: SearchArgs) -> anyhow::Result<()> {
     let largest = args.sizes.iter().copied().max().unwrap_or(0);
-    let (unique_texts, unique_vectors) = embedded_corpus(largest.min(15_000)).await?;
+    let (unique_texts, unique_vectors) = embedded_corpus(largest.min(args.unique.max(1))).await?;
     let (texts, vectors) = grow(&unique_texts, &unique_vectors, largest);
     let queries = queries(&unique_texts, args.queries)?;
     println!("B4/B5 search: {} unique chunks of the evaluation manuals, grown to {largest}; {} queries; top {K}", unique_texts.len(), queries.len());

@@ -172,11 +172,11 @@ fn embedding_text(chunk: &Chunk) -> String {
     let mut text = String::new();
     if let Some(title) = &chunk.title {
         text.push_str(title);
-        text.push_str("\n");
+        text.push('\n');
     }
     if let Some(section) = chunk.section.as_ref().filter(|s| chunk.title.as_deref() != Some(s.as_str())) {
         text.push_str(section);
-        text.push_str("\n");
+        text.push('\n');
     }
     text.push_str(&chunk.text);
     text

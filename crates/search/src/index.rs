@@ -127,7 +127,7 @@ fn vector_bytes(vector: &[f32]) -> Vec<u8> {
 }
 
 fn vector_of(bytes: &[u8]) -> Option<Box<[f32]>> {
-    (bytes.len() % 4 == 0 && !bytes.is_empty()).then(|| bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    (bytes.len().is_multiple_of(4) && !bytes.is_empty()).then(|| bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
 /// The text a chunk's duplicates share: its words, lower-cased.
@@ -362,7 +362,7 @@ impl ChunkIndex {
     /// English stop words are left out of the query (unless it is nothing else): they
     /// hardly move a BM25 score, yet each matches nearly every chunk, and scoring those
     /// matches was most of a search's time.
-    fn text_query(&self, query: &str) -> Result<Option<(Box<dyn Query>, Box<dyn Query>)>, IndexError> {
+    fn text_query(&self, query: &str) -> Result<Option<TextQueries>, IndexError> {
         let content = without_stop_words(query);
         let text_terms = self.terms(self.fields.text, if content.trim().is_empty() { query } else { &content })?;
         if text_terms.is_empty() {
@@ -537,6 +537,9 @@ fn marked(fragment: &str, highlighted: &[std::ops::Range<usize>]) -> String {
     html.push_str(&escape_html(&fragment[from..]));
     html
 }
+
+/// A search's BM25 query over every field, and the same over the text alone (for snippets).
+type TextQueries = (Box<dyn Query>, Box<dyn Query>);
 
 /// Lucene's English stop words (its `EnglishAnalyzer` default set).
 const STOP_WORDS: [&str; 33] = [

@@ -389,8 +389,8 @@ mod tests {
     }
 
     fn permitted_subset(rng: &mut Rng) -> (Vec<String>, BTreeMap<String, Vec<String>>) {
-        let collections: Vec<String> = (0..8).filter(|_| rng.next() % 3 != 0).map(|c| format!("c{c}")).collect();
-        let restricted = collections.iter().filter(|_| rng.next() % 4 == 0).map(|c| (c.clone(), vec!["internal".to_string()])).collect();
+        let collections: Vec<String> = (0..8).filter(|_| !rng.next().is_multiple_of(3)).map(|c| format!("c{c}")).collect();
+        let restricted = collections.iter().filter(|_| rng.next().is_multiple_of(4)).map(|c| (c.clone(), vec!["internal".to_string()])).collect();
         (collections, restricted)
     }
 

@@ -82,7 +82,7 @@ impl LocalModel {
         let missing = |what: &str| LocalModelError::Missing { dir: dir.display().to_string(), what: what.to_string() };
         let shape: BertShape = serde_json::from_slice(&std::fs::read(dir.join("config.json")).map_err(|e| missing(&format!("config.json: {e}")))?)
             .map_err(|e| missing(&format!("config.json: {e}")))?;
-        if shape.hidden_act.as_deref().is_some_and(|act| act != "gelu") || shape.hidden_size % shape.num_attention_heads != 0 {
+        if shape.hidden_act.as_deref().is_some_and(|act| act != "gelu") || !shape.hidden_size.is_multiple_of(shape.num_attention_heads) {
             return Err(missing("config.json describes a model this encoder does not run (BERT with GELU)"));
         }
         let weights = std::fs::read(dir.join("model.safetensors")).map_err(|e| missing(&format!("model.safetensors: {e}")))?;

@@ -79,18 +79,38 @@ fn mode_of(meta: &std::fs::Metadata) -> u32 {
 #[cfg(unix)]
 fn tighten(path: &Path, tightened: &mut Tightened) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::symlink_metadata(path)?;
+    // Files come and go while the walk runs (an index merging its segments, a database
+    // dropping its journal, a process of the same data dir still stopping): one that is
+    // gone has nothing left to tighten.
+    let gone = |error: &std::io::Error| error.kind() == std::io::ErrorKind::NotFound;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(error) if gone(&error) => return Ok(()),
+        Err(error) => return Err(error),
+    };
     if meta.file_type().is_symlink() {
         return Ok(());
     }
     let mode = mode_of(&meta);
     if mode & OTHERS != 0 {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & !OTHERS & 0o7777))?;
-        tightened.paths.push(path.to_path_buf());
+        match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & !OTHERS & 0o7777)) {
+            Ok(()) => tightened.paths.push(path.to_path_buf()),
+            Err(error) if gone(&error) => return Ok(()),
+            Err(error) => return Err(error),
+        }
     }
     if meta.is_dir() {
-        for entry in std::fs::read_dir(path)? {
-            tighten(&entry?.path(), tightened)?;
+        let entries = match std::fs::read_dir(path) {
+            Ok(entries) => entries,
+            Err(error) if gone(&error) => return Ok(()),
+            Err(error) => return Err(error),
+        };
+        for entry in entries {
+            match entry {
+                Ok(entry) => tighten(&entry.path(), tightened)?,
+                Err(error) if gone(&error) => continue,
+                Err(error) => return Err(error),
+            }
         }
     }
     Ok(())
@@ -156,5 +176,43 @@ mod tests {
         assert!(refused.contains("identity.kek") && refused.contains("0644") && refused.contains("chmod 600"), "{refused}");
         secure_data_dir(root.path(), &secrets, true).unwrap();
         assert_eq!(mode(&secrets.join("identity.kek")), 0o600);
+    }
+
+    #[test]
+    fn a_path_that_is_gone_has_nothing_to_tighten() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tightened = Tightened::default();
+        tighten(&dir.path().join("merged-away.idx"), &mut tightened).unwrap();
+        assert!(tightened.paths.is_empty());
+    }
+
+    #[test]
+    fn files_coming_and_going_during_the_walk_do_not_stop_a_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let churn = data.join("index");
+        std::fs::create_dir_all(&churn).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let file = churn.join(format!("segment-{}", n % 64));
+                    let _ = std::fs::write(&file, b"x");
+                    let _ = std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644));
+                    if n % 2 == 1 {
+                        let _ = std::fs::remove_file(churn.join(format!("segment-{}", (n + 31) % 64)));
+                    }
+                    n += 1;
+                }
+            });
+            for _ in 0..300 {
+                let result = secure_data_dir(&data, &data.join("secrets"), false);
+                assert!(result.is_ok(), "{result:?}");
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        let mode = std::fs::symlink_metadata(&churn).unwrap().permissions().mode();
+        assert_eq!(mode & OTHERS, 0, "what stayed is tightened");
     }
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 
 use tantivy::collector::TopDocs;
-use tantivy::query::{BooleanQuery, BoostQuery, Occur, Query, TermQuery};
+use tantivy::query::{BooleanQuery, BoostQuery, ConstScoreQuery, Occur, Query, TermQuery};
 use tantivy::schema::{BytesOptions, FAST, Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing, TextOptions, Value};
 use tantivy::snippet::SnippetGenerator;
 use tantivy::{DocAddress, Index, IndexReader, IndexWriter, ReloadPolicy, Searcher, TantivyDocument, Term};
@@ -355,7 +355,9 @@ impl ChunkIndex {
                 Some(classes) => clauses.extend(classes.iter().map(|class| term_clause(&classified(collection, class)))),
             }
         }
-        (!clauses.is_empty()).then(|| Box::new(BooleanQuery::new(clauses)) as Box<dyn Query>)
+        // A filter, not a ranking signal: scored, a rare collection's term would lift
+        // every chunk of a small collection above better matches in a large one.
+        (!clauses.is_empty()).then(|| Box::new(ConstScoreQuery::new(Box::new(BooleanQuery::new(clauses)), 0.0)) as Box<dyn Query>)
     }
 
     /// The BM25 part: each query term in the text, the heading path and the title.
@@ -590,6 +592,20 @@ mod tests {
     fn search(index: &ChunkIndex, query: &str, collections: &[&str]) -> Vec<SearchHit> {
         let collections: Vec<String> = collections.iter().map(|c| c.to_string()).collect();
         index.search(&bm25(query, &collections, &BTreeMap::new(), 10)).unwrap()
+    }
+
+    #[test]
+    fn the_collection_filter_does_not_rank() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = ChunkIndex::open(dir.path(), 15).unwrap();
+        for n in 0..20 {
+            index.replace_document(&format!("filler-{n}"), &[chunk(&format!("filler-{n}"), "big", 0, "quarterly budget review notes")]).unwrap();
+        }
+        index.replace_document("better", &[chunk("better", "big", 0, "turbine maintenance: turbine blades and turbine bearings")]).unwrap();
+        index.replace_document("weaker", &[chunk("weaker", "small", 0, "turbine maintenance notes for the quarterly review")]).unwrap();
+        let hits = search(&index, "turbine", &["big", "small"]);
+        let order: Vec<&str> = hits.iter().map(|h| h.document_id.as_str()).collect();
+        assert_eq!(order, ["better", "weaker"], "the better match leads whatever the size of its collection");
     }
 
     #[test]

@@ -155,6 +155,7 @@ pub struct EchoConfig {
     pub ingest: IngestConfig,
     pub search: SearchConfig,
     pub embeddings: EmbeddingsConfig,
+    pub llm: LlmConfig,
     pub rag: RagConfig,
     pub logs: LogsConfig,
     pub audit: AuditConfig,
@@ -438,6 +439,64 @@ pub struct RagConfig {
     pub max_citations: usize,
     /// `hash` stores a SHA-256 of the question in audit records; `plain` stores it verbatim.
     pub audit_question: String,
+    /// "Not in your documents" below this: the best hit's cosine similarity to the
+    /// question (when embeddings are on), calibrated with `echod bench quality`.
+    pub min_similarity: f32,
+    /// …and below this share of the question's words (weighted by rarity) in the best
+    /// passage; with embeddings off, this alone decides.
+    pub min_coverage: f32,
+}
+
+/// The language model answers are written by (`provider` `none`: extractive answers).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LlmConfig {
+    /// `none`, `openai` (any OpenAI-compatible `/v1/chat/completions`: OpenAI, vLLM,
+    /// llama.cpp's server, Ollama's `/v1`) or `ollama` (Ollama's native `/api/chat`).
+    pub provider: String,
+    /// e.g. `https://api.openai.com/v1`, `http://127.0.0.1:11434/v1`.
+    pub base_url: String,
+    pub model: String,
+    pub api_key: Secret,
+    /// One attempt's limit (the whole answer, streamed or not).
+    pub timeout_secs: u64,
+    /// Retries of a failed call (connection refused, 429, 5xx) before the first token,
+    /// with exponential backoff from `retry_backoff_ms`.
+    pub max_retries: u32,
+    pub retry_backoff_ms: u64,
+    /// After this many consecutive failures the model is not called for
+    /// `breaker_cooldown_secs` (each ask fails fast, or falls back).
+    pub breaker_failures: u32,
+    pub breaker_cooldown_secs: u64,
+    /// Tokens of document passages packed into the prompt (about 4 characters each).
+    pub context_tokens: usize,
+    pub max_answer_tokens: u32,
+    pub temperature: f32,
+    /// When the model fails, answer extractively instead of with an error.
+    pub fallback_extractive: bool,
+    /// Mark sentences whose words are mostly absent from the passage they cite.
+    pub flag_unsupported: bool,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        LlmConfig {
+            provider: "none".into(),
+            base_url: String::new(),
+            model: String::new(),
+            api_key: Secret::default(),
+            timeout_secs: 120,
+            max_retries: 2,
+            retry_backoff_ms: 250,
+            breaker_failures: 5,
+            breaker_cooldown_secs: 30,
+            context_tokens: 3000,
+            max_answer_tokens: 700,
+            temperature: 0.1,
+            fallback_extractive: false,
+            flag_unsupported: false,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -474,6 +533,7 @@ impl Default for EchoConfig {
             ingest: IngestConfig::default(),
             search: SearchConfig::default(),
             embeddings: EmbeddingsConfig::default(),
+            llm: LlmConfig::default(),
             rag: RagConfig::default(),
             logs: LogsConfig::default(),
             audit: AuditConfig::default(),
@@ -565,7 +625,7 @@ impl Default for SearchConfig {
 
 impl Default for RagConfig {
     fn default() -> Self {
-        RagConfig { top_k: 8, max_citations: 4, audit_question: "hash".into() }
+        RagConfig { top_k: 8, max_citations: 4, audit_question: "hash".into(), min_similarity: 0.25, min_coverage: 0.5 }
     }
 }
 

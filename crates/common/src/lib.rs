@@ -16,7 +16,9 @@ pub mod files;
 pub mod formats;
 pub mod rand;
 pub mod server;
+pub mod sse;
 pub mod telemetry;
+pub mod text;
 pub mod web;
 pub mod wire;
 

@@ -497,6 +497,10 @@ pub struct SearchHit {
     pub snippet: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
+    /// Cosine similarity of the chunk's embedding to the question's, when the vector
+    /// ranking saw this chunk: a calibrated "how related is it" that fused ranks are not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub similarity: Option<f32>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -618,6 +622,17 @@ pub struct AskRequest {
     pub collections: Option<Vec<String>>,
     #[serde(default)]
     pub conversation_id: Option<String>,
+    /// Earlier turns the client keeps itself (the OpenAI-compatible `messages`), used
+    /// like a stored conversation's for follow-ups; nothing of it is stored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<Turn>,
+}
+
+/// One turn of a conversation: `user` or `assistant`, and what was said.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Turn {
+    pub role: String,
+    pub content: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -630,6 +645,12 @@ pub struct Citation {
     pub page: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub section: Option<String>,
+    /// The document's title, to name the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// The words of `text` the answer quotes (extractive) or rests on, to highlight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quote: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -638,6 +659,39 @@ pub struct Answer {
     pub citations: Vec<Citation>,
     pub conversation_id: String,
     pub mode: String,
+    /// The documents the asker may read hold nothing that answers this: the answer
+    /// says so and cites nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_found: bool,
+    /// Sentences of the answer whose words are mostly absent from the passages they
+    /// cite (`llm.flag_unsupported`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unsupported: Vec<String>,
+    /// The model's token counts (`llm` mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// A streamed ask (rag → gateway → API clients, `Accept: text/event-stream`) sends
+/// `delta` events (an [`AnswerDelta`]) as the answer is written, then one `citations`
+/// event (the whole [`Answer`], its citations verified), or an `error` event (a
+/// problem) instead.
+pub const ASK_EVENT_DELTA: &str = "delta";
+pub const ASK_EVENT_ANSWER: &str = "citations";
+pub const ASK_EVENT_ERROR: &str = "error";
+
+/// A piece of an answer as it is written.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AnswerDelta {
+    pub text: String,
+}
+
+/// Tokens a model call used, as OpenAI reports them.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
 }
 
 // ---- identity ----

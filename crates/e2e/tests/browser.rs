@@ -153,14 +153,24 @@ async fn a_person_signs_in_uploads_and_follows_a_citation_in_chromium() {
     browser.click("header a[href='/ask']").await;
     browser.wait_for("the ask page", |s| s.contains("Ask your documents")).await;
     browser.type_into("textarea[name=question]", "What is the launch code?").await;
-    browser.click("form.card button").await;
-    browser.wait_for("the answer", |s| s.contains("href=\"#cite-1\"")).await;
-    browser.click("a[href='#cite-1']").await;
-    browser.click("#cite-1 summary").await;
-    let page = browser.source().await;
-    assert!(page.contains("tangerine-42"));
+    browser.click("#ask-form button.primary").await;
+    browser.wait_for("the answer on its own page", |s| s.contains("href=\"#cite-1-1\"")).await;
+    let first_answer = browser.current_url().await;
+    assert!(first_answer.contains("/ask/") && first_answer.contains("answer=2"), "{first_answer}");
+    // A citation opens expanded, the quoted words highlighted.
+    browser.click("a[href='#cite-1-1']").await;
+    let page = browser.wait_for("the citation to open", |s| s.contains("id=\"cite-1-1\" open")).await;
+    assert!(page.contains("<mark>") && page.contains("tangerine-42"), "the quote is highlighted");
     assert!(page.contains("handbook.md"), "the citation names its document");
     browser.screenshot(&shots.join("ask.png")).await;
+    // A follow-up in the same conversation gets its own address; Back returns to the first.
+    browser.type_into("textarea[name=question]", "And who may enter it?").await;
+    browser.click("#ask-form button.primary").await;
+    browser.wait_for("the follow-up", |s| s.contains("href=\"#cite-3-1\"")).await;
+    assert!(browser.current_url().await.contains("answer=4"));
+    browser.call(reqwest::Method::POST, "/back", Some(json!({}))).await;
+    browser.wait_for("the first answer again", |s| s.contains("href=\"#cite-1-1\"")).await;
+    assert_eq!(browser.current_url().await, first_answer);
 
     // Collections: create one, share it with a colleague, take the share back, delete it.
     ts.add_user("ivo", "acme", "member").await;

@@ -103,3 +103,36 @@ async fn openid_client_passes_the_whole_conformance_suite() {
     }
     ts.system.stop().await;
 }
+
+/// Echo as an OpenAI-compatible model, as the ecosystem's clients use it: the official
+/// `openai` library (streamed and not, with usage, history for a follow-up) and
+/// LangChain's `ChatOpenAI` (`tests/interop/openai_clients.py`, in the same virtualenv).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_library_and_langchain_talk_to_echo() {
+    let Ok(python) = std::env::var("ECHO_INTEROP_PYTHON") else {
+        let reason = "set ECHO_INTEROP_PYTHON to a Python with openai and langchain-openai (.ci/run does) to run the OpenAI-client interop test";
+        assert!(std::env::var_os("CI").is_none(), "CI must run the interop test: {reason}");
+        println!("SKIPPED: {reason}");
+        return;
+    };
+    let ts = TestSystem::start().await;
+    ts.add_user("oli", "acme", "member").await;
+    let token = ts.sign_in("oli", &password_of("oli")).await.access_token;
+    let handbook = "# Reactor handbook\n\n## Launch\n\nThe launch code is tangerine-42. Only the shift lead may enter the launch code.\n";
+    let created = ts.upload(&token, "handbook.md", "text/markdown", handbook.as_bytes().to_vec()).await;
+    ts.wait_indexed(&token, &created).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/interop/openai_clients.py");
+    let base = format!("{}/v1", ts.gateway());
+    let output = tokio::process::Command::new(&python)
+        .args([script, base.as_str(), token.as_str(), "What is the launch code?", "tangerine-42", "And who may enter it?", "shift lead"])
+        .output()
+        .await
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "OpenAI-client interop failed:\n{stdout}\n{stderr}");
+    for check in ["a completion reports usage", "include_usage adds the usage chunk", "a follow-up uses the history in messages", "LangChain ChatOpenAI.stream"] {
+        assert!(stdout.contains(&format!("ok: {check}")), "{stdout}");
+    }
+    ts.system.stop().await;
+}

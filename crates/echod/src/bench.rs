@@ -7,6 +7,7 @@
 //!   parameters (OWASP: m = 19 MiB, t = 2, p = 1), `concurrency` clients at once.
 //! - Rejection time for known vs unknown usernames (they must not differ measurably).
 
+pub mod answers;
 pub mod api;
 mod corpus;
 pub mod embed;

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use common::{EchoConfig, ServiceContext, ServiceName};
 
+pub mod ask;
 pub mod bench;
 pub mod reindex;
 

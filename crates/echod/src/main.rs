@@ -62,6 +62,22 @@ enum Command {
     /// Rebuild the whole index (after changing the embedding model or chunking);
     /// searches answer from the old index until the new one is complete. Resumable.
     Reindex(#[command(flatten)] Location),
+    /// Ask a running Echo a question as a user; the answer streams, then its citations.
+    /// Exit code 2: the documents do not answer it.
+    Ask {
+        question: String,
+        /// Only this collection (its id).
+        #[arg(long)]
+        collection: Option<String>,
+        /// Sign in as this user (password from ECHO_PASSWORD or standard input).
+        #[arg(long)]
+        user: Option<String>,
+        /// An access token instead (scope `echo` or `echo:ask`).
+        #[arg(long, env = "ECHO_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        #[command(flatten)]
+        location: Location,
+    },
 }
 
 #[derive(Subcommand)]
@@ -205,6 +221,30 @@ enum BenchCommand {
         chunks: usize,
         #[arg(long, default_value_t = 32)]
         batch: usize,
+    },
+    /// B9: end-to-end answers against a stub OpenAI-protocol LLM streaming at a fixed
+    /// rate, many clients at once: time to first token and the platform's overhead on
+    /// it, beside LlamaIndex's query engine with the same stub; citations checked.
+    Answers {
+        /// Questions asked in the timed run.
+        #[arg(long, default_value_t = 200)]
+        questions: usize,
+        #[arg(long, default_value_t = 10)]
+        clients: usize,
+        /// HTML pages of the manual indexed (the questions' pages first).
+        #[arg(long, default_value_t = 60)]
+        files: usize,
+        /// The stub's delay before its first token.
+        #[arg(long, default_value_t = 300)]
+        first_token_ms: u64,
+        /// The stub's tokens per second after the first.
+        #[arg(long, default_value_t = 50.0)]
+        token_rate: f64,
+        #[arg(long, default_value_t = 40)]
+        answer_tokens: usize,
+        /// Skip the LlamaIndex baseline.
+        #[arg(long)]
+        no_baseline: bool,
     },
     /// Retrieval quality (recall@10, top-1, MRR, nDCG@10) of Echo's bm25, vector and
     /// hybrid search beside LlamaIndex's BM25 and fusion retrievers, same files.
@@ -449,6 +489,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             echod::bench::embed::run(chunks, batch).await?;
             Ok(0)
         }
+        Command::Bench(BenchCommand::Answers { questions, clients, files, first_token_ms, token_rate, answer_tokens, no_baseline }) => {
+            let args = echod::bench::answers::AnswersArgs { questions, clients, files, first_token_ms, token_rate, answer_tokens, baseline: !no_baseline };
+            echod::bench::answers::run(args).await?;
+            Ok(0)
+        }
         Command::Bench(BenchCommand::Quality { eval, beir, limit, no_baselines, data_dir, rerank_url, rrf_k, bm25_weight, vector_weight, out }) => {
             let args = echod::bench::quality::QualityArgs { eval, beir, limit, baselines: !no_baselines, data_dir, rerank_url, rrf_k, bm25_weight, vector_weight, out };
             echod::bench::quality::run(args).await?;
@@ -474,6 +519,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("installed {} ({} dimensions, weights sha256 {}) into {}", record.name, record.dimension, record.weights_sha256, target.display());
             println!("search is hybrid (keywords + meaning) from Echo's next start; documents indexed before need `echod reindex` to get vectors");
             Ok(0)
+        }
+        Command::Ask { question, collection, user, token, location } => {
+            let config = config_for(&location)?;
+            echod::ask::run(config, echod::ask::AskArgs { question, collection, token, user }).await
         }
         Command::Reindex(location) => {
             let config = config_for(&location)?;

@@ -7,11 +7,11 @@ use axum::extract::{Multipart, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use futures_util::stream;
+use futures_util::StreamExt;
 use serde::Deserialize;
 
 use common::error::{ApiResult, Json, Query};
-use common::wire::{AskRequest, Collection, Job, ShareRequest};
+use common::wire::{ASK_EVENT_ANSWER, ASK_EVENT_DELTA, ASK_EVENT_ERROR, Answer, AnswerDelta, AskRequest, Collection, Job, ShareRequest, Turn};
 use common::{ApiError, ServiceName};
 
 use crate::AppState;
@@ -133,31 +133,25 @@ fn wants_sse(headers: &HeaderMap) -> bool {
     headers.get(axum::http::header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"))
 }
 
-/// Splits text into small pieces for streaming, keeping whitespace attached.
-fn pieces(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut current = String::new();
-    for ch in text.chars() {
-        current.push(ch);
-        if ch.is_whitespace() && current.len() >= 16 {
-            out.push(std::mem::take(&mut current));
-        }
+/// `POST /api/v1/ask`: JSON, or with `Accept: text/event-stream` rag's events as they
+/// come (`delta`, then `citations` carrying the whole answer, or `error`).
+pub(crate) async fn ask(State(app): State<AppState>, caller: Caller, headers: HeaderMap, Json(body): Json<AskRequest>) -> ApiResult<Response> {
+    if !wants_sse(&headers) {
+        return Ok(Json(service::ask(&app, &caller.principal, &body).await?).into_response());
     }
-    if !current.is_empty() {
-        out.push(current);
-    }
-    out
+    let events = service::ask_stream(&app, &caller.principal, &body).await?.map(|event| {
+        Ok::<_, Infallible>(match event {
+            Ok(event) => Event::default().event(event.event).data(event.data),
+            Err(error) => Event::default().event(ASK_EVENT_ERROR).data(stream_problem(&error).to_string()),
+        })
+    });
+    Ok(Sse::new(events).into_response())
 }
 
-pub(crate) async fn ask(State(app): State<AppState>, caller: Caller, headers: HeaderMap, Json(body): Json<AskRequest>) -> ApiResult<Response> {
-    let answer = service::ask(&app, &caller.principal, &body).await?;
-    if !wants_sse(&headers) {
-        return Ok(Json(answer).into_response());
-    }
-    let mut events: Vec<Result<Event, Infallible>> =
-        pieces(&answer.answer).into_iter().map(|piece| Ok(Event::default().event("delta").data(serde_json::json!({"text": piece}).to_string()))).collect();
-    events.push(Ok(Event::default().event("citations").data(serde_json::to_string(&answer).unwrap_or_default())));
-    Ok(Sse::new(stream::iter(events)).into_response())
+/// A broken stream from rag as the client sees it.
+fn stream_problem(error: &common::sse::StreamError) -> serde_json::Value {
+    tracing::warn!(error = %error, "the answer stream from rag broke off");
+    serde_json::to_value(ApiError::unavailable("rag.stream_broken", "the answer stopped before it was complete; ask again").problem()).unwrap_or_default()
 }
 
 pub(crate) async fn conversations(State(app): State<AppState>, caller: Caller) -> ApiResult<Json<serde_json::Value>> {
@@ -167,6 +161,19 @@ pub(crate) async fn conversations(State(app): State<AppState>, caller: Caller) -
 pub(crate) async fn conversation(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
     service::check_id(&id).map_err(|_| ApiError::not_found("rag.conversation_not_found", "no such conversation"))?;
     Ok(Json(app.ctx.peers.get_json(ServiceName::Rag, &format!("/v1/conversations/{id}"), Some(&caller.principal)).await?))
+}
+
+/// `PATCH /api/v1/conversations/{id} {"title"}`.
+pub(crate) async fn rename_conversation(State(app): State<AppState>, caller: Caller, Path(id): Path<String>, Json(body): Json<serde_json::Value>) -> ApiResult<Json<serde_json::Value>> {
+    service::check_id(&id).map_err(|_| ApiError::not_found("rag.conversation_not_found", "no such conversation"))?;
+    let builder = app.ctx.peers.request(ServiceName::Rag, reqwest::Method::PATCH, &format!("/v1/conversations/{id}"), Some(&caller.principal)).await?.json(&body);
+    Ok(Json(app.ctx.peers.send(ServiceName::Rag, builder).await?.json().await.map_err(ApiError::internal)?))
+}
+
+pub(crate) async fn delete_conversation(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    service::check_id(&id).map_err(|_| ApiError::not_found("rag.conversation_not_found", "no such conversation"))?;
+    app.ctx.peers.delete(ServiceName::Rag, &format!("/v1/conversations/{id}"), Some(&caller.principal)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 fn passthrough_query(uri: &axum::http::Uri) -> String {
@@ -238,9 +245,18 @@ pub(crate) async fn models(_caller: Caller) -> Json<serde_json::Value> {
 #[derive(Deserialize)]
 pub(crate) struct ChatMessage {
     role: String,
+    #[serde(default)]
     content: serde_json::Value,
 }
 
+#[derive(Deserialize, Default)]
+pub(crate) struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The OpenAI chat completion request; fields Echo does not use (temperature, tools …)
+/// are accepted and ignored, as OpenAI-compatible servers do.
 #[derive(Deserialize)]
 pub(crate) struct ChatCompletion {
     #[serde(default)]
@@ -248,6 +264,8 @@ pub(crate) struct ChatCompletion {
     messages: Vec<ChatMessage>,
     #[serde(default)]
     stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
 }
 
 fn message_text(content: &serde_json::Value) -> String {
@@ -258,38 +276,84 @@ fn message_text(content: &serde_json::Value) -> String {
     }
 }
 
-pub(crate) async fn chat_completions(State(app): State<AppState>, caller: Caller, Json(body): Json<ChatCompletion>) -> ApiResult<Response> {
-    let question = body
-        .messages
+/// The question (the last user message) and the turns before it.
+fn question_and_history(messages: &[ChatMessage]) -> Result<(String, Vec<Turn>), ApiError> {
+    let last = messages.iter().rposition(|m| m.role == "user").ok_or_else(|| ApiError::bad_request("openai.no_user_message", "the request has no user message"))?;
+    let question = message_text(&messages[last].content);
+    if question.trim().is_empty() {
+        return Err(ApiError::bad_request("openai.no_user_message", "the last user message is empty"));
+    }
+    let history = messages[..last]
         .iter()
-        .rev()
-        .find(|m| m.role == "user")
-        .map(|m| message_text(&m.content))
-        .filter(|q| !q.trim().is_empty())
-        .ok_or_else(|| ApiError::bad_request("openai.no_user_message", "the request has no user message"))?;
-    let answer = service::ask(&app, &caller.principal, &AskRequest { question, collections: None, conversation_id: None }).await?;
+        .filter(|m| m.role == "user" || m.role == "assistant")
+        .map(|m| Turn { role: m.role.clone(), content: message_text(&m.content) })
+        .filter(|t| !t.content.trim().is_empty())
+        .collect();
+    Ok((question, history))
+}
+
+/// One `chat.completion.chunk`.
+fn completion_chunk(id: &str, created: i64, model: &str, delta: serde_json::Value, finish: Option<&str>) -> serde_json::Value {
+    serde_json::json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+}
+
+/// `POST /v1/chat/completions`: Echo as an OpenAI-compatible model, answering with the
+/// caller's permissions; citations in a top-level `citations` array.
+pub(crate) async fn chat_completions(State(app): State<AppState>, caller: Caller, Json(body): Json<ChatCompletion>) -> ApiResult<Response> {
+    let (question, history) = question_and_history(&body.messages)?;
+    let request = AskRequest { question, collections: None, conversation_id: None, history };
     let model = body.model.unwrap_or_else(|| "echo".into());
-    let id = format!("chatcmpl-{}", answer.conversation_id);
     let created = common::now_unix();
     if !body.stream {
+        let answer = service::ask(&app, &caller.principal, &request).await?;
+        let usage = answer.usage.unwrap_or_default();
         return Ok(Json(serde_json::json!({
-            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "id": format!("chatcmpl-{}", answer.conversation_id), "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.answer}, "finish_reason": "stop"}],
+            "usage": usage,
             "citations": answer.citations,
         }))
         .into_response());
     }
-    let mut events: Vec<Result<Event, Infallible>> = pieces(&answer.answer)
-        .into_iter()
-        .map(|piece| {
-            let chunk = serde_json::json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": null}]});
-            Ok(Event::default().data(chunk.to_string()))
-        })
-        .collect();
-    let last = serde_json::json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "citations": answer.citations});
-    events.push(Ok(Event::default().data(last.to_string())));
-    events.push(Ok(Event::default().data("[DONE]")));
-    Ok(Sse::new(stream::iter(events)).into_response())
+    let include_usage = body.stream_options.unwrap_or_default().include_usage;
+    let id = format!("chatcmpl-{}", uuid::Uuid::now_v7());
+    let events = service::ask_stream(&app, &caller.principal, &request).await?;
+    let first = completion_chunk(&id, created, &model, serde_json::json!({"role": "assistant", "content": ""}), None);
+    let chunks = events.flat_map(move |event| {
+        let mut out: Vec<String> = Vec::new();
+        match event {
+            Ok(event) if event.event == ASK_EVENT_DELTA => {
+                if let Ok(delta) = serde_json::from_str::<AnswerDelta>(&event.data) {
+                    out.push(completion_chunk(&id, created, &model, serde_json::json!({"content": delta.text}), None).to_string());
+                }
+            }
+            Ok(event) if event.event == ASK_EVENT_ANSWER => {
+                let answer: Option<Answer> = serde_json::from_str(&event.data).ok();
+                let mut last = completion_chunk(&id, created, &model, serde_json::json!({}), Some("stop"));
+                last["citations"] = serde_json::to_value(answer.as_ref().map(|a| a.citations.clone()).unwrap_or_default()).unwrap_or_default();
+                out.push(last.to_string());
+                if include_usage {
+                    let usage = answer.and_then(|a| a.usage).unwrap_or_default();
+                    out.push(serde_json::json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage}).to_string());
+                }
+                out.push("[DONE]".into());
+            }
+            Ok(event) if event.event == ASK_EVENT_ERROR => {
+                let problem: serde_json::Value = serde_json::from_str(&event.data).unwrap_or_default();
+                out.push(serde_json::json!({"error": {"message": problem["detail"], "type": "server_error", "code": problem["code"]}}).to_string());
+                out.push("[DONE]".into());
+            }
+            Ok(_) => {}
+            Err(error) => {
+                let problem = stream_problem(&error);
+                out.push(serde_json::json!({"error": {"message": problem["detail"], "type": "server_error", "code": problem["code"]}}).to_string());
+                out.push("[DONE]".into());
+            }
+        }
+        futures_util::stream::iter(out.into_iter().map(|data| Ok::<_, Infallible>(Event::default().data(data))))
+    });
+    let stream = futures_util::stream::once(async move { Ok::<_, Infallible>(Event::default().data(first.to_string())) }).chain(chunks);
+    Ok(Sse::new(stream).into_response())
 }
 
 pub(crate) async fn openapi() -> Response {

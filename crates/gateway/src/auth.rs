@@ -48,7 +48,8 @@ impl FromRequestParts<AppState> for Caller {
 
 /// Whether a token of `scope` may make `method path`: `echo` may do anything;
 /// `echo:read` reads (and searches and asks, which change no document); `echo:ask`
-/// only asks (and reads who the caller is and their conversations). `openid` and
+/// only asks (and reads who the caller is, and reads, renames and deletes their
+/// conversations). `openid` and
 /// the other identity scopes give no API access at all.
 pub(crate) fn scope_allows(scope: &str, method: &Method, path: &str) -> bool {
     let scopes: Vec<&str> = scope.split_whitespace().collect();
@@ -58,7 +59,9 @@ pub(crate) fn scope_allows(scope: &str, method: &Method, path: &str) -> bool {
     let asks = matches!((method, path), (&Method::POST, "/api/v1/ask" | "/v1/chat/completions"));
     let reads = matches!(method, &Method::GET | &Method::HEAD) || asks || (method == Method::POST && path == "/api/v1/search");
     let ask_reads = matches!(method, &Method::GET | &Method::HEAD) && (path == "/api/v1/me" || path == "/v1/models" || path.starts_with("/api/v1/conversations"));
-    (scopes.contains(&"echo:read") && reads) || (scopes.contains(&"echo:ask") && (asks || ask_reads))
+    // Renaming and deleting one's own conversations is part of asking.
+    let own_conversations = matches!(method, &Method::PATCH | &Method::DELETE) && path.starts_with("/api/v1/conversations/");
+    (scopes.contains(&"echo:read") && reads) || (scopes.contains(&"echo:ask") && (asks || ask_reads || own_conversations))
 }
 
 async fn authenticate(parts: &Parts, app: &AppState) -> Result<Caller, ApiError> {
@@ -139,6 +142,8 @@ mod tests {
         assert!(!scope_allows("echo:read", &delete, "/api/v1/documents/x"));
         assert!(scope_allows("echo:ask", &post, "/v1/chat/completions"));
         assert!(scope_allows("echo:ask", &get, "/api/v1/conversations/x"));
+        assert!(scope_allows("echo:ask", &Method::DELETE, "/api/v1/conversations/x"));
+        assert!(!scope_allows("echo:ask", &Method::DELETE, "/api/v1/documents/x"));
         assert!(!scope_allows("echo:ask", &get, "/api/v1/documents"));
         assert!(!scope_allows("echo:ask", &post, "/api/v1/search"));
         assert!(!scope_allows("echoes", &get, "/api/v1/me"));

@@ -152,7 +152,7 @@ pub(crate) struct Segment {
 }
 
 /// Splits an answer into text and `[n]` citation markers that become links.
-pub(crate) fn segments(answer: &str, n_citations: usize) -> Vec<Segment> {
+pub(crate) fn segments(answer: &str, cited: &[usize]) -> Vec<Segment> {
     let mut out = Vec::new();
     let mut rest = answer;
     while let Some(open) = rest.find('[') {
@@ -160,7 +160,7 @@ pub(crate) fn segments(answer: &str, n_citations: usize) -> Vec<Segment> {
         let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
         let is_marker = !digits.is_empty() && after[digits.len()..].starts_with(']');
         match digits.parse::<usize>() {
-            Ok(n) if is_marker && (1..=n_citations).contains(&n) => {
+            Ok(n) if is_marker && cited.contains(&n) => {
                 out.push(Segment { text: rest[..open].to_string(), cite: None });
                 out.push(Segment { text: String::new(), cite: Some(n) });
                 rest = &after[digits.len() + 1..];
@@ -177,9 +177,39 @@ pub(crate) fn segments(answer: &str, n_citations: usize) -> Vec<Segment> {
 
 pub(crate) struct CitationView {
     n: usize,
+    /// Unique on the page: `cite-{message}-{n}`.
+    anchor: String,
     document_id: String,
     label: String,
-    text: String,
+    /// The passage in three parts: before, the quoted (highlighted) words, after.
+    before: String,
+    quoted: String,
+    after: String,
+    /// For a PDF page: a link that opens the document at it.
+    page_link: Option<String>,
+}
+
+pub(crate) struct MessageView {
+    /// Its place in the conversation (citation anchors are `cite-{index}-{n}`).
+    index: usize,
+    role: String,
+    content: String,
+    segments: Vec<Segment>,
+    /// Said once per answer: how it was made.
+    mode_label: String,
+    withdrawn: bool,
+    citations: Vec<CitationView>,
+}
+
+pub(crate) struct ConversationLink {
+    id: String,
+    title: String,
+    current: bool,
+}
+
+pub(crate) struct CollectionOption {
+    id: String,
+    name: String,
 }
 
 #[derive(Template)]
@@ -188,25 +218,145 @@ struct AskPage {
     csrf: String,
     username: String,
     org: String,
-    question: String,
     conversation_id: Option<String>,
-    answer: Option<Vec<Segment>>,
-    mode: String,
-    citations: Vec<CitationView>,
+    title: String,
+    messages: Vec<MessageView>,
+    conversations: Vec<ConversationLink>,
+    collections: Vec<CollectionOption>,
+    chosen_collection: String,
 }
 
-pub(crate) async fn ask_form(PageUser(session): PageUser) -> Response {
+#[derive(Deserialize)]
+struct StoredMessage {
+    role: String,
+    content: String,
+    #[serde(default)]
+    citations: Vec<Citation>,
+    #[serde(default)]
+    withdrawn: bool,
+    #[serde(default)]
+    mode: String,
+}
+
+#[derive(Deserialize)]
+struct StoredConversation {
+    title: String,
+    messages: Vec<StoredMessage>,
+}
+
+#[derive(Deserialize)]
+struct ConversationSummary {
+    id: String,
+    title: String,
+}
+
+#[derive(Deserialize, Default)]
+pub(crate) struct AskQuery {
+    #[serde(default)]
+    collection: Option<String>,
+    /// Which answer the address points at (`#m{n}` scrolls to it); part of the address
+    /// so that each answer has its own.
+    #[serde(default)]
+    #[allow(dead_code)]
+    answer: Option<usize>,
+}
+
+fn mode_label(mode: &str) -> &'static str {
+    match mode {
+        "llm" => "Written by the language model from your documents",
+        "extractive" => "Quoted from your documents (no language model is configured)",
+        _ => "",
+    }
+}
+
+/// A citation's passage split around what the answer quoted.
+fn citation_view(message: usize, citation: &Citation, filename: &str) -> CitationView {
+    let (mut before, mut quoted, mut after) = (citation.text.clone(), String::new(), String::new());
+    if let Some(quote) = citation.quote.as_deref().filter(|q| !q.is_empty())
+        && let Some(at) = citation.text.find(quote)
+    {
+        before = citation.text[..at].to_string();
+        quoted = quote.to_string();
+        after = citation.text[at + quote.len()..].to_string();
+    }
+    let is_pdf = filename.to_lowercase().ends_with(".pdf");
+    CitationView {
+        n: citation.n,
+        anchor: format!("cite-{message}-{}", citation.n),
+        document_id: citation.document_id.clone(),
+        label: label(citation, filename),
+        before,
+        quoted,
+        after,
+        page_link: citation.page.filter(|_| is_pdf).map(|page| format!("/api/v1/documents/{}/content#page={page}", citation.document_id)),
+    }
+}
+
+async fn ask_page(app: &AppState, session: &crate::session::Session, conversation_id: Option<String>, collection: Option<String>) -> Response {
+    let principal = &session.principal;
+    let conversation = match &conversation_id {
+        Some(id) => {
+            if service::check_id(id).is_err() {
+                return page_not_found().await;
+            }
+            match app.ctx.peers.get_json::<StoredConversation>(ServiceName::Rag, &format!("/v1/conversations/{id}"), Some(principal)).await {
+                Ok(conversation) => Some(conversation),
+                Err(error) => return error_page(&error),
+            }
+        }
+        None => None,
+    };
+    let summaries: Vec<ConversationSummary> = app.ctx.peers.get_json(ServiceName::Rag, "/v1/conversations", Some(principal)).await.unwrap_or_default();
+    let collections = service::collections(app, principal).await.unwrap_or_default();
+    let mut filenames: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    let mut messages = Vec::new();
+    let title = conversation.as_ref().map(|c| c.title.clone()).unwrap_or_default();
+    for (i, message) in conversation.map(|c| c.messages).unwrap_or_default().into_iter().enumerate() {
+        let mut citations = Vec::with_capacity(message.citations.len());
+        for citation in &message.citations {
+            if !filenames.contains_key(&citation.document_id) {
+                let filename = match service::authorized_document(app, principal, &citation.document_id, "document:read_chunks").await {
+                    Ok(document) => document.filename,
+                    Err(_) => "a document".to_string(),
+                };
+                filenames.insert(citation.document_id.clone(), filename);
+            }
+            let filename = filenames.get(&citation.document_id).map(String::as_str).unwrap_or("a document");
+            citations.push(citation_view(i, citation, filename));
+        }
+        let cited: Vec<usize> = message.citations.iter().map(|c| c.n).collect();
+        messages.push(MessageView {
+            index: i,
+            segments: segments(&message.content, &cited),
+            mode_label: mode_label(&message.mode).to_string(),
+            role: message.role,
+            content: message.content,
+            withdrawn: message.withdrawn,
+            citations,
+        });
+    }
     let page = AskPage {
         csrf: session.csrf.clone(),
-        username: session.principal.username.clone(),
-        org: session.principal.org.clone(),
-        question: String::new(),
-        conversation_id: None,
-        answer: None,
-        mode: String::new(),
-        citations: vec![],
+        username: principal.username.clone(),
+        org: principal.org.clone(),
+        conversations: summaries.into_iter().map(|c| ConversationLink { current: Some(&c.id) == conversation_id.as_ref(), id: c.id, title: c.title }).collect(),
+        conversation_id,
+        title,
+        messages,
+        chosen_collection: collection.unwrap_or_default(),
+        collections: collections.into_iter().map(|c| CollectionOption { id: c.id, name: if c.personal { format!("{} (personal)", c.name) } else { c.name } }).collect(),
     };
     render(StatusCode::OK, page.render())
+}
+
+/// `GET /ask`: a new conversation.
+pub(crate) async fn ask_form(State(app): State<AppState>, PageUser(session): PageUser, axum::extract::Query(query): axum::extract::Query<AskQuery>) -> Response {
+    ask_page(&app, &session, None, query.collection).await
+}
+
+/// `GET /ask/{id}`: a conversation, every answer with its citations.
+pub(crate) async fn conversation(State(app): State<AppState>, PageUser(session): PageUser, Path(id): Path<String>, axum::extract::Query(query): axum::extract::Query<AskQuery>) -> Response {
+    ask_page(&app, &session, Some(id), query.collection).await
 }
 
 #[derive(Deserialize)]
@@ -215,6 +365,8 @@ pub(crate) struct AskForm {
     question: String,
     #[serde(default)]
     conversation_id: Option<String>,
+    #[serde(default)]
+    collection: Option<String>,
 }
 
 fn label(citation: &Citation, filename: &str) -> String {
@@ -228,34 +380,63 @@ fn label(citation: &Citation, filename: &str) -> String {
     label
 }
 
+fn see_other(location: &str) -> Response {
+    let mut response = Redirect::to(location).into_response();
+    *response.status_mut() = StatusCode::SEE_OTHER;
+    response
+}
+
+/// `POST /ask` (the form without script): asks, then redirects to the conversation, so
+/// every answer has its own address and Back never resubmits.
 pub(crate) async fn ask(State(app): State<AppState>, PageUser(session): PageUser, axum::Form(form): axum::Form<AskForm>) -> Response {
     if !common::rand::constant_time_eq(form.csrf.as_bytes(), session.csrf.as_bytes()) {
         return error_page(&ApiError::forbidden("auth.csrf", "the form expired; reload the page and try again"));
     }
-    let request = AskRequest { question: form.question.clone(), collections: None, conversation_id: form.conversation_id.filter(|c| !c.is_empty()) };
-    let answer = match service::ask(&app, &session.principal, &request).await {
-        Ok(answer) => answer,
-        Err(error) => return error_page(&error),
-    };
-    let mut citations = Vec::with_capacity(answer.citations.len());
-    for citation in &answer.citations {
-        let filename = match service::authorized_document(&app, &session.principal, &citation.document_id, "document:read_chunks").await {
-            Ok(document) => document.filename,
-            Err(_) => "a document".to_string(),
-        };
-        citations.push(CitationView { n: citation.n, document_id: citation.document_id.clone(), label: label(citation, &filename), text: citation.text.clone() });
+    let collections = form.collection.filter(|c| !c.is_empty()).map(|c| vec![c]);
+    let request = AskRequest { question: form.question.clone(), collections, conversation_id: form.conversation_id.filter(|c| !c.is_empty()), history: vec![] };
+    match service::ask(&app, &session.principal, &request).await {
+        Ok(answer) => see_other(&format!("/ask/{}#latest", answer.conversation_id)),
+        Err(error) => error_page(&error),
     }
-    let page = AskPage {
-        csrf: session.csrf.clone(),
-        username: session.principal.username.clone(),
-        org: session.principal.org.clone(),
-        question: form.question,
-        conversation_id: Some(answer.conversation_id.clone()),
-        answer: Some(segments(&answer.answer, answer.citations.len())),
-        mode: answer.mode.clone(),
-        citations,
-    };
-    render(StatusCode::OK, page.render())
+}
+
+#[derive(Deserialize)]
+pub(crate) struct RenameForm {
+    csrf: String,
+    title: String,
+}
+
+/// `POST /ask/{id}/rename`.
+pub(crate) async fn rename_conversation(State(app): State<AppState>, PageUser(session): PageUser, Path(id): Path<String>, axum::Form(form): axum::Form<RenameForm>) -> Response {
+    if !common::rand::constant_time_eq(form.csrf.as_bytes(), session.csrf.as_bytes()) {
+        return error_page(&ApiError::forbidden("auth.csrf", "the form expired; reload the page and try again"));
+    }
+    if service::check_id(&id).is_err() {
+        return page_not_found().await;
+    }
+    let renamed = async {
+        let builder = app.ctx.peers.request(ServiceName::Rag, reqwest::Method::PATCH, &format!("/v1/conversations/{id}"), Some(&session.principal)).await?.json(&serde_json::json!({"title": form.title}));
+        app.ctx.peers.send(ServiceName::Rag, builder).await
+    }
+    .await;
+    match renamed {
+        Ok(_) => see_other(&format!("/ask/{id}")),
+        Err(error) => error_page(&error),
+    }
+}
+
+/// `POST /ask/{id}/delete`.
+pub(crate) async fn delete_conversation(State(app): State<AppState>, PageUser(session): PageUser, Path(id): Path<String>, axum::Form(form): axum::Form<CsrfForm>) -> Response {
+    if !common::rand::constant_time_eq(form.csrf.as_bytes(), session.csrf.as_bytes()) {
+        return error_page(&ApiError::forbidden("auth.csrf", "the form expired; reload the page and try again"));
+    }
+    if service::check_id(&id).is_err() {
+        return page_not_found().await;
+    }
+    match app.ctx.peers.delete(ServiceName::Rag, &format!("/v1/conversations/{id}"), Some(&session.principal)).await {
+        Ok(()) => see_other("/ask"),
+        Err(error) => error_page(&error),
+    }
 }
 
 #[derive(Template)]
@@ -441,7 +622,7 @@ mod tests {
 
     #[test]
     fn citation_markers_become_links_only_when_they_exist() {
-        let parts = segments("See [1] and [2], not [9] or [x].", 2);
+        let parts = segments("See [1] and [2], not [9] or [x].", &[1, 2]);
         let cites: Vec<_> = parts.iter().filter_map(|s| s.cite).collect();
         assert_eq!(cites, [1, 2]);
         let text: String = parts.iter().map(|s| s.text.as_str()).collect();

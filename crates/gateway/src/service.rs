@@ -166,6 +166,29 @@ pub(crate) async fn ask(app: &AppState, principal: &Principal, request: &AskRequ
     app.ctx.peers.post_json(ServiceName::Rag, "/v1/ask", Some(principal), request).await
 }
 
+/// The answer as rag streams it (`delta` events, then `citations` or `error`). Dropping
+/// the stream closes the connection to rag, which stops the model's work.
+pub(crate) async fn ask_stream(
+    app: &AppState,
+    principal: &Principal,
+    request: &AskRequest,
+) -> Result<impl futures_util::Stream<Item = Result<common::sse::SseEvent, common::sse::StreamError>> + Send + 'static, ApiError> {
+    if let Some(id) = &request.conversation_id {
+        check_id(id).map_err(|_| ApiError::not_found("rag.conversation_not_found", "no such conversation"))?;
+    }
+    let timeout = std::time::Duration::from_secs(app.ctx.config.llm.timeout_secs.saturating_mul(2).max(120));
+    let builder = app
+        .ctx
+        .peers
+        .request(ServiceName::Rag, reqwest::Method::POST, "/v1/ask", Some(principal))
+        .await?
+        .header(reqwest::header::ACCEPT, "text/event-stream")
+        .timeout(timeout)
+        .json(request);
+    let response = app.ctx.peers.send(ServiceName::Rag, builder).await?;
+    Ok(common::sse::events(response.bytes_stream()))
+}
+
 async fn personal_collection(app: &AppState, principal: &Principal) -> Result<String, ApiError> {
     collections(app, principal)
         .await?

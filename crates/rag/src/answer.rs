@@ -1,55 +1,250 @@
-//! The extractive answer: the best passages of the best hits, quoted, each with a
-//! numbered citation. Used when no language model is configured, and labelled as such.
-//! Pure functions, no IO.
+//! The extractive answer (the default without a language model): the sentences across
+//! the top hits that best answer the question, quoted exactly as the documents have
+//! them, each followed by its source and a numbered citation; or "not in your
+//! documents" when retrieval found nothing related. Pure functions, no IO.
+//!
+//! A sentence's score: the question's content words it holds, each weighted by how rare
+//! it is among the retrieved sentences (so "port" in "What port does it listen on?"
+//! counts more than a word every passage has), plus a little for what an answer looks
+//! like (a number when the question asks for one, the asked term being defined), plus
+//! the retriever's rank. The best sentence is quoted with its neighbours while they fit,
+//! since the fact is often the sentence after the one that names the topic.
 
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+
+use common::text::content_terms;
 use common::wire::{Citation, SearchHit};
 
-const NOTHING_FOUND: &str = "I could not find anything about this in the documents you can access.";
+pub(crate) const NOT_FOUND: &str = "I could not find this in the documents you can read, so I will not guess. Try other words, or check that the document that answers it is uploaded and shared with you.";
 
-fn words(text: &str) -> Vec<String> {
-    text.split(|c: char| !c.is_alphanumeric())
-        .filter(|w| w.len() > 2)
-        .map(str::to_lowercase)
-        .collect()
+/// How far a quote grows around its best sentence.
+const QUOTE_CHARS: usize = 360;
+/// Quotes in one answer.
+const MAX_QUOTES: usize = 3;
+/// Later quotes must score at least this share of the best one.
+const SECOND_QUOTE_SHARE: f32 = 0.6;
+
+/// When the retrieved text is judged too weak to answer from.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Grounding {
+    pub(crate) min_similarity: f32,
+    pub(crate) min_coverage: f32,
 }
 
-/// The sentence window of `text` that shares the most words with the question.
-pub(crate) fn best_passage(text: &str, question: &str, max_chars: usize) -> String {
-    let wanted = words(question);
-    let sentences: Vec<&str> = text.split_inclusive(['.', '?', '!', '\n']).map(str::trim).filter(|s| !s.is_empty()).collect();
-    if sentences.is_empty() {
-        return String::new();
+/// An answer built without a model.
+#[derive(Debug)]
+pub(crate) struct Extracted {
+    pub(crate) text: String,
+    pub(crate) citations: Vec<Citation>,
+    pub(crate) not_found: bool,
+}
+
+/// One sentence of one hit: where it is in the hit's text, and its content words.
+struct Sentence {
+    hit: usize,
+    range: Range<usize>,
+    terms: HashSet<String>,
+}
+
+/// Byte ranges of the sentences of `text`. A sentence ends at `.`, `?` or `!` followed
+/// by white space and not by a lower-case letter, unless the word before is an
+/// abbreviation or an initial ("e.g.", "Fig.", "J."); and at a line break after a line
+/// that ends a thought (punctuation, a short line: a heading, list item or code) or
+/// before a bullet. A dot inside a token ("postgresql.conf", "0.0.0.0", "24.3.1") never
+/// ends one, so quotes keep the document's text as it is.
+pub(crate) fn sentences(text: &str) -> Vec<Range<usize>> {
+    const ABBREVIATIONS: [&str; 16] = ["e.g", "i.e", "etc", "vs", "cf", "fig", "no", "dr", "mr", "mrs", "ms", "st", "approx", "eq", "sec", "al"];
+    let mut out = Vec::new();
+    let mut start = 0;
+    let bytes = text.as_bytes();
+    let mut line_start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let mut end_here = None;
+        if b == b'\n' {
+            let line = text[line_start..i].trim();
+            let next_line = text[i + 1..].trim_start_matches([' ', '\t']);
+            let blank_next = next_line.starts_with('\n') || next_line.is_empty();
+            let ends_thought = line.ends_with(['.', '?', '!', ':', ';']) || line.chars().count() < 60;
+            let bullet_next = next_line.starts_with(['•', '-', '*', '–', '·']) || next_line.split_once(['.', ')']).is_some_and(|(n, _)| !n.is_empty() && n.len() <= 3 && n.bytes().all(|d| d.is_ascii_digit()));
+            if blank_next || ends_thought || bullet_next {
+                end_here = Some(i);
+            }
+            line_start = i + 1;
+        } else if matches!(b, b'.' | b'?' | b'!') {
+            let after = &text[i + 1..];
+            let followed_by_space = after.is_empty() || after.starts_with(|c: char| c.is_whitespace());
+            if followed_by_space {
+                let next = after.trim_start().chars().next();
+                let word_before = text[start..i].rsplit(|c: char| c.is_whitespace() || c == '(').next().unwrap_or("").to_lowercase();
+                let abbreviation = b == b'.' && (ABBREVIATIONS.contains(&word_before.trim_end_matches('.')) || (word_before.chars().count() == 1 && word_before.chars().all(char::is_alphabetic)));
+                let lower_next = next.is_some_and(char::is_lowercase);
+                if !abbreviation && !lower_next {
+                    end_here = Some(i + 1);
+                }
+            }
+        }
+        if let Some(end) = end_here {
+            push_trimmed(text, start..end, &mut out);
+            start = end;
+        }
+        i += 1;
     }
-    let score = |s: &str| words(s).iter().filter(|w| wanted.contains(w)).count();
-    let best = (0..sentences.len()).max_by_key(|&i| (score(sentences[i]), usize::MAX - i)).unwrap_or(0);
-    let mut passage = sentences[best].to_string();
-    // Grow forward while it fits, so the passage reads as a whole thought.
-    for next in sentences.iter().skip(best + 1) {
-        if passage.len() + next.len() + 1 > max_chars {
+    push_trimmed(text, start..text.len(), &mut out);
+    out
+}
+
+fn push_trimmed(text: &str, range: Range<usize>, out: &mut Vec<Range<usize>>) {
+    let slice = &text[range.clone()];
+    let lead = slice.len() - slice.trim_start().len();
+    let trimmed = slice.trim();
+    if trimmed.chars().any(char::is_alphanumeric) {
+        out.push(range.start + lead..range.start + lead + trimmed.len());
+    }
+}
+
+/// The question asks for a number (a port, a size, a limit, a year, a version …).
+fn wants_number(question: &str) -> bool {
+    let q = question.to_lowercase();
+    ["how many", "how much", "how long", "how large", "how big", "how often", "what port", "which port", "port", "default", "maximum", "minimum", "limit", "size", "version", "number", "year", "when", "timeout", "percent"]
+        .iter()
+        .any(|cue| q.contains(cue))
+}
+
+fn has_digit(text: &str) -> bool {
+    text.bytes().any(|b| b.is_ascii_digit())
+}
+
+/// The sentence defines one of the question's terms ("X is …", "X sets …", "X: …").
+fn defines(sentence: &str, wanted: &HashSet<String>) -> bool {
+    let words: Vec<String> = common::text::words(sentence).take(8).collect();
+    words.windows(2).any(|pair| {
+        wanted.contains(&common::text::stem(&pair[0])) && matches!(pair[1].as_str(), "is" | "are" | "means" | "refers" | "sets" | "controls" | "specifies" | "determines" | "returns" | "defaults")
+    }) || sentence.split_once(':').is_some_and(|(head, _)| head.len() < 40 && content_terms(head).iter().any(|t| wanted.contains(t)))
+}
+
+/// Whitespace runs (a line break inside a sentence) as one space; the words untouched.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Where a quote comes from, as a reader names it: section (or title) and page.
+fn source_label(hit: &SearchHit) -> String {
+    let mut label = hit.section.clone().filter(|s| !s.trim().is_empty()).or_else(|| hit.title.clone()).unwrap_or_default();
+    if let (Some(title), Some(section)) = (&hit.title, &hit.section)
+        && !section.contains(title.as_str())
+        && !title.trim().is_empty()
+    {
+        label = format!("{title} › {section}");
+    }
+    if let Some(page) = hit.page {
+        label = if label.is_empty() { format!("page {page}") } else { format!("{label}, page {page}") };
+    }
+    one_line(&label)
+}
+
+/// Whether retrieval found anything related to the question: the best hit's similarity
+/// when vectors ranked it, else (or also) the share of the question's words the best
+/// passage holds.
+fn grounded(best_coverage: f32, hits: &[SearchHit], grounding: Grounding) -> bool {
+    let similarity = hits.iter().filter_map(|h| h.similarity).fold(None, |best: Option<f32>, s| Some(best.map_or(s, |b| b.max(s))));
+    match similarity {
+        Some(similarity) => similarity >= grounding.min_similarity || best_coverage >= grounding.min_coverage.max(0.75),
+        None => best_coverage >= grounding.min_coverage,
+    }
+}
+
+/// Builds the answer and its citations from ranked `hits` (best first).
+pub(crate) fn extractive(question: &str, hits: &[SearchHit], max_citations: usize, grounding: Grounding) -> Extracted {
+    let not_found = || Extracted { text: NOT_FOUND.to_string(), citations: vec![], not_found: true };
+    let wanted: HashSet<String> = content_terms(question).into_iter().collect();
+    if hits.is_empty() || wanted.is_empty() {
+        return not_found();
+    }
+    let all: Vec<Sentence> = hits
+        .iter()
+        .enumerate()
+        .flat_map(|(hit, h)| sentences(&h.text).into_iter().map(move |range| (hit, range)))
+        .map(|(hit, range)| {
+            let terms = content_terms(&hits[hit].text[range.clone()]).into_iter().collect();
+            Sentence { hit, range, terms }
+        })
+        .collect();
+    // Rarity among the retrieved sentences; a question word found nowhere weighs most.
+    let n = all.len().max(1) as f32;
+    let mut df: HashMap<&str, usize> = HashMap::new();
+    for sentence in &all {
+        for term in wanted.iter().filter(|t| sentence.terms.contains(*t)) {
+            *df.entry(term.as_str()).or_default() += 1;
+        }
+    }
+    let weight = |term: &str| (1.0 + n / (1.0 + df.get(term).copied().unwrap_or(0) as f32)).ln();
+    let total: f32 = wanted.iter().map(|t| weight(t)).sum::<f32>().max(f32::EPSILON);
+    let coverage = |terms: &HashSet<String>| wanted.iter().filter(|t| terms.contains(*t)).map(|t| weight(t)).sum::<f32>() / total;
+    // A passage's coverage: the hit's words as a whole (a heading may name the topic and
+    // the next sentence hold the fact).
+    let hit_terms: Vec<HashSet<String>> = hits.iter().map(|h| content_terms(&format!("{} {} {}", h.title.as_deref().unwrap_or(""), h.section.as_deref().unwrap_or(""), h.text)).into_iter().collect()).collect();
+    let hit_coverage: Vec<f32> = hit_terms.iter().map(coverage).collect();
+    let best_coverage = hit_coverage.iter().copied().fold(0.0, f32::max);
+    if !grounded(best_coverage, hits, grounding) {
+        return not_found();
+    }
+    let numeric = wants_number(question);
+    let scored: Vec<(usize, f32)> = all
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let text = &hits[s.hit].text[s.range.clone()];
+            let mut score = coverage(&s.terms) + 0.35 * hit_coverage[s.hit] + 0.25 / (1.0 + 0.5 * s.hit as f32);
+            if numeric && has_digit(text) {
+                score += 0.15;
+            }
+            if defines(text, &wanted) {
+                score += 0.15;
+            }
+            if text.chars().count() < 25 {
+                score *= 0.6;
+            }
+            (i, score)
+        })
+        .collect();
+    let mut order: Vec<(usize, f32)> = scored.clone();
+    order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let Some(&(_, best_score)) = order.first() else { return not_found() };
+    // (sentence indexes quoted, score), at most one quote per hit.
+    let mut quotes: Vec<(Range<usize>, usize)> = Vec::new();
+    let mut used_hits: HashSet<usize> = HashSet::new();
+    for &(i, score) in &order {
+        if quotes.len() >= MAX_QUOTES.min(max_citations.max(1)) || (!quotes.is_empty() && score < SECOND_QUOTE_SHARE * best_score) {
             break;
         }
-        passage.push(' ');
-        passage.push_str(next);
+        if used_hits.contains(&all[i].hit) || coverage(&all[i].terms) == 0.0 && hit_coverage[all[i].hit] < 0.5 {
+            continue;
+        }
+        used_hits.insert(all[i].hit);
+        quotes.push((window(&all, i, &hits[all[i].hit].text), all[i].hit));
     }
-    if passage.len() > max_chars {
-        let cut = (0..=max_chars).rev().find(|i| passage.is_char_boundary(*i)).unwrap_or(0);
-        passage.truncate(cut);
-        passage.push('…');
+    if quotes.is_empty() {
+        return not_found();
     }
-    passage
-}
-
-/// Builds the answer text and its citations from ranked hits.
-pub(crate) fn extractive(question: &str, hits: &[SearchHit], max_citations: usize) -> (String, Vec<Citation>) {
-    if hits.is_empty() {
-        return (NOTHING_FOUND.to_string(), vec![]);
-    }
-    let mut answer = String::from("From your documents (extractive answer — no language model is configured):\n");
+    let mut text = String::new();
     let mut citations = Vec::new();
-    for hit in hits.iter().take(max_citations) {
+    for (range, hit_index) in quotes {
+        let hit = &hits[hit_index];
         let n = citations.len() + 1;
-        let passage = best_passage(&hit.text, question, 400);
-        answer.push_str(&format!("\n[{n}] {passage}\n"));
+        let quoted = &hit.text[range.clone()];
+        let mut line = format!("“{}”", one_line(quoted));
+        let label = source_label(hit);
+        if !label.is_empty() {
+            line.push_str(&format!(" — {label}"));
+        }
+        line.push_str(&format!(" [{n}]"));
+        if !text.is_empty() {
+            text.push_str("\n\n");
+        }
+        text.push_str(&line);
         citations.push(Citation {
             n,
             document_id: hit.document_id.clone(),
@@ -57,9 +252,43 @@ pub(crate) fn extractive(question: &str, hits: &[SearchHit], max_citations: usiz
             text: hit.text.clone(),
             page: hit.page,
             section: hit.section.clone(),
+            title: hit.title.clone(),
+            quote: Some(quoted.to_string()),
         });
     }
-    (answer, citations)
+    Extracted { text, citations, not_found: false }
+}
+
+/// The byte range quoted around sentence `best`: the sentence before it when that is a
+/// short lead-in (a heading, "For example:"), then following sentences of the same hit
+/// while the quote stays within [`QUOTE_CHARS`]. A single sentence longer than that is
+/// cut at a word boundary (marked with "…" by the caller's formatting).
+fn window(all: &[Sentence], best: usize, text: &str) -> Range<usize> {
+    let hit = all[best].hit;
+    let mut range = all[best].range.clone();
+    if best > 0 && all[best - 1].hit == hit {
+        let previous = &text[all[best - 1].range.clone()];
+        if previous.chars().count() < 80 && (previous.ends_with(':') || !previous.ends_with('.')) {
+            range.start = all[best - 1].range.start;
+        }
+    }
+    let mut next = best + 1;
+    while next < all.len() && all[next].hit == hit && all[next].range.end - range.start <= QUOTE_CHARS {
+        range.end = all[next].range.end;
+        next += 1;
+    }
+    if range.end - range.start > QUOTE_CHARS * 2 {
+        let mut cut = range.start + QUOTE_CHARS * 2;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let at_space = text[range.start..cut].rfind(char::is_whitespace).map_or(cut, |p| range.start + p);
+        range.end = at_space.max(range.start + 1);
+        while !text.is_char_boundary(range.end) {
+            range.end += 1;
+        }
+    }
+    range
 }
 
 #[cfg(test)]
@@ -67,31 +296,106 @@ pub(crate) fn extractive(question: &str, hits: &[SearchHit], max_citations: usiz
 mod tests {
     use super::*;
 
+    const OPEN: Grounding = Grounding { min_similarity: 0.25, min_coverage: 0.5 };
+
     fn hit(id: &str, text: &str) -> SearchHit {
-        SearchHit { document_id: "d".into(), chunk_id: id.into(), collection_id: "c".into(), score: 1.0, text: text.into(), classification: "internal".into(), page: Some(3), section: None, snippet: None, title: None }
+        SearchHit {
+            document_id: format!("doc-{id}"),
+            chunk_id: id.into(),
+            collection_id: "c".into(),
+            score: 1.0,
+            text: text.into(),
+            classification: "internal".into(),
+            page: Some(3),
+            section: Some("Connections".into()),
+            snippet: None,
+            title: Some("Server manual".into()),
+            similarity: None,
+        }
+    }
+
+    fn quoted(text: &str, ranges: &[Range<usize>]) -> Vec<String> {
+        ranges.iter().map(|r| text[r.clone()].to_string()).collect()
     }
 
     #[test]
-    fn quotes_the_sentence_that_answers_and_cites_it() {
-        let hits = [hit("c1", "Lunch is at noon. The launch code is tangerine-42. Parking is free.")];
-        let (answer, citations) = extractive("what is the launch code", &hits, 3);
-        assert!(answer.contains("[1] The launch code is tangerine-42."), "{answer}");
-        assert_eq!(citations.len(), 1);
-        assert_eq!(citations[0].chunk_id, "c1");
-        assert_eq!(citations[0].page, Some(3));
+    fn sentences_keep_dotted_tokens_and_abbreviations_whole() {
+        let text = "Edit postgresql.conf and set listen_addresses to 0.0.0.0 (see Section 24.3.1). It takes effect e.g. after a restart. Done!";
+        assert_eq!(
+            quoted(text, &sentences(text)),
+            ["Edit postgresql.conf and set listen_addresses to 0.0.0.0 (see Section 24.3.1).", "It takes effect e.g. after a restart.", "Done!"]
+        );
+    }
+
+    #[test]
+    fn headings_and_list_items_are_their_own_sentences_but_wrapped_lines_are_not() {
+        let text = "Connection settings\nThe server listens on port 5432 unless the\nport setting says otherwise.\n- max_connections: 100\n- timeout: 30 s";
+        assert_eq!(
+            quoted(text, &sentences(text)),
+            ["Connection settings", "The server listens on port 5432 unless the\nport setting says otherwise.", "- max_connections: 100", "- timeout: 30 s"]
+        );
+    }
+
+    #[test]
+    fn quotes_the_sentence_holding_the_fact_exactly_with_its_source() {
+        let hits = [
+            hit("c1", "Lunch is served at noon in the main hall. The server listens on TCP port 5432 by default; change it with the port setting in postgresql.conf. Parking is free."),
+            hit("c2", "The server keeps its data in the data directory."),
+        ];
+        let answer = extractive("Which port does the server listen on by default?", &hits, 4, OPEN);
+        assert!(!answer.not_found);
+        assert!(answer.text.starts_with("“The server listens on TCP port 5432 by default; change it with the port setting in postgresql.conf."), "{}", answer.text);
+        assert!(answer.text.contains("— Server manual › Connections, page 3 [1]"), "{}", answer.text);
+        assert_eq!(answer.citations[0].chunk_id, "c1");
+        assert!(answer.citations[0].quote.as_deref().unwrap().contains("port 5432"));
+    }
+
+    #[test]
+    fn the_fact_after_a_naming_sentence_is_quoted_with_it() {
+        let hits = [hit("c1", "How to count words\nUse a Counter. Counter is a dict subclass for counting hashable objects, for example words in a list.")];
+        let answer = extractive("How do I count how often each word occurs?", &hits, 4, OPEN);
+        assert!(answer.text.contains("Counter is a dict subclass"), "{}", answer.text);
+    }
+
+    #[test]
+    fn an_unrelated_question_is_not_answered_from_whatever_was_retrieved() {
+        let mut hits = vec![hit("c1", "The server listens on TCP port 5432 by default."), hit("c2", "Backups are taken with pg_dump every night.")];
+        let answer = extractive("Who won the 2018 World Cup?", &hits, 4, OPEN);
+        assert!(answer.not_found, "{}", answer.text);
+        assert_eq!(answer.text, NOT_FOUND);
+        assert!(answer.citations.is_empty());
+        // With embeddings, a low similarity says the same even when a word matches.
+        for h in &mut hits {
+            h.similarity = Some(0.08);
+        }
+        hits[0].text = "The world's servers listen on port 5432.".into();
+        assert!(extractive("Who won the 2018 World Cup?", &hits, 4, OPEN).not_found);
+        // And a related one is answered.
+        hits[0].similarity = Some(0.61);
+        assert!(!extractive("Which port do servers listen on?", &hits, 4, OPEN).not_found);
     }
 
     #[test]
     fn says_so_when_nothing_is_found() {
-        let (answer, citations) = extractive("anything", &[], 3);
-        assert_eq!(answer, NOTHING_FOUND);
-        assert!(citations.is_empty());
+        let answer = extractive("anything at all", &[], 3, OPEN);
+        assert!(answer.not_found);
+        assert!(answer.citations.is_empty());
     }
 
     #[test]
-    fn citations_are_capped_and_numbered_in_order() {
-        let hits: Vec<_> = (0..6).map(|i| hit(&format!("c{i}"), "Some text.")).collect();
-        let (_, citations) = extractive("text", &hits, 4);
-        assert_eq!(citations.iter().map(|c| c.n).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    fn quotes_are_capped_numbered_in_order_and_one_per_passage() {
+        let hits: Vec<_> = (0..6).map(|i| hit(&format!("c{i}"), &format!("The backup tool number {i} copies the data directory. Backup runs nightly."))).collect();
+        let answer = extractive("How does the backup tool copy the data directory?", &hits, 2, OPEN);
+        assert_eq!(answer.citations.iter().map(|c| c.n).collect::<Vec<_>>(), [1, 2]);
+        assert_ne!(answer.citations[0].chunk_id, answer.citations[1].chunk_id);
+        assert!(answer.text.contains("[1]") && answer.text.contains("[2]") && !answer.text.contains("[3]"));
+    }
+
+    #[test]
+    fn a_long_sentence_is_cut_at_a_word_on_a_char_boundary() {
+        let long = format!("The port setting {} ends here.", "é".repeat(900));
+        let hits = [hit("c1", &long)];
+        let answer = extractive("port setting", &hits, 4, OPEN);
+        assert!(answer.citations[0].quote.as_ref().unwrap().len() <= QUOTE_CHARS * 2);
     }
 }

@@ -1,59 +1,59 @@
 //! rag — question answering over the documents a user may read.
 //!
-//! Flow: authz ("collections this principal may read_chunks") → search (filtered to
-//! exactly those) → every hit re-checked against that set → answer (extractive until a
-//! model provider is configured) → conversation stored → `rag.asked` audit event.
-//! Public surface: `run`. Invariant: no text reaches an answer or citation unless its
-//! collection was in the authz answer for this request.
+//! Flow: the conversation (its recent turns make a follow-up stand alone) → search
+//! (which asks authz for the readable collections, filters to exactly those and
+//! re-checks every hit) → the answer: written by the configured model from numbered
+//! passages, streamed, every `[n]` checked against those passages; or extracted (quoted
+//! sentences) without one; or "not in your documents" when retrieval found nothing
+//! related → the exchange stored → `rag.asked` audit event.
+//! Modules: `answer` (extractive), `context` (packing, prompt, citation checks), `llm`
+//! (the model client), `service` (the flow), `store` (conversations).
+//! Invariant: no text reaches an answer or citation unless it was retrieved for this
+//! request from the collections authz allowed; a citation is never a passage the answer
+//! did not cite.
 
 mod answer;
+mod context;
+mod llm;
+mod service;
+mod store;
 
+use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Router, middleware};
-use serde::Serialize;
-use sqlx::{Row, SqlitePool};
+use futures_util::StreamExt;
+use serde::Deserialize;
 use tokio::net::TcpListener;
 
 use common::error::{ApiResult, Json};
 use common::server::ActingUser;
-use common::wire::{Answer, AskRequest, Principal, ReadableCollections, SearchQuery, SearchResults};
-use common::{ApiError, ServiceContext, ServiceName, now_unix, rfc3339};
+use common::wire::{ASK_EVENT_ANSWER, ASK_EVENT_DELTA, ASK_EVENT_ERROR, AnswerDelta, AskRequest, Principal, ReadableCollections};
+use common::{ApiError, ServiceContext, ServiceName, rfc3339};
 
-const MIGRATIONS: &[&str] = &[r#"
-CREATE TABLE conversations (
-    id TEXT PRIMARY KEY,
-    user_id TEXT NOT NULL,
-    title TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
-);
-CREATE INDEX conversations_user ON conversations(user_id, updated_at);
-CREATE TABLE messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-    role TEXT NOT NULL,
-    content TEXT NOT NULL,
-    citations TEXT NOT NULL DEFAULT '[]',
-    created_at INTEGER NOT NULL
-);
-"#];
+use service::{AskEvent, Rag};
+use store::Store;
 
-#[derive(Clone)]
-struct AppState {
-    ctx: ServiceContext,
-    pool: SqlitePool,
-}
+type AppState = Arc<Rag>;
 
 /// Runs the rag service on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
-    let pool = common::db::open_migrated(&ctx.config.db_path(ServiceName::Rag), MIGRATIONS).await?;
-    let state = AppState { ctx: ctx.clone(), pool };
+    let store = Store::open(&ctx.config.db_path(ServiceName::Rag)).await?;
+    let llm = llm::Llm::from_config(&ctx.config.llm)?;
+    match &llm {
+        Some(llm) => tracing::info!("{}", llm.describe()),
+        None => tracing::info!("no language model is configured (llm.provider: none): answers quote the documents"),
+    }
+    let state: AppState = Arc::new(Rag { ctx: ctx.clone(), store, llm });
     let routes = Router::new()
         .route("/v1/ask", post(ask))
         .route("/v1/conversations", get(list_conversations))
-        .route("/v1/conversations/{id}", get(get_conversation).delete(delete_conversation))
+        .route("/v1/conversations/{id}", get(get_conversation).patch(rename_conversation).delete(delete_conversation))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
         .with_state(state);
     let router = common::server::service_router(&ctx, routes, common::server::always_ready()).fallback(common::server::not_found);
@@ -64,88 +64,32 @@ async fn readable(ctx: &ServiceContext, principal: &Principal) -> ApiResult<Read
     ctx.peers.post_json(ServiceName::Authz, "/v1/readable", Some(principal), &serde_json::json!({"action": "document:read_chunks"})).await
 }
 
-async fn ask(State(state): State<AppState>, ActingUser(principal): ActingUser, Json(request): Json<AskRequest>) -> ApiResult<Json<Answer>> {
-    let question = request.question.trim().to_string();
-    if question.is_empty() || question.chars().count() > 4000 {
-        return Err(ApiError::bad_request("rag.invalid_question", "questions are 1 to 4000 characters"));
+fn wants_sse(headers: &HeaderMap) -> bool {
+    headers.get(axum::http::header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"))
+}
+
+/// `POST /v1/ask`: the answer as JSON, or (`Accept: text/event-stream`) as SSE:
+/// `delta` events, then `citations` (the whole answer) or `error` (a problem).
+async fn ask(State(rag): State<AppState>, ActingUser(principal): ActingUser, headers: HeaderMap, Json(request): Json<AskRequest>) -> ApiResult<Response> {
+    if !wants_sse(&headers) {
+        return Ok(Json(rag.ask_whole(principal, request).await?).into_response());
     }
-    let conversation_id = match &request.conversation_id {
-        Some(id) => {
-            let owner: Option<String> = sqlx::query_scalar("SELECT user_id FROM conversations WHERE id = ?").bind(id).fetch_optional(&state.pool).await?;
-            if owner.as_deref() != Some(principal.sub.as_str()) {
-                return Err(ApiError::not_found("rag.conversation_not_found", "no such conversation"));
+    let events = rag.ask(principal, request).await?.map(|event| {
+        let event = match event {
+            AskEvent::Delta(text) => Event::default().event(ASK_EVENT_DELTA).data(serde_json::to_string(&AnswerDelta { text }).unwrap_or_default()),
+            AskEvent::Done(answer) => Event::default().event(ASK_EVENT_ANSWER).data(serde_json::to_string(&answer).unwrap_or_default()),
+            AskEvent::Failed(error) => {
+                error.log();
+                Event::default().event(ASK_EVENT_ERROR).data(serde_json::to_string(&error.problem()).unwrap_or_default())
             }
-            id.clone()
-        }
-        None => {
-            let id = uuid::Uuid::now_v7().to_string();
-            let title: String = question.chars().take(80).collect();
-            sqlx::query("INSERT INTO conversations (id, user_id, title, created_at, updated_at) VALUES (?, ?, ?, ?, ?)")
-                .bind(&id)
-                .bind(&principal.sub)
-                .bind(title)
-                .bind(now_unix())
-                .bind(now_unix())
-                .execute(&state.pool)
-                .await?;
-            id
-        }
-    };
-    let config = &state.ctx.config.rag;
-    // The one authorized retrieval path: search asks authz, filters, re-checks.
-    let query = SearchQuery { query: question.clone(), k: config.top_k, collections: request.collections.clone(), mode: None, full_text: true, rerank: None };
-    let results: SearchResults = state.ctx.peers.post_json(ServiceName::Search, "/v1/search", Some(&principal), &query).await?;
-    let hits = results.hits;
-    let (text, citations) = answer::extractive(&question, &hits, config.max_citations);
-    let mut tx = common::db::begin_write(&state.pool).await?;
-    for (role, content, cited) in [("user", question.as_str(), "[]".to_string()), ("assistant", text.as_str(), serde_json::to_string(&citations).unwrap_or_default())] {
-        sqlx::query("INSERT INTO messages (conversation_id, role, content, citations, created_at) VALUES (?, ?, ?, ?, ?)")
-            .bind(&conversation_id)
-            .bind(role)
-            .bind(content)
-            .bind(cited)
-            .bind(now_unix())
-            .execute(&mut *tx)
-            .await?;
-    }
-    sqlx::query("UPDATE conversations SET updated_at = ? WHERE id = ?").bind(now_unix()).bind(&conversation_id).execute(&mut *tx).await?;
-    tx.commit().await?;
-    let recorded_question = if config.audit_question == "plain" { question.clone() } else { common::rand::sha256_hex(question.as_bytes()) };
-    state
-        .ctx
-        .audit(
-            &principal.sub,
-            "rag.asked",
-            &format!("conversation:{conversation_id}"),
-            "success",
-            serde_json::json!({
-                "question": recorded_question,
-                "question_form": config.audit_question,
-                "cited_chunks": citations.iter().map(|c| c.chunk_id.clone()).collect::<Vec<_>>(),
-            }),
-        )
-        .await;
-    metrics::counter!("echo_rag_questions_total", "mode" => "extractive").increment(1);
-    Ok(Json(Answer { answer: text, citations, conversation_id, mode: "extractive".into() }))
+        };
+        Ok::<_, Infallible>(event)
+    });
+    Ok(Sse::new(events).into_response())
 }
 
-#[derive(Serialize)]
-struct ConversationSummary {
-    id: String,
-    title: String,
-    updated_at: String,
-}
-
-async fn list_conversations(State(state): State<AppState>, ActingUser(principal): ActingUser) -> ApiResult<Json<Vec<ConversationSummary>>> {
-    let rows = sqlx::query("SELECT id, title, updated_at FROM conversations WHERE user_id = ? ORDER BY updated_at DESC LIMIT 200")
-        .bind(&principal.sub)
-        .fetch_all(&state.pool)
-        .await?;
-    let list = rows
-        .iter()
-        .map(|r| Ok(ConversationSummary { id: r.try_get("id")?, title: r.try_get("title")?, updated_at: rfc3339(r.try_get("updated_at")?) }))
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    Ok(Json(list))
+async fn list_conversations(State(rag): State<AppState>, ActingUser(principal): ActingUser) -> ApiResult<Json<Vec<store::ConversationSummary>>> {
+    Ok(Json(rag.store.list(&principal.sub).await?))
 }
 
 /// What an assistant message says in the history when it quoted a document the reader
@@ -155,28 +99,13 @@ const WITHDRAWN: &str = "This answer quoted documents you can no longer read, so
 /// A conversation as its owner may see it now: every cited document is checked again
 /// (it must still exist and be readable at its classification); an answer that quoted
 /// any that is not is withdrawn, and only the citations still readable are shown.
-async fn get_conversation(State(state): State<AppState>, ActingUser(principal): ActingUser, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
-    let title: Option<String> = sqlx::query_scalar("SELECT title FROM conversations WHERE id = ? AND user_id = ?")
-        .bind(&id)
-        .bind(&principal.sub)
-        .fetch_optional(&state.pool)
-        .await?;
-    let title = title.ok_or_else(|| ApiError::not_found("rag.conversation_not_found", "no such conversation"))?;
-    let rows = sqlx::query("SELECT role, content, citations, created_at FROM messages WHERE conversation_id = ? ORDER BY id LIMIT 1000")
-        .bind(&id)
-        .fetch_all(&state.pool)
-        .await?;
-    let mut stored = Vec::with_capacity(rows.len());
-    for r in &rows {
-        let citations: String = r.try_get("citations")?;
-        let citations: Vec<common::wire::Citation> = serde_json::from_str(&citations).unwrap_or_default();
-        stored.push((r.try_get::<String, _>("role")?, r.try_get::<String, _>("content")?, citations, r.try_get::<i64, _>("created_at")?));
-    }
-    let readable = readable(&state.ctx, &principal).await?;
+async fn get_conversation(State(rag): State<AppState>, ActingUser(principal): ActingUser, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    let (title, stored) = rag.store.get(&principal.sub, &id).await?.ok_or_else(|| ApiError::not_found("rag.conversation_not_found", "no such conversation"))?;
+    let readable = readable(&rag.ctx, &principal).await?;
     let mut verdicts: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
     let mut cited: Vec<String> = Vec::new();
-    for (_, _, citations, _) in &stored {
-        for citation in citations {
+    for message in &stored {
+        for citation in &message.citations {
             if !cited.contains(&citation.document_id) {
                 cited.push(citation.document_id.clone());
             }
@@ -184,7 +113,7 @@ async fn get_conversation(State(state): State<AppState>, ActingUser(principal): 
     }
     for document_id in cited {
         let path = format!("/v1/documents/{}", common::client::encode(&document_id));
-        let allowed = match state.ctx.peers.get_json::<common::wire::Document>(ServiceName::Ingest, &path, Some(&principal)).await {
+        let allowed = match rag.ctx.peers.get_json::<common::wire::Document>(ServiceName::Ingest, &path, Some(&principal)).await {
             Ok(document) => readable.allows(&document.collection, &document.classification),
             Err(error) if error.kind == common::ErrorKind::NotFound => false,
             Err(error) => return Err(error),
@@ -193,26 +122,44 @@ async fn get_conversation(State(state): State<AppState>, ActingUser(principal): 
     }
     let messages: Vec<serde_json::Value> = stored
         .into_iter()
-        .map(|(role, content, citations, created_at)| {
-            let withdrawn = citations.iter().any(|c| !verdicts.get(&c.document_id).copied().unwrap_or(false));
-            let citations: Vec<&common::wire::Citation> = citations.iter().filter(|c| verdicts.get(&c.document_id).copied().unwrap_or(false)).collect();
+        .map(|message| {
+            let withdrawn = message.citations.iter().any(|c| !verdicts.get(&c.document_id).copied().unwrap_or(false));
+            let citations: Vec<&common::wire::Citation> = message.citations.iter().filter(|c| verdicts.get(&c.document_id).copied().unwrap_or(false)).collect();
             serde_json::json!({
-                "role": role,
-                "content": if withdrawn { WITHDRAWN.to_string() } else { content },
+                "role": message.role,
+                "content": if withdrawn { WITHDRAWN.to_string() } else { message.content },
                 "citations": citations,
                 "withdrawn": withdrawn,
-                "created_at": rfc3339(created_at),
+                "mode": message.mode,
+                "not_found": message.not_found,
+                "created_at": rfc3339(message.created_at),
             })
         })
         .collect();
     Ok(Json(serde_json::json!({"id": id, "title": title, "messages": messages})))
 }
 
-async fn delete_conversation(State(state): State<AppState>, ActingUser(principal): ActingUser, Path(id): Path<String>) -> ApiResult<axum::http::StatusCode> {
-    let done = sqlx::query("DELETE FROM conversations WHERE id = ? AND user_id = ?").bind(&id).bind(&principal.sub).execute(&state.pool).await?;
-    if done.rows_affected() == 0 {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rename {
+    title: String,
+}
+
+/// `PATCH /v1/conversations/{id} {"title"}`.
+async fn rename_conversation(State(rag): State<AppState>, ActingUser(principal): ActingUser, Path(id): Path<String>, Json(body): Json<Rename>) -> ApiResult<Json<serde_json::Value>> {
+    let title = body.title.split_whitespace().collect::<Vec<_>>().join(" ");
+    if title.is_empty() || title.chars().count() > store::MAX_TITLE {
+        return Err(ApiError::bad_request("rag.invalid_title", format!("a title is 1 to {} characters", store::MAX_TITLE)));
+    }
+    if !rag.store.rename(&principal.sub, &id, &title).await? {
+        return Err(ApiError::not_found("rag.conversation_not_found", "no such conversation"));
+    }
+    Ok(Json(serde_json::json!({"id": id, "title": title})))
+}
+
+async fn delete_conversation(State(rag): State<AppState>, ActingUser(principal): ActingUser, Path(id): Path<String>) -> ApiResult<axum::http::StatusCode> {
+    if !rag.store.delete(&principal.sub, &id).await? {
         return Err(ApiError::not_found("rag.conversation_not_found", "no such conversation"));
     }
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
-

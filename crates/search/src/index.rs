@@ -402,8 +402,8 @@ impl ChunkIndex {
         // Fusion reads each list deep; one ranking alone needs only a margin for the
         // duplicates that collapse.
         let depth = if vector.is_some() { request.fusion.candidates.max(k) } else { (2 * k).min(request.fusion.candidates.max(k)) };
-        // (chunk id) → fused score, and what is known to fetch the hit.
-        let mut fused: HashMap<String, (f32, Option<DocAddress>)> = HashMap::new();
+        // (chunk id) → fused score, what is known to fetch the hit, its cosine similarity.
+        let mut fused: HashMap<String, (f32, Option<DocAddress>, Option<f32>)> = HashMap::new();
         if request.mode != SearchMode::Vector
             && let Some((query, _)) = &queries
         {
@@ -418,20 +418,21 @@ impl ChunkIndex {
                     None => format!("{}:{}", address.segment_ord, address.doc_id),
                 };
                 let contribution = if vector.is_some() { weight / (request.fusion.rrf_k + rank as f32 + 1.0) } else { score };
-                let entry = fused.entry(chunk_id).or_insert((0.0, Some(address)));
+                let entry = fused.entry(chunk_id).or_insert((0.0, Some(address), None));
                 entry.0 += contribution;
             }
         }
         if let Some(vector) = vector {
             let table = self.vectors.read().map_err(|_| IndexError::Poisoned)?;
             let weight = request.fusion.vector_weight;
-            for (rank, (_, row)) in table.nearest(vector, collections, restricted, depth).into_iter().enumerate() {
+            for (rank, (similarity, row)) in table.nearest(vector, collections, restricted, depth).into_iter().enumerate() {
                 let contribution = if request.mode == SearchMode::Vector { 1.0 / (rank as f32 + 1.0) } else { weight / (request.fusion.rrf_k + rank as f32 + 1.0) };
-                let entry = fused.entry(row.chunk_id.to_string()).or_insert((0.0, None));
+                let entry = fused.entry(row.chunk_id.to_string()).or_insert((0.0, None, None));
                 entry.0 += contribution;
+                entry.2 = Some(similarity);
             }
         }
-        let mut ranked: Vec<(String, f32, Option<DocAddress>)> = fused.into_iter().map(|(id, (score, address))| (id, score, address)).collect();
+        let mut ranked: Vec<(String, f32, Option<DocAddress>, Option<f32>)> = fused.into_iter().map(|(id, (score, address, similarity))| (id, score, address, similarity)).collect();
         ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         let snippets = match &queries {
             Some((_, text_only)) => {
@@ -443,7 +444,7 @@ impl ChunkIndex {
         };
         let mut hits = Vec::with_capacity(k);
         let mut seen_texts: HashSet<u64> = HashSet::new();
-        for (chunk_id, score, address) in ranked {
+        for (chunk_id, score, address, similarity) in ranked {
             if hits.len() >= k {
                 break;
             }
@@ -455,7 +456,8 @@ impl ChunkIndex {
                 },
             };
             let doc: TantivyDocument = searcher.doc(address)?;
-            let hit = self.hit_of(&doc, score, snippets.as_ref());
+            let mut hit = self.hit_of(&doc, score, snippets.as_ref());
+            hit.similarity = similarity;
             // Defence in depth: the filter is in both rankings, and every hit is re-checked.
             let allowed = collections.contains(&hit.collection_id) && restricted.get(&hit.collection_id).is_none_or(|classes| classes.contains(&hit.classification));
             // The same text in several places (a repeated paragraph, an included page) once.
@@ -503,6 +505,7 @@ impl ChunkIndex {
             title: text_of(self.fields.title),
             snippet,
             text,
+            similarity: None,
         }
     }
 
@@ -548,27 +551,11 @@ fn marked(fragment: &str, highlighted: &[std::ops::Range<usize>]) -> String {
 /// A search's BM25 query over every field, and the same over the text alone (for snippets).
 type TextQueries = (Box<dyn Query>, Box<dyn Query>);
 
-/// English stop words left out of queries: NLTK's English list without its negated
-/// contractions (close to the English list LlamaIndex's BM25 retriever drops). Questions in plain
-/// words are mostly these ("how do I …", "what can you …"), and kept, they matched the
-/// many headings phrased as questions ("How do I …?" in a FAQ) above the pages that
-/// answer.
-const STOP_WORDS: [&str; 134] = [
-    "i", "me", "my", "myself", "we", "our", "ours", "ourselves", "you", "your", "yours", "yourself", "yourselves", "he", "him", "his", "himself",
-    "she", "her", "hers", "herself", "it", "its", "itself", "they", "them", "their", "theirs", "themselves", "what", "which", "who", "whom", "this",
-    "that", "these", "those", "am", "is", "are", "was", "were", "be", "been", "being", "have", "has", "had", "having", "do", "does", "did", "doing",
-    "a", "an", "the", "and", "but", "if", "or", "because", "as", "until", "while", "of", "at", "by", "for", "with", "about", "against", "between",
-    "into", "through", "during", "before", "after", "above", "below", "to", "from", "up", "down", "in", "out", "on", "off", "over", "under", "again",
-    "further", "then", "once", "here", "there", "when", "where", "why", "how", "all", "any", "both", "each", "few", "more", "most", "other", "some",
-    "such", "no", "nor", "not", "only", "own", "same", "so", "than", "too", "very", "s", "t", "can", "will", "just", "don", "should", "now", "d",
-    "ll", "m", "o", "re", "ve", "y",
-];
-
 /// `query` without its stop words (words are runs of letters, digits and `_`).
 fn without_stop_words(query: &str) -> String {
     query
         .split(|c: char| !(c.is_alphanumeric() || c == '_'))
-        .filter(|word| !word.is_empty() && !STOP_WORDS.contains(&word.to_lowercase().as_str()))
+        .filter(|word| !word.is_empty() && !common::text::is_stop_word(word))
         .collect::<Vec<_>>()
         .join(" ")
 }

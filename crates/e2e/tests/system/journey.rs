@@ -390,10 +390,15 @@ async fn the_browser_signs_in_through_identity_and_writes_need_the_csrf_token() 
         page.contains("class=\"status status-done\"").then_some(())
     })
     .await;
+    // POST → redirect → GET: the answer has its own address, and Back never resubmits.
     let answer = ts.http.post(format!("{}/ask", ts.gateway())).header("cookie", &session).form(&[("csrf", csrf.as_str()), ("question", "What is the launch code?")]).send().await.unwrap();
-    let html = answer.text().await.unwrap();
-    assert!(html.contains("href=\"#cite-1\""), "{html}");
-    assert!(html.contains("tangerine-42"));
+    assert_eq!(answer.status(), StatusCode::SEE_OTHER);
+    let location = answer.headers()["location"].to_str().unwrap().to_string();
+    assert!(location.starts_with("/ask/") && location.ends_with("#latest"), "{location}");
+    let html = ts.http.get(format!("{}{}", ts.gateway(), location.trim_end_matches("#latest"))).header("cookie", &session).send().await.unwrap().text().await.unwrap();
+    assert!(html.contains("href=\"#cite-1-1\""), "{html}");
+    assert!(html.contains("<mark>") && html.contains("tangerine-42"), "the quoted words are highlighted in the passage");
+    assert_eq!(html.matches("Quoted from your documents").count(), 1, "the mode is said once");
     let forged = ts.http.post(format!("{}/ask", ts.gateway())).header("cookie", &session).form(&[("csrf", "forged"), ("question", "x")]).send().await.unwrap();
     assert_eq!(forged.status(), StatusCode::FORBIDDEN);
     assert!(forged.text().await.unwrap().contains("<html"), "browsers get an HTML error page");

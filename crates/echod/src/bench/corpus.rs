@@ -17,6 +17,9 @@ use serde::Deserialize;
 struct EvalFile {
     packages: Vec<Package>,
     questions: Vec<Question>,
+    /// Questions the corpus does not answer ("not in your documents" expected).
+    #[serde(default)]
+    off_topic: Vec<String>,
 }
 
 #[derive(Clone, Deserialize)]
@@ -49,6 +52,7 @@ pub(crate) struct EvalSet {
     /// Paths relative to `dir`, sorted.
     pub(crate) files: Vec<String>,
     pub(crate) questions: Vec<Question>,
+    pub(crate) off_topic: Vec<String>,
 }
 
 /// A gold target: a file, or one page of it.
@@ -83,7 +87,7 @@ pub(crate) fn load_eval(path: &Path, cache: &Path) -> anyhow::Result<EvalSet> {
         build_corpus(&eval.packages, cache, &dir)?;
     }
     let files = list_files(&dir)?;
-    Ok(EvalSet { name, dir, files, questions: eval.questions })
+    Ok(EvalSet { name, dir, files, questions: eval.questions, off_topic: eval.off_topic })
 }
 
 fn build_corpus(packages: &[Package], cache: &Path, dir: &Path) -> anyhow::Result<()> {
@@ -243,7 +247,7 @@ pub(crate) fn load_beir(dir: &Path, cache: &Path, limit: usize) -> anyhow::Resul
         }
     }
     let files = list_files(&out)?;
-    Ok(EvalSet { name, dir: out, files, questions })
+    Ok(EvalSet { name, dir: out, files, questions, off_topic: vec![] })
 }
 
 #[cfg(test)]

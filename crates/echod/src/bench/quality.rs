@@ -54,6 +54,8 @@ struct Ranked {
     page: Option<u32>,
     #[serde(default)]
     text: String,
+    #[serde(default)]
+    chunk: Option<String>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -225,8 +227,77 @@ impl Echo {
                 file: hit["document_id"].as_str().and_then(|id| ids.get(id)).cloned(),
                 page: hit["page"].as_u64().map(|p| p as u32),
                 text: hit["text"].as_str().unwrap_or_default().to_string(),
+                chunk: hit["chunk_id"].as_str().map(str::to_string),
             })
             .collect())
+    }
+
+    async fn ask(&self, question: &str) -> anyhow::Result<serde_json::Value> {
+        let response = self.http.post(format!("{}/api/v1/ask", self.gateway)).bearer_auth(&self.token).json(&serde_json::json!({"question": question})).send().await?;
+        let status = response.status();
+        let answer: serde_json::Value = response.json().await?;
+        anyhow::ensure!(status.is_success(), "ask failed: {status} {answer}");
+        Ok(answer)
+    }
+}
+
+/// How Echo's answers fare: the asked-for fact in the answer's text, a citation of a
+/// gold file or page, every citation a retrieved chunk, and "not in your documents"
+/// where (and only where) the corpus does not answer.
+#[derive(Default)]
+struct AnswerScores {
+    n: usize,
+    with_answers: usize,
+    fact: usize,
+    cites_gold: usize,
+    wrongly_not_found: usize,
+    citations: usize,
+    citations_retrieved: usize,
+    off_topic: usize,
+    off_topic_refused: usize,
+    chars: usize,
+    mode: String,
+}
+
+impl AnswerScores {
+    fn add(&mut self, question: &Question, answer: &serde_json::Value, retrieved: &[Ranked], ids: &HashMap<String, String>) {
+        self.n += 1;
+        self.mode = answer["mode"].as_str().unwrap_or_default().to_string();
+        let text = answer["answer"].as_str().unwrap_or_default();
+        self.chars += text.chars().count();
+        if !question.answers.is_empty() {
+            self.with_answers += 1;
+            let lower = text.to_lowercase();
+            if question.answers.iter().any(|a| lower.contains(&a.to_lowercase())) {
+                self.fact += 1;
+            }
+        }
+        if answer["not_found"].as_bool().unwrap_or(false) {
+            self.wrongly_not_found += 1;
+        }
+        let targets: Vec<Target> = question.gold.iter().map(|g| Target::parse(g)).collect();
+        let citations = answer["citations"].as_array().cloned().unwrap_or_default();
+        let gold_cited = citations.iter().any(|c| {
+            let file = c["document_id"].as_str().and_then(|id| ids.get(id));
+            let page = c["page"].as_u64().map(|p| p as u32);
+            file.is_some_and(|file| targets.iter().any(|t| t.matches(file, page)))
+        });
+        if gold_cited {
+            self.cites_gold += 1;
+        }
+        for citation in &citations {
+            self.citations += 1;
+            if retrieved.iter().any(|r| r.chunk.as_deref() == citation["chunk_id"].as_str()) {
+                self.citations_retrieved += 1;
+            }
+        }
+    }
+
+    fn add_off_topic(&mut self, answer: &serde_json::Value) {
+        self.off_topic += 1;
+        if answer["not_found"].as_bool().unwrap_or(false) && answer["citations"].as_array().is_none_or(Vec::is_empty) {
+            self.off_topic_refused += 1;
+        }
     }
 }
 
@@ -319,6 +390,26 @@ pub async fn run(args: QualityArgs) -> anyhow::Result<()> {
         println!("  echo-{mode}: {per_query:.1} ms per search through the gateway (first asks embed the query)");
         systems.push((format!("echo-{mode}"), lists));
     }
+    // Answers: the whole ask path, as a user meets it, beside the retrieval it rests on.
+    let mut answers = AnswerScores::default();
+    let mut answer_rows: Vec<(usize, bool)> = Vec::new();
+    let top_k = echo.system.config.rag.top_k;
+    let started = Instant::now();
+    for question in &set.questions {
+        let answer = echo.ask(&question.q).await?;
+        let body = serde_json::json!({"query": question.q, "k": top_k, "mode": "hybrid", "full_text": true});
+        let response = echo.http.post(format!("{}/api/v1/search", echo.gateway)).bearer_auth(&echo.token).json(&body).send().await?;
+        let hits: serde_json::Value = response.json().await?;
+        let retrieved: Vec<Ranked> = hits["hits"].as_array().cloned().unwrap_or_default().iter().map(|h| Ranked { file: None, page: None, text: String::new(), chunk: h["chunk_id"].as_str().map(str::to_string) }).collect();
+        let before = answers.fact;
+        answers.add(question, &answer, &retrieved, &ids);
+        answer_rows.push((answers.n - 1, answers.fact > before));
+    }
+    for question in &set.off_topic {
+        let answer = echo.ask(question).await?;
+        answers.add_off_topic(&answer);
+    }
+    let per_ask = started.elapsed().as_secs_f64() * 1000.0 / (set.questions.len() + set.off_topic.len()).max(1) as f64;
     echo.system.stop().await;
 
     if args.baselines {
@@ -361,6 +452,28 @@ pub async fn run(args: QualityArgs) -> anyhow::Result<()> {
             println!("{}", scores.line(name));
         }
     }
+    println!();
+    println!("answers ({} mode, {per_ask:.0} ms per ask through the gateway)", answers.mode);
+    println!("| measure | Echo | baseline: the first hit's text |");
+    println!("|---|---|---|");
+    let first_hit_fact = systems.iter().find(|(name, _)| name == "llamaindex-fusion").map(|(_, lists)| {
+        set.questions
+            .iter()
+            .enumerate()
+            .filter(|(i, q)| !q.answers.is_empty() && lists.get(*i).and_then(|l| l.first()).is_some_and(|hit| q.answers.iter().any(|a| hit.text.to_lowercase().contains(&a.to_lowercase()))))
+            .count()
+    });
+    let baseline = first_hit_fact.map_or("not run".to_string(), |n| format!("{n}/{} (LlamaIndex fusion top-1 chunk)", answers.with_answers));
+    println!("| fact in the answer | {}/{} | {baseline} |", answers.fact, answers.with_answers);
+    println!("| cites a gold file/page | {}/{} | |", answers.cites_gold, answers.n);
+    println!("| citations that are retrieved chunks | {}/{} | |", answers.citations_retrieved, answers.citations);
+    println!("| answered \"not in your documents\" though the corpus answers | {}/{} | |", answers.wrongly_not_found, answers.n);
+    println!("| off-topic questions refused with no citation | {}/{} | |", answers.off_topic_refused, answers.off_topic);
+    println!("| mean answer length (chars) | {:.0} | |", answers.chars as f64 / answers.n.max(1) as f64);
+    let missed: Vec<String> = answer_rows.iter().filter(|(_, hit)| !hit).filter_map(|(i, _)| set.questions.get(*i)).filter(|q| !q.answers.is_empty()).map(|q| q.q.chars().take(60).collect()).collect();
+    if !missed.is_empty() {
+        eprintln!("  facts missed: {missed:#?}");
+    }
     if let Some(out) = &args.out {
         let dump: BTreeMap<&str, Vec<Vec<serde_json::Value>>> = systems
             .iter()
@@ -383,7 +496,7 @@ mod tests {
     }
 
     fn hit(file: &str, page: Option<u32>, text: &str) -> Ranked {
-        Ranked { file: Some(file.into()), page, text: text.into() }
+        Ranked { file: Some(file.into()), page, text: text.into(), chunk: None }
     }
 
     #[test]

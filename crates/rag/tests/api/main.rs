@@ -11,7 +11,7 @@ async fn with_nothing_readable_it_says_so_and_keeps_the_conversation() {
     let echo = TestEcho::start().await;
     let peers = echo.peers_as(ServiceName::Gateway);
     let ann = Principal { sub: "ann".into(), username: "ann".into(), org: "acme".into(), roles: vec![] };
-    let request = AskRequest { question: "What is the launch code?".into(), collections: None, conversation_id: None };
+    let request = AskRequest { question: "What is the launch code?".into(), collections: None, conversation_id: None, history: vec![] };
     let answer: Answer = peers.post_json(ServiceName::Rag, "/v1/ask", Some(&ann), &request).await.unwrap();
     assert_eq!(answer.mode, "extractive");
     assert!(answer.citations.is_empty());
@@ -21,7 +21,7 @@ async fn with_nothing_readable_it_says_so_and_keeps_the_conversation() {
     let bob = Principal { sub: "bob".into(), ..ann.clone() };
     let hidden = peers.get_json::<serde_json::Value>(ServiceName::Rag, &format!("/v1/conversations/{}", answer.conversation_id), Some(&bob)).await.unwrap_err();
     assert_eq!(hidden.code, "rag.conversation_not_found");
-    let empty = AskRequest { question: "   ".into(), collections: None, conversation_id: None };
+    let empty = AskRequest { question: "   ".into(), collections: None, conversation_id: None, history: vec![] };
     assert_eq!(peers.post_json::<_, Answer>(ServiceName::Rag, "/v1/ask", Some(&ann), &empty).await.unwrap_err().code, "rag.invalid_question");
     echo.stop().await;
 }

@@ -358,6 +358,16 @@ pub struct ParserConfig {
     pub max_input_bytes: usize,
     pub timeout_secs: u64,
     pub max_output_chars: usize,
+    /// `process` (default): extraction runs in `echod parse-worker` child processes that
+    /// the time limit kills; `thread`: in this process (a runaway parser then keeps its
+    /// thread busy after its job failed).
+    pub isolation: String,
+    /// Parse workers at once (0: one per core).
+    pub workers: usize,
+    /// Each worker's address-space limit.
+    pub max_memory_mb: u64,
+    /// The program whose `parse-worker` command extracts (default: this `echod`).
+    pub worker_program: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -595,7 +605,15 @@ impl Default for StorageConfig {
 
 impl Default for ParserConfig {
     fn default() -> Self {
-        ParserConfig { max_input_bytes: 50 * 1024 * 1024, timeout_secs: 60, max_output_chars: 20_000_000 }
+        ParserConfig {
+            max_input_bytes: 50 * 1024 * 1024,
+            timeout_secs: 60,
+            max_output_chars: 20_000_000,
+            isolation: "process".into(),
+            workers: 0,
+            max_memory_mb: 2048,
+            worker_program: None,
+        }
     }
 }
 
@@ -714,6 +732,12 @@ impl EchoConfig {
         }
         if self.ingest.chunk_chars < 200 || self.ingest.chunk_overlap_chars >= self.ingest.chunk_chars / 2 {
             return invalid("ingest.chunk_chars", "must be at least 200 and more than twice chunk_overlap_chars");
+        }
+        if !matches!(self.parser.isolation.as_str(), "process" | "thread") {
+            return invalid("parser.isolation", "must be `process` or `thread`");
+        }
+        if self.parser.workers > 64 || self.parser.max_memory_mb < 128 {
+            return invalid("parser.workers", "must be at most 64, with max_memory_mb at least 128");
         }
         if self.ingest.workers == 0 || self.ingest.workers > 64 {
             return invalid("ingest.workers", "must be between 1 and 64");

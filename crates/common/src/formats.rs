@@ -25,6 +25,11 @@ impl Format {
         }
     }
 
+    /// The format `as_str` names.
+    pub fn parse(name: &str) -> Option<Format> {
+        [Format::Text, Format::Markdown, Format::Html, Format::Pdf].into_iter().find(|f| f.as_str() == name)
+    }
+
     pub fn content_type(self) -> &'static str {
         match self {
             Format::Text => "text/plain",

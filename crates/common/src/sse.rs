@@ -72,7 +72,9 @@ where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
     E: std::fmt::Display,
 {
-    let state = (Box::pin(lines(body)), String::new(), Vec::<String>::new());
+    // Fused: the last event is yielded after the lines ended, and the next poll must not
+    // poll them again.
+    let state = (Box::pin(lines(body).fuse()), String::new(), Vec::<String>::new());
     futures_util::stream::unfold(state, |(mut lines, mut event, mut data)| async move {
         loop {
             match lines.next().await {

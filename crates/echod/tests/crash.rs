@@ -441,3 +441,71 @@ async fn killing_a_consumer_leaves_every_event_recorded_exactly_once() {
     kill9(&mut queue).await;
     kill9(&mut identity).await;
 }
+
+// The parser's worker processes: a time limit that stops the work, a crash that costs
+// one file.
+
+/// CPU seconds (user + system) used so far by this process's `parse-worker` children.
+fn parse_worker_cpu_seconds() -> f64 {
+    let me = std::process::id().to_string();
+    let ticks = 100.0; // USER_HZ on Linux
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        if !String::from_utf8_lossy(&cmdline).contains("parse-worker") {
+            continue;
+        }
+        // Fields after the command name's closing parenthesis: state ppid … utime stime.
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(1) != Some(&me.as_str()) {
+            continue;
+        }
+        let utime: f64 = fields[11].parse().unwrap_or(0.0);
+        let stime: f64 = fields[12].parse().unwrap_or(0.0);
+        total += (utime + stime) / ticks;
+    }
+    total
+}
+
+fn worker_pool(memory_mb: u64) -> parser::isolate::Pool {
+    let command = parser::isolate::WorkerCommand { program: PathBuf::from(env!("CARGO_BIN_EXE_echod")), memory_mb };
+    parser::isolate::Pool::new(command, 2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_parse_time_limit_kills_the_work_and_the_next_file_parses() {
+    // Deeply nested markup: far more work than the limit allows.
+    let html = format!("<html><body>{}</body></html>", "<div><p>nested paragraph text</p>".repeat(100_000));
+    let pool = worker_pool(2048);
+    let started = Instant::now();
+    let outcome = pool.extract(parser::Format::Html, html.as_bytes(), 1_000_000, Duration::from_millis(300)).await;
+    let elapsed = started.elapsed();
+    assert_eq!(outcome.unwrap_err(), parser::ParseError::Timeout(300));
+    assert!(elapsed < Duration::from_secs(3), "the limit answered after {elapsed:?}");
+    // Nothing keeps working on the abandoned file.
+    let before = parse_worker_cpu_seconds();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let burnt = parse_worker_cpu_seconds() - before;
+    assert!(burnt < 0.2, "parse workers used {burnt:.2} s of CPU in the second after the time limit");
+    let parsed = pool.extract(parser::Format::Markdown, b"# Next\n\nThe next file parses.", 1_000_000, Duration::from_secs(10)).await.unwrap();
+    assert!(parsed.blocks[0].text.contains("The next file parses."));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_exhausts_the_memory_limit_costs_that_file_alone() {
+    // A 32 MB page of tiny paragraphs: its DOM needs far more than 512 MB.
+    let html = format!("<html><body>{}</body></html>", "<p>x</p>".repeat(4_000_000));
+    let pool = worker_pool(512);
+    let error = pool.extract(parser::Format::Html, html.as_bytes(), 100_000_000, Duration::from_secs(120)).await.unwrap_err();
+    match error {
+        parser::ParseError::Corrupt(message) => assert!(message.contains("512 MB"), "{message}"),
+        other => panic!("expected a crash reported as such, got {other:?}"),
+    }
+    for round in 0..3 {
+        let text = format!("# Round {round}\n\nStill parsing after a worker died.");
+        let parsed = pool.extract(parser::Format::Markdown, text.as_bytes(), 1_000_000, Duration::from_secs(10)).await.unwrap();
+        assert!(parsed.blocks[0].text.contains("Still parsing"));
+    }
+}

@@ -60,13 +60,17 @@ async fn relay_once(ctx: &ServiceContext, store: &CatalogStore) -> Result<usize,
 }
 
 pub(crate) const SUBSCRIPTION: &str = "ingest-worker";
+/// The ingest worker's lease on a job.
+const LEASE_MS: i64 = 20_000;
 
 pub(crate) fn spawn_workers(ctx: ServiceContext, store: CatalogStore, ready: common::server::ReadyFlag) {
     tokio::spawn(async move {
         let spec = common::bus::SubscriptionSpec {
             topic: events::DOCUMENT_UPLOADED.into(),
             max_deliveries: Some(ctx.config.ingest.max_attempts),
-            lease_ms: Some(5 * 60 * 1000),
+            // Short, and kept alive while a job runs (the bus extends it every half
+            // lease): a job held by a killed process is redone within this of the kill.
+            lease_ms: Some(LEASE_MS),
             ordered: None,
         };
         if !ctx.bus.declare(SUBSCRIPTION, &spec, &ctx.shutdown).await {

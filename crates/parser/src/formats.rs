@@ -5,7 +5,7 @@
 use common::formats::Format;
 use common::wire::{ParsedDocument, TextBlock};
 
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, thiserror::Error, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ParseError {
     #[error("the file is empty")]
     Empty,
@@ -21,7 +21,8 @@ pub enum ParseError {
     NoText,
     #[error("the file is larger than the limit of {0} bytes")]
     TooLarge(usize),
-    #[error("extraction took longer than {0} seconds")]
+    /// The limit, in milliseconds.
+    #[error("extraction took longer than its limit of {} s", *.0 as f64 / 1000.0)]
     Timeout(u64),
 }
 
@@ -38,8 +39,8 @@ pub fn extract(format: Format, bytes: &[u8]) -> Result<ParsedDocument, ParseErro
             (blocks, None, title)
         }
         Format::Html => {
-            let text = utf8(bytes)?;
-            (html(text), None, html_title(text))
+            let (blocks, title) = html(utf8(bytes)?);
+            (blocks, None, title)
         }
         Format::Pdf => {
             let blocks = pdf(bytes)?;
@@ -131,16 +132,6 @@ fn markdown(text: &str) -> Vec<TextBlock> {
     blocks
 }
 
-/// The `<title>` of an HTML page, whitespace collapsed.
-fn html_title(text: &str) -> Option<String> {
-    use scraper::{Html, Selector};
-    let document = Html::parse_document(text);
-    let selector = Selector::parse("title").ok()?;
-    let title = document.select(&selector).next()?.text().collect::<String>();
-    let title = title.split_whitespace().collect::<Vec<_>>().join(" ");
-    (!title.is_empty()).then(|| title.chars().take(300).collect())
-}
-
 /// Page furniture that is not the page's content: navigation, headers and footers,
 /// side bars (HTML5 elements, ARIA roles, and the class names documentation
 /// generators such as Sphinx use).
@@ -155,18 +146,35 @@ fn is_furniture(element: &scraper::ElementRef<'_>) -> bool {
     value.classes().any(|class| matches!(class, "related" | "sphinxsidebar" | "footer" | "breadcrumbs" | "navbar" | "headerlink"))
 }
 
-fn html(text: &str) -> Vec<TextBlock> {
-    use scraper::{Html, Selector};
+/// Block elements whose text becomes a paragraph (nested blocks count once, whole).
+const HTML_BLOCKS: [&str; 16] = ["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "blockquote", "td", "th", "dt", "dd", "figcaption", "caption"];
+
+/// One walk over the parsed page, in document order, with an explicit stack (nesting
+/// depth costs nothing): furniture is skipped whole, and a block's text is taken whole
+/// without descending into it, so each text node is read once.
+fn html(text: &str) -> (Vec<TextBlock>, Option<String>) {
+    use scraper::{ElementRef, Html};
     let document = Html::parse_document(text);
-    let block_names = ["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "blockquote", "td", "th", "dt", "dd", "figcaption", "caption"];
-    let Ok(selector) = Selector::parse(&block_names.join(", ")) else { return vec![] };
+    let mut title = None;
     let mut blocks: Vec<TextBlock> = Vec::new();
     let mut headings: Vec<(u8, String)> = Vec::new();
     let mut current = String::new();
-    for element in document.select(&selector) {
-        let ancestors: Vec<scraper::ElementRef<'_>> = element.ancestors().filter_map(scraper::ElementRef::wrap).collect();
-        let nested = ancestors.iter().any(|a| block_names.contains(&a.value().name()));
-        if nested || is_furniture(&element) || ancestors.iter().any(is_furniture) {
+    let mut stack = vec![*document.root_element()];
+    while let Some(node) = stack.pop() {
+        let Some(element) = ElementRef::wrap(node) else { continue };
+        let name = element.value().name();
+        if name == "title" && title.is_none() {
+            let text = element.text().collect::<String>();
+            let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            title = (!text.is_empty()).then(|| text.chars().take(300).collect());
+            continue;
+        }
+        if is_furniture(&element) {
+            continue;
+        }
+        if !HTML_BLOCKS.contains(&name) {
+            let children: Vec<_> = node.children().collect();
+            stack.extend(children.into_iter().rev());
             continue;
         }
         // Inline elements join as the browser shows them (`<code>os</code>.environ`
@@ -176,7 +184,6 @@ fn html(text: &str) -> Vec<TextBlock> {
         if content.is_empty() {
             continue;
         }
-        let name = element.value().name();
         if let Some(level) = name.strip_prefix('h').and_then(|l| l.parse::<u8>().ok()) {
             if !current.trim().is_empty() {
                 blocks.push(TextBlock { text: current.trim().to_string(), page: None, section: section_path(&headings) });
@@ -192,32 +199,93 @@ fn html(text: &str) -> Vec<TextBlock> {
     }
     if blocks.is_empty() {
         // No block elements: fall back to all visible body text.
-        if let Ok(body) = Selector::parse("body") {
+        if let Ok(body) = scraper::Selector::parse("body") {
             let text: String = document.select(&body).flat_map(|b| b.text()).collect::<Vec<_>>().join(" ");
             let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
             blocks.push(TextBlock { text, page: None, section: None });
         }
     }
-    blocks
+    (blocks, title)
+}
+
+/// The text one `PlainTextOutput` writes, shared with the page splitter around it.
+#[derive(Clone, Default)]
+struct SharedText(std::rc::Rc<std::cell::RefCell<String>>);
+
+impl std::fmt::Write for SharedText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.borrow_mut().push_str(s);
+        Ok(())
+    }
+}
+
+impl pdf_extract::ConvertToFmt for SharedText {
+    type Writer = SharedText;
+    fn convert(self) -> SharedText {
+        self
+    }
+}
+
+/// pdf-extract's plain-text output over the whole document in one pass, noting where
+/// each page starts (its per-page functions walk the page tree once per page: quadratic).
+struct PagedText {
+    text: SharedText,
+    inner: pdf_extract::PlainTextOutput<SharedText>,
+    starts: Vec<(u32, usize)>,
+}
+
+impl pdf_extract::OutputDev for PagedText {
+    fn begin_page(&mut self, page_num: u32, media_box: &pdf_extract::MediaBox, art_box: Option<(f64, f64, f64, f64)>) -> Result<(), pdf_extract::OutputError> {
+        self.starts.push((page_num, self.text.0.borrow().len()));
+        self.inner.begin_page(page_num, media_box, art_box)
+    }
+    fn end_page(&mut self) -> Result<(), pdf_extract::OutputError> {
+        self.inner.end_page()
+    }
+    fn output_character(&mut self, trm: &pdf_extract::Transform, width: f64, spacing: f64, font_size: f64, char: &str) -> Result<(), pdf_extract::OutputError> {
+        self.inner.output_character(trm, width, spacing, font_size, char)
+    }
+    fn begin_word(&mut self) -> Result<(), pdf_extract::OutputError> {
+        self.inner.begin_word()
+    }
+    fn end_word(&mut self) -> Result<(), pdf_extract::OutputError> {
+        self.inner.end_word()
+    }
+    fn end_line(&mut self) -> Result<(), pdf_extract::OutputError> {
+        self.inner.end_line()
+    }
+}
+
+fn pdf_error(error: impl std::fmt::Display) -> ParseError {
+    let message = error.to_string();
+    if message.to_ascii_lowercase().contains("encrypt") || message.to_ascii_lowercase().contains("password") {
+        ParseError::Encrypted
+    } else {
+        ParseError::Corrupt(message.chars().take(200).collect())
+    }
 }
 
 fn pdf(bytes: &[u8]) -> Result<Vec<TextBlock>, ParseError> {
     if !bytes.starts_with(b"%PDF-") {
         return Err(ParseError::Corrupt("missing the %PDF header".into()));
     }
-    let pages = pdf_extract::extract_text_from_mem_by_pages(bytes).map_err(|error| {
-        let message = error.to_string();
-        if message.to_ascii_lowercase().contains("encrypt") {
-            ParseError::Encrypted
-        } else {
-            ParseError::Corrupt(message.chars().take(200).collect())
-        }
-    })?;
-    Ok(pages
-        .into_iter()
-        .enumerate()
-        .map(|(idx, text)| TextBlock { text: text.trim().to_string(), page: Some(idx as u32 + 1), section: None })
-        .collect())
+    let mut document = pdf_extract::Document::load_mem(bytes).map_err(pdf_error)?;
+    if document.is_encrypted() {
+        // Readable without a password (an owner password only) or not at all.
+        document.decrypt("").map_err(|_| ParseError::Encrypted)?;
+    }
+    let text = SharedText::default();
+    let mut output = PagedText { text: text.clone(), inner: pdf_extract::PlainTextOutput::new(text.clone()), starts: Vec::new() };
+    pdf_extract::output_doc(&document, &mut output).map_err(pdf_error)?;
+    let PagedText { starts, inner, .. } = output;
+    drop(inner);
+    let text = text.0.take();
+    let mut blocks = Vec::with_capacity(starts.len());
+    for (i, &(page, start)) in starts.iter().enumerate() {
+        let end = starts.get(i + 1).map_or(text.len(), |&(_, next)| next);
+        blocks.push(TextBlock { text: text[start..end].trim().to_string(), page: Some(page), section: None });
+    }
+    Ok(blocks)
 }
 
 #[cfg(test)]

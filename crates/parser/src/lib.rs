@@ -1,10 +1,16 @@
 //! parser — text extraction with structure, as a pure library (`formats`) and a thin
 //! stateless HTTP service (`POST /v1/parse`).
 //!
-//! Invariants: every input is bounded in size and time; a panic inside a third-party
-//! parser is caught and reported as a corrupt file; nothing is written anywhere.
+//! Invariants: every input is bounded in size and time; extraction runs in child
+//! processes (`isolate`, `worker`) that the time limit kills and whose crash or memory
+//! exhaustion costs one file, never the service; a panic is reported as a corrupt file;
+//! nothing is written anywhere.
 
 mod formats;
+pub mod isolate;
+pub mod worker;
+
+use std::sync::Arc;
 
 use std::time::Duration;
 
@@ -46,29 +52,15 @@ pub async fn parse_bounded(bytes: Bytes, content_type: &str, filename: &str, max
     let format = detect(content_type, filename, &bytes[..bytes.len().min(8192)]).map_err(|e| ParseError::Unsupported(e.0))?;
     let task = tokio::task::spawn_blocking(move || std::panic::catch_unwind(|| extract(format, &bytes)));
     match tokio::time::timeout(timeout, task).await {
-        Err(_) => Err(ParseError::Timeout(timeout.as_secs())),
+        Err(_) => Err(ParseError::Timeout(timeout.as_millis() as u64)),
         Ok(Err(_)) | Ok(Ok(Err(_))) => Err(ParseError::Corrupt("the parser crashed on this file".into())),
         Ok(Ok(Ok(result))) => result,
     }
 }
 
-#[derive(Clone)]
-struct AppState {
-    config: common::config::ParserConfig,
-}
-
-#[derive(Deserialize)]
-struct ParseParams {
-    #[serde(default)]
-    content_type: String,
-    #[serde(default)]
-    filename: String,
-}
-
-async fn parse(State(state): State<AppState>, Query(params): Query<ParseParams>, body: Bytes) -> ApiResult<Json<ParsedDocument>> {
-    let timeout = Duration::from_secs(state.config.timeout_secs);
-    let mut parsed = parse_bounded(body, &params.content_type, &params.filename, state.config.max_input_bytes, timeout).await?;
-    let mut budget = state.config.max_output_chars;
+/// Cuts the extracted text to `max_chars` in all (whole characters, blocks in order).
+pub(crate) fn bound_output(parsed: &mut ParsedDocument, max_chars: usize) {
+    let mut budget = max_chars;
     parsed.blocks.retain_mut(|block| {
         if budget == 0 {
             return false;
@@ -80,13 +72,78 @@ async fn parse(State(state): State<AppState>, Query(params): Query<ParseParams>,
         budget -= block.text.len();
         true
     });
+}
+
+/// Where extraction runs.
+enum Extractor {
+    Isolated(isolate::Pool),
+    InProcess,
+}
+
+#[derive(Clone)]
+struct AppState {
+    config: common::config::ParserConfig,
+    extractor: Arc<Extractor>,
+}
+
+impl AppState {
+    async fn extract(&self, body: Bytes, content_type: &str, filename: &str) -> Result<ParsedDocument, ParseError> {
+        let config = &self.config;
+        let timeout = Duration::from_secs(config.timeout_secs);
+        match self.extractor.as_ref() {
+            Extractor::InProcess => {
+                let mut parsed = parse_bounded(body, content_type, filename, config.max_input_bytes, timeout).await?;
+                bound_output(&mut parsed, config.max_output_chars);
+                Ok(parsed)
+            }
+            Extractor::Isolated(pool) => {
+                if body.len() > config.max_input_bytes {
+                    return Err(ParseError::TooLarge(config.max_input_bytes));
+                }
+                let format = detect(content_type, filename, &body[..body.len().min(8192)]).map_err(|e| ParseError::Unsupported(e.0))?;
+                pool.extract(format, &body, config.max_output_chars, timeout).await
+            }
+        }
+    }
+}
+
+/// The extractor `config` asks for: worker processes unless `thread`, or when no
+/// `echod` program can be found to run them (said at start).
+fn extractor(config: &common::config::ParserConfig) -> Extractor {
+    if config.isolation == "thread" {
+        tracing::warn!("parser.isolation is `thread`: a runaway parser keeps its thread busy after its job failed");
+        return Extractor::InProcess;
+    }
+    match isolate::worker_program(config.worker_program.as_deref()) {
+        Some(program) => {
+            let size = if config.workers == 0 { std::thread::available_parallelism().map_or(2, usize::from) } else { config.workers };
+            tracing::info!(program = %program.display(), workers = size, memory_mb = config.max_memory_mb, "parsing in worker processes");
+            Extractor::Isolated(isolate::Pool::new(isolate::WorkerCommand { program, memory_mb: config.max_memory_mb }, size))
+        }
+        None => {
+            tracing::warn!("no echod program found to run parse workers (set parser.worker_program): parsing in-process, where the time limit cannot stop a runaway parser");
+            Extractor::InProcess
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ParseParams {
+    #[serde(default)]
+    content_type: String,
+    #[serde(default)]
+    filename: String,
+}
+
+async fn parse(State(state): State<AppState>, Query(params): Query<ParseParams>, body: Bytes) -> ApiResult<Json<ParsedDocument>> {
+    let parsed = state.extract(body, &params.content_type, &params.filename).await?;
     metrics::counter!("echo_parser_documents_total", "format" => parsed.format.clone()).increment(1);
     Ok(Json(parsed))
 }
 
 /// Runs the parser service on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
-    let state = AppState { config: ctx.config.parser.clone() };
+    let state = AppState { config: ctx.config.parser.clone(), extractor: Arc::new(extractor(&ctx.config.parser)) };
     let limit = state.config.max_input_bytes + 1024;
     let routes = Router::new()
         .route("/v1/parse", post(parse))

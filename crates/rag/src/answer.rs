@@ -67,7 +67,10 @@ pub(crate) fn sentences(text: &str) -> Vec<Range<usize>> {
             let line = text[line_start..i].trim();
             let next_line = text[i + 1..].trim_start_matches([' ', '\t']);
             let blank_next = next_line.starts_with('\n') || next_line.is_empty();
-            let ends_thought = line.ends_with(['.', '?', '!', ':', ';']) || line.chars().count() < 60;
+            // A short line is a heading, list item or code unless the next line goes on
+            // in lower case (a wrapped sentence).
+            let continues = next_line.starts_with(|c: char| c.is_lowercase());
+            let ends_thought = line.ends_with(['.', '?', '!', ':', ';']) || (line.chars().count() < 60 && !continues);
             let bullet_next = next_line.starts_with(['•', '-', '*', '–', '·']) || next_line.split_once(['.', ')']).is_some_and(|(n, _)| !n.is_empty() && n.len() <= 3 && n.bytes().all(|d| d.is_ascii_digit()));
             if blank_next || ends_thought || bullet_next {
                 end_here = Some(i);
@@ -187,7 +190,10 @@ pub(crate) fn extractive(question: &str, hits: &[SearchHit], max_citations: usiz
     // the next sentence hold the fact).
     let hit_terms: Vec<HashSet<String>> = hits.iter().map(|h| content_terms(&format!("{} {} {}", h.title.as_deref().unwrap_or(""), h.section.as_deref().unwrap_or(""), h.text)).into_iter().collect()).collect();
     let hit_coverage: Vec<f32> = hit_terms.iter().map(coverage).collect();
-    let best_coverage = hit_coverage.iter().copied().fold(0.0, f32::max);
+    // Whether the topic is there at all: the plain share of the question's words a
+    // passage holds (rarity ranks sentences; it would make filler words such as "often"
+    // that no passage has decide that nothing answers).
+    let best_coverage = hit_terms.iter().map(|terms| wanted.iter().filter(|t| terms.contains(*t)).count() as f32 / wanted.len() as f32).fold(0.0, f32::max);
     if !grounded(best_coverage, hits, grounding) {
         return not_found();
     }
@@ -260,7 +266,7 @@ pub(crate) fn extractive(question: &str, hits: &[SearchHit], max_citations: usiz
 }
 
 /// The byte range quoted around sentence `best`: the sentence before it when that is a
-/// short lead-in (a heading, "For example:"), then following sentences of the same hit
+/// short lead-in ("For example:"), then following sentences of the same hit
 /// while the quote stays within [`QUOTE_CHARS`]. A single sentence longer than that is
 /// cut at a word boundary (marked with "…" by the caller's formatting).
 fn window(all: &[Sentence], best: usize, text: &str) -> Range<usize> {
@@ -268,7 +274,8 @@ fn window(all: &[Sentence], best: usize, text: &str) -> Range<usize> {
     let mut range = all[best].range.clone();
     if best > 0 && all[best - 1].hit == hit {
         let previous = &text[all[best - 1].range.clone()];
-        if previous.chars().count() < 80 && (previous.ends_with(':') || !previous.ends_with('.')) {
+        // A lead-in ("For example:"); a heading is not quoted, the source label names it.
+        if previous.chars().count() < 80 && previous.ends_with(':') {
             range.start = all[best - 1].range.start;
         }
     }

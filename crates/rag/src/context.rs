@@ -343,7 +343,7 @@ mod tests {
 
     #[test]
     fn packing_stays_within_the_budget() {
-        let hits: Vec<_> = (0..10).map(|i| hit(&format!("d{i}"), 0, &"word ".repeat(100))).collect();
+        let hits: Vec<_> = (0..10).map(|i| hit(&format!("d{i}"), 0, &format!("{}{i}", "word ".repeat(100)))).collect();
         let passages = pack(&hits, 1200);
         assert_eq!(passages.len(), 2);
         assert!(passages.iter().map(|p| p.text.len()).sum::<usize>() <= 1200);

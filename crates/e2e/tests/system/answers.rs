@@ -117,15 +117,25 @@ impl Model {
 /// The passages the prompt numbered: `[n] label` lines inside `<documents>`.
 fn passages_in(request: &Value) -> Vec<(usize, String)> {
     let user = request["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap().to_string();
-    let block = user.split("</documents>").next().unwrap().to_string();
-    block
-        .split("\n\n")
-        .filter_map(|part| {
-            let part = part.trim_start_matches("<documents>\n");
-            let n: usize = part.strip_prefix('[')?.split(']').next()?.parse().ok()?;
-            Some((n, part.to_string()))
-        })
-        .collect()
+    let block = user.split("</documents>").next().unwrap().trim_start_matches("<documents>\n").to_string();
+    // A passage starts with a `[n] label` line after a blank line (its text may hold
+    // blank lines too).
+    let mut passages: Vec<(usize, String)> = Vec::new();
+    let mut previous_blank = true;
+    for line in block.lines() {
+        let label = line.strip_prefix('[').and_then(|rest| rest.split_once("] ")).and_then(|(n, _)| n.parse::<usize>().ok());
+        match label {
+            Some(n) if previous_blank => passages.push((n, line.to_string())),
+            _ => {
+                if let Some((_, text)) = passages.last_mut() {
+                    text.push('\n');
+                    text.push_str(line);
+                }
+            }
+        }
+        previous_blank = line.trim().is_empty();
+    }
+    passages
 }
 
 fn words(text: &str) -> Vec<String> {
@@ -345,7 +355,7 @@ async fn failures_are_clear_unrelated_questions_are_declined_and_follow_ups_are_
     let conversation = first["conversation_id"].as_str().unwrap().to_string();
     let (status, follow_up) = ask(&ts, &ann, json!({"question": "And how do I change it?", "conversation_id": conversation})).await;
     assert_eq!(status, StatusCode::OK, "{follow_up}");
-    assert!(follow_up["answer"].as_str().unwrap().contains("console_port in reactor.toml ["), "{follow_up}");
+    assert!(follow_up["answer"].as_str().unwrap().contains("console_port in reactor.toml ["), "{follow_up} after {}", model.last_request());
     assert_eq!(follow_up["citations"].as_array().unwrap().len(), 1, "{follow_up}");
     let rewrite = model.requests.lock().unwrap().iter().rev().find(|r| r["messages"][0]["content"].as_str().unwrap_or_default().starts_with("Rewrite")).cloned().expect("a rewrite request");
     assert!(rewrite.to_string().contains("Which port does the reactor console listen on?"));

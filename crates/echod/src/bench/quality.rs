@@ -45,6 +45,13 @@ pub struct QualityArgs {
     pub vector_weight: Option<f32>,
     /// Write every system's ranked lists here (JSON).
     pub out: Option<PathBuf>,
+    /// Also answer in LLM mode: `smollm2` (a real 135M model from PyPI, run here) or the
+    /// base URL of any OpenAI-compatible endpoint.
+    pub llm: Option<String>,
+    pub llm_model: Option<String>,
+    pub llm_context_tokens: Option<usize>,
+    /// Skip the retrieval modes (answers only).
+    pub answers_only: bool,
 }
 
 /// One hit as scored: where it points and its text.
@@ -375,8 +382,8 @@ pub async fn run(args: QualityArgs) -> anyhow::Result<()> {
         }
     };
     let mut systems: Vec<(String, Vec<Vec<Ranked>>)> = Vec::new();
-    let mut modes = vec!["bm25", "vector", "hybrid"];
-    if args.rerank_url.is_some() {
+    let mut modes = if args.answers_only { vec![] } else { vec!["bm25", "vector", "hybrid"] };
+    if args.rerank_url.is_some() && !args.answers_only {
         modes.push("hybrid+rerank");
     }
     for mode in modes {
@@ -391,28 +398,27 @@ pub async fn run(args: QualityArgs) -> anyhow::Result<()> {
         systems.push((format!("echo-{mode}"), lists));
     }
     // Answers: the whole ask path, as a user meets it, beside the retrieval it rests on.
-    let mut answers = AnswerScores::default();
-    let mut answer_rows: Vec<(usize, bool)> = Vec::new();
-    let top_k = echo.system.config.rag.top_k;
-    let started = Instant::now();
-    for question in &set.questions {
-        let answer = echo.ask(&question.q).await?;
-        let body = serde_json::json!({"query": question.q, "k": top_k, "mode": "hybrid", "full_text": true});
-        let response = echo.http.post(format!("{}/api/v1/search", echo.gateway)).bearer_auth(&echo.token).json(&body).send().await?;
-        let hits: serde_json::Value = response.json().await?;
-        let retrieved: Vec<Ranked> = hits["hits"].as_array().cloned().unwrap_or_default().iter().map(|h| Ranked { file: None, page: None, text: String::new(), chunk: h["chunk_id"].as_str().map(str::to_string) }).collect();
-        let before = answers.fact;
-        answers.add(question, &answer, &retrieved, &ids);
-        answer_rows.push((answers.n - 1, answers.fact > before));
-    }
-    for question in &set.off_topic {
-        let answer = echo.ask(question).await?;
-        answers.add_off_topic(&answer);
-    }
-    let per_ask = started.elapsed().as_secs_f64() * 1000.0 / (set.questions.len() + set.off_topic.len()).max(1) as f64;
+    let mut passes = vec![answer_pass(&echo, &set, &ids).await?];
+    let running_config = (*echo.system.config).clone();
     echo.system.stop().await;
+    if let Some(llm) = &args.llm {
+        // The same index, answered by a model: Echo restarted with `llm.*` set.
+        let url = if llm == "smollm2" { super::smollm::serve().await? } else { llm.clone() };
+        let mut config = running_config;
+        config.llm.provider = "openai".into();
+        config.llm.base_url = url.clone();
+        config.llm.model = if llm == "smollm2" { "smollm2-135m".into() } else { args.llm_model.clone().unwrap_or_default() };
+        config.llm.timeout_secs = 600;
+        if let Some(tokens) = args.llm_context_tokens {
+            config.llm.context_tokens = tokens;
+        }
+        println!("  LLM mode: {url} (model {}, context budget {} tokens)", config.llm.model, config.llm.context_tokens);
+        let echo = Echo::start(config, false).await?;
+        passes.push(answer_pass(&echo, &set, &ids).await?);
+        echo.system.stop().await;
+    }
 
-    if args.baselines {
+    if args.baselines && !args.answers_only {
         let manifest = serde_json::json!({
             "dir": set.dir,
             "files": set.files,
@@ -453,9 +459,6 @@ pub async fn run(args: QualityArgs) -> anyhow::Result<()> {
         }
     }
     println!();
-    println!("answers ({} mode, {per_ask:.0} ms per ask through the gateway)", answers.mode);
-    println!("| measure | Echo | baseline: the first hit's text |");
-    println!("|---|---|---|");
     let first_hit_fact = systems.iter().find(|(name, _)| name == "llamaindex-fusion").map(|(_, lists)| {
         set.questions
             .iter()
@@ -463,16 +466,8 @@ pub async fn run(args: QualityArgs) -> anyhow::Result<()> {
             .filter(|(i, q)| !q.answers.is_empty() && lists.get(*i).and_then(|l| l.first()).is_some_and(|hit| q.answers.iter().any(|a| hit.text.to_lowercase().contains(&a.to_lowercase()))))
             .count()
     });
-    let baseline = first_hit_fact.map_or("not run".to_string(), |n| format!("{n}/{} (LlamaIndex fusion top-1 chunk)", answers.with_answers));
-    println!("| fact in the answer | {}/{} | {baseline} |", answers.fact, answers.with_answers);
-    println!("| cites a gold file/page | {}/{} | |", answers.cites_gold, answers.n);
-    println!("| citations that are retrieved chunks | {}/{} | |", answers.citations_retrieved, answers.citations);
-    println!("| answered \"not in your documents\" though the corpus answers | {}/{} | |", answers.wrongly_not_found, answers.n);
-    println!("| off-topic questions refused with no citation | {}/{} | |", answers.off_topic_refused, answers.off_topic);
-    println!("| mean answer length (chars) | {:.0} | |", answers.chars as f64 / answers.n.max(1) as f64);
-    let missed: Vec<String> = answer_rows.iter().filter(|(_, hit)| !hit).filter_map(|(i, _)| set.questions.get(*i)).filter(|q| !q.answers.is_empty()).map(|q| q.q.chars().take(60).collect()).collect();
-    if !missed.is_empty() {
-        eprintln!("  facts missed: {missed:#?}");
+    for pass in &passes {
+        print_answers(&set, pass, first_hit_fact);
     }
     if let Some(out) = &args.out {
         let dump: BTreeMap<&str, Vec<Vec<serde_json::Value>>> = systems
@@ -485,6 +480,62 @@ pub async fn run(args: QualityArgs) -> anyhow::Result<()> {
         std::fs::write(out, serde_json::to_vec_pretty(&serde_json::json!({"questions": questions, "systems": dump}))?)?;
     }
     Ok(())
+}
+
+/// One pass of every question (and every off-topic question) through `POST /api/v1/ask`.
+struct AnswerPass {
+    scores: AnswerScores,
+    /// Per question: whether the fact was in the answer.
+    rows: Vec<(usize, bool)>,
+    per_ask_ms: f64,
+}
+
+async fn answer_pass(echo: &Echo, set: &EvalSet, ids: &HashMap<String, String>) -> anyhow::Result<AnswerPass> {
+    let mut answers = AnswerScores::default();
+    let mut rows: Vec<(usize, bool)> = Vec::new();
+    let top_k = echo.system.config.rag.top_k;
+    let started = Instant::now();
+    for question in &set.questions {
+        let answer = echo.ask(&question.q).await?;
+        let body = serde_json::json!({"query": question.q, "k": top_k, "mode": "hybrid", "full_text": true});
+        let response = echo.http.post(format!("{}/api/v1/search", echo.gateway)).bearer_auth(&echo.token).json(&body).send().await?;
+        let hits: serde_json::Value = response.json().await?;
+        let retrieved: Vec<Ranked> = hits["hits"].as_array().cloned().unwrap_or_default().iter().map(|h| Ranked { file: None, page: None, text: String::new(), chunk: h["chunk_id"].as_str().map(str::to_string) }).collect();
+        let before = answers.fact;
+        answers.add(question, &answer, &retrieved, ids);
+        rows.push((answers.n - 1, answers.fact > before));
+    }
+    for question in &set.off_topic {
+        let answer = echo.ask(question).await?;
+        answers.add_off_topic(&answer);
+    }
+    let per_ask_ms = started.elapsed().as_secs_f64() * 1000.0 / (set.questions.len() + set.off_topic.len()).max(1) as f64;
+    Ok(AnswerPass { scores: answers, rows, per_ask_ms })
+}
+
+fn print_answers(set: &EvalSet, pass: &AnswerPass, first_hit_fact: Option<usize>) {
+    let answers = &pass.scores;
+    println!();
+    println!("answers ({} mode, {:.0} ms per ask through the gateway)", answers.mode, pass.per_ask_ms);
+    println!("| measure | Echo | baseline: the first hit's text |");
+    println!("|---|---|---|");
+    let baseline = first_hit_fact.map_or("not run".to_string(), |n| format!("{n}/{} (LlamaIndex fusion top-1 chunk)", answers.with_answers));
+    println!("| fact in the answer | {}/{} | {baseline} |", answers.fact, answers.with_answers);
+    println!("| cites a gold file/page | {}/{} | |", answers.cites_gold, answers.n);
+    println!("| citations that are retrieved chunks | {}/{} | |", answers.citations_retrieved, answers.citations);
+    println!("| answered \"not in your documents\" though the corpus answers | {}/{} | |", answers.wrongly_not_found, answers.n);
+    println!("| off-topic questions refused with no citation | {}/{} | |", answers.off_topic_refused, answers.off_topic);
+    println!("| mean answer length (chars) | {:.0} | |", answers.chars as f64 / answers.n.max(1) as f64);
+    for subset in ["html/text", "pdf"] {
+        let chosen: Vec<&(usize, bool)> = pass.rows.iter().filter(|(i, _)| set.questions.get(*i).is_some_and(|q| !q.answers.is_empty() && subset_of(q) == subset)).collect();
+        if !chosen.is_empty() {
+            println!("| fact in the answer, {subset} gold | {}/{} | |", chosen.iter().filter(|(_, hit)| *hit).count(), chosen.len());
+        }
+    }
+    let missed: Vec<String> = pass.rows.iter().filter(|(_, hit)| !hit).filter_map(|(i, _)| set.questions.get(*i)).filter(|q| !q.answers.is_empty()).map(|q| q.q.chars().take(60).collect()).collect();
+    if !missed.is_empty() {
+        eprintln!("  facts missed ({} mode): {missed:#?}", answers.mode);
+    }
 }
 
 #[cfg(test)]

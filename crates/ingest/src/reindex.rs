@@ -86,6 +86,10 @@ impl Reindexer {
             match reindexer.drive(row).await {
                 Ok(true) => tracing::info!(run = %id, "index rebuild done; the new index is live"),
                 Ok(false) => tracing::info!(run = %id, "index rebuild paused by shutdown; it resumes at the next start"),
+                // A peer that went away because everything is stopping is a pause too.
+                Err(error) if reindexer.ctx.shutdown.is_cancelled() => {
+                    tracing::info!(run = %id, %error, "index rebuild paused by shutdown; it resumes at the next start");
+                }
                 Err(error) => {
                     tracing::warn!(run = %id, %error, "index rebuild stopped; run `echod reindex` again to resume it");
                     let _ = reindexer.store.set_run_status(&id, "stopped", Some(&error.detail)).await;

@@ -169,7 +169,12 @@ impl Rag {
     async fn answer(&self, prepared: Prepared, tx: mpsc::Sender<AskEvent>) {
         let outcome = match &self.llm {
             Some(llm) => self.written(llm, &prepared, &tx).await,
-            None => Ok(self.extracted(&prepared)).map_err(|e: ApiError| (e, false)),
+            None => {
+                // The quotes arrive whole: one delta, so every streaming client shows them.
+                let answer = self.extracted(&prepared);
+                let _ = tx.send(AskEvent::Delta(answer.answer.clone())).await;
+                Ok(answer)
+            }
         };
         let outcome = match outcome {
             // Only before anything of the model's answer was shown.

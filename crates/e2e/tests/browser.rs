@@ -156,7 +156,7 @@ async fn a_person_signs_in_uploads_and_follows_a_citation_in_chromium() {
     browser.click("#ask-form button.primary").await;
     browser.wait_for("the answer on its own page", |s| s.contains("href=\"#cite-1-1\"")).await;
     let first_answer = browser.current_url().await;
-    assert!(first_answer.contains("/ask/") && first_answer.contains("answer=2"), "{first_answer}");
+    assert!(first_answer.contains("/ask/") && first_answer.contains("answer=1"), "{first_answer}");
     // A citation opens expanded, the quoted words highlighted.
     browser.click("a[href='#cite-1-1']").await;
     let page = browser.wait_for("the citation to open", |s| s.contains("id=\"cite-1-1\" open")).await;
@@ -167,10 +167,13 @@ async fn a_person_signs_in_uploads_and_follows_a_citation_in_chromium() {
     browser.type_into("textarea[name=question]", "And who may enter it?").await;
     browser.click("#ask-form button.primary").await;
     browser.wait_for("the follow-up", |s| s.contains("href=\"#cite-3-1\"")).await;
-    assert!(browser.current_url().await.contains("answer=4"));
+    assert!(browser.current_url().await.contains("answer=3#m3"), "the follow-up answer has its own address");
     browser.call(reqwest::Method::POST, "/back", Some(json!({}))).await;
-    browser.wait_for("the first answer again", |s| s.contains("href=\"#cite-1-1\"")).await;
-    assert_eq!(browser.current_url().await, first_answer);
+    let page = browser.wait_for("the first answer again", |s| s.contains("href=\"#cite-1-1\"")).await;
+    // The same answer's page (at the citation last opened there), not a re-sent form.
+    let without_fragment = |url: &str| url.split('#').next().unwrap().to_string();
+    assert_eq!(without_fragment(&browser.current_url().await), without_fragment(&first_answer));
+    assert!(!page.contains("Confirm Form Resubmission"));
 
     // Collections: create one, share it with a colleague, take the share back, delete it.
     ts.add_user("ivo", "acme", "member").await;
@@ -195,6 +198,90 @@ async fn a_person_signs_in_uploads_and_follows_a_citation_in_chromium() {
     browser.call(reqwest::Method::POST, "/alert/accept", Some(json!({}))).await;
     let page = browser.wait_for("the deletion", |s| s.contains("Deleted the collection and its documents.")).await;
     assert!(!page.contains("Team handbook"));
+    browser.quit().await;
+    ts.system.stop().await;
+}
+
+/// A language model's stand-in over the OpenAI protocol on a real socket: it streams the
+/// words of `ANSWER` one by one, `GAP` apart, citing passage 1.
+const ANSWER: &str = "The launch code is tangerine-42 [1] and only the shift lead may enter it [1].";
+const GAP: Duration = Duration::from_millis(150);
+
+async fn slow_model() -> String {
+    use axum::response::sse::{Event, Sse};
+    async fn completions() -> Sse<impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>> {
+        let words: Vec<String> = ANSWER.split_inclusive(' ').map(str::to_string).collect();
+        let n = words.len();
+        let stream = futures_util::stream::unfold(0usize, move |i| {
+            let words = words.clone();
+            async move {
+                if i > n {
+                    return None;
+                }
+                tokio::time::sleep(GAP).await;
+                let data = if i < n {
+                    json!({"id": "s", "object": "chat.completion.chunk", "created": 0, "model": "slow", "choices": [{"index": 0, "delta": {"content": words[i]}, "finish_reason": null}]}).to_string()
+                } else {
+                    "[DONE]".to_string()
+                };
+                Some((Ok(Event::default().data(data)), i + 1))
+            }
+        });
+        Sse::new(stream)
+    }
+    let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(completions));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_answer_streams_into_the_page_word_by_word() {
+    let Some((chromium, chromedriver)) = chromium_or_skip() else { return };
+    let url = slow_model().await;
+    let ts = TestSystem::start_with(move |config| {
+        config.llm.provider = "openai".into();
+        config.llm.base_url = url;
+        config.llm.model = "slow".into();
+    })
+    .await;
+    ts.add_user("hana", "acme", "member").await;
+    let token = ts.sign_in("hana", &password_of("hana")).await.access_token;
+    let document = ts.upload(&token, "handbook.md", "text/markdown", b"# Handbook\n\n## Launch\n\nThe launch code is tangerine-42. Only the shift lead may enter it.\n".to_vec()).await;
+    ts.wait_indexed(&token, &document).await;
+    let profile = tempfile::tempdir().unwrap();
+    let browser = Browser::start(&chromium, &chromedriver, profile.path()).await;
+    browser.goto(&format!("{}/ask", ts.gateway())).await;
+    browser.type_into("input[name=username]", "hana").await;
+    browser.type_into("input[name=password]", &password_of("hana")).await;
+    browser.click("button[type=submit]").await;
+    browser.wait_for("the ask page", |s| s.contains("Ask your documents")).await;
+    browser.type_into("textarea[name=question]", "What is the launch code?").await;
+    browser.click("#ask-form button.primary").await;
+    // What the reader sees while the model writes: a growing answer, several states.
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        // Read without failing: the page may be between documents when it moves on.
+        let script = json!({"script": "var e = document.getElementById('live-text'); return e ? e.textContent : '';", "args": []});
+        let answer: Value = match browser.http.post(format!("{}/execute/sync", browser.base)).json(&script).send().await {
+            Ok(response) => response.json().await.unwrap_or_default(),
+            Err(_) => Value::Null,
+        };
+        match answer["value"].as_str() {
+            Some("") if !seen.is_empty() => break, // the stored answer's page: streaming is over
+            Some(text) if !text.is_empty() && seen.last().map(String::as_str) != Some(text) => seen.push(text.to_string()),
+            _ => {}
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the answer did not finish streaming: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    assert!(seen.len() >= 4, "the answer appeared in {} steps: {seen:?}", seen.len());
+    assert!(seen.windows(2).all(|w| w[1].starts_with(w[0].as_str())), "each state extends the last: {seen:?}");
+    assert!(seen[0].len() < ANSWER.len() / 2, "the first words showed before the rest were written: {seen:?}");
+    let page = browser.wait_for("the stored answer", |s| s.contains("href=\"#cite-1-1\"")).await;
+    assert!(page.contains("tangerine-42"));
     browser.quit().await;
     ts.system.stop().await;
 }

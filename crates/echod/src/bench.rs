@@ -16,7 +16,7 @@ mod python;
 pub mod quality;
 pub mod queue;
 pub mod search;
-mod smollm;
+pub mod smollm;
 
 use std::time::{Duration, Instant};
 

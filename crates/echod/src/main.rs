@@ -229,6 +229,16 @@ enum BenchCommand {
         #[arg(long, default_value_t = 32)]
         batch: usize,
     },
+    /// The small real model `bench quality --llm smollm2` answers with (SmolLM2-135M-
+    /// Instruct from PyPI, on the CPU): one question over its OpenAI-compatible socket,
+    /// the answer streamed, prompt and generation speed.
+    Smollm {
+        #[arg(default_value = "In one sentence, what is a port number in networking?")]
+        question: String,
+        /// Only serve the model (its URL on the first line of standard output).
+        #[arg(long)]
+        serve: bool,
+    },
     /// B9: end-to-end answers against a stub OpenAI-protocol LLM streaming at a fixed
     /// rate, many clients at once: time to first token and the platform's overhead on
     /// it, beside LlamaIndex's query engine with the same stub; citations checked.
@@ -507,6 +517,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Bench(BenchCommand::Embed { chunks, batch }) => {
             echod::bench::embed::run(chunks, batch).await?;
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Smollm { question, serve }) => {
+            if serve {
+                echod::bench::smollm::serve_forever().await?;
+            }
+            echod::bench::smollm::try_once(&question).await?;
             Ok(0)
         }
         Command::Bench(BenchCommand::Answers { questions, clients, files, first_token_ms, token_rate, answer_tokens, no_baseline }) => {

@@ -207,8 +207,9 @@ fn async_stream_pieces(rx: mpsc::Receiver<String>) -> impl futures_util::Stream<
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|piece| (piece, rx)) })
 }
 
-/// Loads the model and serves it on 127.0.0.1; returns the base URL (`…/v1`).
-pub(crate) async fn serve() -> anyhow::Result<String> {
+/// Loads the model and serves it on 127.0.0.1 in this process; returns the base URL
+/// (`…/v1`). Run through [`spawn_server`] so that the weights are dequantized.
+async fn serve() -> anyhow::Result<String> {
     let path = tokio::task::spawn_blocking(model_file).await??;
     let model = Arc::new(tokio::task::spawn_blocking(move || SmolLm::load(&path)).await??);
     let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(completions)).with_state(model);
@@ -218,4 +219,78 @@ pub(crate) async fn serve() -> anyhow::Result<String> {
         let _ = axum::serve(listener, app).await;
     });
     Ok(url)
+}
+
+/// `echod bench smollm --serve`: serves the model until killed, its URL the first line
+/// on standard output.
+pub async fn serve_forever() -> anyhow::Result<()> {
+    let url = serve().await?;
+    println!("{url}");
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// The model server as a child process (killed when the handle is dropped). Its weights
+/// are dequantized to f32 at load (`CANDLE_DEQUANTIZE_ALL`, read by candle from the
+/// environment): a 1,100-token prompt is read 4.5x faster than from Q4_1 (13 s against
+/// 56 s here), at 540 MB of memory.
+pub(crate) async fn spawn_server() -> anyhow::Result<(tokio::process::Child, String)> {
+    use tokio::io::AsyncBufReadExt;
+    tokio::task::spawn_blocking(model_file).await??;
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["bench", "smollm", "--serve"])
+        .env("CANDLE_DEQUANTIZE_ALL", "1")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    while let Some(line) = lines.next_line().await? {
+        if line.starts_with("http://") {
+            return Ok((child, line));
+        }
+    }
+    anyhow::bail!("the model server ended before it served")
+}
+
+/// `echod bench smollm`: one question through the served model, streamed, with speeds.
+pub async fn try_once(question: &str) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    let started = std::time::Instant::now();
+    let (_server, url) = spawn_server().await?;
+    println!("SmolLM2-135M-Instruct loaded in {:.1} s, serving {url}", started.elapsed().as_secs_f64());
+    let body = serde_json::json!({"model": "smollm2-135m", "stream": true, "max_tokens": 120, "messages": [{"role": "user", "content": question}]});
+    let asked = std::time::Instant::now();
+    let response = reqwest::Client::new().post(format!("{url}/chat/completions")).json(&body).send().await?.error_for_status()?;
+    let mut events = Box::pin(common::sse::events(response.bytes_stream()));
+    let (mut first, mut pieces, mut usage) = (None, 0usize, serde_json::Value::Null);
+    while let Some(event) = events.next().await {
+        let event = event?;
+        if event.data == "[DONE]" {
+            break;
+        }
+        let chunk: serde_json::Value = serde_json::from_str(&event.data)?;
+        if let Some(text) = chunk["choices"][0]["delta"]["content"].as_str() {
+            first.get_or_insert_with(|| asked.elapsed());
+            pieces += 1;
+            print!("{text}");
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        }
+        if !chunk["usage"].is_null() {
+            usage = chunk["usage"].clone();
+        }
+    }
+    let total = asked.elapsed();
+    println!();
+    let first = first.unwrap_or(total);
+    let completion = usage["completion_tokens"].as_u64().unwrap_or(pieces as u64);
+    println!(
+        "prompt {} tokens, first token after {:.0} ms; {completion} tokens in {:.1} s ({:.1} tokens/s after the first)",
+        usage["prompt_tokens"],
+        first.as_secs_f64() * 1000.0,
+        total.as_secs_f64(),
+        completion.saturating_sub(1) as f64 / (total - first).as_secs_f64().max(1e-3)
+    );
+    Ok(())
 }

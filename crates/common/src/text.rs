@@ -56,9 +56,8 @@ pub fn stem(word: &str) -> String {
     }
     // "stopped" → "stop", "change"/"changed" → "chang".
     let bytes = base.as_bytes();
-    if base.len() > 4 && bytes[bytes.len() - 1] == bytes[bytes.len() - 2] && !matches!(bytes[bytes.len() - 1], b'l' | b's' | b'z' | b'e' | b'o') {
-        base.pop();
-    } else if base.len() > 4 && base.ends_with('e') {
+    let doubled = bytes.len() > 4 && bytes[bytes.len() - 1] == bytes[bytes.len() - 2] && !matches!(bytes[bytes.len() - 1], b'l' | b's' | b'z' | b'e' | b'o');
+    if doubled || (base.len() > 4 && base.ends_with('e')) {
         base.pop();
     }
     base

@@ -31,7 +31,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// An access token (scope `echo`) for `username`, by code + PKCE through the login form.
-pub(crate) async fn sign_in(http: &reqwest::Client, issuer: &str, client: &str, redirect: &str, username: &str, password: &str) -> anyhow::Result<String> {
+pub async fn sign_in(http: &reqwest::Client, issuer: &str, client: &str, redirect: &str, username: &str, password: &str) -> anyhow::Result<String> {
     let verifier = common::rand::token(48);
     let challenge = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, <sha2::Sha256 as sha2::Digest>::digest(verifier.as_bytes()));
     let params = [

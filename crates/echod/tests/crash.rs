@@ -509,3 +509,100 @@ async fn a_file_that_exhausts_the_memory_limit_costs_that_file_alone() {
         assert!(parsed.blocks[0].text.contains("Still parsing"));
     }
 }
+
+// The whole of Echo killed with an upload in flight.
+
+/// `echod up` on `dir` with every service on the port `ports` gives it.
+fn spawn_up(dir: &Path, ports: &BTreeMap<ServiceName, u16>) -> tokio::process::Child {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_echod"));
+    command.arg("up").arg("--data-dir").arg(dir);
+    for (service, port) in ports {
+        command.env(format!("ECHO__PORTS__{}", service.as_str().to_ascii_uppercase()), port.to_string());
+    }
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("up.log")).unwrap();
+    command
+        .env("ECHO__LOG__SHIP", "false")
+        .env("ECHO__LOG__LEVEL", "warn")
+        .env("ECHO__GATEWAY__RATE_LIMITS", "off")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn documents(http: &reqwest::Client, gateway: &str, token: &str) -> Vec<serde_json::Value> {
+    let page: serde_json::Value = http.get(format!("{gateway}/api/v1/documents?limit=500")).bearer_auth(token).send().await.unwrap().json().await.unwrap();
+    page["documents"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_in_flight_when_echo_is_killed_is_done_within_30_s_of_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports: BTreeMap<ServiceName, u16> = ServiceName::ALL.iter().map(|s| (*s, free_port())).collect();
+    let mut config = EchoConfig::for_test(dir.path());
+    config.ports = ports.clone();
+    let (client, redirect) = ("crash-test", "http://127.0.0.1:9/cb");
+    identity::add_client(&config, client, vec![redirect.into()], None, "RS256").await.unwrap();
+    identity::add_user(&config, "kim", "crash-test-password-1", "acme", "member", None).await.unwrap();
+    let gateway = format!("http://127.0.0.1:{}", ports[&ServiceName::Gateway]);
+    let issuer = format!("http://127.0.0.1:{}", ports[&ServiceName::Identity]);
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let wait_ready = || async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !http.get(format!("{gateway}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
+            assert!(Instant::now() < deadline, "Echo did not become ready: {}", std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+
+    let mut echo = spawn_up(dir.path(), &ports);
+    wait_ready().await;
+    let token = echod::bench::sign_in(&http, &issuer, client, redirect, "kim", "crash-test-password-1").await.unwrap();
+    // Documents large enough that parsing, chunking and indexing take a while each.
+    let paragraph = "Operators rotate the reactor keys every spring and record the rotation in the ledger. ";
+    for n in 0..12 {
+        let text = format!("# Report {n}\n\nmarker{n}x appears here once.\n\n{}", paragraph.repeat(8_000));
+        let part = reqwest::multipart::Part::bytes(text.into_bytes()).file_name(format!("report-{n}.md")).mime_str("text/markdown").unwrap();
+        let response = http.post(format!("{gateway}/api/v1/documents")).bearer_auth(&token).multipart(reqwest::multipart::Form::new().part("file", part)).send().await.unwrap();
+        assert!(response.status().is_success(), "upload {n}: {}", response.text().await.unwrap());
+    }
+    // Kill it the moment a job is being worked on.
+    let busy = ["parsing", "chunking", "embedding", "indexing"];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let in_flight: Vec<String> = loop {
+        let working: Vec<String> =
+            documents(&http, &gateway, &token).await.iter().filter(|d| busy.contains(&d["status"].as_str().unwrap_or_default())).map(|d| d["id"].as_str().unwrap().to_string()).collect();
+        if !working.is_empty() {
+            break working;
+        }
+        assert!(Instant::now() < deadline, "no job was ever seen in flight");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    kill9(&mut echo).await;
+
+    let mut echo = spawn_up(dir.path(), &ports);
+    wait_ready().await;
+    let restarted = Instant::now();
+    let token = echod::bench::sign_in(&http, &issuer, client, redirect, "kim", "crash-test-password-1").await.unwrap();
+    loop {
+        let all = documents(&http, &gateway, &token).await;
+        assert_eq!(all.len(), 12);
+        assert!(all.iter().all(|d| d["status"] != "failed"), "nothing fails: {all:#?}");
+        if all.iter().all(|d| d["status"] == "done") {
+            break;
+        }
+        assert!(restarted.elapsed() < Duration::from_secs(30), "still not done {:?} after the restart: {all:#?}", restarted.elapsed());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("every document done {:.1} s after the restart ({} were in flight at the kill)", restarted.elapsed().as_secs_f64(), in_flight.len());
+    // Redone once: each report's marker is found, in its own document only.
+    for n in 0..12 {
+        let hits: serde_json::Value =
+            http.post(format!("{gateway}/api/v1/search")).bearer_auth(&token).json(&serde_json::json!({"query": format!("marker{n}x"), "k": 20})).send().await.unwrap().json().await.unwrap();
+        let hits = hits["hits"].as_array().unwrap();
+        assert_eq!(hits.len(), 1, "report {n}'s marker is in one chunk of one document: {hits:?}");
+    }
+    kill9(&mut echo).await;
+}

@@ -61,7 +61,7 @@ async fn relay_once(ctx: &ServiceContext, store: &CatalogStore) -> Result<usize,
 
 pub(crate) const SUBSCRIPTION: &str = "ingest-worker";
 /// The ingest worker's lease on a job.
-const LEASE_MS: i64 = 20_000;
+const LEASE_MS: i64 = 15_000;
 
 pub(crate) fn spawn_workers(ctx: ServiceContext, store: CatalogStore, ready: common::server::ReadyFlag) {
     tokio::spawn(async move {

@@ -4,7 +4,7 @@
 
 /// The upload is of a type Echo cannot read; carries what was seen.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("unsupported file type `{0}`; supported: plain text, Markdown, HTML and PDF")]
+#[error("unsupported file type `{0}`; supported: PDF, Word (.docx), PowerPoint (.pptx), Excel (.xlsx), CSV/TSV, JSON, HTML, Markdown and plain text")]
 pub struct Unsupported(pub String);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -13,7 +13,15 @@ pub enum Format {
     Markdown,
     Html,
     Pdf,
+    Docx,
+    Pptx,
+    Xlsx,
+    Csv,
+    Tsv,
+    Json,
 }
+
+const ALL: [Format; 10] = [Format::Text, Format::Markdown, Format::Html, Format::Pdf, Format::Docx, Format::Pptx, Format::Xlsx, Format::Csv, Format::Tsv, Format::Json];
 
 impl Format {
     pub fn as_str(self) -> &'static str {
@@ -22,12 +30,18 @@ impl Format {
             Format::Markdown => "markdown",
             Format::Html => "html",
             Format::Pdf => "pdf",
+            Format::Docx => "docx",
+            Format::Pptx => "pptx",
+            Format::Xlsx => "xlsx",
+            Format::Csv => "csv",
+            Format::Tsv => "tsv",
+            Format::Json => "json",
         }
     }
 
     /// The format `as_str` names.
     pub fn parse(name: &str) -> Option<Format> {
-        [Format::Text, Format::Markdown, Format::Html, Format::Pdf].into_iter().find(|f| f.as_str() == name)
+        ALL.into_iter().find(|f| f.as_str() == name)
     }
 
     pub fn content_type(self) -> &'static str {
@@ -36,6 +50,12 @@ impl Format {
             Format::Markdown => "text/markdown",
             Format::Html => "text/html",
             Format::Pdf => "application/pdf",
+            Format::Docx => "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+            Format::Pptx => "application/vnd.openxmlformats-officedocument.presentationml.presentation",
+            Format::Xlsx => "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+            Format::Csv => "text/csv",
+            Format::Tsv => "text/tab-separated-values",
+            Format::Json => "application/json",
         }
     }
 }
@@ -67,6 +87,12 @@ pub fn detect(content_type: &str, filename: &str, head: &[u8]) -> Result<Format,
         "application/pdf" => Some(Format::Pdf),
         "text/markdown" | "text/x-markdown" => Some(Format::Markdown),
         "text/html" | "application/xhtml+xml" => Some(Format::Html),
+        "application/vnd.openxmlformats-officedocument.wordprocessingml.document" => Some(Format::Docx),
+        "application/vnd.openxmlformats-officedocument.presentationml.presentation" => Some(Format::Pptx),
+        "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet" => Some(Format::Xlsx),
+        "text/csv" => Some(Format::Csv),
+        "text/tab-separated-values" => Some(Format::Tsv),
+        "application/json" => Some(Format::Json),
         "text/plain" => None, // browsers send text/plain for .md too: let the extension decide
         _ => None,
     };
@@ -75,6 +101,12 @@ pub fn detect(content_type: &str, filename: &str, head: &[u8]) -> Result<Format,
         "md" | "markdown" | "mdown" | "mkd" => Some(Format::Markdown),
         "html" | "htm" | "xhtml" => Some(Format::Html),
         "txt" | "text" | "log" | "rst" | "adoc" => Some(Format::Text),
+        "docx" => Some(Format::Docx),
+        "pptx" => Some(Format::Pptx),
+        "xlsx" => Some(Format::Xlsx),
+        "csv" => Some(Format::Csv),
+        "tsv" | "tab" => Some(Format::Tsv),
+        "json" => Some(Format::Json),
         _ => None,
     };
     if let Some(format) = by_mime.or(by_extension) {
@@ -137,6 +169,10 @@ mod tests {
             ("text/plain", "x.txt", b"words", Ok(Format::Text)),
             ("image/png", "x.png", b"\x89PNG\0\0", Err(())),
             ("application/octet-stream", "x.exe", b"MZ\0\0\0", Err(())),
+            ("application/octet-stream", "report.DOCX", b"PK\x03\x04", Ok(Format::Docx)),
+            ("text/csv", "x", b"a,b", Ok(Format::Csv)),
+            ("", "data.tsv", b"a\tb", Ok(Format::Tsv)),
+            ("application/json", "x", b"{}", Ok(Format::Json)),
         ];
         for (mime, name, head, expected) in cases {
             let got = detect(mime, name, head).map_err(|_| ());

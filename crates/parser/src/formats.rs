@@ -1,4 +1,5 @@
-//! Extraction: plain text, Markdown, HTML and PDF into
+//! Extraction: plain text, Markdown, HTML and PDF (and, through `office`, Office files,
+//! CSV/TSV and JSON) into
 //! `TextBlock`s that keep pages and heading paths. Pure functions over bytes; no IO,
 //! no async. Callers bound the input size and the time spent.
 
@@ -9,11 +10,11 @@ use common::wire::{ParsedDocument, TextBlock};
 pub enum ParseError {
     #[error("the file is empty")]
     Empty,
-    #[error("unsupported file type `{0}`; supported: plain text, Markdown, HTML and PDF")]
+    #[error("unsupported file type `{0}`; supported: PDF, Word (.docx), PowerPoint (.pptx), Excel (.xlsx), CSV/TSV, JSON, HTML, Markdown and plain text")]
     Unsupported(String),
     #[error("the file is not valid UTF-8 text")]
     NotUtf8,
-    #[error("the PDF is encrypted")]
+    #[error("the file is encrypted (password-protected); remove the password and upload it again")]
     Encrypted,
     #[error("the file is corrupt or unreadable: {0}")]
     Corrupt(String),
@@ -47,6 +48,14 @@ pub fn extract(format: Format, bytes: &[u8]) -> Result<ParsedDocument, ParseErro
             let n_pages = blocks.iter().filter_map(|b| b.page).max();
             (blocks, n_pages, None)
         }
+        Format::Docx | Format::Pptx | Format::Xlsx => {
+            let (blocks, title) = crate::office::office(bytes)?;
+            let n_pages = if format == Format::Pptx { blocks.iter().filter_map(|b| b.page).max() } else { None };
+            (blocks, n_pages, title)
+        }
+        Format::Csv => (crate::office::delimited(bytes, b',')?, None, None),
+        Format::Tsv => (crate::office::delimited(bytes, b'\t')?, None, None),
+        Format::Json => (crate::office::json(bytes)?, None, None),
     };
     let blocks: Vec<TextBlock> = blocks.into_iter().filter(|b| !b.text.trim().is_empty()).collect();
     if blocks.is_empty() {
@@ -65,7 +74,7 @@ fn plain_text(text: &str) -> Vec<TextBlock> {
 }
 
 /// Joins the heading stack into a path such as `Install > Linux`.
-fn section_path(headings: &[(u8, String)]) -> Option<String> {
+pub(crate) fn section_path(headings: &[(u8, String)]) -> Option<String> {
     if headings.is_empty() {
         None
     } else {
@@ -73,7 +82,7 @@ fn section_path(headings: &[(u8, String)]) -> Option<String> {
     }
 }
 
-fn push_heading(headings: &mut Vec<(u8, String)>, level: u8, title: String) {
+pub(crate) fn push_heading(headings: &mut Vec<(u8, String)>, level: u8, title: String) {
     while headings.last().is_some_and(|(l, _)| *l >= level) {
         headings.pop();
     }

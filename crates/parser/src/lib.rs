@@ -8,6 +8,7 @@
 
 mod formats;
 pub mod isolate;
+mod office;
 pub mod worker;
 
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 
 /// The upload is of a type Echo cannot read; carries what was seen.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("unsupported file type `{0}`; supported: PDF, Word (.docx), PowerPoint (.pptx), Excel (.xlsx), CSV/TSV, JSON, HTML, Markdown and plain text")]
+#[error("unsupported file type `{0}`; supported: PDF, Word (.docx), PowerPoint (.pptx), Excel (.xlsx), CSV/TSV, JSON, HTML, Markdown, plain text, and PNG/JPEG/TIFF images (read by OCR)")]
 pub struct Unsupported(pub String);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,9 +19,11 @@ pub enum Format {
     Csv,
     Tsv,
     Json,
+    /// PNG, JPEG or TIFF: read by OCR.
+    Image,
 }
 
-const ALL: [Format; 10] = [Format::Text, Format::Markdown, Format::Html, Format::Pdf, Format::Docx, Format::Pptx, Format::Xlsx, Format::Csv, Format::Tsv, Format::Json];
+const ALL: [Format; 11] = [Format::Text, Format::Markdown, Format::Html, Format::Pdf, Format::Docx, Format::Pptx, Format::Xlsx, Format::Csv, Format::Tsv, Format::Json, Format::Image];
 
 impl Format {
     pub fn as_str(self) -> &'static str {
@@ -36,6 +38,7 @@ impl Format {
             Format::Csv => "csv",
             Format::Tsv => "tsv",
             Format::Json => "json",
+            Format::Image => "image",
         }
     }
 
@@ -56,6 +59,7 @@ impl Format {
             Format::Csv => "text/csv",
             Format::Tsv => "text/tab-separated-values",
             Format::Json => "application/json",
+            Format::Image => "image/png",
         }
     }
 }
@@ -93,6 +97,7 @@ pub fn detect(content_type: &str, filename: &str, head: &[u8]) -> Result<Format,
         "text/csv" => Some(Format::Csv),
         "text/tab-separated-values" => Some(Format::Tsv),
         "application/json" => Some(Format::Json),
+        "image/png" | "image/jpeg" | "image/tiff" => Some(Format::Image),
         "text/plain" => None, // browsers send text/plain for .md too: let the extension decide
         _ => None,
     };
@@ -107,6 +112,7 @@ pub fn detect(content_type: &str, filename: &str, head: &[u8]) -> Result<Format,
         "csv" => Some(Format::Csv),
         "tsv" | "tab" => Some(Format::Tsv),
         "json" => Some(Format::Json),
+        "png" | "jpg" | "jpeg" | "tif" | "tiff" => Some(Format::Image),
         _ => None,
     };
     if let Some(format) = by_mime.or(by_extension) {
@@ -114,6 +120,9 @@ pub fn detect(content_type: &str, filename: &str, head: &[u8]) -> Result<Format,
     }
     if head.starts_with(b"%PDF-") {
         return Ok(Format::Pdf);
+    }
+    if head.starts_with(b"\x89PNG\r\n\x1a\n") || head.starts_with(&[0xFF, 0xD8, 0xFF]) || head.starts_with(b"II*\0") || head.starts_with(b"MM\0*") {
+        return Ok(Format::Image);
     }
     if mime == "text/plain" || (mime.is_empty() || mime == "application/octet-stream") && looks_like_text(head) {
         return Ok(Format::Text);
@@ -167,7 +176,9 @@ mod tests {
             ("application/octet-stream", "x", b"%PDF-1.7", Ok(Format::Pdf)),
             ("application/octet-stream", "x", b"just words", Ok(Format::Text)),
             ("text/plain", "x.txt", b"words", Ok(Format::Text)),
-            ("image/png", "x.png", b"\x89PNG\0\0", Err(())),
+            ("image/png", "x.png", b"\x89PNG\0\0", Ok(Format::Image)),
+            ("application/octet-stream", "scan", b"\xFF\xD8\xFF\xE0", Ok(Format::Image)),
+            ("image/gif", "x.gif", b"GIF89a", Err(())),
             ("application/octet-stream", "x.exe", b"MZ\0\0\0", Err(())),
             ("application/octet-stream", "report.DOCX", b"PK\x03\x04", Ok(Format::Docx)),
             ("text/csv", "x", b"a,b", Ok(Format::Csv)),

@@ -10,7 +10,7 @@ use common::wire::{ParsedDocument, TextBlock};
 pub enum ParseError {
     #[error("the file is empty")]
     Empty,
-    #[error("unsupported file type `{0}`; supported: PDF, Word (.docx), PowerPoint (.pptx), Excel (.xlsx), CSV/TSV, JSON, HTML, Markdown and plain text")]
+    #[error("unsupported file type `{0}`; supported: PDF, Word (.docx), PowerPoint (.pptx), Excel (.xlsx), CSV/TSV, JSON, HTML, Markdown, plain text, and PNG/JPEG/TIFF images (read by OCR)")]
     Unsupported(String),
     #[error("the file is not valid UTF-8 text")]
     NotUtf8,
@@ -23,6 +23,11 @@ pub enum ParseError {
     #[error("the file is larger than the limit of {0} bytes")]
     TooLarge(usize),
     /// The limit, in milliseconds.
+    /// A PDF of `0` pages none of which has a text layer (a scan): OCR's turn.
+    #[error("the PDF has no text layer (a scan of {0} pages), and OCR could not read it")]
+    NoTextLayer(u32),
+    #[error("{0}")]
+    OcrUnavailable(String),
     #[error("extraction took longer than its limit of {} s", *.0 as f64 / 1000.0)]
     Timeout(u64),
 }
@@ -56,10 +61,15 @@ pub fn extract(format: Format, bytes: &[u8]) -> Result<ParsedDocument, ParseErro
         Format::Csv => (crate::office::delimited(bytes, b',')?, None, None),
         Format::Tsv => (crate::office::delimited(bytes, b'\t')?, None, None),
         Format::Json => (crate::office::json(bytes)?, None, None),
+        // Images are read by OCR, outside the workers (`ocr.rs`).
+        Format::Image => return Err(ParseError::NoText),
     };
     let blocks: Vec<TextBlock> = blocks.into_iter().filter(|b| !b.text.trim().is_empty()).collect();
     if blocks.is_empty() {
-        return Err(ParseError::NoText);
+        return Err(match (format, n_pages) {
+            (Format::Pdf, Some(pages)) => ParseError::NoTextLayer(pages),
+            _ => ParseError::NoText,
+        });
     }
     Ok(ParsedDocument { format: format.as_str().to_string(), blocks, n_pages, title })
 }

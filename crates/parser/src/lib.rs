@@ -8,6 +8,7 @@
 
 mod formats;
 pub mod isolate;
+mod ocr;
 mod office;
 pub mod worker;
 
@@ -38,6 +39,8 @@ impl From<ParseError> for ApiError {
             ParseError::Encrypted => (ErrorKind::BadRequest, "parser.encrypted"),
             ParseError::Corrupt(_) => (ErrorKind::BadRequest, "parser.corrupt"),
             ParseError::NoText => (ErrorKind::BadRequest, "parser.no_text"),
+            ParseError::NoTextLayer(_) => (ErrorKind::BadRequest, "parser.no_text"),
+            ParseError::OcrUnavailable(_) => (ErrorKind::BadRequest, "parser.ocr_unavailable"),
             ParseError::TooLarge(_) => (ErrorKind::PayloadTooLarge, "parser.too_large"),
             ParseError::Timeout(_) => (ErrorKind::BadRequest, "parser.timeout"),
         };
@@ -91,19 +94,59 @@ impl AppState {
     async fn extract(&self, body: Bytes, content_type: &str, filename: &str) -> Result<ParsedDocument, ParseError> {
         let config = &self.config;
         let timeout = Duration::from_secs(config.timeout_secs);
-        match self.extractor.as_ref() {
-            Extractor::InProcess => {
-                let mut parsed = parse_bounded(body, content_type, filename, config.max_input_bytes, timeout).await?;
+        let limit_ms = timeout.as_millis() as u64;
+        let deadline = tokio::time::Instant::now() + timeout;
+        if body.len() > config.max_input_bytes {
+            return Err(ParseError::TooLarge(config.max_input_bytes));
+        }
+        let format = detect(content_type, filename, &body[..body.len().min(8192)]).map_err(|e| ParseError::Unsupported(e.0))?;
+        if format == Format::Image {
+            return ocr::image(&body, deadline, limit_ms).await;
+        }
+        let extracted = match self.extractor.as_ref() {
+            Extractor::InProcess => parse_bounded(body.clone(), content_type, filename, config.max_input_bytes, timeout).await.map(|mut parsed| {
+                bound_output(&mut parsed, config.max_output_chars);
+                parsed
+            }),
+            Extractor::Isolated(pool) => pool.extract(format, &body, config.max_output_chars, timeout).await,
+        };
+        match extracted {
+            // A scan: every page through OCR.
+            Err(ParseError::NoTextLayer(pages)) => {
+                let all: Vec<u32> = (1..=pages).collect();
+                let blocks = ocr::pdf_pages(&body, &all, deadline, limit_ms).await?;
+                if blocks.is_empty() {
+                    return Err(ParseError::NoTextLayer(pages));
+                }
+                let mut parsed = ParsedDocument { format: "pdf".into(), blocks, n_pages: Some(pages), title: None };
                 bound_output(&mut parsed, config.max_output_chars);
                 Ok(parsed)
             }
-            Extractor::Isolated(pool) => {
-                if body.len() > config.max_input_bytes {
-                    return Err(ParseError::TooLarge(config.max_input_bytes));
-                }
-                let format = detect(content_type, filename, &body[..body.len().min(8192)]).map_err(|e| ParseError::Unsupported(e.0))?;
-                pool.extract(format, &body, config.max_output_chars, timeout).await
+            Ok(mut parsed) if format == Format::Pdf => {
+                self.read_scanned_pages(&body, &mut parsed, deadline, limit_ms).await;
+                Ok(parsed)
             }
+            other => other,
+        }
+    }
+
+    /// Pages of a typed PDF without text (a scanned page among typed ones) through OCR,
+    /// when they are few or most of the document; OCR failing here keeps the typed text.
+    async fn read_scanned_pages(&self, body: &[u8], parsed: &mut ParsedDocument, deadline: tokio::time::Instant, limit_ms: u64) {
+        let pages = parsed.n_pages.unwrap_or(0);
+        let with_text: std::collections::HashSet<u32> = parsed.blocks.iter().filter(|b| b.text.trim().chars().count() >= 20).filter_map(|b| b.page).collect();
+        let missing: Vec<u32> = (1..=pages).filter(|p| !with_text.contains(p)).collect();
+        if missing.is_empty() || (missing.len() > 20 && missing.len() * 2 < pages as usize) {
+            return;
+        }
+        match ocr::pdf_pages(body, &missing, deadline, limit_ms).await {
+            Ok(blocks) => {
+                parsed.blocks.retain(|b| b.page.is_none_or(|p| !missing.contains(&p)));
+                parsed.blocks.extend(blocks);
+                parsed.blocks.sort_by_key(|b| b.page);
+                bound_output(parsed, self.config.max_output_chars);
+            }
+            Err(error) => tracing::warn!(%error, pages = missing.len(), "pages without text were not read by OCR"),
         }
     }
 }

@@ -84,3 +84,106 @@ fn office_files_written_by_their_own_tools_keep_their_structure() {
     assert_eq!(find(&book, "Nordflow").2, "Supplier: Nordflow; City: Bergen");
     assert_eq!(find(&book, "Nordflow").1, "Suppliers › row 2");
 }
+
+/// A one-page PDF saying `line` in 28-point Helvetica, with a correct cross-reference table.
+fn text_pdf(line: &str) -> Vec<u8> {
+    let content = format!("BT /F1 28 Tf 60 700 Td ({line}) Tj ET");
+    pdf_of(&[
+        "<< /Type /Catalog /Pages 2 0 R >>".into(),
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".into(),
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>".into(),
+        format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()),
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".into(),
+    ])
+}
+
+fn pdf_of(objects: &[String]) -> Vec<u8> {
+    pdf_with_streams(&objects.iter().map(|o| o.as_bytes().to_vec()).collect::<Vec<_>>())
+}
+
+fn pdf_with_streams(objects: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = b"%PDF-1.4\n".to_vec();
+    let mut offsets = Vec::new();
+    for (i, object) in objects.iter().enumerate() {
+        offsets.push(out.len());
+        out.extend(format!("{} 0 obj\n", i + 1).as_bytes());
+        out.extend(object);
+        out.extend(b"\nendobj\n");
+    }
+    let xref = out.len();
+    out.extend(format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes());
+    for offset in offsets {
+        out.extend(format!("{offset:010} 00000 n \n").as_bytes());
+    }
+    out.extend(format!("trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n", objects.len() + 1).as_bytes());
+    out
+}
+
+/// `pdftoppm` and `tesseract`, or `None` after saying why the test is skipped; under CI
+/// (where `.ci/run` installs them) their absence fails the test.
+fn ocr_tools() -> bool {
+    let present = ["pdftoppm", "tesseract"].iter().all(|p| std::process::Command::new(p).arg("-v").output().is_ok());
+    if !present {
+        let reason = "tesseract-ocr and poppler-utils are not installed (apt-get install tesseract-ocr poppler-utils; .ci/run does)";
+        assert!(std::env::var_os("CI").is_none(), "CI must run the OCR test: {reason}");
+        println!("SKIPPED: {reason}");
+    }
+    present
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_and_scanned_pdfs_are_read_by_ocr() {
+    if !ocr_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let typed = text_pdf("The reactor console listens on port 7341.");
+    std::fs::write(dir.path().join("typed.pdf"), &typed).unwrap();
+    // The page as a picture (PNG), and as raw grey pixels for a scanned PDF.
+    for flag in ["-png", "-gray"] {
+        let status = std::process::Command::new("pdftoppm").args(["-r", "100", flag, "-singlefile"]).arg(dir.path().join("typed.pdf")).arg(dir.path().join("page")).status().unwrap();
+        assert!(status.success());
+    }
+    let png = std::fs::read(dir.path().join("page.png")).unwrap();
+    let pgm = std::fs::read(dir.path().join("page.pgm")).unwrap();
+    // P5\n<width> <height>\n255\n<pixels>
+    let header: Vec<&[u8]> = pgm.splitn(4, |b| b.is_ascii_whitespace()).collect();
+    let (width, height): (usize, usize) = (std::str::from_utf8(header[1]).unwrap().parse().unwrap(), std::str::from_utf8(header[2]).unwrap().parse().unwrap());
+    let pixels = &pgm[pgm.len() - width * height..];
+    let content = "q 612 0 0 792 0 0 cm /Im1 Do Q";
+    let mut image = format!("<< /Type /XObject /Subtype /Image /Width {width} /Height {height} /ColorSpace /DeviceGray /BitsPerComponent 8 /Length {} >>\nstream\n", pixels.len()).into_bytes();
+    image.extend(pixels);
+    image.extend(b"\nendstream");
+    let scanned = pdf_with_streams(&[
+        b"<< /Type /Catalog /Pages 2 0 R >>".to_vec(),
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_vec(),
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /XObject << /Im1 5 0 R >> >> >>".to_vec(),
+        format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()).into_bytes(),
+        image,
+    ]);
+
+    let echo = TestEcho::start().await;
+    let peers = echo.peers_as(ServiceName::Ingest);
+    let parse = |query: &'static str, body: Vec<u8>| {
+        let peers = peers.clone();
+        async move {
+            let request = peers.request(ServiceName::Parser, reqwest::Method::POST, query, None).await.unwrap().body(body);
+            peers.send(ServiceName::Parser, request).await
+        }
+    };
+    let words = |doc: &ParsedDocument| doc.blocks.iter().map(|b| b.text.clone()).collect::<Vec<_>>().join(" ");
+    let typed: ParsedDocument = parse("/v1/parse?content_type=application/pdf&filename=typed.pdf", typed).await.unwrap().json().await.unwrap();
+    assert!(words(&typed).contains("port 7341"), "{typed:?}");
+    let image: ParsedDocument = parse("/v1/parse?content_type=image/png&filename=page.png", png).await.unwrap().json().await.unwrap();
+    assert_eq!(image.format, "image");
+    assert!(words(&image).contains("reactor console") && words(&image).contains("7341"), "OCR of the picture: {image:?}");
+    let scan: ParsedDocument = parse("/v1/parse?content_type=application/pdf&filename=scan.pdf", scanned).await.unwrap().json().await.unwrap();
+    assert_eq!(scan.blocks[0].page, Some(1));
+    assert!(words(&scan).contains("reactor console") && words(&scan).contains("7341"), "OCR of the scanned PDF: {scan:?}");
+    // A picture with no words is a failure with a reason, never an empty document.
+    let blank = std::process::Command::new("pdftoppm").args(["-r", "20", "-png", "-singlefile"]).arg(dir.path().join("typed.pdf")).arg(dir.path().join("tiny")).status().unwrap();
+    assert!(blank.success());
+    let empty = parse("/v1/parse?content_type=image/png&filename=tiny.png", std::fs::read(dir.path().join("tiny.png")).unwrap()).await.unwrap_err();
+    assert_eq!(empty.code, "parser.no_text");
+    echo.stop().await;
+}

@@ -399,6 +399,8 @@ pub async fn run(args: QualityArgs) -> anyhow::Result<()> {
     }
     // Answers: the whole ask path, as a user meets it, beside the retrieval it rests on.
     let mut passes = vec![answer_pass(&echo, &set, &ids).await?];
+    // Printed as soon as measured (the model's pass and the baselines take long).
+    print_answers(&set, &passes[0], None);
     let running_config = (*echo.system.config).clone();
     echo.system.stop().await;
     if let Some(llm) = &args.llm {
@@ -425,7 +427,10 @@ pub async fn run(args: QualityArgs) -> anyhow::Result<()> {
         let echo = Echo::start(config, false).await?;
         // The model failing does not lose the rest of the run.
         match answer_pass(&echo, &set, &ids).await {
-            Ok(pass) => passes.push(pass),
+            Ok(pass) => {
+                print_answers(&set, &pass, None);
+                passes.push(pass);
+            }
             Err(error) => eprintln!("  the LLM-mode pass failed: {error:#}"),
         }
         echo.system.stop().await;
@@ -479,8 +484,10 @@ pub async fn run(args: QualityArgs) -> anyhow::Result<()> {
             .filter(|(i, q)| !q.answers.is_empty() && lists.get(*i).and_then(|l| l.first()).is_some_and(|hit| q.answers.iter().any(|a| hit.text.to_lowercase().contains(&a.to_lowercase()))))
             .count()
     });
-    for pass in &passes {
-        print_answers(&set, pass, first_hit_fact);
+    if let Some(n) = first_hit_fact {
+        let with_answers = passes.first().map_or(0, |p| p.scores.with_answers);
+        println!();
+        println!("baseline for the answers: the asked-for fact is in LlamaIndex fusion's top-1 chunk for {n}/{with_answers} questions");
     }
     if let Some(out) = &args.out {
         let dump: BTreeMap<&str, Vec<Vec<serde_json::Value>>> = systems

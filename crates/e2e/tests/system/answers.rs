@@ -95,10 +95,38 @@ async fn completions(State(model): State<Model>, axum::Json(body): axum::Json<Va
     }
 }
 
+/// Ollama's native `POST /api/chat`: newline-delimited JSON, the counts on the last line.
+async fn ollama_chat(State(model): State<Model>, axum::Json(body): axum::Json<Value>) -> axum::response::Response {
+    model.calls.fetch_add(1, Ordering::SeqCst);
+    model.requests.lock().unwrap().push(body.clone());
+    let script = model.script.lock().unwrap().clone();
+    let Reply::Stream { pieces, gap } = script(&body) else { return StatusCode::INTERNAL_SERVER_ERROR.into_response() };
+    let n = pieces.len();
+    let lines = futures_util::stream::unfold(0usize, move |i| {
+        let pieces = pieces.clone();
+        async move {
+            if i > n {
+                return None;
+            }
+            tokio::time::sleep(gap).await;
+            let line = if i < n {
+                json!({"model": "scripted", "message": {"role": "assistant", "content": pieces[i]}, "done": false})
+            } else {
+                json!({"model": "scripted", "message": {"role": "assistant", "content": ""}, "done": true, "prompt_eval_count": 90, "eval_count": n})
+            };
+            Some((Ok::<_, std::convert::Infallible>(format!("{line}\n")), i + 1))
+        }
+    });
+    ([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], axum::body::Body::from_stream(lines)).into_response()
+}
+
 impl Model {
     async fn start(script: Script) -> (Model, String) {
         let model = Model { script: Arc::new(Mutex::new(script)), requests: Arc::default(), abandoned: Arc::default(), calls: Arc::default() };
-        let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(completions)).with_state(model.clone());
+        let app = axum::Router::new()
+            .route("/v1/chat/completions", axum::routing::post(completions))
+            .route("/api/chat", axum::routing::post(ollama_chat))
+            .with_state(model.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/v1", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -399,5 +427,32 @@ async fn without_a_model_answers_quote_the_fact_and_follow_ups_carry_the_topic()
     let (_, declined) = ask(&ts, &ann, json!({"question": "Who won the 2018 World Cup?"})).await;
     assert_eq!(declined["not_found"], true, "{declined}");
     assert!(declined["citations"].as_array().unwrap().is_empty());
+    ts.system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollamas_native_api_answers_with_verified_citations_and_counts_tokens() {
+    let (model, url) = Model::start(Arc::new(|request: &Value| {
+        let n = passages_in(request).iter().find(|(_, t)| t.contains("port 7341")).map(|(n, _)| *n).unwrap_or(0);
+        Reply::Stream { pieces: words(&format!("The console listens on port 7341 [{n}] [8].")), gap: Duration::from_millis(5) }
+    }))
+    .await;
+    let base = url.trim_end_matches("/v1").to_string();
+    let ts = TestSystem::start_with(move |config| {
+        with_model(base)(config);
+        config.llm.provider = "ollama".into();
+    })
+    .await;
+    let (ann, _) = ready(&ts).await;
+    let (status, answer) = ask(&ts, &ann, json!({"question": "Which port does the reactor console listen on?"})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["mode"], "llm");
+    assert!(answer["answer"].as_str().unwrap().contains("port 7341 [1]"), "{answer}");
+    assert!(!answer["answer"].as_str().unwrap().contains("[8]"), "an invented label is dropped: {answer}");
+    assert_eq!(answer["citations"].as_array().unwrap().len(), 1, "{answer}");
+    assert_eq!(answer["usage"]["prompt_tokens"], 90);
+    let request = model.last_request();
+    assert_eq!(request["stream"], true);
+    assert_eq!(request["messages"][0]["role"], "system");
     ts.system.stop().await;
 }

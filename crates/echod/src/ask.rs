@@ -22,11 +22,12 @@ pub struct AskArgs {
     pub user: Option<String>,
 }
 
-async fn token(config: &EchoConfig, http: &reqwest::Client, args: &AskArgs) -> anyhow::Result<String> {
-    if let Some(token) = args.token.clone().filter(|t| !t.trim().is_empty()) {
-        return Ok(token);
+/// An access token: the one given, or one from signing `user` in.
+pub(crate) async fn token(config: &EchoConfig, http: &reqwest::Client, token: Option<&str>, user: Option<&str>) -> anyhow::Result<String> {
+    if let Some(token) = token.filter(|t| !t.trim().is_empty()) {
+        return Ok(token.to_string());
     }
-    let user = args.user.as_deref().ok_or_else(|| anyhow::anyhow!("say who asks: --user NAME (password from ECHO_PASSWORD or standard input), or --token / ECHO_TOKEN"))?;
+    let user = user.ok_or_else(|| anyhow::anyhow!("say who asks: --user NAME (password from ECHO_PASSWORD or standard input), or --token / ECHO_TOKEN"))?;
     let password = match std::env::var("ECHO_PASSWORD") {
         Ok(password) if !password.is_empty() => password,
         _ => {
@@ -44,7 +45,7 @@ async fn token(config: &EchoConfig, http: &reqwest::Client, args: &AskArgs) -> a
 /// the documents do not answer it.
 pub async fn run(config: EchoConfig, args: AskArgs) -> anyhow::Result<i32> {
     let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
-    let token = token(&config, &http, &args).await?;
+    let token = token(&config, &http, args.token.as_deref(), args.user.as_deref()).await?;
     let mut body = serde_json::json!({"question": args.question});
     if let Some(collection) = &args.collection {
         body["collections"] = serde_json::json!([collection]);

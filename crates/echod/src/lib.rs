@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use common::{EchoConfig, ServiceContext, ServiceName};
 
 pub mod ask;
+pub mod ingest_cli;
 pub mod bench;
 pub mod reindex;
 

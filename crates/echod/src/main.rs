@@ -62,6 +62,30 @@ enum Command {
     /// Rebuild the whole index (after changing the embedding model or chunking);
     /// searches answer from the old index until the new one is complete. Resumable.
     Reindex(#[command(flatten)] Location),
+    /// Upload many files to a running Echo as a user, with progress; files already there
+    /// (same content) are skipped, so running it again resumes an interrupted run.
+    Ingest {
+        /// Files, or directories with --recursive.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Into this collection (its id; default: your own).
+        #[arg(long)]
+        collection: Option<String>,
+        /// Take the files under directories.
+        #[arg(long, short = 'r')]
+        recursive: bool,
+        /// Sign in as this user (password from ECHO_PASSWORD or standard input).
+        #[arg(long)]
+        user: Option<String>,
+        /// An access token instead (scope `echo`).
+        #[arg(long, env = "ECHO_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Uploads at once.
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        #[command(flatten)]
+        location: Location,
+    },
     /// Extract files sent on standard input (the parser runs these as child processes).
     #[command(hide = true)]
     ParseWorker {
@@ -558,6 +582,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::ParseWorker { memory_mb } => Ok(parser::worker::serve_stdio(memory_mb)),
+        Command::Ingest { paths, collection, recursive, user, token, parallel, location } => {
+            let config = config_for(&location)?;
+            echod::ingest_cli::run(config, echod::ingest_cli::IngestArgs { paths, collection, recursive, token, user, parallel }).await
+        }
         Command::Ask { question, collection, user, token, location } => {
             let config = config_for(&location)?;
             echod::ask::run(config, echod::ask::AskArgs { question, collection, token, user }).await

@@ -454,5 +454,11 @@ async fn ollamas_native_api_answers_with_verified_citations_and_counts_tokens() 
     let request = model.last_request();
     assert_eq!(request["stream"], true);
     assert_eq!(request["messages"][0]["role"], "system");
+    // Tokens and latency are metrics.
+    let metrics = ts.http.get(format!("{}/metrics", ts.gateway())).send().await.unwrap().text().await.unwrap();
+    for name in ["echo_llm_tokens_total", "echo_llm_first_token_seconds", "echo_llm_seconds", "echo_llm_requests_total", "echo_rag_citations_dropped_total"] {
+        assert!(metrics.contains(name), "{name} is exported");
+    }
+    assert!(metrics.contains("echo_llm_tokens_total{kind=\"prompt\"} 90"), "the model's own count");
     ts.system.stop().await;
 }

@@ -187,3 +187,50 @@ async fn images_and_scanned_pdfs_are_read_by_ocr() {
     assert_eq!(empty.code, "parser.no_text");
     echo.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_files_each_get_a_clear_outcome_and_the_parser_stays_ready() {
+    use std::io::Write;
+    // A Word file that inflates to 600 MB from a few hundred kilobytes.
+    let mut bomb = std::io::Cursor::new(Vec::new());
+    {
+        let mut writer = zip::ZipWriter::new(&mut bomb);
+        let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        writer.start_file("word/document.xml", options).unwrap();
+        let zeros = vec![b' '; 1 << 20];
+        for _ in 0..600 {
+            writer.write_all(&zeros).unwrap();
+        }
+        writer.finish().unwrap();
+    }
+    let nested_json = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+    let mut truncated_pdf = text_pdf("A document cut short.");
+    truncated_pdf.truncate(truncated_pdf.len() / 2);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("application/vnd.openxmlformats-officedocument.wordprocessingml.document&filename=bomb.docx", bomb.into_inner(), "parser.too_large"),
+        ("application/vnd.openxmlformats-officedocument.wordprocessingml.document&filename=fake.docx", b"PK\x03\x04 not really a zip".to_vec(), "parser.corrupt"),
+        ("application/vnd.openxmlformats-officedocument.wordprocessingml.document&filename=locked.docx", [0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1, 0, 0, 0, 0].to_vec(), "parser.encrypted"),
+        ("application/json&filename=deep.json", nested_json.into_bytes(), "parser.corrupt"),
+        ("application/pdf&filename=cut.pdf", truncated_pdf, "parser.corrupt"),
+        ("application/pdf&filename=noise.pdf", (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect(), "parser.corrupt"),
+        ("image/png&filename=noise.png", b"\x89PNG\r\n\x1a\n this is no picture".to_vec(), "parser.corrupt"),
+        ("text/csv&filename=bad.csv", b"a,b\n\xff\xfe\x00".to_vec(), "parser.not_utf8"),
+        ("application/x-msdownload&filename=tool.exe", b"MZ\x90\x00".to_vec(), "parser.unsupported_type"),
+    ];
+    let echo = TestEcho::start().await;
+    let peers = echo.peers_as(ServiceName::Ingest);
+    for (query, body, code) in cases {
+        let path = format!("/v1/parse?content_type={query}");
+        let request = peers.request(ServiceName::Parser, reqwest::Method::POST, &path, None).await.unwrap().body(body);
+        let error = peers.send(ServiceName::Parser, request).await.expect_err(query);
+        // OCR of noise may say there is no text rather than that the file is corrupt.
+        let acceptable = error.code == code || (query.starts_with("image/png") && error.code == "parser.no_text");
+        assert!(acceptable, "{query}: expected {code}, got {} ({})", error.code, error.detail);
+        assert!(!error.detail.is_empty());
+    }
+    // Still parsing, and still ready.
+    let request = peers.request(ServiceName::Parser, reqwest::Method::POST, "/v1/parse?content_type=text/markdown&filename=ok.md", None).await.unwrap().body(&b"# Fine\n\nStill here."[..]);
+    let parsed: ParsedDocument = peers.send(ServiceName::Parser, request).await.unwrap().json().await.unwrap();
+    assert!(parsed.blocks[0].text.contains("Still here."));
+    echo.stop().await;
+}

@@ -606,3 +606,106 @@ async fn an_upload_in_flight_when_echo_is_killed_is_done_within_30_s_of_the_rest
     }
     kill9(&mut echo).await;
 }
+
+// A bounded fuzz run through the real worker pool: mutated files of every format.
+
+/// A small but complete Word file, built part by part.
+fn minimal_docx() -> Vec<u8> {
+    use std::io::Write;
+    let mut buffer = std::io::Cursor::new(Vec::new());
+    {
+        let mut zip = zip::ZipWriter::new(&mut buffer);
+        let options = zip::write::SimpleFileOptions::default();
+        let parts = [
+            ("[Content_Types].xml", r#"<?xml version="1.0" encoding="UTF-8"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types"><Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/><Default Extension="xml" ContentType="application/xml"/><Override PartName="/word/document.xml" ContentType="application/vnd.openxmlformats-officedocument.wordprocessingml.document.main+xml"/></Types>"#),
+            ("_rels/.rels", r#"<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships"><Relationship Id="rId1" Type="http://schemas.openxmlformats.org/officeDocument/2006/relationships/officeDocument" Target="word/document.xml"/></Relationships>"#),
+            ("word/document.xml", r#"<?xml version="1.0" encoding="UTF-8"?><w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main"><w:body><w:p><w:r><w:t>The console listens on port 7341.</w:t></w:r></w:p><w:tbl><w:tr><w:tc><w:p><w:r><w:t>Shift</w:t></w:r></w:p></w:tc></w:tr><w:tr><w:tc><w:p><w:r><w:t>Night</w:t></w:r></w:p></w:tc></w:tr></w:tbl></w:body></w:document>"#),
+        ];
+        for (name, text) in parts {
+            zip.start_file(name, options).unwrap();
+            zip.write_all(text.as_bytes()).unwrap();
+        }
+        zip.finish().unwrap();
+    }
+    buffer.into_inner()
+}
+
+fn mutate(seed: &[u8], rng: &mut Rng) -> Vec<u8> {
+    let mut bytes = seed.to_vec();
+    for _ in 0..=rng.below(4) {
+        if bytes.is_empty() {
+            bytes.push(rng.below(256) as u8);
+            continue;
+        }
+        let at = rng.below(bytes.len() as u64) as usize;
+        match rng.below(5) {
+            0 => bytes[at] ^= 1 << rng.below(8),
+            1 => bytes[at] = rng.below(256) as u8,
+            2 => bytes.truncate(at),
+            3 => {
+                let end = (at + 1 + rng.below(64) as usize).min(bytes.len());
+                let copy = bytes[at..end].to_vec();
+                bytes.splice(at..at, copy);
+            }
+            _ => bytes.insert(at, rng.below(256) as u8),
+        }
+    }
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutated_files_of_every_format_never_take_the_parser_down() {
+    let runs: u64 = std::env::var("ECHO_FUZZ_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+    let pdf = {
+        let content = "BT /F1 24 Tf 72 700 Td (The console listens on port 7341.) Tj ET";
+        let objects = [
+            "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
+            "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_string(),
+            "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>".to_string(),
+            format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()),
+            "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_string(),
+        ];
+        let mut out = b"%PDF-1.4\n".to_vec();
+        let mut offsets = Vec::new();
+        for (i, object) in objects.iter().enumerate() {
+            offsets.push(out.len());
+            out.extend(format!("{} 0 obj\n{object}\nendobj\n", i + 1).as_bytes());
+        }
+        let xref = out.len();
+        out.extend(format!("xref\n0 6\n0000000000 65535 f \n").as_bytes());
+        for offset in offsets {
+            out.extend(format!("{offset:010} 00000 n \n").as_bytes());
+        }
+        out.extend(format!("trailer\n<< /Size 6 /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n").as_bytes());
+        out
+    };
+    let seeds: Vec<(parser::Format, Vec<u8>)> = vec![
+        (parser::Format::Pdf, pdf),
+        (parser::Format::Docx, minimal_docx()),
+        (parser::Format::Html, b"<html><head><title>T</title></head><body><h1>Console</h1><p>Port <code>7341</code>.</p><table><tr><td>a</td></tr></table></body></html>".to_vec()),
+        (parser::Format::Markdown, b"# Console\n\nPort 7341.\n\n| a | b |\n|---|---|\n| 1 | 2 |\n".to_vec()),
+        (parser::Format::Csv, b"name,port\nconsole,7341\n\"quoted, cell\",2\n".to_vec()),
+        (parser::Format::Json, br#"{"server": {"port": 7341, "hosts": ["a", {"b": null}]}}"#.to_vec()),
+    ];
+    let seed = std::env::var("ECHO_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5eed_cafe_u64);
+    println!("fuzz seed {seed}, {runs} mutations per format");
+    let mut rng = Rng(seed);
+    let pool = worker_pool(1024);
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    for (format, original) in &seeds {
+        for _ in 0..runs {
+            let file = mutate(original, &mut rng);
+            let outcome = pool.extract(*format, &file, 1_000_000, Duration::from_secs(10)).await;
+            let label = match &outcome {
+                Ok(_) => "parsed".to_string(),
+                Err(parser::ParseError::Timeout(_)) => panic!("a {} of {} bytes took longer than 10 s", format.as_str(), file.len()),
+                Err(error) => format!("{error:?}").split('(').next().unwrap_or_default().to_string(),
+            };
+            *outcomes.entry(format!("{} {label}", format.as_str())).or_default() += 1;
+        }
+    }
+    println!("{outcomes:#?}");
+    // After all of it, a plain file still parses.
+    let parsed = pool.extract(parser::Format::Markdown, b"# Still\n\nworking.", 1_000, Duration::from_secs(10)).await.unwrap();
+    assert!(parsed.blocks[0].text.contains("working."));
+}

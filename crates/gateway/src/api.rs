@@ -96,6 +96,21 @@ pub(crate) async fn delete_document(State(app): State<AppState>, caller: Caller,
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `POST /api/v1/documents/{id}/cancel`: stops its processing (whoever may delete the
+/// document may stop or restart its processing).
+pub(crate) async fn cancel_document(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Job>> {
+    let document = service::authorized_document(&app, &caller.principal, &id, "document:delete").await?;
+    let path = format!("/v1/jobs/{}/cancel", document.job_id);
+    Ok(Json(app.ctx.peers.post_json(ServiceName::Ingest, &path, Some(&caller.principal), &serde_json::json!({})).await?))
+}
+
+/// `POST /api/v1/documents/{id}/retry`: processes a failed or cancelled document again.
+pub(crate) async fn retry_document(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Job>> {
+    let document = service::authorized_document(&app, &caller.principal, &id, "document:delete").await?;
+    let path = format!("/v1/jobs/{}/retry", document.job_id);
+    Ok(Json(app.ctx.peers.post_json(ServiceName::Ingest, &path, Some(&caller.principal), &serde_json::json!({})).await?))
+}
+
 pub(crate) async fn get_job(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Job>> {
     Ok(Json(service::authorized_job(&app, &caller.principal, &id).await?))
 }

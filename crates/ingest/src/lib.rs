@@ -64,6 +64,8 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .route("/v1/documents/{id}", get(get_document).delete(delete_document))
         .route("/v1/collections/{id}/purge", post(purge_collection))
         .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/jobs/{id}/retry", post(retry_job))
         .route("/v1/reindex", get(reindex_status).post(start_reindex))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
         .with_state(state);
@@ -206,6 +208,45 @@ async fn reindex_status(State(state): State<AppState>) -> ApiResult<Json<Reindex
 }
 
 async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Job>> {
+    state.store.job(&id).await?.map(Json).ok_or_else(|| ApiError::not_found("job.not_found", "no such job"))
+}
+
+/// `POST /v1/jobs/{id}/cancel`: stops a job that has not finished (its worker stops at
+/// the next stage); 409 naming the status of one that has.
+async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Job>> {
+    match state.store.cancel(&id).await? {
+        Ok(()) => {}
+        Err(status) if status == "missing" => return Err(ApiError::not_found("job.not_found", "no such job")),
+        Err(status) => return Err(ApiError::conflict("job.not_running", format!("the job is {status}; only a job in progress can be cancelled"))),
+    }
+    state.store.job(&id).await?.map(Json).ok_or_else(|| ApiError::not_found("job.not_found", "no such job"))
+}
+
+/// `POST /v1/jobs/{id}/retry`: queues a failed or cancelled job again from the start;
+/// 409 naming the status of any other.
+async fn retry_job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Job>> {
+    let job = state.store.job(&id).await?.ok_or_else(|| ApiError::not_found("job.not_found", "no such job"))?;
+    let document = state.store.document(&job.document_id).await?.ok_or_else(|| ApiError::not_found("document.not_found", "the job's document was deleted"))?;
+    let event = state.ctx.bus.event(
+        events::DOCUMENT_UPLOADED,
+        Some(format!("document:{}", document.id)),
+        DocumentUploaded {
+            document_id: document.id.clone(),
+            job_id: document.job_id.clone(),
+            collection_id: document.collection.clone(),
+            owner: document.owner.clone(),
+            blob_id: document.blob_id.clone(),
+            sha256: document.sha256.clone(),
+            content_type: document.content_type.clone(),
+            filename: document.filename.clone(),
+            version: document.version,
+            classification: document.classification.clone(),
+        },
+    );
+    match state.store.retry(&id, &event).await? {
+        Ok(()) => state.wake_relay.notify_one(),
+        Err(status) => return Err(ApiError::conflict("job.not_retryable", format!("the job is {status}; only a failed or cancelled job can be retried"))),
+    }
     state.store.job(&id).await?.map(Json).ok_or_else(|| ApiError::not_found("job.not_found", "no such job"))
 }
 

@@ -216,6 +216,61 @@ impl CatalogStore {
         Ok((rows.iter().map(document_from_row).collect::<Result<_, _>>()?, total))
     }
 
+    /// Cancels a job that has not finished: `Ok(Err(status))` names the status of one
+    /// that has (done, failed or cancelled already).
+    pub(crate) async fn cancel(&self, job_id: &str) -> Result<Result<(), String>, sqlx::Error> {
+        let now = now_unix();
+        let mut tx = common::db::begin_write(&self.pool).await?;
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?").bind(job_id).fetch_optional(&mut *tx).await?;
+        let Some(status) = status else { return Ok(Err("missing".into())) };
+        if matches!(status.as_str(), "done" | "failed" | "cancelled") {
+            return Ok(Err(status));
+        }
+        sqlx::query("UPDATE jobs SET status = 'cancelled', error = 'cancelled by a person', updated_at = ?, timings = json_set(timings, '$.cancelled', ?) WHERE id = ?")
+            .bind(now)
+            .bind(now)
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE documents SET status = 'cancelled', error = 'cancelled by a person', updated_at = ? WHERE job_id = ? AND deleted_at IS NULL")
+            .bind(now)
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Ok(()))
+    }
+
+    /// Queues a failed or cancelled job again, its event in the outbox in the same
+    /// transaction: `Ok(Err(status))` names the status of a job that is neither.
+    pub(crate) async fn retry(&self, job_id: &str, event: &CloudEvent) -> Result<Result<(), String>, sqlx::Error> {
+        let now = now_unix();
+        let mut tx = common::db::begin_write(&self.pool).await?;
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?").bind(job_id).fetch_optional(&mut *tx).await?;
+        let Some(status) = status else { return Ok(Err("missing".into())) };
+        if !matches!(status.as_str(), "failed" | "cancelled") {
+            return Ok(Err(status));
+        }
+        sqlx::query("UPDATE jobs SET status = 'queued', attempts = 0, error = NULL, updated_at = ?, timings = json_object('queued', ?) WHERE id = ?")
+            .bind(now)
+            .bind(now)
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE documents SET status = 'queued', error = NULL, updated_at = ? WHERE job_id = ? AND deleted_at IS NULL")
+            .bind(now)
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO outbox (event, created_at) VALUES (?, ?)")
+            .bind(serde_json::to_string(event).unwrap_or_default())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Ok(()))
+    }
+
     /// Marks the document deleted and queues `echo.document.deleted`, atomically.
     pub(crate) async fn delete(&self, id: &str, event: &CloudEvent) -> Result<bool, sqlx::Error> {
         let now = now_unix();
@@ -272,10 +327,12 @@ impl CatalogStore {
     }
 
     /// Moves the job (and its document) to `status`, recording how long the previous stage took.
-    pub(crate) async fn set_stage(&self, job_id: &str, status: &str, attempts: Option<i64>, error: Option<&str>) -> Result<(), sqlx::Error> {
+    /// Records the job's stage; `false` when the job was cancelled meanwhile (nothing
+    /// is then changed).
+    pub(crate) async fn set_stage(&self, job_id: &str, status: &str, attempts: Option<i64>, error: Option<&str>) -> Result<bool, sqlx::Error> {
         let now = now_unix();
         let mut tx = common::db::begin_write(&self.pool).await?;
-        sqlx::query(
+        let live = sqlx::query(
             "UPDATE jobs SET status = ?, attempts = COALESCE(?, attempts), error = ?, updated_at = ?,
                  timings = json_set(timings, '$.' || ?, ?)
              WHERE id = ? AND status != 'cancelled'",
@@ -288,7 +345,12 @@ impl CatalogStore {
         .bind(now)
         .bind(job_id)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected()
+            > 0;
+        if !live {
+            return Ok(false);
+        }
         sqlx::query("UPDATE documents SET status = ?, error = ?, updated_at = ? WHERE job_id = ? AND deleted_at IS NULL")
             .bind(status)
             .bind(error)
@@ -296,7 +358,8 @@ impl CatalogStore {
             .bind(job_id)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await
+        tx.commit().await?;
+        Ok(true)
     }
 
     pub(crate) async fn set_chunks(&self, document_id: &str, n_chunks: usize) -> Result<(), sqlx::Error> {

@@ -60,6 +60,8 @@ async fn relay_once(ctx: &ServiceContext, store: &CatalogStore) -> Result<usize,
 }
 
 pub(crate) const SUBSCRIPTION: &str = "ingest-worker";
+/// The error code of work stopped because its job was cancelled.
+const CANCELLED: &str = "ingest.cancelled";
 /// The ingest worker's lease on a job.
 const LEASE_MS: i64 = 15_000;
 
@@ -121,6 +123,10 @@ async fn process(ctx: &ServiceContext, store: &CatalogStore, uploaded: &Document
                 tracing::warn!(%error, "indexed event not published");
             }
             tracing::info!(document_id = %uploaded.document_id, n_chunks, "document indexed");
+            Ok(())
+        }
+        Err(error) if error.code == CANCELLED => {
+            tracing::info!(document_id = %uploaded.document_id, "ingest job cancelled; its work stopped");
             Ok(())
         }
         Err(error) => {
@@ -194,11 +200,17 @@ pub(crate) enum Stages<'a> {
 }
 
 impl Stages<'_> {
+    /// Moves the job to `stage`; an error when a person cancelled it meanwhile, which
+    /// stops the work between stages.
     async fn enter(&self, stage: &str) -> Result<(), ApiError> {
         match self {
             Stages::Job { store, job_id, attempts } => {
                 let attempts = (stage == "parsing").then_some(*attempts);
-                Ok(store.set_stage(job_id, stage, attempts, None).await?)
+                if store.set_stage(job_id, stage, attempts, None).await? {
+                    Ok(())
+                } else {
+                    Err(ApiError::conflict(CANCELLED, "the job was cancelled"))
+                }
             }
             Stages::Quiet => Ok(()),
         }
@@ -214,7 +226,13 @@ async fn run_stages(ctx: &ServiceContext, store: &CatalogStore, uploaded: &Docum
     let request = IndexRequest { document_id: uploaded.document_id.clone(), chunks };
     let _: serde_json::Value = ctx.peers.post_json(ServiceName::Search, "/v1/index", None, &request).await?;
     store.set_chunks(&uploaded.document_id, n_chunks).await?;
-    stages.enter("done").await?;
+    if let Err(error) = stages.enter("done").await {
+        // Cancelled while its chunks went in: take them out again.
+        if error.code == CANCELLED {
+            let _ = ctx.peers.delete(ServiceName::Search, &format!("/v1/documents/{}", uploaded.document_id), None).await;
+        }
+        return Err(error);
+    }
     metrics::counter!("echo_ingest_documents_indexed_total").increment(1);
     Ok(n_chunks)
 }

@@ -581,3 +581,37 @@ async fn a_forgotten_password_is_reset_once_through_the_mailed_link() {
     assert_eq!(refresh.status(), StatusCode::BAD_REQUEST, "a reset ends the old refresh tokens");
     ts.system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_in_progress_is_cancelled_and_retried_by_whoever_may_delete_it() {
+    let ts = TestSystem::start().await;
+    ts.add_user("ana", "acme", "member").await;
+    ts.add_user("eve", "umbrella", "member").await;
+    let ana = ts.sign_in("ana", &password_of("ana")).await.access_token;
+    let eve = ts.sign_in("eve", &password_of("eve")).await.access_token;
+    let text = format!("# Ledger\n\nledgermarker7 once.\n\n{}", "The ledger records each rotation of the keys. ".repeat(40_000));
+    let created = ts.upload(&ana, "ledger.md", "text/markdown", text.into_bytes()).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    // Someone of another org cannot even see it, let alone stop it.
+    let refused = post(&ts, &eve, &format!("/api/v1/documents/{id}/cancel"), json!({})).await;
+    assert_eq!(refused.status(), StatusCode::NOT_FOUND);
+    let cancelled = post(&ts, &ana, &format!("/api/v1/documents/{id}/cancel"), json!({})).await;
+    assert_eq!(cancelled.status(), StatusCode::OK, "{}", cancelled.text().await.unwrap());
+    // It stays cancelled: the worker stops at its next stage and indexes nothing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let document: Value = get(&ts, &ana, &format!("/api/v1/documents/{id}")).await.json().await.unwrap();
+    assert_eq!(document["status"], "cancelled", "{document}");
+    let found: Value = post(&ts, &ana, "/api/v1/search", json!({"query": "ledgermarker7"})).await.json().await.unwrap();
+    assert!(found["hits"].as_array().unwrap().is_empty(), "nothing of it is searchable: {found}");
+    let again = post(&ts, &ana, &format!("/api/v1/documents/{id}/cancel"), json!({})).await;
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+    // Retried, it is processed from the start.
+    let retried = post(&ts, &ana, &format!("/api/v1/documents/{id}/retry"), json!({})).await;
+    assert_eq!(retried.status(), StatusCode::OK);
+    ts.wait_indexed(&ana, &created).await;
+    let found: Value = post(&ts, &ana, "/api/v1/search", json!({"query": "ledgermarker7"})).await.json().await.unwrap();
+    assert_eq!(found["hits"][0]["document_id"], id.as_str(), "{found}");
+    let done_again = post(&ts, &ana, &format!("/api/v1/documents/{id}/retry"), json!({})).await;
+    assert_eq!(done_again.status(), StatusCode::CONFLICT, "a finished job is not retried");
+    ts.system.stop().await;
+}

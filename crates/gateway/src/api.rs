@@ -2,6 +2,7 @@
 //! Handlers extract, call one function of `service` or a peer, and map the result.
 
 use std::convert::Infallible;
+use std::time::Duration;
 
 use axum::extract::{Multipart, Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -94,6 +95,49 @@ pub(crate) async fn delete_document(State(app): State<AppState>, caller: Caller,
     service::authorized_document(&app, &caller.principal, &id, "document:delete").await?;
     app.ctx.peers.delete(ServiceName::Ingest, &format!("/v1/documents/{id}"), Some(&caller.principal)).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// How long one `GET /api/v1/documents/events` stream lasts; the browser's EventSource
+/// reconnects, and so signs in again (a revoked session stops getting news).
+const DOCUMENT_EVENTS_FOR: Duration = Duration::from_secs(300);
+
+/// `GET /api/v1/documents/events`: server-sent `documents` events, each the documents
+/// whose status changed since the last (the first: all of them), as the pipeline moves.
+pub(crate) async fn document_events(State(app): State<AppState>, caller: Caller) -> ApiResult<Response> {
+    let first = service::list_documents(&app, &caller.principal, None, Some(200), None).await?;
+    let principal = caller.principal;
+    let started = tokio::time::Instant::now();
+    let initial: Vec<serde_json::Value> = first.documents.iter().map(document_news).collect();
+    let seen: std::collections::HashMap<String, serde_json::Value> = initial.iter().map(|d| (d["id"].as_str().unwrap_or_default().to_string(), d.clone())).collect();
+    let first_event = futures_util::stream::once(async move { Ok::<_, Infallible>(Event::default().event("documents").data(serde_json::Value::Array(initial).to_string())) });
+    let changes = futures_util::stream::unfold((app, principal, seen), move |(app, principal, mut seen)| async move {
+        loop {
+            if started.elapsed() > DOCUMENT_EVENTS_FOR {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let Ok(page) = service::list_documents(&app, &principal, None, Some(200), None).await else { return None };
+            let changed: Vec<serde_json::Value> = page
+                .documents
+                .iter()
+                .map(document_news)
+                .filter(|d| seen.get(d["id"].as_str().unwrap_or_default()) != Some(d))
+                .collect();
+            if changed.is_empty() {
+                continue;
+            }
+            for d in &changed {
+                seen.insert(d["id"].as_str().unwrap_or_default().to_string(), d.clone());
+            }
+            let event = Event::default().event("documents").data(serde_json::Value::Array(changed).to_string());
+            return Some((Ok::<_, Infallible>(event), (app, principal, seen)));
+        }
+    });
+    Ok(Sse::new(first_event.chain(changes)).keep_alive(axum::response::sse::KeepAlive::default()).into_response())
+}
+
+fn document_news(document: &common::wire::Document) -> serde_json::Value {
+    serde_json::json!({"id": document.id, "status": document.status, "error": document.error})
 }
 
 /// `POST /api/v1/documents/{id}/cancel`: stops its processing (whoever may delete the

@@ -124,6 +124,7 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .route("/documents", get(api::list_documents).post(api::upload).layer(upload_limit))
         .route("/documents/{id}", get(api::get_document).delete(api::delete_document))
         .route("/documents/{id}/content", get(api::content))
+        .route("/documents/events", get(api::document_events))
         .route("/documents/{id}/cancel", post(api::cancel_document))
         .route("/documents/{id}/retry", post(api::retry_document))
         .route("/jobs/{id}", get(api::get_job))

@@ -66,8 +66,45 @@ struct DocumentsPage {
     username: String,
     org: String,
     collections: Vec<Collection>,
-    documents: Vec<Document>,
+    documents: Vec<DocumentRow>,
     message: Option<String>,
+}
+
+/// A document as the list shows it: readable size and date, its collection by name,
+/// and whether the viewer may stop, retry or delete it.
+struct DocumentRow {
+    id: String,
+    filename: String,
+    classification: String,
+    collection: String,
+    status: String,
+    error: Option<String>,
+    size: String,
+    added: String,
+    can_manage: bool,
+}
+
+/// `1536` → `1.5 KB`.
+pub(crate) fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KB", "MB", "GB", "TB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value < 10.0 { format!("{value:.1} {}", UNITS[unit]) } else { format!("{value:.0} {}", UNITS[unit]) }
+}
+
+/// `2026-12-05T12:14:44Z` → `2026-12-05 12:14 UTC`.
+pub(crate) fn human_time(rfc3339: &str) -> String {
+    match (rfc3339.get(..10), rfc3339.get(11..16)) {
+        (Some(day), Some(time)) if rfc3339.ends_with('Z') => format!("{day} {time} UTC"),
+        _ => rfc3339.to_string(),
+    }
 }
 
 pub(crate) async fn documents(State(app): State<AppState>, PageUser(session): PageUser) -> Response {
@@ -82,13 +119,36 @@ async fn documents_with(app: &AppState, session: crate::session::Session, messag
         Ok::<_, ApiError>((collections, page.documents))
     }
     .await;
-    match loaded {
-        Ok((collections, documents)) => render(
-            StatusCode::OK,
-            DocumentsPage { csrf: session.csrf.clone(), username: principal.username.clone(), org: principal.org.clone(), collections, documents, message }.render(),
-        ),
-        Err(error) => error_page(&error),
+    let (collections, documents) = match loaded {
+        Ok(loaded) => loaded,
+        Err(error) => return error_page(&error),
+    };
+    let names: std::collections::HashMap<&str, &str> = collections.iter().map(|c| (c.id.as_str(), c.name.as_str())).collect();
+    let mut may: std::collections::HashMap<(String, String), bool> = std::collections::HashMap::new();
+    let mut rows = Vec::with_capacity(documents.len());
+    for d in documents {
+        let key = (d.collection.clone(), d.classification.clone());
+        let can_manage = match may.get(&key) {
+            Some(allowed) => *allowed,
+            None => {
+                let allowed = service::decide_classified(app, principal, "document:delete", "Collection", &d.collection, Some(d.classification.as_str())).await.unwrap_or(false);
+                may.insert(key, allowed);
+                allowed
+            }
+        };
+        rows.push(DocumentRow {
+            collection: names.get(d.collection.as_str()).map_or_else(|| "a shared collection".to_string(), |n| n.to_string()),
+            size: human_size(d.size),
+            added: human_time(&d.created_at),
+            id: d.id,
+            filename: d.filename,
+            classification: d.classification,
+            status: d.status,
+            error: d.error,
+            can_manage,
+        });
     }
+    render(StatusCode::OK, DocumentsPage { csrf: session.csrf.clone(), username: principal.username.clone(), org: principal.org.clone(), collections, documents: rows, message }.render())
 }
 
 pub(crate) async fn upload(State(app): State<AppState>, PageUser(session): PageUser, headers: axum::http::HeaderMap, multipart: Multipart) -> Response {
@@ -618,6 +678,16 @@ pub(crate) async fn signed_out() -> Response {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+
+    #[test]
+    fn sizes_and_times_read_as_people_write_them() {
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(1536), "1.5 KB");
+        assert_eq!(human_size(52_428_800), "50 MB");
+        assert_eq!(human_time("2026-12-05T12:14:44Z"), "2026-12-05 12:14 UTC");
+        assert_eq!(human_time("yesterday"), "yesterday");
+    }
+
     use super::*;
 
     #[test]

@@ -615,3 +615,36 @@ async fn a_document_in_progress_is_cancelled_and_retried_by_whoever_may_delete_i
     assert_eq!(done_again.status(), StatusCode::CONFLICT, "a finished job is not retried");
     ts.system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documents_status_streams_over_server_sent_events() {
+    use futures_util::StreamExt;
+    let ts = TestSystem::start().await;
+    ts.add_user("ana", "acme", "member").await;
+    let ana = ts.sign_in("ana", &password_of("ana")).await.access_token;
+    let response = ts.http.get(format!("{}/api/v1/documents/events", ts.gateway())).bearer_auth(&ana).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let mut events = Box::pin(common::sse::events(response.bytes_stream()));
+    let first = events.next().await.unwrap().unwrap();
+    assert_eq!((first.event.as_str(), first.data.as_str()), ("documents", "[]"), "no documents yet");
+    let created = ts.upload(&ana, "notes.md", "text/markdown", b"# Notes\n\nStreamed status.".to_vec()).await;
+    let id = created["id"].as_str().unwrap();
+    let mut statuses: Vec<String> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while statuses.last().map(String::as_str) != Some("done") {
+        let event = tokio::time::timeout_at(deadline, events.next()).await.expect("the news comes").unwrap().unwrap();
+        let news: Vec<Value> = serde_json::from_str(&event.data).unwrap();
+        for document in news.iter().filter(|d| d["id"] == id) {
+            statuses.push(document["status"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(!statuses.is_empty() && statuses.windows(2).all(|w| w[0] != w[1]), "each event is a change: {statuses:?}");
+    // Someone else's stream says nothing of it.
+    ts.add_user("eve", "umbrella", "member").await;
+    let eve = ts.sign_in("eve", &password_of("eve")).await.access_token;
+    let response = ts.http.get(format!("{}/api/v1/documents/events", ts.gateway())).bearer_auth(&eve).send().await.unwrap();
+    let mut events = Box::pin(common::sse::events(response.bytes_stream()));
+    assert_eq!(events.next().await.unwrap().unwrap().data, "[]");
+    ts.system.stop().await;
+}

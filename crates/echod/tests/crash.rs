@@ -672,7 +672,7 @@ async fn mutated_files_of_every_format_never_take_the_parser_down() {
             out.extend(format!("{} 0 obj\n{object}\nendobj\n", i + 1).as_bytes());
         }
         let xref = out.len();
-        out.extend(format!("xref\n0 6\n0000000000 65535 f \n").as_bytes());
+        out.extend(b"xref\n0 6\n0000000000 65535 f \n");
         for offset in offsets {
             out.extend(format!("{offset:010} 00000 n \n").as_bytes());
         }

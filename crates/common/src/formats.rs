@@ -4,7 +4,7 @@
 
 /// The upload is of a type Echo cannot read; carries what was seen.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("unsupported file type `{0}`; supported: PDF, Word (.docx), PowerPoint (.pptx), Excel (.xlsx), CSV/TSV, JSON, HTML, Markdown, plain text, and PNG/JPEG/TIFF images (read by OCR)")]
+#[error("unsupported file type `{0}`; supported: PDF, Word (.docx), PowerPoint (.pptx), Excel (.xlsx), OpenDocument text and spreadsheets (.odt, .ods), EPUB, RTF, CSV/TSV, JSON, HTML, Markdown, plain text, and PNG/JPEG/TIFF images (read by OCR)")]
 pub struct Unsupported(pub String);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,9 +21,29 @@ pub enum Format {
     Json,
     /// PNG, JPEG or TIFF: read by OCR.
     Image,
+    Odt,
+    Ods,
+    Epub,
+    Rtf,
 }
 
-const ALL: [Format; 11] = [Format::Text, Format::Markdown, Format::Html, Format::Pdf, Format::Docx, Format::Pptx, Format::Xlsx, Format::Csv, Format::Tsv, Format::Json, Format::Image];
+const ALL: [Format; 15] = [
+    Format::Text,
+    Format::Markdown,
+    Format::Html,
+    Format::Pdf,
+    Format::Docx,
+    Format::Pptx,
+    Format::Xlsx,
+    Format::Csv,
+    Format::Tsv,
+    Format::Json,
+    Format::Image,
+    Format::Odt,
+    Format::Ods,
+    Format::Epub,
+    Format::Rtf,
+];
 
 impl Format {
     pub fn as_str(self) -> &'static str {
@@ -39,6 +59,10 @@ impl Format {
             Format::Tsv => "tsv",
             Format::Json => "json",
             Format::Image => "image",
+            Format::Odt => "odt",
+            Format::Ods => "ods",
+            Format::Epub => "epub",
+            Format::Rtf => "rtf",
         }
     }
 
@@ -60,6 +84,10 @@ impl Format {
             Format::Tsv => "text/tab-separated-values",
             Format::Json => "application/json",
             Format::Image => "image/png",
+            Format::Odt => "application/vnd.oasis.opendocument.text",
+            Format::Ods => "application/vnd.oasis.opendocument.spreadsheet",
+            Format::Epub => "application/epub+zip",
+            Format::Rtf => "application/rtf",
         }
     }
 }
@@ -98,6 +126,10 @@ pub fn detect(content_type: &str, filename: &str, head: &[u8]) -> Result<Format,
         "text/tab-separated-values" => Some(Format::Tsv),
         "application/json" => Some(Format::Json),
         "image/png" | "image/jpeg" | "image/tiff" => Some(Format::Image),
+        "application/vnd.oasis.opendocument.text" => Some(Format::Odt),
+        "application/vnd.oasis.opendocument.spreadsheet" => Some(Format::Ods),
+        "application/epub+zip" => Some(Format::Epub),
+        "application/rtf" | "text/rtf" => Some(Format::Rtf),
         "text/plain" => None, // browsers send text/plain for .md too: let the extension decide
         _ => None,
     };
@@ -113,6 +145,10 @@ pub fn detect(content_type: &str, filename: &str, head: &[u8]) -> Result<Format,
         "tsv" | "tab" => Some(Format::Tsv),
         "json" => Some(Format::Json),
         "png" | "jpg" | "jpeg" | "tif" | "tiff" => Some(Format::Image),
+        "odt" => Some(Format::Odt),
+        "ods" => Some(Format::Ods),
+        "epub" => Some(Format::Epub),
+        "rtf" => Some(Format::Rtf),
         _ => None,
     };
     if let Some(format) = by_mime.or(by_extension) {
@@ -120,6 +156,22 @@ pub fn detect(content_type: &str, filename: &str, head: &[u8]) -> Result<Format,
     }
     if head.starts_with(b"%PDF-") {
         return Ok(Format::Pdf);
+    }
+    if head.starts_with(b"{\\rtf") {
+        return Ok(Format::Rtf);
+    }
+    // OpenDocument and EPUB zips name their type in a first, stored `mimetype` entry.
+    if head.starts_with(b"PK\x03\x04") && head.get(30..38) == Some(b"mimetype") {
+        let kind = &head[38..head.len().min(100)];
+        for (name, format) in [
+            (&b"application/vnd.oasis.opendocument.text"[..], Format::Odt),
+            (b"application/vnd.oasis.opendocument.spreadsheet", Format::Ods),
+            (b"application/epub+zip", Format::Epub),
+        ] {
+            if kind.starts_with(name) {
+                return Ok(format);
+            }
+        }
     }
     if head.starts_with(b"\x89PNG\r\n\x1a\n") || head.starts_with(&[0xFF, 0xD8, 0xFF]) || head.starts_with(b"II*\0") || head.starts_with(b"MM\0*") {
         return Ok(Format::Image);
@@ -181,6 +233,11 @@ mod tests {
             ("image/gif", "x.gif", b"GIF89a", Err(())),
             ("application/octet-stream", "x.exe", b"MZ\0\0\0", Err(())),
             ("application/octet-stream", "report.DOCX", b"PK\x03\x04", Ok(Format::Docx)),
+            ("application/octet-stream", "x", b"PK\x03\x04\x14\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\x08\0\0\0mimetypeapplication/epub+zip", Ok(Format::Epub)),
+            ("application/octet-stream", "x", b"PK\x03\x04\x14\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\x08\0\0\0mimetypeapplication/vnd.oasis.opendocument.spreadsheet", Ok(Format::Ods)),
+            ("", "letter.rtf", b"{\\rtf1", Ok(Format::Rtf)),
+            ("application/octet-stream", "x", b"{\\rtf1\\ansi", Ok(Format::Rtf)),
+            ("application/vnd.oasis.opendocument.text", "x", b"", Ok(Format::Odt)),
             ("text/csv", "x", b"a,b", Ok(Format::Csv)),
             ("", "data.tsv", b"a\tb", Ok(Format::Tsv)),
             ("application/json", "x", b"{}", Ok(Format::Json)),

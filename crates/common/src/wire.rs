@@ -381,6 +381,30 @@ pub struct Job {
     pub error: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+    /// The stages the job went through, in order, with their durations.
+    #[serde(default)]
+    pub stages: Vec<JobStage>,
+}
+
+/// What a document list is narrowed to (gateway → ingest): a part of the file name
+/// (any case), a status, a file extension. The gateway checks the values.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DocumentFilter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extension: Option<String>,
+}
+
+/// One stage of an ingest job: when it began and, once the next began, how long it took.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct JobStage {
+    pub stage: String,
+    pub started_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
 }
 
 // ---- search ----
@@ -475,6 +499,15 @@ pub enum SearchMode {
     Hybrid,
     Bm25,
     Vector,
+}
+
+/// A document's first chunks in reading order and its chunk count (search →
+/// gateway, for the document page's preview).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ChunkPreview {
+    pub document_id: String,
+    pub total: usize,
+    pub chunks: Vec<SearchHit>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

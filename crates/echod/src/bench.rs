@@ -12,6 +12,7 @@ pub mod api;
 mod corpus;
 pub mod embed;
 pub mod flood;
+pub mod parse;
 mod python;
 pub mod quality;
 pub mod queue;

@@ -246,6 +246,30 @@ enum BenchCommand {
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
     },
+    /// B1: parsing speed by format (pages/s) on real PDF and HTML manuals beside
+    /// LlamaIndex's SimpleDirectoryReader with pypdf, and PDF completeness against pypdf.
+    Parse {
+        /// An evaluation file whose corpus is parsed (default tests/eval/debian-docs.json).
+        #[arg(long)]
+        eval: Option<PathBuf>,
+        /// Skip the LlamaIndex baseline.
+        #[arg(long)]
+        no_baseline: bool,
+    },
+    /// B2: chunking speed (MB/s) on mixed text and one hard-wrapped document beside
+    /// LangChain's RecursiveCharacterTextSplitter.
+    Chunk {
+        #[arg(long)]
+        eval: Option<PathBuf>,
+        /// Megabytes of mixed text.
+        #[arg(long, default_value_t = 50)]
+        mixed_mb: usize,
+        /// Megabytes of the hard-wrapped document.
+        #[arg(long, default_value_t = 10)]
+        wrapped_mb: usize,
+        #[arg(long)]
+        no_baseline: bool,
+    },
     /// B3: the local embedding model beside sentence-transformers (speed, cosine).
     Embed {
         #[arg(long, default_value_t = 2000)]
@@ -537,6 +561,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Bench(BenchCommand::Flood { seconds, concurrency }) => {
             echod::bench::flood::run(seconds, concurrency).await?;
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Parse { eval, no_baseline }) => {
+            echod::bench::parse::run_parse(eval, !no_baseline).await?;
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Chunk { eval, mixed_mb, wrapped_mb, no_baseline }) => {
+            echod::bench::parse::run_chunk(eval, mixed_mb, wrapped_mb, !no_baseline).await?;
             Ok(0)
         }
         Command::Bench(BenchCommand::Embed { chunks, batch }) => {

@@ -630,6 +630,27 @@ fn minimal_docx() -> Vec<u8> {
     buffer.into_inner()
 }
 
+/// An OpenDocument text as small as it gets, its parts stored uncompressed so that
+/// mutations reach the XML.
+fn minimal_odt() -> Vec<u8> {
+    use std::io::Write;
+    let mut buffer = std::io::Cursor::new(Vec::new());
+    {
+        let mut zip = zip::ZipWriter::new(&mut buffer);
+        let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        let parts = [
+            ("mimetype", "application/vnd.oasis.opendocument.text"),
+            ("content.xml", r#"<?xml version="1.0" encoding="UTF-8"?><office:document-content xmlns:office="urn:oasis:names:tc:opendocument:xmlns:office:1.0" xmlns:text="urn:oasis:names:tc:opendocument:xmlns:text:1.0" xmlns:table="urn:oasis:names:tc:opendocument:xmlns:table:1.0"><office:body><office:text><text:h text:outline-level="1">Console</text:h><text:p>Port <text:span>7341</text:span>&amp;<text:s text:c="3"/>more.<text:note><text:note-citation>1</text:note-citation><text:note-body><text:p>Fixed.</text:p></text:note-body></text:note></text:p><table:table><table:table-row><table:table-cell><text:p>Shift</text:p></table:table-cell></table:table-row><table:table-row><table:table-cell table:number-columns-repeated="3"/></table:table-row></table:table></office:text></office:body></office:document-content>"#),
+        ];
+        for (name, text) in parts {
+            zip.start_file(name, options).unwrap();
+            zip.write_all(text.as_bytes()).unwrap();
+        }
+        zip.finish().unwrap();
+    }
+    buffer.into_inner()
+}
+
 fn mutate(seed: &[u8], rng: &mut Rng) -> Vec<u8> {
     let mut bytes = seed.to_vec();
     for _ in 0..=rng.below(4) {
@@ -686,6 +707,8 @@ async fn mutated_files_of_every_format_never_take_the_parser_down() {
         (parser::Format::Markdown, b"# Console\n\nPort 7341.\n\n| a | b |\n|---|---|\n| 1 | 2 |\n".to_vec()),
         (parser::Format::Csv, b"name,port\nconsole,7341\n\"quoted, cell\",2\n".to_vec()),
         (parser::Format::Json, br#"{"server": {"port": 7341, "hosts": ["a", {"b": null}]}}"#.to_vec()),
+        (parser::Format::Odt, minimal_odt()),
+        (parser::Format::Rtf, br"{\rtf1\ansi\ansicpg1252\uc1{\fonttbl{\f0 Arial;}}{\*\generator x}\pard Caf\'e9\par The console\u8217?s port is 7341.\par{\field{\*\fldinst HYPERLINK}{\fldrslt link}}}".to_vec()),
     ];
     let seed = std::env::var("ECHO_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5eed_cafe_u64);
     println!("fuzz seed {seed}, {runs} mutations per format");

@@ -76,10 +76,17 @@ pub(crate) struct ListParams {
     collection: Option<String>,
     limit: Option<i64>,
     offset: Option<i64>,
+    /// A part of the file name.
+    q: Option<String>,
+    status: Option<String>,
+    /// A file extension (`pdf`).
+    #[serde(rename = "type")]
+    kind: Option<String>,
 }
 
 pub(crate) async fn list_documents(State(app): State<AppState>, caller: Caller, Query(params): Query<ListParams>) -> ApiResult<Json<serde_json::Value>> {
-    let page = service::list_documents(&app, &caller.principal, params.collection.as_deref(), params.limit, params.offset).await?;
+    let filter = service::document_filter(params.q.as_deref(), params.status.as_deref(), params.kind.as_deref())?;
+    let page = service::list_documents(&app, &caller.principal, params.collection.as_deref(), &filter, params.limit, params.offset).await?;
     Ok(Json(serde_json::json!({"documents": page.documents, "total": page.total})))
 }
 
@@ -104,7 +111,7 @@ const DOCUMENT_EVENTS_FOR: Duration = Duration::from_secs(300);
 /// `GET /api/v1/documents/events`: server-sent `documents` events, each the documents
 /// whose status changed since the last (the first: all of them), as the pipeline moves.
 pub(crate) async fn document_events(State(app): State<AppState>, caller: Caller) -> ApiResult<Response> {
-    let first = service::list_documents(&app, &caller.principal, None, Some(200), None).await?;
+    let first = service::list_documents(&app, &caller.principal, None, &Default::default(), Some(200), None).await?;
     let principal = caller.principal;
     let started = tokio::time::Instant::now();
     let initial: Vec<serde_json::Value> = first.documents.iter().map(document_news).collect();
@@ -116,7 +123,7 @@ pub(crate) async fn document_events(State(app): State<AppState>, caller: Caller)
                 return None;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let Ok(page) = service::list_documents(&app, &principal, None, Some(200), None).await else { return None };
+            let Ok(page) = service::list_documents(&app, &principal, None, &Default::default(), Some(200), None).await else { return None };
             let changed: Vec<serde_json::Value> = page
                 .documents
                 .iter()

@@ -59,6 +59,27 @@ async fn limit_by_address(
     next.run(request).await
 }
 
+/// Every request's time limit: `gateway.request_timeout_secs`, or for an answer (which
+/// waits on the model) the model's own limit (`service::answer_timeout`). Past it the
+/// work is dropped and the client hears why: problem+json (504) for the API, a page in
+/// the browser.
+async fn time_limit(axum::extract::State(app): axum::extract::State<AppState>, request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let path = request.uri().path();
+    let answering = matches!(path, "/api/v1/ask" | "/v1/chat/completions" | "/ask");
+    let limit = if answering { service::answer_timeout(&app.ctx.config) } else { Duration::from_secs(app.ctx.config.gateway.request_timeout_secs) };
+    let api = path.starts_with("/api/") || path.starts_with("/v1/");
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let error = common::ApiError::unavailable("gateway.timeout", format!("the request took longer than its limit of {} s; try again, or ask an administrator to raise it", limit.as_secs()));
+            let mut response = if api { error.into_response() } else { pages::error_page(&error) };
+            *response.status_mut() = axum::http::StatusCode::GATEWAY_TIMEOUT;
+            response
+        }
+    }
+}
+
 /// Readiness: every service the gateway depends on answers its own `/readyz`.
 fn readiness(ctx: &ServiceContext, pool: SqlitePool, consumer_ready: common::server::ReadyFlag) -> common::server::ReadyCheck {
     let http = ctx.peers.http().clone();
@@ -171,7 +192,7 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .merge(pages)
         .fallback(pages::page_not_found)
         .layer(DefaultBodyLimit::max(config.max_json_bytes))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(axum::http::StatusCode::GATEWAY_TIMEOUT, Duration::from_secs(config.request_timeout_secs)))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), time_limit))
         .layer(SetResponseHeaderLayer::if_not_present(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
         .layer(SetResponseHeaderLayer::if_not_present(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")))
         .layer(axum::middleware::from_fn_with_state(app.clone(), limit_by_address))

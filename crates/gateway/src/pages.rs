@@ -68,6 +68,28 @@ struct DocumentsPage {
     collections: Vec<Collection>,
     documents: Vec<DocumentRow>,
     message: Option<String>,
+    filter: DocumentsQuery,
+    statuses: &'static [&'static str],
+    total: i64,
+}
+
+/// The documents page's filter, from its query string.
+#[derive(Default, Deserialize)]
+pub(crate) struct DocumentsQuery {
+    #[serde(default)]
+    q: String,
+    #[serde(default)]
+    collection: String,
+    #[serde(default)]
+    status: String,
+    #[serde(default, rename = "type")]
+    kind: String,
+}
+
+impl DocumentsQuery {
+    fn is_empty(&self) -> bool {
+        self.q.trim().is_empty() && self.collection.is_empty() && self.status.is_empty() && self.kind.trim().is_empty()
+    }
 }
 
 /// A document as the list shows it: readable size and date, its collection by name,
@@ -107,19 +129,21 @@ pub(crate) fn human_time(rfc3339: &str) -> String {
     }
 }
 
-pub(crate) async fn documents(State(app): State<AppState>, PageUser(session): PageUser) -> Response {
-    documents_with(&app, session, None).await
+pub(crate) async fn documents(State(app): State<AppState>, PageUser(session): PageUser, axum::extract::Query(filter): axum::extract::Query<DocumentsQuery>) -> Response {
+    documents_with(&app, session, None, filter).await
 }
 
-async fn documents_with(app: &AppState, session: crate::session::Session, message: Option<String>) -> Response {
+async fn documents_with(app: &AppState, session: crate::session::Session, message: Option<String>, filter: DocumentsQuery) -> Response {
     let principal = &session.principal;
     let loaded = async {
         let collections = service::collections(app, principal).await?;
-        let page = service::list_documents(app, principal, None, Some(200), None).await?;
-        Ok::<_, ApiError>((collections, page.documents))
+        let wanted = service::document_filter(Some(&filter.q), Some(&filter.status), Some(&filter.kind))?;
+        let collection = Some(filter.collection.as_str()).filter(|c| !c.is_empty());
+        let page = service::list_documents(app, principal, collection, &wanted, Some(200), None).await?;
+        Ok::<_, ApiError>((collections, page.documents, page.total))
     }
     .await;
-    let (collections, documents) = match loaded {
+    let (collections, documents, total) = match loaded {
         Ok(loaded) => loaded,
         Err(error) => return error_page(&error),
     };
@@ -148,12 +172,23 @@ async fn documents_with(app: &AppState, session: crate::session::Session, messag
             can_manage,
         });
     }
-    render(StatusCode::OK, DocumentsPage { csrf: session.csrf.clone(), username: principal.username.clone(), org: principal.org.clone(), collections, documents: rows, message }.render())
+    let page = DocumentsPage {
+        csrf: session.csrf.clone(),
+        username: principal.username.clone(),
+        org: principal.org.clone(),
+        collections,
+        documents: rows,
+        message,
+        filter,
+        statuses: &service::DOCUMENT_STATUSES,
+        total,
+    };
+    render(StatusCode::OK, page.render())
 }
 
 pub(crate) async fn upload(State(app): State<AppState>, PageUser(session): PageUser, headers: axum::http::HeaderMap, multipart: Multipart) -> Response {
     match service::upload(&app, &session.principal, multipart, service::content_length(&headers), Some(&session.csrf)).await {
-        Ok(created) if created.duplicate_of.is_some() => documents_with(&app, session, Some("That file is already in this collection.".into())).await,
+        Ok(created) if created.duplicate_of.is_some() => documents_with(&app, session, Some("That file is already in this collection.".into()), DocumentsQuery::default()).await,
         Ok(_) => {
             let mut response = Redirect::to("/documents").into_response();
             *response.status_mut() = StatusCode::SEE_OTHER;
@@ -170,16 +205,90 @@ struct DocumentPage {
     username: String,
     org: String,
     document: Document,
+    collection: String,
+    size: String,
+    added: String,
+    may_download: bool,
+    may_delete: bool,
+    stages: Vec<StageRow>,
+    preview: Vec<PreviewRow>,
+    n_chunks: usize,
 }
 
+struct StageRow {
+    stage: String,
+    took: String,
+}
+
+struct PreviewRow {
+    place: String,
+    text: String,
+}
+
+/// How many chunks the document page shows.
+const PREVIEW_CHUNKS: usize = 12;
+
+/// `0.0123` → `12 ms`, `3.4` → `3.4 s`.
+fn human_seconds(seconds: f64) -> String {
+    if seconds < 1.0 { format!("{:.0} ms", seconds * 1000.0) } else if seconds < 120.0 { format!("{seconds:.1} s") } else { format!("{:.1} min", seconds / 60.0) }
+}
+
+/// A document: what it is, where it is, how its ingest went stage by stage, the start
+/// of its extracted text as chunks (with pages and sections), and only the actions the
+/// viewer may take.
 pub(crate) async fn document(State(app): State<AppState>, PageUser(session): PageUser, Path(id): Path<String>) -> Response {
-    match service::authorized_document(&app, &session.principal, &id, "document:read_chunks").await {
-        Ok(document) => render(
-            StatusCode::OK,
-            DocumentPage { csrf: session.csrf.clone(), username: session.principal.username.clone(), org: session.principal.org.clone(), document }.render(),
-        ),
-        Err(error) => error_page(&error),
-    }
+    let principal = &session.principal;
+    let document = match service::authorized_document(&app, principal, &id, "document:read_chunks").await {
+        Ok(document) => document,
+        Err(error) => return error_page(&error),
+    };
+    let class = Some(document.classification.as_str());
+    let may = |action: &'static str| service::decide_classified(&app, principal, action, "Collection", &document.collection, class);
+    let (may_download, may_delete) = (may("document:download").await.unwrap_or(false), may("document:delete").await.unwrap_or(false));
+    let collection = service::collections(&app, principal)
+        .await
+        .ok()
+        .and_then(|all| all.into_iter().find(|c| c.id == document.collection).map(|c| c.name))
+        .unwrap_or_else(|| "a shared collection".to_string());
+    let job: Option<common::wire::Job> = app.ctx.peers.get_json(ServiceName::Ingest, &format!("/v1/jobs/{}", document.job_id), Some(principal)).await.ok();
+    let stages = job
+        .map(|job| job.stages.into_iter().map(|s| StageRow { took: s.seconds.map(human_seconds).unwrap_or_default(), stage: s.stage }).collect())
+        .unwrap_or_default();
+    let preview: Option<common::wire::ChunkPreview> =
+        app.ctx.peers.get_json(ServiceName::Search, &format!("/v1/documents/{}/chunks?limit={PREVIEW_CHUNKS}", document.id), Some(principal)).await.ok();
+    let (n_chunks, preview) = preview
+        .map(|p| {
+            let rows = p
+                .chunks
+                .into_iter()
+                .map(|c| {
+                    let place = match (c.page, c.section) {
+                        (Some(page), Some(section)) => format!("p. {page} · {section}"),
+                        (Some(page), None) => format!("p. {page}"),
+                        (None, Some(section)) => section,
+                        (None, None) => String::new(),
+                    };
+                    PreviewRow { place, text: c.text }
+                })
+                .collect();
+            (p.total, rows)
+        })
+        .unwrap_or_default();
+    let page = DocumentPage {
+        csrf: session.csrf.clone(),
+        username: principal.username.clone(),
+        org: principal.org.clone(),
+        collection,
+        size: human_size(document.size),
+        added: human_time(&document.created_at),
+        document,
+        may_download,
+        may_delete,
+        stages,
+        preview,
+        n_chunks,
+    };
+    render(StatusCode::OK, page.render())
 }
 
 #[derive(Deserialize)]

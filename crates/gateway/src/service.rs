@@ -132,7 +132,34 @@ pub(crate) struct DocumentPage {
 /// The most documents one page lists.
 pub(crate) const MAX_PAGE: i64 = 500;
 
-pub(crate) async fn list_documents(app: &AppState, principal: &Principal, collection: Option<&str>, limit: Option<i64>, offset: Option<i64>) -> Result<DocumentPage, ApiError> {
+/// The statuses a document can be listed by.
+pub(crate) const DOCUMENT_STATUSES: [&str; 9] = ["queued", "parsing", "chunking", "embedding", "indexing", "done", "failed", "cancelled", "deleting"];
+
+/// A document filter from a caller's words: the name part at most 200 characters, a
+/// known status, an extension of letters and digits.
+pub(crate) fn document_filter(name: Option<&str>, status: Option<&str>, extension: Option<&str>) -> Result<common::wire::DocumentFilter, ApiError> {
+    let given = |v: Option<&str>| v.map(str::trim).filter(|v| !v.is_empty()).map(str::to_string);
+    let (name, status, extension) = (given(name), given(status), given(extension).map(|e| e.trim_start_matches('.').to_ascii_lowercase()));
+    if name.as_ref().is_some_and(|n| n.chars().count() > 200) {
+        return Err(ApiError::bad_request("request.invalid_filter", "a name filter is at most 200 characters"));
+    }
+    if status.as_ref().is_some_and(|s| !DOCUMENT_STATUSES.contains(&s.as_str())) {
+        return Err(ApiError::bad_request("request.invalid_filter", format!("status is one of {}", DOCUMENT_STATUSES.join(", "))));
+    }
+    if extension.as_ref().is_some_and(|e| e.is_empty() || e.len() > 10 || !e.chars().all(|c| c.is_ascii_alphanumeric())) {
+        return Err(ApiError::bad_request("request.invalid_filter", "type is a file extension such as pdf or docx"));
+    }
+    Ok(common::wire::DocumentFilter { name, status, extension })
+}
+
+pub(crate) async fn list_documents(
+    app: &AppState,
+    principal: &Principal,
+    collection: Option<&str>,
+    filter: &common::wire::DocumentFilter,
+    limit: Option<i64>,
+    offset: Option<i64>,
+) -> Result<DocumentPage, ApiError> {
     if limit.is_some_and(|l| !(1..=MAX_PAGE).contains(&l)) {
         return Err(ApiError::bad_request("request.invalid_limit", format!("limit is 1 to {MAX_PAGE}")));
     }
@@ -145,7 +172,7 @@ pub(crate) async fn list_documents(app: &AppState, principal: &Principal, collec
         collections.retain(|c| c == wanted);
     }
     let restricted: std::collections::BTreeMap<&String, &Vec<String>> = readable.restricted.iter().filter(|(c, _)| collections.contains(c)).collect();
-    let body = serde_json::json!({"collections": collections, "restricted": restricted, "limit": limit, "offset": offset});
+    let body = serde_json::json!({"collections": collections, "restricted": restricted, "limit": limit, "offset": offset, "filter": filter});
     app.ctx.peers.post_json(ServiceName::Ingest, "/v1/documents/query", Some(principal), &body).await
 }
 
@@ -176,7 +203,7 @@ pub(crate) async fn ask_stream(
     if let Some(id) = &request.conversation_id {
         check_id(id).map_err(|_| ApiError::not_found("rag.conversation_not_found", "no such conversation"))?;
     }
-    let timeout = std::time::Duration::from_secs(app.ctx.config.llm.timeout_secs.saturating_mul(2).max(120));
+    let timeout = answer_timeout(&app.ctx.config);
     let builder = app
         .ctx
         .peers
@@ -187,6 +214,12 @@ pub(crate) async fn ask_stream(
         .json(request);
     let response = app.ctx.peers.send(ServiceName::Rag, builder).await?;
     Ok(common::sse::events(response.bytes_stream()))
+}
+
+/// How long an answer may take end to end: twice the model's own limit (a retry), and
+/// never less than two minutes.
+pub(crate) fn answer_timeout(config: &common::EchoConfig) -> std::time::Duration {
+    std::time::Duration::from_secs(config.llm.timeout_secs.saturating_mul(2).max(120))
 }
 
 async fn personal_collection(app: &AppState, principal: &Principal) -> Result<String, ApiError> {

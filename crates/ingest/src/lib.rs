@@ -132,6 +132,8 @@ struct ListRequest {
     limit: Option<i64>,
     #[serde(default)]
     offset: Option<i64>,
+    #[serde(default)]
+    filter: common::wire::DocumentFilter,
 }
 
 #[derive(Serialize)]
@@ -143,7 +145,7 @@ struct DocumentPage {
 async fn list_documents(State(state): State<AppState>, Json(request): Json<ListRequest>) -> ApiResult<Json<DocumentPage>> {
     let limit = request.limit.unwrap_or(50).clamp(1, 500);
     let offset = request.offset.unwrap_or(0).max(0);
-    let (documents, total) = state.store.list(&request.collections, &request.restricted, limit, offset).await?;
+    let (documents, total) = state.store.list(&request.collections, &request.restricted, &request.filter, limit, offset).await?;
     Ok(Json(DocumentPage { documents, total }))
 }
 

@@ -154,11 +154,12 @@ impl CatalogStore {
         .bind(&new.classification)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("INSERT INTO jobs (id, document_id, status, created_at, updated_at) VALUES (?, ?, 'queued', ?, ?)")
+        sqlx::query("INSERT INTO jobs (id, document_id, status, created_at, updated_at, timings) VALUES (?, ?, 'queued', ?, ?, json_object('queued', ?))")
             .bind(&job_id)
             .bind(&document_id)
             .bind(now)
             .bind(now)
+            .bind(common::now_unix_ms())
             .execute(&mut *tx)
             .await?;
         sqlx::query("INSERT INTO outbox (event, created_at) VALUES (?, ?)")
@@ -181,6 +182,7 @@ impl CatalogStore {
         &self,
         collections: &[String],
         restricted: &std::collections::BTreeMap<String, Vec<String>>,
+        filter: &common::wire::DocumentFilter,
         limit: i64,
         offset: i64,
     ) -> Result<(Vec<Document>, i64), sqlx::Error> {
@@ -198,12 +200,23 @@ impl CatalogStore {
         macro_rules! visible {
             () => {
                 "deleted_at IS NULL AND (collection_id IN (SELECT value FROM json_each(?))
-                 OR collection_id || '#' || classification IN (SELECT value FROM json_each(?)))"
+                 OR collection_id || '#' || classification IN (SELECT value FROM json_each(?)))
+                 AND (? IS NULL OR instr(lower(filename), lower(?)) > 0)
+                 AND (? IS NULL OR status = ?)
+                 AND (? IS NULL OR substr(lower(filename), -length(?) - 1) = '.' || lower(?))"
             };
         }
+        let (name, status, extension) = (&filter.name, &filter.status, &filter.extension);
         let rows = sqlx::query(concat!("SELECT * FROM documents WHERE ", visible!(), " ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"))
             .bind(&full)
             .bind(&pairs)
+            .bind(name)
+            .bind(name)
+            .bind(status)
+            .bind(status)
+            .bind(extension)
+            .bind(extension)
+            .bind(extension)
             .bind(limit)
             .bind(offset)
             .fetch_all(&self.pool)
@@ -211,6 +224,13 @@ impl CatalogStore {
         let total: i64 = sqlx::query_scalar(concat!("SELECT COUNT(*) FROM documents WHERE ", visible!()))
             .bind(&full)
             .bind(&pairs)
+            .bind(name)
+            .bind(name)
+            .bind(status)
+            .bind(status)
+            .bind(extension)
+            .bind(extension)
+            .bind(extension)
             .fetch_one(&self.pool)
             .await?;
         Ok((rows.iter().map(document_from_row).collect::<Result<_, _>>()?, total))
@@ -228,7 +248,7 @@ impl CatalogStore {
         }
         sqlx::query("UPDATE jobs SET status = 'cancelled', error = 'cancelled by a person', updated_at = ?, timings = json_set(timings, '$.cancelled', ?) WHERE id = ?")
             .bind(now)
-            .bind(now)
+            .bind(common::now_unix_ms())
             .bind(job_id)
             .execute(&mut *tx)
             .await?;
@@ -253,7 +273,7 @@ impl CatalogStore {
         }
         sqlx::query("UPDATE jobs SET status = 'queued', attempts = 0, error = NULL, updated_at = ?, timings = json_object('queued', ?) WHERE id = ?")
             .bind(now)
-            .bind(now)
+            .bind(common::now_unix_ms())
             .bind(job_id)
             .execute(&mut *tx)
             .await?;
@@ -300,7 +320,7 @@ impl CatalogStore {
 
     /// Live documents of a collection (for deleting the collection), at most `limit`.
     pub(crate) async fn documents_in(&self, collection_id: &str, limit: i64) -> Result<Vec<Document>, sqlx::Error> {
-        let (documents, _) = self.list(&[collection_id.to_string()], &Default::default(), limit, 0).await?;
+        let (documents, _) = self.list(&[collection_id.to_string()], &Default::default(), &Default::default(), limit, 0).await?;
         Ok(documents)
     }
 
@@ -321,6 +341,7 @@ impl CatalogStore {
                 error: r.try_get("error")?,
                 created_at: rfc3339(r.try_get("created_at")?),
                 updated_at: rfc3339(r.try_get("updated_at")?),
+                stages: stages(&r.try_get::<String, _>("timings")?),
             })
         })
         .transpose()
@@ -342,7 +363,7 @@ impl CatalogStore {
         .bind(error)
         .bind(now)
         .bind(status)
-        .bind(now)
+        .bind(common::now_unix_ms())
         .bind(job_id)
         .execute(&mut *tx)
         .await?
@@ -460,4 +481,19 @@ impl CatalogStore {
             .await?;
         rows.iter().map(document_from_row).collect()
     }
+}
+
+/// The job's stages in the order they began, each with how long it lasted (until the
+/// next began; the last, still running or final, has none). `timings` maps a stage to
+/// when it began, in milliseconds (seconds in jobs recorded before that changed).
+fn stages(timings: &str) -> Vec<common::wire::JobStage> {
+    let Ok(map) = serde_json::from_str::<std::collections::HashMap<String, i64>>(timings) else { return Vec::new() };
+    let mut begun: Vec<(i64, String)> = map.into_iter().map(|(stage, at)| (if at < 100_000_000_000 { at * 1000 } else { at }, stage)).collect();
+    begun.sort();
+    let mut stages = Vec::with_capacity(begun.len());
+    for (i, (at, stage)) in begun.iter().enumerate() {
+        let seconds = begun.get(i + 1).map(|(next, _)| (next - at) as f64 / 1000.0);
+        stages.push(common::wire::JobStage { stage: stage.clone(), started_at: common::rfc3339(at / 1000), seconds });
+    }
+    stages
 }

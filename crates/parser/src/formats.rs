@@ -1,5 +1,5 @@
 //! Extraction: plain text, Markdown, HTML and PDF (and, through `office`, Office files,
-//! CSV/TSV and JSON) into
+//! CSV/TSV and JSON; through `opendoc`, ODT, ODS, EPUB and RTF) into
 //! `TextBlock`s that keep pages and heading paths. Pure functions over bytes; no IO,
 //! no async. Callers bound the input size and the time spent.
 
@@ -10,7 +10,7 @@ use common::wire::{ParsedDocument, TextBlock};
 pub enum ParseError {
     #[error("the file is empty")]
     Empty,
-    #[error("unsupported file type `{0}`; supported: PDF, Word (.docx), PowerPoint (.pptx), Excel (.xlsx), CSV/TSV, JSON, HTML, Markdown, plain text, and PNG/JPEG/TIFF images (read by OCR)")]
+    #[error("unsupported file type `{0}`; supported: PDF, Word (.docx), PowerPoint (.pptx), Excel (.xlsx), OpenDocument text and spreadsheets (.odt, .ods), EPUB, RTF, CSV/TSV, JSON, HTML, Markdown, plain text, and PNG/JPEG/TIFF images (read by OCR)")]
     Unsupported(String),
     #[error("the file is not valid UTF-8 text")]
     NotUtf8,
@@ -58,6 +58,19 @@ pub fn extract(format: Format, bytes: &[u8]) -> Result<ParsedDocument, ParseErro
             let n_pages = if format == Format::Pptx { blocks.iter().filter_map(|b| b.page).max() } else { None };
             (blocks, n_pages, title)
         }
+        Format::Odt => {
+            let (blocks, title) = crate::opendoc::odt(bytes)?;
+            (blocks, None, title)
+        }
+        Format::Ods => {
+            let (blocks, title) = crate::opendoc::ods(bytes)?;
+            (blocks, None, title)
+        }
+        Format::Epub => {
+            let (blocks, title) = crate::opendoc::epub(bytes)?;
+            (blocks, None, title)
+        }
+        Format::Rtf => (crate::opendoc::rtf(bytes)?, None, None),
         Format::Csv => (crate::office::delimited(bytes, b',')?, None, None),
         Format::Tsv => (crate::office::delimited(bytes, b'\t')?, None, None),
         Format::Json => (crate::office::json(bytes)?, None, None),
@@ -79,7 +92,7 @@ fn utf8(bytes: &[u8]) -> Result<&str, ParseError> {
     Ok(text.strip_prefix('\u{feff}').unwrap_or(text))
 }
 
-fn plain_text(text: &str) -> Vec<TextBlock> {
+pub(crate) fn plain_text(text: &str) -> Vec<TextBlock> {
     vec![TextBlock { text: text.replace("\r\n", "\n"), page: None, section: None }]
 }
 
@@ -171,7 +184,7 @@ const HTML_BLOCKS: [&str; 16] = ["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", 
 /// One walk over the parsed page, in document order, with an explicit stack (nesting
 /// depth costs nothing): furniture is skipped whole, and a block's text is taken whole
 /// without descending into it, so each text node is read once.
-fn html(text: &str) -> (Vec<TextBlock>, Option<String>) {
+pub(crate) fn html(text: &str) -> (Vec<TextBlock>, Option<String>) {
     use scraper::{ElementRef, Html};
     let document = Html::parse_document(text);
     let mut title = None;
@@ -299,18 +312,143 @@ fn pdf(bytes: &[u8]) -> Result<Vec<TextBlock>, ParseError> {
     let PagedText { starts, inner, .. } = output;
     drop(inner);
     let text = text.0.take();
-    let mut blocks = Vec::with_capacity(starts.len());
+    let mut pages = Vec::with_capacity(starts.len());
     for (i, &(page, start)) in starts.iter().enumerate() {
         let end = starts.get(i + 1).map_or(text.len(), |&(_, next)| next);
-        blocks.push(TextBlock { text: text[start..end].trim().to_string(), page: Some(page), section: None });
+        pages.push((page, text[start..end].to_string()));
     }
-    Ok(blocks)
+    Ok(tidy_pages(pages))
+}
+
+/// A line with its digits as `#` and its spaces collapsed: how a running header or
+/// footer ("Page 12 of 80", "Admin Guide — 3") looks the same on every page.
+fn furniture_key(line: &str) -> String {
+    line.split_whitespace().collect::<Vec<_>>().join(" ").chars().map(|c| if c.is_ascii_digit() { '#' } else { c }).collect()
+}
+
+/// How many lines at the top and at the bottom of a page may be running furniture.
+const EDGE_LINES: usize = 2;
+
+/// PDF pages as readers see them: running headers and footers (the same line, numbers
+/// aside, at the top or bottom of at least half the pages, and of three at least)
+/// removed; words hyphenated across lines joined; ligatures (ﬁ, ﬂ, …) spelled out; text
+/// that was UTF-8 read as Latin-1 ("CafÃ©") repaired. Linear in the text.
+pub(crate) fn tidy_pages(pages: Vec<(u32, String)>) -> Vec<TextBlock> {
+    let lines: Vec<(u32, Vec<&str>)> = pages.iter().map(|(page, text)| (*page, text.lines().map(str::trim).filter(|l| !l.is_empty()).collect())).collect();
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (_, page) in &lines {
+        let mut keys: Vec<String> = page.iter().take(EDGE_LINES).chain(page.iter().rev().take(EDGE_LINES)).map(|l| furniture_key(l)).collect();
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            *seen.entry(key).or_default() += 1;
+        }
+    }
+    let needed = (lines.len() / 2).max(3);
+    let furniture = |line: &str| seen.get(&furniture_key(line)).is_some_and(|n| *n >= needed);
+    lines
+        .into_iter()
+        .map(|(page, mut page_lines)| {
+            // Only the edges of a page: a repeated line inside the text is content.
+            for _ in 0..EDGE_LINES {
+                if page_lines.first().is_some_and(|l| furniture(l)) {
+                    page_lines.remove(0);
+                }
+                if page_lines.last().is_some_and(|l| furniture(l)) {
+                    page_lines.pop();
+                }
+            }
+            TextBlock { text: repair_text(&join_hyphenated(&page_lines)), page: Some(page), section: None }
+        })
+        .collect()
+}
+
+/// Lines joined with newlines, except a word broken by a hyphen at a line's end
+/// ("configu-" + "ration") which is joined whole.
+fn join_hyphenated(lines: &[&str]) -> String {
+    let mut out = String::new();
+    for line in lines {
+        let broken = out.ends_with('-') && {
+            let mut before = out.chars().rev().skip(1);
+            before.next().is_some_and(char::is_alphabetic) && before.next().is_some_and(char::is_alphabetic)
+        } && line.chars().next().is_some_and(char::is_lowercase);
+        if broken {
+            out.pop();
+        } else if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(line);
+    }
+    out
+}
+
+/// Ligatures spelled out, soft hyphens dropped, and words that are UTF-8 read as
+/// Latin-1 ("CafÃ©") decoded again.
+fn repair_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\u{FB00}' => out.push_str("ff"),
+            '\u{FB01}' => out.push_str("fi"),
+            '\u{FB02}' => out.push_str("fl"),
+            '\u{FB03}' => out.push_str("ffi"),
+            '\u{FB04}' => out.push_str("ffl"),
+            '\u{FB05}' | '\u{FB06}' => out.push_str("st"),
+            '\u{00AD}' => {}
+            c => out.push(c),
+        }
+    }
+    if !out.contains(['Ã', 'Â', 'â', 'Å', 'Ä']) {
+        return out;
+    }
+    out.split_inclusive(char::is_whitespace).map(|word| undo_latin1(word).unwrap_or_else(|| word.to_string())).collect()
+}
+
+/// The word re-read as UTF-8 from its Latin-1 bytes, when that is what happened to it:
+/// every character fits a byte, the bytes are valid UTF-8, and something changed.
+fn undo_latin1(word: &str) -> Option<String> {
+    if word.is_ascii() {
+        return None;
+    }
+    let bytes: Vec<u8> = word.chars().map(|c| u8::try_from(u32::from(c)).ok()).collect::<Option<_>>()?;
+    let decoded = String::from_utf8(bytes).ok()?;
+    (decoded != word).then_some(decoded)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pdf_pages_lose_running_furniture_and_broken_words() {
+        let pages: Vec<(u32, String)> = (1..=6)
+            .map(|n| {
+                let word = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"][n as usize - 1];
+                (n, format!("Admin Guide\nChapter {n}\nThe configu-\nration file lives in /etc.\nState-of-the-\nArt and docu-\n mentation as {word}.\nPage {n} of 6\n"))
+            })
+            .collect();
+        let blocks = tidy_pages(pages);
+        assert_eq!(blocks.len(), 6);
+        let first = &blocks[0].text;
+        assert!(!first.contains("Admin Guide") && !first.contains("Page 1 of 6"), "{first}");
+        assert!(first.contains("The configuration file lives in /etc."), "{first}");
+        assert!(first.contains("State-of-the-\nArt"), "a capital after the hyphen is kept apart: {first}");
+        assert!(first.contains("Art and documentation as alpha."), "{first}");
+        // "Chapter N" is at the top of every page too: furniture by the same rule.
+        assert!(!first.contains("Chapter 1"), "{first}");
+        assert_eq!(blocks[3].page, Some(4));
+        // Two pages are too few to call anything furniture.
+        let two = tidy_pages(vec![(1, "Title\nBody one".into()), (2, "Title\nBody two".into())]);
+        assert!(two[0].text.starts_with("Title"));
+    }
+
+    #[test]
+    fn mojibake_and_ligatures_are_repaired() {
+        assert_eq!(repair_text("Caf\u{00C3}\u{00A9} \u{FB01}le e\u{FB00}ort co\u{00AD}operate"), "Café file effort cooperate");
+        assert_eq!(repair_text("Ã la carte"), "Ã la carte", "a real Ã that does not decode stays");
+        assert_eq!(repair_text("naïve résumé"), "naïve résumé");
+    }
 
     #[test]
     fn markdown_keeps_heading_paths() {

@@ -10,6 +10,7 @@ mod formats;
 pub mod isolate;
 mod ocr;
 mod office;
+mod opendoc;
 pub mod worker;
 
 use std::sync::Arc;

@@ -19,7 +19,7 @@ const MAX_ENTRIES: usize = 20_000;
 
 /// A table as rows of cell texts: each row `Header: value; …` (the header row named by
 /// the table, else its first row), grouped into blocks under `location(first, last)`.
-fn table_blocks(rows: &[Vec<String>], header_row: Option<usize>, page: Option<u32>, location: &dyn Fn(usize, usize) -> String) -> Vec<TextBlock> {
+pub(crate) fn table_blocks(rows: &[Vec<String>], header_row: Option<usize>, page: Option<u32>, location: &dyn Fn(usize, usize) -> String) -> Vec<TextBlock> {
     let header: Option<&Vec<String>> = header_row.and_then(|i| rows.get(i));
     let mut blocks = Vec::new();
     let mut text = String::new();
@@ -57,7 +57,7 @@ fn table_blocks(rows: &[Vec<String>], header_row: Option<usize>, page: Option<u3
 }
 
 /// Refuses an archive whose entries would inflate past the limits.
-fn check_archive(bytes: &[u8]) -> Result<(), ParseError> {
+pub(crate) fn check_archive(bytes: &[u8]) -> Result<(), ParseError> {
     let archive = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| ParseError::Corrupt(format!("not a readable Office file (zip): {e}")))?;
     if archive.len() > MAX_ENTRIES {
         return Err(ParseError::Corrupt(format!("the file holds {} parts; at most {MAX_ENTRIES} are read", archive.len())));

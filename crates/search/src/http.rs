@@ -66,6 +66,19 @@ pub(crate) async fn document(State(retrieval): State<Retrieval>, Path(id): Path<
     Ok(Json(serde_json::json!({"document_id": id.clone(), "chunks": retrieval.chunks_of(id).await?})))
 }
 
+#[derive(serde::Deserialize)]
+pub(crate) struct PreviewQuery {
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// `GET /v1/documents/{id}/chunks?limit=N`: the document's first chunks in order (at
+/// most 100) and its chunk count. The caller has checked `document:read_chunks`.
+pub(crate) async fn preview(State(retrieval): State<Retrieval>, Path(id): Path<String>, axum::extract::Query(query): axum::extract::Query<PreviewQuery>) -> ApiResult<Json<common::wire::ChunkPreview>> {
+    let (total, chunks) = retrieval.preview(id.clone(), query.limit.unwrap_or(20).min(100)).await?;
+    Ok(Json(common::wire::ChunkPreview { document_id: id, total, chunks }))
+}
+
 /// `DELETE /v1/documents/{id}`.
 pub(crate) async fn delete_document(State(retrieval): State<Retrieval>, Path(id): Path<String>) -> ApiResult<StatusCode> {
     retrieval.delete(id).await?;

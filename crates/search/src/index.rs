@@ -515,6 +515,21 @@ impl ChunkIndex {
         Ok(self.reader.searcher().search(&query, &tantivy::collector::Count)?)
     }
 
+    /// The first `limit` chunks of `document_id` in reading order (looked up by their
+    /// ids, `{document}-{n}`), and how many chunks it has in all.
+    pub fn preview(&self, document_id: &str, limit: usize) -> Result<(usize, Vec<SearchHit>), IndexError> {
+        let total = self.chunks_of(document_id)?;
+        let searcher = self.reader.searcher();
+        let mut chunks = Vec::new();
+        for n in 0..total.min(limit) {
+            if let Some(address) = self.address_of(&searcher, &format!("{document_id}-{n}"))? {
+                let doc: TantivyDocument = searcher.doc(address)?;
+                chunks.push(self.hit_of(&doc, 0.0, None));
+            }
+        }
+        Ok((total, chunks))
+    }
+
     pub fn n_chunks(&self) -> u64 {
         self.reader.searcher().num_docs()
     }

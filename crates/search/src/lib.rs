@@ -82,6 +82,7 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .route("/v1/embed", post(http::embed).layer(axum::extract::DefaultBodyLimit::max(16 * 1024 * 1024)))
         .route("/v1/search", post(http::search))
         .route("/v1/documents/{id}", get(http::document).delete(http::delete_document))
+        .route("/v1/documents/{id}/chunks", get(http::preview))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
         .with_state(retrieval);
     let ready = common::server::flags_ready(vec![("the access-change subscription", subscribed)]);

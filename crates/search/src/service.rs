@@ -191,6 +191,11 @@ impl Retrieval {
         blocking(move || index.chunks_of(&document_id)).await
     }
 
+    pub(crate) async fn preview(&self, document_id: String, limit: usize) -> Result<(usize, Vec<common::wire::SearchHit>), ApiError> {
+        let index = self.index.live();
+        blocking(move || index.preview(&document_id, limit)).await
+    }
+
     pub(crate) async fn delete(&self, document_id: String) -> Result<(), ApiError> {
         let generations = self.index.clone();
         blocking(move || generations.delete_document(&document_id)).await

@@ -648,3 +648,79 @@ async fn the_documents_status_streams_over_server_sent_events() {
     assert_eq!(events.next().await.unwrap().unwrap().data, "[]");
     ts.system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_filter_and_a_document_page_shows_its_text_its_stages_and_only_permitted_actions() {
+    let ts = TestSystem::start().await;
+    for name in ["olivia", "andy"] {
+        ts.add_user(name, "acme", "member").await;
+    }
+    let users = identity::list_users(&ts.config).await.unwrap();
+    let andy_id = users.iter().find(|u| u.username == "andy").unwrap().id.clone();
+    let olivia = ts.sign_in("olivia", &password_of("olivia")).await.access_token;
+    let collection: Value = post(&ts, &olivia, "/api/v1/collections", json!({"name": "Board"})).await.json().await.unwrap();
+    let collection = collection["id"].as_str().unwrap().to_string();
+    let shared = ts
+        .http
+        .put(format!("{}/api/v1/collections/{collection}/members", ts.gateway()))
+        .bearer_auth(&olivia)
+        .json(&json!({"members": [{"user": andy_id, "role": "answers"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(shared.status(), StatusCode::OK);
+    let minutes = upload(&ts, &olivia, "Minutes-2026.md", "text/markdown", b"# Minutes\n\n## Budget\n\nThe board approved the budget of 4.2 million.".to_vec(), Some(&collection)).await;
+    let minutes: Value = minutes.json().await.unwrap();
+    let budget = upload(&ts, &olivia, "budget.csv", "text/csv", b"Team,Budget\nResearch,1.2M\nSupport,0.4M\n".to_vec(), Some(&collection)).await;
+    let budget: Value = budget.json().await.unwrap();
+    for created in [&minutes, &budget] {
+        assert_eq!(wait_for_job(&ts, &olivia, created["job_id"].as_str().unwrap()).await["status"], "done");
+    }
+
+    // Filters: a part of the name in any case, a type, a status; bad values are refused.
+    let names = |query: &'static str| {
+        let (ts, olivia) = (&ts, olivia.clone());
+        async move {
+            let page: Value = get(ts, &olivia, &format!("/api/v1/documents?{query}")).await.json().await.unwrap();
+            page["documents"].as_array().unwrap().iter().map(|d| d["filename"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(names("q=minutes").await, ["Minutes-2026.md"]);
+    assert_eq!(names("type=CSV").await, ["budget.csv"]);
+    assert_eq!(names("status=done").await.len(), 2);
+    assert!(names("status=failed").await.is_empty());
+    assert!(names("q=minutes&type=csv").await.is_empty());
+    for bad in ["status=bogus", "type=..%2Fx"] {
+        let refused = get(&ts, &olivia, &format!("/api/v1/documents?{bad}")).await;
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{bad}");
+        assert_eq!(refused.json::<Value>().await.unwrap()["code"], "request.invalid_filter");
+    }
+
+    // The job's stages, in order, each with how long it took.
+    let job: Value = get(&ts, &olivia, &format!("/api/v1/jobs/{}", minutes["job_id"].as_str().unwrap())).await.json().await.unwrap();
+    let stages: Vec<&str> = job["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    assert_eq!(stages.first(), Some(&"queued"), "{job}");
+    assert_eq!(stages.last(), Some(&"done"), "{job}");
+    assert!(stages.contains(&"parsing") && stages.contains(&"indexing"), "{job}");
+    let timed = job["stages"].as_array().unwrap();
+    assert!(timed[..timed.len() - 1].iter().all(|s| s["seconds"].as_f64().is_some_and(|t| t >= 0.0)), "{job}");
+
+    // The document page: its text as chunks with their sections, its stages, its actions.
+    let id = minutes["id"].as_str().unwrap();
+    let (session, _) = ts.browser_session("olivia").await;
+    let page = ts.http.get(format!("{}/documents/{id}", ts.gateway())).header("cookie", &session).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains("The board approved the budget of 4.2 million."), "{page}");
+    assert!(page.contains("Minutes &gt; Budget") || page.contains("Minutes &#62; Budget") || page.contains("Minutes > Budget"), "the section is shown: {page}");
+    assert!(page.contains("Board"), "the collection by name");
+    assert!(page.contains(">parsing<") && page.contains(">indexing<"), "the stages: {page}");
+    assert!(page.contains("/content\"") && page.contains("Delete for good"), "the owner may download and delete");
+    let filtered = ts.http.get(format!("{}/documents?q=budget", ts.gateway())).header("cookie", &session).send().await.unwrap().text().await.unwrap();
+    assert!(filtered.contains("budget.csv") && !filtered.contains("Minutes-2026.md"), "the page filters too");
+    // Someone who may only have answers from the collection sees neither action.
+    let (andys, _) = ts.browser_session("andy").await;
+    let page = ts.http.get(format!("{}/documents/{id}", ts.gateway())).header("cookie", &andys).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let page = page.text().await.unwrap();
+    assert!(!page.contains("/content\"") && !page.contains("Delete for good"), "no Download or Delete for an answers-only share: {page}");
+    ts.system.stop().await;
+}

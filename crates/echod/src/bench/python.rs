@@ -22,7 +22,7 @@ pub(crate) fn bench_data() -> PathBuf {
 pub(crate) fn python() -> anyhow::Result<PathBuf> {
     let venv = std::env::var_os("ECHO_BENCH_VENV").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/bench-venv"));
     let python = venv.join("bin/python");
-    let probe = "import sentence_transformers, llama_index.core, llama_index.retrievers.bm25, llama_index.embeddings.huggingface, pypdf, bs4, fastapi, uvicorn, jwt";
+    let probe = "import sentence_transformers, llama_index.core, llama_index.retrievers.bm25, llama_index.embeddings.huggingface, pypdf, bs4, fastapi, uvicorn, jwt, langchain_text_splitters";
     let ready = python.exists() && Command::new(&python).args(["-c", probe]).output().is_ok_and(|o| o.status.success());
     if !ready {
         eprintln!("  preparing the baselines' virtualenv in {} (PyPI, several GB the first time)…", venv.display());

@@ -20,7 +20,7 @@ async fn parses_markdown_and_refuses_what_it_cannot_read() {
     let parsed: ParsedDocument = send("/v1/parse?content_type=text/markdown&filename=a.md", b"# Title\n\nBody text.").await.unwrap().json().await.unwrap();
     assert_eq!(parsed.format, "markdown");
     assert_eq!(parsed.blocks[0].section.as_deref(), Some("Title"));
-    let unsupported = send("/v1/parse?content_type=image/png&filename=a.png", b"\x89PNG\r\n\x1a\n\0\0").await.unwrap_err();
+    let unsupported = send("/v1/parse?content_type=application/x-msdownload&filename=setup.exe", b"MZ\x90\0\x03\0\0\0").await.unwrap_err();
     assert_eq!(unsupported.code, "parser.unsupported_type");
     let corrupt = send("/v1/parse?content_type=application/pdf&filename=a.pdf", b"%PDF-1.7 broken").await.unwrap_err();
     assert_eq!(corrupt.code, "parser.corrupt");
@@ -33,10 +33,10 @@ async fn parses_markdown_and_refuses_what_it_cannot_read() {
 /// why the test is skipped; under CI their absence fails the test.
 fn office_writers() -> Option<String> {
     let python = std::env::var("ECHO_INTEROP_PYTHON").ok().filter(|p| {
-        std::process::Command::new(p).args(["-c", "import docx, openpyxl, pptx"]).output().is_ok_and(|o| o.status.success())
+        std::process::Command::new(p).args(["-c", "import docx, openpyxl, pptx, odf, ebooklib"]).output().is_ok_and(|o| o.status.success())
     });
     if python.is_none() {
-        let reason = "python-docx, openpyxl and python-pptx are not installed (ECHO_INTEROP_PYTHON; .ci/run installs them)";
+        let reason = "python-docx, openpyxl, python-pptx, odfpy and EbookLib are not installed (ECHO_INTEROP_PYTHON; .ci/run installs them)";
         assert!(std::env::var_os("CI").is_none(), "CI must run the Office golden test: {reason}");
         println!("SKIPPED: {reason}");
     }
@@ -83,6 +83,55 @@ fn office_files_written_by_their_own_tools_keep_their_structure() {
     assert_eq!(parts.2, "Part: valve; Count: 4; Unit price: 12.5\nPart: pump; Count: 2; Unit price: 240");
     assert_eq!(find(&book, "Nordflow").2, "Supplier: Nordflow; City: Bergen");
     assert_eq!(find(&book, "Nordflow").1, "Suppliers › row 2");
+
+    // OpenDocument text (odfpy): the same structure, a footnote after its paragraph,
+    // entities and `text:s` spaces read as text.
+    let odt = parser::extract(parser::Format::Odt, &read("handbook.odt")).unwrap();
+    assert_eq!(odt.title.as_deref(), Some("Reactor handbook"));
+    let odt = blocks(&odt);
+    let console = find(&odt, "port 7341");
+    assert_eq!(console.1, "Reactor handbook > Console");
+    assert!(console.2.contains("The reactor console listens on port 7341. (Note 1: Port 7341 is fixed in firmware.)"), "{console:?}");
+    assert!(console.2.contains("Keys & logs <daily>"), "{console:?}");
+    assert!(console.2.contains("- Check the console logs every morning\n\n- Rotate the console keys every spring"), "{console:?}");
+    let shifts = find(&odt, "Shift: Morning");
+    assert_eq!(shifts.1, "Reactor handbook > Shifts › table rows 2–3");
+    assert_eq!(shifts.2, "Shift: Morning; Lead: Ana; Starts: 06:00\nShift: Night; Lead: Ivo; Starts: 22:00");
+    assert_eq!(find(&odt, "tangerine-42").1, "Reactor handbook > Shifts > Launch");
+
+    // OpenDocument spreadsheet: cached values of formulas, never the formulas.
+    let sheet = blocks(&parser::extract(parser::Format::Ods, &read("inventory.ods")).unwrap());
+    let parts = find(&sheet, "Part: valve");
+    assert_eq!(parts.1, "Parts › rows 2–3");
+    assert_eq!(parts.2, "Part: valve; Count: 4; Unit price: 12.5; Total: 50\nPart: pump; Count: 2; Unit price: 240; Total: 480");
+    assert!(!sheet.iter().any(|(_, _, t)| t.contains("of:=")), "{sheet:#?}");
+    assert_eq!(find(&sheet, "Nordflow").1, "Suppliers › row 2");
+
+    // EPUB (EbookLib): chapters in reading order, each under its label from the contents.
+    let book = parser::extract(parser::Format::Epub, &read("guide.epub")).unwrap();
+    assert_eq!(book.title.as_deref(), Some("Operator guide"));
+    let book = blocks(&book);
+    assert_eq!(find(&book, "starts at 06:00").1, "Getting started > First shift");
+    assert_eq!(find(&book, "amber lever").1, "Emergencies");
+    let order: Vec<usize> = ["north console", "06:00", "amber lever"].iter().map(|n| book.iter().position(|(_, _, t)| t.contains(n)).unwrap()).collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "reading order: {book:#?}");
+}
+
+/// RTF as WordPad writes it: a font table, escaped accents (`\'e9`, `\u8217?`), paragraphs.
+#[test]
+fn rtf_text_keeps_its_accents_and_paragraphs() {
+    let rtf = br"{\rtf1\ansi\ansicpg1252\deff0{\fonttbl{\f0\fnil\fcharset0 Calibri;}}
+{\*\generator Riched20 10.0.19041}\viewkind4\uc1
+\pard\sa200\sl276\slmult1\f0\fs22\lang9 Caf\'e9 menu\par
+The reactor\u8217?s console listens on port 7341.\par
+}";
+    let doc = parser::extract(parser::Format::Rtf, rtf).unwrap();
+    let text: String = doc.blocks.iter().map(|b| b.text.clone()).collect();
+    assert!(text.contains("Café menu"), "{text:?}");
+    assert!(text.contains("reactor’s console listens on port 7341."), "{text:?}");
+    assert!(!text.contains("Calibri") && !text.contains("Riched20"), "no header text: {text:?}");
+    assert!(matches!(parser::extract(parser::Format::Rtf, b"{\\rtf1 {\\b unclosed"), Ok(_) | Err(parser::ParseError::Corrupt(_) | parser::ParseError::NoText)));
+    assert!(matches!(parser::extract(parser::Format::Rtf, b"plain words"), Err(parser::ParseError::Corrupt(_))));
 }
 
 /// A one-page PDF saying `line` in 28-point Helvetica, with a correct cross-reference table.

@@ -371,10 +371,10 @@ pub(crate) fn rtf(bytes: &[u8]) -> Result<Vec<TextBlock>, ParseError> {
                 let uc = stack.last().map_or(1, |g| g.uc);
                 stack.push(Group { skip: skipping, uc });
                 // `{\*\dest …}`: an optional destination a reader may ignore.
-                if bytes[i + 1..].starts_with(b"\\*") {
-                    if let Some(top) = stack.last_mut() {
-                        top.skip = true;
-                    }
+                if bytes[i + 1..].starts_with(b"\\*")
+                    && let Some(top) = stack.last_mut()
+                {
+                    top.skip = true;
                 }
                 i += 1;
             }
@@ -411,8 +411,8 @@ pub(crate) fn rtf(bytes: &[u8]) -> Result<Vec<TextBlock>, ParseError> {
                             b'\n' | b'\r' => text.push('\n'),
                             _ => {}
                         }
-                    } else if skip_fallback > 0 {
-                        skip_fallback -= 1;
+                    } else {
+                        skip_fallback = skip_fallback.saturating_sub(1);
                     }
                     i += 2;
                     continue;

@@ -240,18 +240,51 @@ async fn images_and_scanned_pdfs_are_read_by_ocr() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_files_each_get_a_clear_outcome_and_the_parser_stays_ready() {
     use std::io::Write;
-    // A Word file that inflates to 600 MB from a few hundred kilobytes.
-    let mut bomb = std::io::Cursor::new(Vec::new());
-    {
-        let mut writer = zip::ZipWriter::new(&mut bomb);
-        let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
-        writer.start_file("word/document.xml", options).unwrap();
-        let zeros = vec![b' '; 1 << 20];
-        for _ in 0..600 {
-            writer.write_all(&zeros).unwrap();
+    // A Word file (and an EPUB) that inflates to 600 MB from a few hundred kilobytes.
+    let bomb_named = |name: &str| {
+        let mut bomb = std::io::Cursor::new(Vec::new());
+        {
+            let mut writer = zip::ZipWriter::new(&mut bomb);
+            let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+            writer.start_file(name, options).unwrap();
+            let zeros = vec![b' '; 1 << 20];
+            for _ in 0..600 {
+                writer.write_all(&zeros).unwrap();
+            }
+            writer.finish().unwrap();
         }
-        writer.finish().unwrap();
+        bomb.into_inner()
+    };
+    let bomb = std::io::Cursor::new(bomb_named("word/document.xml"));
+    // OpenDocument texts: one whose XML defines "billion laughs" entities, one whose
+    // manifest says it is encrypted.
+    let odt = |parts: &[(&str, String)]| {
+        let mut file = std::io::Cursor::new(Vec::new());
+        {
+            let mut writer = zip::ZipWriter::new(&mut file);
+            let options = zip::write::SimpleFileOptions::default();
+            for (name, text) in parts {
+                writer.start_file(*name, options).unwrap();
+                writer.write_all(text.as_bytes()).unwrap();
+            }
+            writer.finish().unwrap();
+        }
+        file.into_inner()
+    };
+    let mut entities = String::from("<!ENTITY lol0 \"lol\">");
+    for i in 1..10 {
+        entities.push_str(&format!("<!ENTITY lol{i} \"{}\">", format!("&lol{};", i - 1).repeat(10)));
     }
+    let laughs = odt(&[
+        ("mimetype", "application/vnd.oasis.opendocument.text".into()),
+        ("content.xml", format!("<?xml version=\"1.0\"?><!DOCTYPE d [{entities}]><office:document-content xmlns:office=\"urn:oasis:names:tc:opendocument:xmlns:office:1.0\" xmlns:text=\"urn:oasis:names:tc:opendocument:xmlns:text:1.0\"><office:body><office:text><text:p>&lol9;</text:p></office:text></office:body></office:document-content>")),
+    ]);
+    let locked_odt = odt(&[
+        ("mimetype", "application/vnd.oasis.opendocument.text".into()),
+        ("META-INF/manifest.xml", "<manifest:manifest><manifest:file-entry manifest:full-path=\"content.xml\"><manifest:encryption-data/></manifest:file-entry></manifest:manifest>".into()),
+        ("content.xml", "\u{1}\u{2} ciphertext".into()),
+    ]);
+    let deep_rtf = format!("{{\\rtf1 {}", "{".repeat(100_000)).into_bytes();
     let nested_json = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
     let mut truncated_pdf = text_pdf("A document cut short.");
     truncated_pdf.truncate(truncated_pdf.len() / 2);
@@ -265,6 +298,12 @@ async fn hostile_files_each_get_a_clear_outcome_and_the_parser_stays_ready() {
         ("image/png&filename=noise.png", b"\x89PNG\r\n\x1a\n this is no picture".to_vec(), "parser.corrupt"),
         ("text/csv&filename=bad.csv", b"a,b\n\xff\xfe\x00".to_vec(), "parser.not_utf8"),
         ("application/x-msdownload&filename=tool.exe", b"MZ\x90\x00".to_vec(), "parser.unsupported_type"),
+        ("application/epub%2Bzip&filename=bomb.epub", bomb_named("OEBPS/chapter.xhtml"), "parser.too_large"),
+        ("application/epub%2Bzip&filename=fake.epub", b"PK\x03\x04 not an ebook".to_vec(), "parser.corrupt"),
+        ("application/vnd.oasis.opendocument.text&filename=laughs.odt", laughs, "parser.no_text"),
+        ("application/vnd.oasis.opendocument.text&filename=locked.odt", locked_odt, "parser.encrypted"),
+        ("application/vnd.oasis.opendocument.spreadsheet&filename=fake.ods", b"PK\x03\x04 not a sheet".to_vec(), "parser.corrupt"),
+        ("application/rtf&filename=deep.rtf", deep_rtf, "parser.corrupt"),
     ];
     let echo = TestEcho::start().await;
     let peers = echo.peers_as(ServiceName::Ingest);

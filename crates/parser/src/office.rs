@@ -138,6 +138,10 @@ pub(crate) fn office(bytes: &[u8]) -> Result<(Vec<TextBlock>, Option<String>), P
                             current.push_str("\n\n");
                         }
                         undoc::model::Block::Table(table) => {
+                            // A heading with only this table under it is in the rows' path already.
+                            if headings.last().is_some_and(|(_, h)| current.trim() == h.as_str()) {
+                                current.clear();
+                            }
                             flush(&mut blocks, &mut current, &headings);
                             let (rows, header) = cells(table);
                             let path = section_path(&headings);

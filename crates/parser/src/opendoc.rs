@@ -163,6 +163,11 @@ impl OdtWalk {
             }
             return;
         }
+        // A heading with nothing under it but this table is already in the rows' section
+        // path: it does not become a chunk of its own.
+        if self.headings.last().is_some_and(|(_, h)| self.current.trim() == h.as_str()) {
+            self.current.clear();
+        }
         self.flush();
         let header = if header_rows > 0 { Some(header_rows - 1) } else { (rows.len() > 1).then_some(0) };
         let path = section_path(&self.headings);

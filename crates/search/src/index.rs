@@ -7,9 +7,9 @@
 //! every ranking is restricted to the caller's collections inside the search itself.
 //! Blocking calls: run them on `spawn_blocking`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Condvar, Mutex, RwLock};
 
 use tantivy::collector::TopDocs;
 use tantivy::query::{BooleanQuery, BoostQuery, ConstScoreQuery, Occur, Query, TermQuery};
@@ -99,11 +99,35 @@ pub struct ChunkIndex {
     index: Index,
     reader: IndexReader,
     writer: Mutex<IndexWriter>,
+    /// Group commit: writers that arrive while a commit runs share the next one.
+    commits: Mutex<CommitState>,
+    committed: Condvar,
     fields: Fields,
     vectors: RwLock<VectorTable>,
     /// Which model made the stored vectors (written with the first one).
     model_file: PathBuf,
     recorded_model: RwLock<Option<ModelId>>,
+}
+
+/// Where group commit stands. Every `replace_document` takes a number after adding its
+/// documents (under the writer lock); one caller at a time commits everything added so
+/// far and the others wait for a commit that covers their number.
+#[derive(Default)]
+struct CommitState {
+    /// The last number handed out.
+    added: u64,
+    /// Every number up to this one has had its commit attempted…
+    done_through: u64,
+    /// …and up to this one, succeeded.
+    committed_through: u64,
+    committing: bool,
+    /// Commits made (each covering one write or more).
+    commits: u64,
+    /// Recent failed commits: the writes each took with it, and why.
+    failed: VecDeque<(std::ops::RangeInclusive<u64>, String)>,
+    /// The number of the write whose vectors a document holds in memory, so that two
+    /// writes of one document land in the order they were added.
+    applied: HashMap<Box<str>, u64>,
 }
 
 fn schema() -> (Schema, Fields) {
@@ -167,8 +191,17 @@ impl ChunkIndex {
         let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
         let model_file = dir.join("embedding-model.json");
         let recorded_model = std::fs::read(&model_file).ok().and_then(|b| serde_json::from_slice(&b).ok());
-        let chunk_index =
-            ChunkIndex { index, reader, writer: Mutex::new(writer), fields, vectors: RwLock::new(VectorTable::default()), model_file, recorded_model: RwLock::new(recorded_model) };
+        let chunk_index = ChunkIndex {
+            index,
+            reader,
+            writer: Mutex::new(writer),
+            commits: Mutex::new(CommitState::default()),
+            committed: Condvar::new(),
+            fields,
+            vectors: RwLock::new(VectorTable::default()),
+            model_file,
+            recorded_model: RwLock::new(recorded_model),
+        };
         chunk_index.load_vectors()?;
         Ok(chunk_index)
     }
@@ -259,7 +292,9 @@ impl ChunkIndex {
     }
 
     /// Replaces every chunk of `document_id` with `chunks`, durably, and makes them
-    /// searchable (text and vectors alike) before it returns.
+    /// searchable (text and vectors alike) before it returns. Concurrent callers share
+    /// commits (group commit): one durable commit and reader reload covers every
+    /// document added while the previous one ran.
     pub fn replace_document(&self, document_id: &str, chunks: &[Chunk]) -> Result<(), IndexError> {
         let mut decoded: Vec<Option<Box<[f32]>>> = Vec::with_capacity(chunks.len());
         for chunk in chunks {
@@ -275,7 +310,7 @@ impl ChunkIndex {
                 None => decoded.push(None),
             }
         }
-        let mut writer = self.writer.lock().map_err(|_| IndexError::Poisoned)?;
+        let writer = self.writer.lock().map_err(|_| IndexError::Poisoned)?;
         writer.delete_term(Term::from_field_text(self.fields.document_id, document_id));
         for (chunk, vector) in chunks.iter().zip(&decoded) {
             let mut doc = TantivyDocument::default();
@@ -305,9 +340,19 @@ impl ChunkIndex {
             }
             writer.add_document(doc)?;
         }
-        writer.commit()?;
+        let number = {
+            let mut state = self.commits.lock().map_err(|_| IndexError::Poisoned)?;
+            state.added += 1;
+            state.added
+        };
         drop(writer);
-        self.reader.reload()?;
+        self.commit_through(number)?;
+        let mut state = self.commits.lock().map_err(|_| IndexError::Poisoned)?;
+        let applied = state.applied.entry(document_id.into()).or_insert(0);
+        if *applied > number {
+            return Ok(()); // a later write of this document is already in memory
+        }
+        *applied = number;
         let mut table = self.vectors.write().map_err(|_| IndexError::Poisoned)?;
         table.remove_document(document_id);
         for (chunk, vector) in chunks.iter().zip(decoded) {
@@ -327,6 +372,58 @@ impl ChunkIndex {
 
     pub fn delete_document(&self, document_id: &str) -> Result<(), IndexError> {
         self.replace_document(document_id, &[])
+    }
+
+    /// Returns once write `number` is committed (or its commit failed): the first
+    /// caller to find no commit running commits everything added so far.
+    fn commit_through(&self, number: u64) -> Result<(), IndexError> {
+        let mut state = self.commits.lock().map_err(|_| IndexError::Poisoned)?;
+        loop {
+            if state.done_through >= number {
+                return match state.failed.iter().find(|(writes, _)| writes.contains(&number)) {
+                    Some((_, error)) => Err(IndexError::Directory(format!("the commit failed: {error}"))),
+                    None if state.committed_through >= number => Ok(()),
+                    None => Err(IndexError::Directory("the commit failed".into())),
+                };
+            }
+            if state.committing {
+                state = self.committed.wait(state).map_err(|_| IndexError::Poisoned)?;
+                continue;
+            }
+            state.committing = true;
+            drop(state);
+            // Lock order: writer, then state (as in `replace_document`).
+            let outcome = (|| -> Result<u64, (u64, IndexError)> {
+                let mut writer = self.writer.lock().map_err(|_| (number, IndexError::Poisoned))?;
+                let through = self.commits.lock().map_err(|_| (number, IndexError::Poisoned))?.added;
+                if let Err(error) = writer.commit() {
+                    // Everything added up to `through` goes with the failed commit.
+                    let _ = writer.rollback();
+                    return Err((through, error.into()));
+                }
+                drop(writer);
+                self.reader.reload().map_err(|e| (through, e.into()))?;
+                Ok(through)
+            })();
+            state = self.commits.lock().map_err(|_| IndexError::Poisoned)?;
+            state.committing = false;
+            match outcome {
+                Ok(through) => {
+                    state.commits += 1;
+                    state.done_through = state.done_through.max(through);
+                    state.committed_through = state.committed_through.max(through);
+                }
+                Err((through, error)) => {
+                    let from = state.done_through + 1;
+                    state.done_through = state.done_through.max(through);
+                    if state.failed.len() >= 64 {
+                        state.failed.pop_front();
+                    }
+                    state.failed.push_back((from..=through, error.to_string()));
+                }
+            }
+            self.committed.notify_all();
+        }
     }
 
     fn terms(&self, field: Field, text: &str) -> Result<Vec<Term>, IndexError> {
@@ -609,6 +706,35 @@ mod tests {
     fn search(index: &ChunkIndex, query: &str, collections: &[&str]) -> Vec<SearchHit> {
         let collections: Vec<String> = collections.iter().map(|c| c.to_string()).collect();
         index.search(&bm25(query, &collections, &BTreeMap::new(), 10)).unwrap()
+    }
+
+    #[test]
+    fn concurrent_writers_share_commits_and_each_sees_its_own_write_on_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = std::sync::Arc::new(ChunkIndex::open(dir.path(), 32).unwrap());
+        let writers: Vec<_> = (0..8)
+            .map(|w| {
+                let index = index.clone();
+                std::thread::spawn(move || {
+                    for d in 0..15 {
+                        let word = format!("zq{w}x{d}");
+                        index.replace_document(&format!("w{w}d{d}"), &[chunk(&format!("w{w}d{d}"), "c1", 0, &format!("shared words {word}"))]).unwrap();
+                        let found = search(&index, &word, &["c1"]);
+                        assert_eq!(found.len(), 1, "{word} is searchable as soon as its write returns");
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        assert_eq!(index.n_chunks(), 120);
+        let commits = index.commits.lock().unwrap().commits;
+        assert!(commits < 120, "concurrent writes shared commits ({commits} commits for 120 writes)");
+        // A second write of a document replaces the first, text and all.
+        index.replace_document("w0d0", &[chunk("w0d0", "c1", 0, "replacement")]).unwrap();
+        assert!(search(&index, "zq0x0", &["c1"]).is_empty());
+        assert_eq!(index.n_chunks(), 120);
     }
 
     #[test]

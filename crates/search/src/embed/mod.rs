@@ -7,6 +7,7 @@
 
 pub(crate) mod install;
 mod local;
+mod onnx;
 mod remote;
 
 use std::collections::{HashMap, VecDeque};
@@ -16,7 +17,8 @@ use tokio::sync::{OnceCell, Semaphore};
 
 use common::EchoConfig;
 
-pub use local::{LocalModel, LocalModelError};
+pub use local::{LocalModel, LocalModelError, Runtime};
+pub use onnx::LIBRARY_FILE as ONNXRUNTIME_LIBRARY_FILE;
 
 /// The name recorded with vectors made by the local default model.
 pub const LOCAL_MODEL_NAME: &str = "all-MiniLM-L6-v2";
@@ -46,7 +48,7 @@ impl std::fmt::Display for ModelId {
 
 enum Provider {
     None,
-    Local { dir: std::path::PathBuf, max_tokens: usize, model: OnceCell<Arc<LocalModel>> },
+    Local { dir: std::path::PathBuf, max_tokens: usize, runtime: Runtime, model: OnceCell<Arc<LocalModel>> },
     Remote(remote::RemoteEmbeddings),
 }
 
@@ -70,7 +72,11 @@ impl Embedder {
     pub fn from_config(config: &EchoConfig) -> Embedder {
         let embeddings = &config.embeddings;
         let provider = match config.embedding_provider() {
-            "local" => Provider::Local { dir: config.model_dir(), max_tokens: embeddings.max_tokens, model: OnceCell::new() },
+            "local" => {
+                let dir = config.model_dir();
+                let runtime = Runtime::from_config(&embeddings.runtime, embeddings.onnxruntime_library.as_deref(), &dir);
+                Provider::Local { dir, max_tokens: embeddings.max_tokens, runtime, model: OnceCell::new() }
+            }
             "openai" => Provider::Remote(remote::RemoteEmbeddings::new(embeddings)),
             _ => Provider::None,
         };
@@ -113,21 +119,31 @@ impl Embedder {
     pub fn describe(&self) -> String {
         match &self.provider {
             Provider::None => "no embedding model: search is BM25 only (install one with `echod models install`)".into(),
-            Provider::Local { dir, .. } => format!("local embedding model in {}", dir.display()),
+            Provider::Local { dir, runtime, .. } => {
+                let engine = match runtime {
+                    Runtime::Candle => "candle".to_string(),
+                    Runtime::OnnxRuntime { library } => format!("ONNX Runtime from {}", library.display()),
+                    Runtime::Auto { library } => {
+                        let library = library.clone().unwrap_or_else(|| dir.join(onnx::LIBRARY_FILE));
+                        if library.is_file() { format!("ONNX Runtime from {}", library.display()) } else { "candle (no ONNX Runtime library beside it)".to_string() }
+                    }
+                };
+                format!("local embedding model in {} on {engine}", dir.display())
+            }
             Provider::Remote(remote) => format!("embeddings from {} (model {})", remote.base_url(), remote.model()),
         }
     }
 
     async fn local(&self) -> Result<Arc<LocalModel>, EmbedError> {
-        let Provider::Local { dir, max_tokens, model } = &self.provider else { return Err(EmbedError::Disabled) };
+        let Provider::Local { dir, max_tokens, runtime, model } = &self.provider else { return Err(EmbedError::Disabled) };
         let loaded = model
             .get_or_try_init(|| async {
-                let (dir, max_tokens) = (dir.clone(), *max_tokens);
+                let (dir, max_tokens, runtime) = (dir.clone(), *max_tokens, runtime.clone());
                 let started = std::time::Instant::now();
-                let loaded = tokio::task::spawn_blocking(move || LocalModel::load(&dir, max_tokens))
+                let loaded = tokio::task::spawn_blocking(move || LocalModel::load_with(&dir, max_tokens, &runtime))
                     .await
                     .map_err(|e| EmbedError::Remote(e.to_string()))??;
-                tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "embedding model loaded");
+                tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, engine = loaded.engine(), "embedding model loaded");
                 Ok::<_, EmbedError>(Arc::new(loaded))
             })
             .await?;

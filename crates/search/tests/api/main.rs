@@ -10,6 +10,8 @@ use common::ServiceName;
 use common::wire::{Chunk, Collection, IndexRequest, Principal, ReadableCollections, SearchQuery, SearchResults};
 use echod::testing::TestEcho;
 
+mod engines;
+
 fn principal(sub: &str, org: &str) -> Principal {
     Principal { sub: sub.into(), username: sub.into(), org: org.into(), roles: vec!["member".into()] }
 }

@@ -359,6 +359,14 @@ pub struct Document {
     pub classification: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Progress of the latest processing: pages parsed (formats with pages), chunks
+    /// made, chunks embedded so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages: Option<u32>,
+    #[serde(default)]
+    pub chunks: u64,
+    #[serde(default)]
+    pub embedded: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -14,6 +14,9 @@ use sha2::Digest;
 
 use common::EchoConfig;
 
+/// How long one file's upload keeps waiting on Echo's "come back later" answers.
+const MAX_UPLOAD_WAIT: Duration = Duration::from_secs(600);
+
 pub struct IngestArgs {
     pub paths: Vec<PathBuf>,
     pub collection: Option<String>,
@@ -128,19 +131,32 @@ pub async fn run(config: EchoConfig, args: IngestArgs) -> anyhow::Result<i32> {
                 let outcome = async {
                     let bytes = tokio::fs::read(&path).await?;
                     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "upload".into());
-                    // The collection is named before the file it applies to.
-                    let mut form = reqwest::multipart::Form::new();
-                    if let Some(collection) = collection {
-                        form = form.text("collection", collection.clone());
-                    }
-                    let form = form.part("file", reqwest::multipart::Part::bytes(bytes).file_name(name));
-                    let response = http.post(format!("{gateway}/api/v1/documents")).bearer_auth(token).multipart(form).send().await?;
-                    let status = response.status();
-                    let body: serde_json::Value = response.json().await.unwrap_or_default();
-                    if !status.is_success() {
+                    // Echo's upload budget (429) and a busy moment (503) say when to come
+                    // back: a bulk load waits as told instead of giving files up.
+                    let mut waited = Duration::ZERO;
+                    loop {
+                        // The collection is named before the file it applies to.
+                        let mut form = reqwest::multipart::Form::new();
+                        if let Some(collection) = collection {
+                            form = form.text("collection", collection.clone());
+                        }
+                        let form = form.part("file", reqwest::multipart::Part::bytes(bytes.clone()).file_name(name.clone()));
+                        let response = http.post(format!("{gateway}/api/v1/documents")).bearer_auth(token).multipart(form).send().await?;
+                        let status = response.status();
+                        let retry_after = response.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+                        let body: serde_json::Value = response.json().await.unwrap_or_default();
+                        if status.is_success() {
+                            return Ok(body["id"].as_str().unwrap_or_default().to_string());
+                        }
+                        let busy = matches!(status, reqwest::StatusCode::TOO_MANY_REQUESTS | reqwest::StatusCode::SERVICE_UNAVAILABLE);
+                        if busy && waited < MAX_UPLOAD_WAIT {
+                            let pause = Duration::from_secs(retry_after.unwrap_or(1).clamp(1, 60));
+                            waited += pause;
+                            tokio::time::sleep(pause).await;
+                            continue;
+                        }
                         anyhow::bail!("{}", body["detail"].as_str().unwrap_or(status.as_str()));
                     }
-                    Ok(body["id"].as_str().unwrap_or_default().to_string())
                 }
                 .await;
                 (path, outcome)

@@ -144,7 +144,10 @@ pub(crate) async fn document_events(State(app): State<AppState>, caller: Caller)
 }
 
 fn document_news(document: &common::wire::Document) -> serde_json::Value {
-    serde_json::json!({"id": document.id, "status": document.status, "error": document.error})
+    serde_json::json!({
+        "id": document.id, "status": document.status, "error": document.error,
+        "pages": document.pages, "chunks": document.chunks, "embedded": document.embedded,
+    })
 }
 
 /// `POST /api/v1/documents/{id}/cancel`: stops its processing (whoever may delete the

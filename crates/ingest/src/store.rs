@@ -58,6 +58,9 @@ CREATE TABLE reindex_runs (
     updated_at INTEGER NOT NULL,
     finished_at INTEGER
 );
+"#, r#"
+ALTER TABLE documents ADD COLUMN n_pages INTEGER;
+ALTER TABLE documents ADD COLUMN n_embedded INTEGER NOT NULL DEFAULT 0;
 "#];
 
 /// A rebuild of the index and where it stands: the last document done (`cursor`,
@@ -110,6 +113,9 @@ fn document_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Document, sqlx::Er
         updated_at: rfc3339(row.try_get("updated_at")?),
         classification: row.try_get("classification")?,
         error: row.try_get("error")?,
+        pages: row.try_get::<Option<i64>, _>("n_pages")?.map(|n| n as u32),
+        chunks: row.try_get::<i64, _>("n_chunks")? as u64,
+        embedded: row.try_get::<i64, _>("n_embedded")? as u64,
     })
 }
 
@@ -381,6 +387,22 @@ impl CatalogStore {
             .await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// Where a document's processing stands: pages parsed (when the format has pages),
+    /// chunks made, chunks embedded. `None` leaves a count as it is.
+    pub(crate) async fn set_progress(&self, document_id: &str, pages: Option<Option<u32>>, chunks: Option<usize>, embedded: Option<usize>) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE documents SET n_pages = CASE WHEN ? THEN ? ELSE n_pages END, n_chunks = COALESCE(?, n_chunks), n_embedded = COALESCE(?, n_embedded) WHERE id = ?",
+        )
+        .bind(pages.is_some())
+        .bind(pages.flatten().map(i64::from))
+        .bind(chunks.map(|n| n as i64))
+        .bind(embedded.map(|n| n as i64))
+        .bind(document_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     pub(crate) async fn set_chunks(&self, document_id: &str, n_chunks: usize) -> Result<(), sqlx::Error> {

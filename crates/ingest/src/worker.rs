@@ -163,7 +163,8 @@ const EMBED_BATCH: usize = 64;
 /// The embedding stage: each chunk's vector from the search service's embedder, in
 /// batches. What is embedded is the chunk with its document title and heading path,
 /// so a passage that only makes sense under its heading is found by it.
-async fn embed_chunks(ctx: &ServiceContext, chunks: &mut [Chunk]) -> Result<(), ApiError> {
+async fn embed_chunks(ctx: &ServiceContext, chunks: &mut [Chunk], stages: &Stages<'_>) -> Result<(), ApiError> {
+    let mut embedded = 0;
     for batch in chunks.chunks_mut(EMBED_BATCH) {
         let texts: Vec<String> = batch.iter().map(embedding_text).collect();
         let answer: EmbedResponse = ctx.peers.post_json(ServiceName::Search, "/v1/embed", None, &EmbedRequest { texts }).await?;
@@ -173,6 +174,8 @@ async fn embed_chunks(ctx: &ServiceContext, chunks: &mut [Chunk]) -> Result<(), 
         for (chunk, vector) in batch.iter_mut().zip(answer.vectors) {
             chunk.embedding = Some(vector);
         }
+        embedded += batch.len();
+        stages.progress(None, None, Some(embedded)).await;
     }
     Ok(())
 }
@@ -195,16 +198,26 @@ fn embedding_text(chunk: &Chunk) -> String {
 /// Where a document's progress through the stages is recorded: its job (uploads),
 /// or nowhere (a rebuild of the index, which keeps its own count).
 pub(crate) enum Stages<'a> {
-    Job { store: &'a CatalogStore, job_id: &'a str, attempts: i64 },
+    Job { store: &'a CatalogStore, job_id: &'a str, document_id: &'a str, attempts: i64 },
     Quiet,
 }
 
 impl Stages<'_> {
+    /// Records how far the document has come (pages parsed, chunks made, chunks
+    /// embedded) for the documents page; a failure to record is not the job's failure.
+    async fn progress(&self, pages: Option<Option<u32>>, chunks: Option<usize>, embedded: Option<usize>) {
+        if let Stages::Job { store, document_id, .. } = self
+            && let Err(error) = store.set_progress(document_id, pages, chunks, embedded).await
+        {
+            tracing::warn!(%error, "progress not recorded");
+        }
+    }
+
     /// Moves the job to `stage`; an error when a person cancelled it meanwhile, which
     /// stops the work between stages.
     async fn enter(&self, stage: &str) -> Result<(), ApiError> {
         match self {
-            Stages::Job { store, job_id, attempts } => {
+            Stages::Job { store, job_id, attempts, .. } => {
                 let attempts = (stage == "parsing").then_some(*attempts);
                 if store.set_stage(job_id, stage, attempts, None).await? {
                     Ok(())
@@ -218,7 +231,7 @@ impl Stages<'_> {
 }
 
 async fn run_stages(ctx: &ServiceContext, store: &CatalogStore, uploaded: &DocumentUploaded, attempts: i64) -> Result<usize, ApiError> {
-    let stages = Stages::Job { store, job_id: &uploaded.job_id, attempts };
+    let stages = Stages::Job { store, job_id: &uploaded.job_id, document_id: &uploaded.document_id, attempts };
     let chunks = build_chunks(ctx, uploaded, &stages).await?;
     let n_chunks = chunks.len();
     stages.enter("indexing").await?;
@@ -252,6 +265,7 @@ pub(crate) async fn build_chunks(ctx: &ServiceContext, uploaded: &DocumentUpload
     let parsed: ParsedDocument = ctx.peers.send(ServiceName::Parser, request).await?.json().await.map_err(ApiError::internal)?;
 
     stages.enter("chunking").await?;
+    let n_pages = parsed.n_pages;
     let config = &ctx.config.ingest;
     let blocks = parsed.blocks;
     let title = parsed.title.clone().unwrap_or_else(|| uploaded.filename.clone());
@@ -276,9 +290,11 @@ pub(crate) async fn build_chunks(ctx: &ServiceContext, uploaded: &DocumentUpload
         })
         .collect();
 
+    // One write for what parsing and chunking found (and no chunk embedded yet).
+    stages.progress(Some(n_pages), Some(chunks.len()), Some(0)).await;
     if ctx.config.embedding_provider() != "none" {
         stages.enter("embedding").await?;
-        embed_chunks(ctx, &mut chunks).await?;
+        embed_chunks(ctx, &mut chunks, stages).await?;
     }
     Ok(chunks)
 }

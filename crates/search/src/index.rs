@@ -187,7 +187,10 @@ impl ChunkIndex {
         let (schema, fields) = schema();
         let directory = tantivy::directory::MmapDirectory::open(dir).map_err(|e| IndexError::Directory(e.to_string()))?;
         let index = Index::open_or_create(directory, schema)?;
-        let writer = index.writer(writer_memory_mb.clamp(15, 1024) * 1024 * 1024)?;
+        // One indexing thread: each commit sets up a fresh arena per thread (a memset of
+        // its share of the budget), and commits are many and small (one per document, or a
+        // few documents with group commit); the other cores parse and embed meanwhile.
+        let writer = index.writer_with_num_threads(1, writer_memory_mb.clamp(15, 1024) * 1024 * 1024)?;
         let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
         let model_file = dir.join("embedding-model.json");
         let recorded_model = std::fs::read(&model_file).ok().and_then(|b| serde_json::from_slice(&b).ok());

@@ -705,6 +705,24 @@ async fn documents_filter_and_a_document_page_shows_its_text_its_stages_and_only
     let timed = job["stages"].as_array().unwrap();
     assert!(timed[..timed.len() - 1].iter().all(|s| s["seconds"].as_f64().is_some_and(|t| t >= 0.0)), "{job}");
 
+    // How far each document came: chunks made (and embedded, when embeddings are on),
+    // in the document and in the documents page's live events.
+    let document: Value = get(&ts, &olivia, &format!("/api/v1/documents/{}", minutes["id"].as_str().unwrap())).await.json().await.unwrap();
+    let n_chunks = document["chunks"].as_u64().unwrap();
+    assert!(n_chunks >= 1, "{document}");
+    assert_eq!(document["embedded"], 0, "no embedding model in this system: {document}");
+    assert!(document.get("pages").is_none(), "Markdown has no pages: {document}");
+    let mut events = ts.http.get(format!("{}/api/v1/documents/events", ts.gateway())).bearer_auth(&olivia).send().await.unwrap();
+    let mut first = String::new();
+    while !first.contains("\n\n") {
+        let piece = tokio::time::timeout(std::time::Duration::from_secs(10), events.chunk()).await.unwrap().unwrap().unwrap();
+        first.push_str(&String::from_utf8_lossy(&piece));
+    }
+    let data: Value = serde_json::from_str(first.lines().find_map(|l| l.strip_prefix("data:")).unwrap().trim()).unwrap();
+    let news = data.as_array().unwrap().iter().find(|d| d["id"] == minutes["id"]).unwrap();
+    assert_eq!((news["status"].as_str(), news["chunks"].as_u64(), news["embedded"].as_u64()), (Some("done"), Some(n_chunks), Some(0)), "{news}");
+    drop(events);
+
     // The document page: its text as chunks with their sections, its stages, its actions.
     let id = minutes["id"].as_str().unwrap();
     let (session, _) = ts.browser_session("olivia").await;

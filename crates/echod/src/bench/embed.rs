@@ -31,19 +31,31 @@ pub async fn run(chunks: usize, batch: usize) -> anyhow::Result<()> {
     println!("B3 embed: {} chunks of the Python manual (mean {} chars), batch {batch}, {threads} threads, model {}", texts.len(), texts.iter().map(String::len).sum::<usize>() / texts.len().max(1), model_dir.display());
 
     let mut runs = Vec::new();
+    let mut work_flops = 0.0;
     for runtime in [search::Runtime::OnnxRuntime { library: model_dir.join(search::ONNXRUNTIME_LIBRARY_FILE) }, search::Runtime::Candle] {
         let (dir, work) = (model_dir.clone(), texts.clone());
-        let measured = tokio::task::spawn_blocking(move || -> anyhow::Result<(&'static str, Vec<Vec<f32>>, f64)> {
+        let measured = tokio::task::spawn_blocking(move || -> anyhow::Result<(&'static str, Vec<Vec<f32>>, f64, Vec<usize>)> {
             let model = search::LocalModel::load_with(&dir, 256, &runtime)?;
+            let tokens = model.token_counts(&work)?;
             model.embed(&work[..8.min(work.len())], batch)?;
             let started = Instant::now();
             let vectors = model.embed(&work, batch)?;
-            Ok((model.engine(), vectors, started.elapsed().as_secs_f64()))
+            Ok((model.engine(), vectors, started.elapsed().as_secs_f64(), tokens))
         })
         .await?;
         match measured {
-            Ok((engine, vectors, seconds)) => {
-                println!("  echo ({engine:<11}):               {:>7.1} chunks/s  ({seconds:.1} s)", texts.len() as f64 / seconds);
+            Ok((engine, vectors, seconds, tokens)) => {
+                // The work: all-MiniLM-L6-v2's matrix products (6 layers of 4·h² + 2·h·4h
+                // multiply-adds per token, h = 384) and attention (2·L·h per token per layer).
+                let hidden = vectors.first().map_or(384, Vec::len) as f64;
+                let flops: f64 = tokens.iter().map(|&l| 6.0 * 2.0 * (12.0 * hidden * hidden + 2.0 * l as f64 * hidden) * l as f64).sum();
+                println!(
+                    "  echo ({engine:<11}):               {:>7.1} chunks/s  ({seconds:.1} s; mean {:.0} tokens; {:.0} GFLOP/s)",
+                    texts.len() as f64 / seconds,
+                    tokens.iter().sum::<usize>() as f64 / tokens.len().max(1) as f64,
+                    flops / seconds / 1e9
+                );
+                work_flops = flops;
                 runs.push((engine, vectors, seconds));
             }
             Err(error) => println!("  echo: an engine did not load: {error}"),
@@ -59,7 +71,13 @@ pub async fn run(chunks: usize, batch: usize) -> anyhow::Result<()> {
     let (t, o) = (texts_path.clone(), out_path.clone());
     let summary = tokio::task::spawn_blocking(move || super::python::run_script("st_embed.py", &[t.as_os_str(), &model_arg, o.as_os_str(), &batch_arg])).await??;
     let st_seconds = summary["seconds"].as_f64().context("st_embed.py printed no time")?;
-    println!("  sentence-transformers (torch {}): {:>7.1} chunks/s  ({st_seconds:.1} s, {} threads)", summary["torch"].as_str().unwrap_or("?"), texts.len() as f64 / st_seconds, summary["threads"]);
+    println!(
+        "  sentence-transformers (torch {}): {:>7.1} chunks/s  ({st_seconds:.1} s, {} threads; {:.0} GFLOP/s)",
+        summary["torch"].as_str().unwrap_or("?"),
+        texts.len() as f64 / st_seconds,
+        summary["threads"],
+        work_flops / st_seconds / 1e9
+    );
 
     let bytes = std::fs::read(&out_path)?;
     let dimension = runs[0].1.first().map(Vec::len).unwrap_or(0);

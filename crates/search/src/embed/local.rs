@@ -162,6 +162,12 @@ impl LocalModel {
         self.hidden
     }
 
+    /// How many tokens of each text the model reads (after the cut): for reports.
+    pub fn token_counts(&self, texts: &[String]) -> Result<Vec<usize>, LocalModelError> {
+        let encodings = self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| LocalModelError::Model(e.to_string()))?;
+        Ok(encodings.iter().map(|e| e.get_ids().len().min(self.max_tokens)).collect())
+    }
+
     /// Embeds `texts` (unit-length vectors, in order). Texts are grouped by length so
     /// that little padding is computed.
     pub fn embed(&self, texts: &[String], batch_size: usize) -> Result<Vec<Vec<f32>>, LocalModelError> {

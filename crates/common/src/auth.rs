@@ -94,7 +94,20 @@ pub struct TokenVerifier {
     http: reqwest::Client,
     cache: Arc<RwLock<KeyCache>>,
     refetch: Arc<Mutex<()>>,
+    verified: Arc<std::sync::Mutex<HashMap<[u8; 32], Verified>>>,
 }
+
+/// A token whose signature, issuer, audience and times checked out: the same bytes
+/// check out the same way until the token expires, so the signature is not computed
+/// again for each request that carries it (revocation is checked by the caller on
+/// every request regardless).
+struct Verified {
+    claims: serde_json::Value,
+    expires: u64,
+}
+
+/// Tokens remembered as verified before the memory starts over.
+const MAX_VERIFIED: usize = 10_000;
 
 const MIN_REFETCH: Duration = Duration::from_secs(5);
 
@@ -106,6 +119,7 @@ impl TokenVerifier {
             http,
             cache: Arc::new(RwLock::new(KeyCache { keys: HashMap::new(), fetched_at: None })),
             refetch: Arc::new(Mutex::new(())),
+            verified: Arc::new(std::sync::Mutex::new(HashMap::new())),
         }
     }
 
@@ -130,6 +144,36 @@ impl TokenVerifier {
         if token.len() > 16 * 1024 {
             return Err(TokenError::Malformed);
         }
+        let fingerprint: [u8; 32] = {
+            use sha2::Digest;
+            let mut hasher = sha2::Sha256::new();
+            hasher.update(audience.as_bytes());
+            hasher.update([0]);
+            hasher.update(token.as_bytes());
+            hasher.finalize().into()
+        };
+        let now = crate::now_unix() as u64;
+        let remembered = self.verified.lock().ok().and_then(|verified| verified.get(&fingerprint).filter(|v| now < v.expires).map(|v| v.claims.clone()));
+        if let Some(claims) = remembered {
+            return serde_json::from_value(claims).map_err(|e| TokenError::Invalid(e.to_string()));
+        }
+        let claims: serde_json::Value = self.verify_signature(token, audience).await?;
+        let expires = claims["exp"].as_u64().unwrap_or(0);
+        let typed = serde_json::from_value(claims.clone()).map_err(|e| TokenError::Invalid(e.to_string()))?;
+        if let Ok(mut verified) = self.verified.lock() {
+            if verified.len() >= MAX_VERIFIED {
+                verified.retain(|_, v| now < v.expires);
+                if verified.len() >= MAX_VERIFIED {
+                    verified.clear();
+                }
+            }
+            verified.insert(fingerprint, Verified { claims, expires });
+        }
+        Ok(typed)
+    }
+
+    /// The full check: algorithm, key, signature, issuer, audience, times.
+    async fn verify_signature(&self, token: &str, audience: &str) -> Result<serde_json::Value, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         if !ALLOWED_ALGS.contains(&header.alg) {
             return Err(TokenError::Algorithm);
@@ -146,7 +190,7 @@ impl TokenVerifier {
         validation.validate_nbf = true;
         validation.leeway = 30;
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        let data = jsonwebtoken::decode::<T>(token, &key, &validation).map_err(|e| TokenError::Invalid(e.to_string()))?;
+        let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation).map_err(|e| TokenError::Invalid(e.to_string()))?;
         Ok(data.claims)
     }
 

@@ -405,6 +405,9 @@ pub struct SearchConfig {
     /// bus and drops outdated answers at once; this bounds an answer's life should an
     /// announcement be lost. 0: ask authz on every search.
     pub readable_cache_secs: u64,
+    /// Whole answers kept for questions asked again, under the index version and the
+    /// asker's exact permissions (any commit or change of access is a new key); 0: off.
+    pub result_cache_entries: usize,
 }
 
 /// Where chunk and query embeddings come from.
@@ -653,6 +656,7 @@ impl Default for SearchConfig {
             rerank_api_key: Secret::default(),
             rerank_candidates: 30,
             readable_cache_secs: 10,
+            result_cache_entries: 1024,
         }
     }
 }

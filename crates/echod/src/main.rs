@@ -398,6 +398,9 @@ enum BenchCommand {
         /// Echo without the embedding model (BM25 only, like the baseline).
         #[arg(long)]
         bm25_only: bool,
+        /// Echo with its search result cache off: every request searched afresh.
+        #[arg(long)]
+        no_result_cache: bool,
     },
     /// B8: durable publish → deliver → ack for each bus backend beside Redis Streams and raw JetStream.
     Queue {
@@ -605,8 +608,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             echod::bench::search::run(echod::bench::search::SearchArgs { sizes, queries, baselines: !no_baselines, baseline_queries, unique }).await?;
             Ok(0)
         }
-        Command::Bench(BenchCommand::Api { seconds, connections, wrk_core, no_baseline, bm25_only }) => {
-            echod::bench::api::run(echod::bench::api::ApiArgs { seconds, connections, wrk_core, baseline: !no_baseline, bm25_only }).await?;
+        Command::Bench(BenchCommand::Api { seconds, connections, wrk_core, no_baseline, bm25_only, no_result_cache }) => {
+            echod::bench::api::run(echod::bench::api::ApiArgs { seconds, connections, wrk_core, baseline: !no_baseline, bm25_only, no_result_cache }).await?;
             Ok(0)
         }
         Command::Bench(BenchCommand::Queue { messages, producers, consumers }) => {

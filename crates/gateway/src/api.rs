@@ -192,10 +192,10 @@ fn default_k() -> usize {
     10
 }
 
-pub(crate) async fn search(State(app): State<AppState>, caller: Caller, Json(body): Json<SearchBody>) -> ApiResult<Json<serde_json::Value>> {
+pub(crate) async fn search(State(app): State<AppState>, caller: Caller, Json(body): Json<SearchBody>) -> ApiResult<Response> {
     let query = common::wire::SearchQuery { query: body.query, k: body.k.clamp(1, 100), collections: body.collections, mode: body.mode, full_text: body.full_text, rerank: body.rerank };
-    let hits = service::search(&app, &caller.principal, query).await?;
-    Ok(Json(serde_json::json!({"hits": hits})))
+    let answer = service::search_answer(&app, &caller.principal, query).await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], answer).into_response())
 }
 
 fn wants_sse(headers: &HeaderMap) -> bool {

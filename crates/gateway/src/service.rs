@@ -8,7 +8,7 @@ use reqwest::Method;
 use serde::{Deserialize, Serialize};
 
 use common::formats;
-use common::wire::{Answer, AskRequest, BlobInfo, Collection, CreatedDocument, Decision, DecisionRequest, Document, Job, NewDocument, Principal, ReadableCollections, SearchHit, SearchQuery, SearchResults};
+use common::wire::{Answer, AskRequest, BlobInfo, Collection, CreatedDocument, Decision, DecisionRequest, Document, Job, NewDocument, Principal, ReadableCollections, SearchQuery};
 use common::{ApiError, ErrorKind, ServiceName};
 
 use crate::AppState;
@@ -178,12 +178,15 @@ pub(crate) async fn list_documents(
 
 /// The search of the acting user: search asks authz what they may read, searches
 /// only that and re-checks every hit (the one authorized retrieval path).
-pub(crate) async fn search(app: &AppState, principal: &Principal, query: SearchQuery) -> Result<Vec<SearchHit>, ApiError> {
+/// Search's answer as it sent it (`SearchResults` JSON), for passing on unchanged: the
+/// public API's shape is the same, so nothing is decoded and encoded again.
+pub(crate) async fn search_answer(app: &AppState, principal: &Principal, query: SearchQuery) -> Result<bytes::Bytes, ApiError> {
     if query.query.trim().is_empty() || query.query.len() > 4096 {
         return Err(ApiError::bad_request("search.invalid_query", "queries are 1 to 4096 bytes"));
     }
-    let results: SearchResults = app.ctx.peers.post_json(ServiceName::Search, "/v1/search", Some(principal), &query).await?;
-    Ok(results.hits)
+    let request = app.ctx.peers.request(ServiceName::Search, reqwest::Method::POST, "/v1/search", Some(principal)).await?.json(&query);
+    let response = app.ctx.peers.send(ServiceName::Search, request).await?;
+    response.bytes().await.map_err(|e| ApiError::unavailable("peer.unreachable", format!("search's answer broke off: {e}")))
 }
 
 pub(crate) async fn ask(app: &AppState, principal: &Principal, request: &AskRequest) -> Result<Answer, ApiError> {

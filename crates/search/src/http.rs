@@ -2,11 +2,12 @@
 //! needs a service token; `/v1/search` also the user it searches for.
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 
 use common::error::{ApiResult, Json};
 use common::server::ActingUser;
-use common::wire::{EmbedRequest, EmbedResponse, IndexRequest, RebuildStatus, SearchQuery, SearchResults};
+use common::wire::{EmbedRequest, EmbedResponse, IndexRequest, RebuildStatus, SearchQuery};
 use common::ApiError;
 
 use crate::service::Retrieval;
@@ -14,9 +15,11 @@ use crate::service::Retrieval;
 /// Texts one embedding call may carry.
 const MAX_EMBED_TEXTS: usize = 1024;
 
-/// `POST /v1/search`: what the acting user may read that answers the query.
-pub(crate) async fn search(State(retrieval): State<Retrieval>, ActingUser(principal): ActingUser, Json(query): Json<SearchQuery>) -> ApiResult<Json<SearchResults>> {
-    Ok(Json(SearchResults { hits: retrieval.search(&principal, query).await? }))
+/// `POST /v1/search`: what the acting user may read that answers the query
+/// (`SearchResults`, sent as the result cache keeps it).
+pub(crate) async fn search(State(retrieval): State<Retrieval>, ActingUser(principal): ActingUser, Json(query): Json<SearchQuery>) -> ApiResult<Response> {
+    let answer = retrieval.search_answer(&principal, query).await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], answer).into_response())
 }
 
 /// `POST /v1/embed`: the ingest worker's embedding stage.

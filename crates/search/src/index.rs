@@ -99,6 +99,9 @@ pub struct ChunkIndex {
     index: Index,
     reader: IndexReader,
     writer: Mutex<IndexWriter>,
+    /// Changes whenever what a search sees may have changed (each commit, each change
+    /// of vectors); unique across indexes in the process.
+    version: std::sync::atomic::AtomicU64,
     /// Group commit: writers that arrive while a commit runs share the next one.
     commits: Mutex<CommitState>,
     committed: Condvar,
@@ -128,6 +131,12 @@ struct CommitState {
     /// The number of the write whose vectors a document holds in memory, so that two
     /// writes of one document land in the order they were added.
     applied: HashMap<Box<str>, u64>,
+}
+
+/// Index versions, from one counter for the whole process.
+fn next_version() -> u64 {
+    static VERSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    VERSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 fn schema() -> (Schema, Fields) {
@@ -198,6 +207,7 @@ impl ChunkIndex {
             index,
             reader,
             writer: Mutex::new(writer),
+            version: std::sync::atomic::AtomicU64::new(next_version()),
             commits: Mutex::new(CommitState::default()),
             committed: Condvar::new(),
             fields,
@@ -370,7 +380,14 @@ impl ChunkIndex {
             }
         }
         table.maintain();
+        drop(table);
+        self.version.store(next_version(), std::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    /// What a search sees now: a cached answer is valid for this version only.
+    pub fn version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn delete_document(&self, document_id: &str) -> Result<(), IndexError> {
@@ -406,6 +423,7 @@ impl ChunkIndex {
                 }
                 drop(writer);
                 self.reader.reload().map_err(|e| (through, e.into()))?;
+                self.version.store(next_version(), std::sync::atomic::Ordering::Release);
                 Ok(through)
             })();
             state = self.commits.lock().map_err(|_| IndexError::Poisoned)?;

@@ -21,6 +21,7 @@ mod generations;
 mod http;
 mod index;
 mod rerank;
+mod results;
 mod service;
 mod vectors;
 
@@ -69,7 +70,8 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     if let Some(reranker) = &reranker {
         tracing::info!("{}", reranker.describe());
     }
-    let retrieval = Retrieval { index, embedder, model, fusion: fusion_of(&ctx.config.search), max_k: ctx.config.search.max_k, access, reranker };
+    let results = std::sync::Arc::new(results::ResultCache::new(ctx.config.search.result_cache_entries));
+    let retrieval = Retrieval { index, embedder, model, fusion: fusion_of(&ctx.config.search), max_k: ctx.config.search.max_k, access, reranker, results };
     spawn_deletion_consumer(&ctx, retrieval.clone());
     // One request carries a whole document's chunks: as much text as the parser may
     // return (up to 4 bytes a character), again for the overlap, the vectors, and JSON.

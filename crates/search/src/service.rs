@@ -6,7 +6,9 @@
 
 use std::sync::Arc;
 
-use common::wire::{Chunk, Principal, RebuildStatus, SearchHit, SearchMode, SearchQuery};
+use bytes::Bytes;
+
+use common::wire::{Chunk, Principal, ReadableCollections, RebuildStatus, SearchHit, SearchMode, SearchQuery, SearchResults};
 use common::{ApiError, ErrorKind};
 
 use crate::access::Access;
@@ -14,6 +16,20 @@ use crate::embed::{EmbedError, Embedder, ModelId};
 use crate::generations::Generations;
 use crate::index::{Fusion, IndexError, SearchRequest};
 use crate::rerank::Reranker;
+use crate::results::{KeyParts, ResultCache};
+
+/// A search, decided: what the caller may read and how it will be ranked.
+struct Plan {
+    readable: Arc<ReadableCollections>,
+    collections: Vec<String>,
+    restricted: std::collections::BTreeMap<String, Vec<String>>,
+    k: usize,
+    reranker: Option<Arc<Reranker>>,
+    wanted: SearchMode,
+    index: Arc<crate::index::ChunkIndex>,
+    version: u64,
+    vectors_usable: bool,
+}
 
 /// The longest query accepted, in bytes.
 pub(crate) const MAX_QUERY_BYTES: usize = 4096;
@@ -28,6 +44,7 @@ pub(crate) struct Retrieval {
     pub(crate) max_k: usize,
     pub(crate) access: Access,
     pub(crate) reranker: Option<Arc<Reranker>>,
+    pub(crate) results: Arc<ResultCache>,
 }
 
 impl From<IndexError> for ApiError {
@@ -97,8 +114,40 @@ fn plain_text(snippet: &str) -> String {
 }
 
 impl Retrieval {
-    /// The chunks `principal` may read that best answer `query`, best first.
-    pub(crate) async fn search(&self, principal: &Principal, query: SearchQuery) -> Result<Vec<SearchHit>, ApiError> {
+    /// The chunks `principal` may read that best answer `query`, best first, serialized
+    /// as `SearchResults` — from the result cache when this exact question was answered
+    /// for exactly these permissions on this version of the index.
+    pub(crate) async fn search_answer(&self, principal: &Principal, query: SearchQuery) -> Result<Bytes, ApiError> {
+        let Some(plan) = self.plan(principal, &query).await? else {
+            return Ok(Bytes::from_static(br#"{"hits":[]}"#));
+        };
+        let key = KeyParts {
+            index_version: plan.version,
+            query: &query.query,
+            k: plan.k,
+            mode: plan.wanted,
+            vectors_used: plan.vectors_usable,
+            full_text: query.full_text,
+            rerank: plan.reranker.is_some(),
+            collections: &plan.collections,
+            restricted: &plan.restricted,
+        }
+        .key();
+        if let Some(answer) = self.results.get(&key) {
+            return Ok(answer);
+        }
+        let (hits, complete) = self.run(plan, &query).await?;
+        let answer = Bytes::from(serde_json::to_vec(&SearchResults { hits }).map_err(ApiError::internal)?);
+        // An answer made without the vectors it should have had (the query could not
+        // be embedded) is not kept.
+        if complete {
+            self.results.put(key, answer.clone());
+        }
+        Ok(answer)
+    }
+
+    /// What `principal` may search and how: `None` when nothing at all.
+    async fn plan(&self, principal: &Principal, query: &SearchQuery) -> Result<Option<Plan>, ApiError> {
         if query.query.trim().is_empty() || query.query.len() > MAX_QUERY_BYTES {
             return Err(ApiError::bad_request("search.invalid_query", format!("queries are 1 to {MAX_QUERY_BYTES} bytes")));
         }
@@ -108,31 +157,44 @@ impl Retrieval {
             None => readable.collections.clone(),
         };
         if collections.is_empty() {
-            return Ok(vec![]);
+            return Ok(None);
         }
         let restricted = readable.restricted.iter().filter(|(c, _)| collections.contains(c)).map(|(c, v)| (c.clone(), v.clone())).collect();
         let k = query.k.clamp(1, self.max_k);
         let reranker = self.reranker.clone().filter(|_| query.rerank != Some(false));
-        // A reranker reorders a deeper list than is returned.
-        let depth = reranker.as_ref().map_or(k, |r| r.candidates.max(k).min(self.max_k));
         let wanted = query.mode.unwrap_or(SearchMode::Hybrid);
         let index = self.index.live();
+        // Read before the search: a commit meanwhile makes a newer version, so an answer
+        // is never kept under a version older than the index it saw… only newer.
+        let version = index.version();
         // The live index's vectors are of the configured model, or searches are BM25
         // only until `echod reindex` has rebuilt it.
-        let usable = self.model.as_ref().filter(|model| index.holds_vectors_of(model));
-        if let (Some(configured), None, SearchMode::Vector) = (&self.model, usable, wanted) {
+        let usable = self.model.as_ref().filter(|model| index.holds_vectors_of(model)).is_some();
+        if let (Some(configured), false, SearchMode::Vector) = (&self.model, usable, wanted) {
             let recorded = index.recorded_model().map(|m| m.to_string()).unwrap_or_default();
             return Err(IndexError::ModelMismatch { recorded, configured: configured.to_string() }.into());
         }
-        let vector = match (usable, wanted) {
-            (Some(_), SearchMode::Hybrid | SearchMode::Vector) => match self.embedder.embed_query(&query.query).await {
+        let vectors_usable = usable && matches!(wanted, SearchMode::Hybrid | SearchMode::Vector);
+        Ok(Some(Plan { readable, collections, restricted, k, reranker, wanted, index, version, vectors_usable }))
+    }
+
+    /// Runs a plan: the hits, and whether they are as the plan meant them (false when
+    /// the query could not be embedded and BM25 answered alone).
+    async fn run(&self, plan: Plan, query: &SearchQuery) -> Result<(Vec<SearchHit>, bool), ApiError> {
+        let Plan { readable, collections, restricted, k, reranker, wanted, index, vectors_usable, .. } = plan;
+        // A reranker reorders a deeper list than is returned.
+        let depth = reranker.as_ref().map_or(k, |r| r.candidates.max(k).min(self.max_k));
+        let mut complete = true;
+        let vector = match vectors_usable {
+            true => match self.embedder.embed_query(&query.query).await {
                 Ok(vector) => Some(vector),
                 Err(error) => {
                     tracing::warn!(%error, "the query could not be embedded; answering with BM25 alone");
+                    complete = false;
                     None
                 }
             },
-            _ => None,
+            false => None,
         };
         let mode = if vector.is_some() { wanted } else { SearchMode::Bm25 };
         let (fusion, text) = (self.fusion, query.query.clone());
@@ -154,7 +216,7 @@ impl Retrieval {
                 hit.text = hit.snippet.as_deref().map(plain_text).unwrap_or_default();
             }
         }
-        Ok(hits)
+        Ok((hits, complete))
     }
 
     /// Vectors for chunk texts (the ingest worker's embedding stage and the rebuild).

@@ -25,6 +25,8 @@ pub struct ApiArgs {
     pub baseline: bool,
     /// BM25 only (no embedding model), like the baseline.
     pub bm25_only: bool,
+    /// Every request searched afresh (`search.result_cache_entries: 0`).
+    pub no_result_cache: bool,
 }
 
 /// What wrk printed: requests per second and latency percentiles (ms).
@@ -101,7 +103,14 @@ pub async fn run(args: ApiArgs) -> anyhow::Result<()> {
         config.embeddings.provider = Some("local".into());
         config.embeddings.model_dir = Some(super::python::bench_model().await?);
     }
-    println!("  echo's search: {}", if args.bm25_only { "BM25 only" } else { "hybrid (BM25 + local MiniLM vectors)" });
+    if args.no_result_cache {
+        config.search.result_cache_entries = 0;
+    }
+    println!(
+        "  echo's search: {}; result cache {}",
+        if args.bm25_only { "BM25 only" } else { "hybrid (BM25 + local MiniLM vectors)" },
+        if args.no_result_cache { "off (every request searched afresh)" } else { "on (the 79 questions repeat, so answers come from it)" }
+    );
     let echo = Echo::start(config, true).await?;
     let started = Instant::now();
     let ids = echo.upload(&set).await?;

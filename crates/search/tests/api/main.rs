@@ -249,3 +249,60 @@ async fn vectors_of_another_model_are_refused_until_the_index_is_rebuilt() {
     assert_eq!(hybrid.hits.len(), 1, "BM25 still answers");
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_search_is_answered_again_only_while_nothing_it_depends_on_changed() {
+    let echo = TestEcho::start().await;
+    let (ann, personal) = someone(&echo, "ann").await;
+    let (bob, _) = someone(&echo, "bob").await;
+    index_texts(&echo, &personal, &[("d1", "quarterly kelp harvest")]).await;
+    let peers = echo.peers_as(ServiceName::Gateway);
+    let ask = |who: &Principal| {
+        let (peers, who) = (peers.clone(), who.clone());
+        async move {
+            let results: SearchResults = peers.post_json(ServiceName::Search, "/v1/search", Some(&who), &query("kelp harvest", None)).await.unwrap();
+            let mut docs: Vec<String> = results.hits.into_iter().map(|h| h.document_id).collect();
+            docs.sort();
+            docs
+        }
+    };
+    assert_eq!(ask(&ann).await, ["d1"]);
+    assert_eq!(ask(&ann).await, ["d1"], "asked again: the same answer");
+    // Another person with other permissions never gets ann's answer.
+    assert!(ask(&bob).await.is_empty());
+    // A new document, a replaced one, a deleted one: each is seen at once.
+    index_texts(&echo, &personal, &[("d2", "kelp harvest report")]).await;
+    assert_eq!(ask(&ann).await, ["d1", "d2"], "a commit is a new version of the index");
+    index_texts(&echo, &personal, &[("d1", "nothing about seaweed")]).await;
+    assert_eq!(ask(&ann).await, ["d2"], "a replaced document");
+    let _ = echo.peers_as(ServiceName::Ingest).delete(ServiceName::Search, "/v1/documents/d2", None).await;
+    assert!(ask(&ann).await.is_empty(), "a deleted document");
+    // Shared with bob: his permissions changed, so his key did.
+    index_texts(&echo, &personal, &[("d3", "kelp harvest shared")]).await;
+    let shared: Collection = peers.post_json(ServiceName::Authz, "/v1/collections", Some(&ann), &serde_json::json!({"name": "Kelp"})).await.unwrap();
+    index_texts(&echo, &shared.id, &[("d4", "kelp harvest for the team")]).await;
+    assert!(ask(&bob).await.is_empty());
+    let _: Collection = peers
+        .put_json(ServiceName::Authz, &format!("/v1/collections/{}/members", shared.id), Some(&ann), &serde_json::json!({"members": [{"user": bob.sub, "role": "viewer"}]}))
+        .await
+        .unwrap();
+    eventually_eq(|| ask(&bob), vec!["d4".to_string()]).await;
+    echo.stop().await;
+}
+
+/// Waits (up to 10 s) for `probe` to give `expected`: access changes reach search over the bus.
+async fn eventually_eq<F, Fut>(probe: F, expected: Vec<String>)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Vec<String>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = probe().await;
+        if got == expected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "still {got:?}, expected {expected:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

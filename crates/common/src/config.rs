@@ -465,7 +465,9 @@ pub struct RagConfig {
     /// `hash` stores a SHA-256 of the question in audit records; `plain` stores it verbatim.
     pub audit_question: String,
     /// "Not in your documents" below this: the best hit's cosine similarity to the
-    /// question (when embeddings are on), calibrated with `echod bench quality`.
+    /// question (when embeddings are on), calibrated on the Debian evaluation set with
+    /// all-MiniLM-L6-v2: every answerable question's best hit is ≥ 0.386, off-topic
+    /// questions mostly ≤ 0.36 (18 of 20 refused at 0.35, none of 79 answerable ones).
     pub min_similarity: f32,
     /// …and below this share of the question's words (weighted by rarity) in the best
     /// passage; with embeddings off, this alone decides.
@@ -663,7 +665,7 @@ impl Default for SearchConfig {
 
 impl Default for RagConfig {
     fn default() -> Self {
-        RagConfig { top_k: 8, max_citations: 4, audit_question: "hash".into(), min_similarity: 0.25, min_coverage: 0.5 }
+        RagConfig { top_k: 8, max_citations: 4, audit_question: "hash".into(), min_similarity: 0.35, min_coverage: 0.5 }
     }
 }
 

@@ -169,10 +169,15 @@ fn vector_of(bytes: &[u8]) -> Option<Box<[f32]>> {
 
 /// The text a chunk's duplicates share: its words, lower-cased.
 fn duplicate_key(text: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
+    use std::hash::Hasher;
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    // Each word lower-cased into one reused buffer and hashed whole.
+    let mut lowered = String::new();
     for word in text.split_whitespace() {
-        word.to_lowercase().hash(&mut hasher);
+        lowered.clear();
+        lowered.extend(word.chars().flat_map(char::to_lowercase));
+        hasher.write(lowered.as_bytes());
+        hasher.write_u8(0xff);
     }
     hasher.finish()
 }
@@ -574,14 +579,19 @@ impl ChunkIndex {
                 },
             };
             let doc: TantivyDocument = searcher.doc(address)?;
+            let field = |f: Field| doc.get_first(f).and_then(|v| v.as_str()).unwrap_or_default();
+            // Defence in depth: the filter is in both rankings, and every hit is re-checked.
+            let collection = field(self.fields.collection);
+            let classification = doc.get_first(self.fields.classification).and_then(|v| v.as_str()).map_or_else(common::wire::default_classification, str::to_string);
+            let allowed = collections.iter().any(|c| c == collection) && restricted.get(collection).is_none_or(|classes| classes.contains(&classification));
+            // The same text in several places (a repeated paragraph, an included page) once;
+            // decided before its snippet is made.
+            if !allowed || !seen_texts.insert(duplicate_key(field(self.fields.text))) {
+                continue;
+            }
             let mut hit = self.hit_of(&doc, score, snippets.as_ref());
             hit.similarity = similarity;
-            // Defence in depth: the filter is in both rankings, and every hit is re-checked.
-            let allowed = collections.contains(&hit.collection_id) && restricted.get(&hit.collection_id).is_none_or(|classes| classes.contains(&hit.classification));
-            // The same text in several places (a repeated paragraph, an included page) once.
-            if allowed && seen_texts.insert(duplicate_key(&hit.text)) {
-                hits.push(hit);
-            }
+            hits.push(hit);
         }
         Ok(hits)
     }

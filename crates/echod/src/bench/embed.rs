@@ -11,6 +11,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 
+/// One engine's run: its name, the vectors, the seconds they took, each text's tokens.
+type EngineRun = (&'static str, Vec<Vec<f32>>, f64, Vec<usize>);
+
 pub async fn run(chunks: usize, batch: usize) -> anyhow::Result<()> {
     let cache = super::python::bench_data();
     let eval = super::python::repo_root().join("tests/eval/debian-docs.json");
@@ -34,7 +37,7 @@ pub async fn run(chunks: usize, batch: usize) -> anyhow::Result<()> {
     let mut work_flops = 0.0;
     for runtime in [search::Runtime::OnnxRuntime { library: model_dir.join(search::ONNXRUNTIME_LIBRARY_FILE) }, search::Runtime::Candle] {
         let (dir, work) = (model_dir.clone(), texts.clone());
-        let measured = tokio::task::spawn_blocking(move || -> anyhow::Result<(&'static str, Vec<Vec<f32>>, f64, Vec<usize>)> {
+        let measured = tokio::task::spawn_blocking(move || -> anyhow::Result<EngineRun> {
             let model = search::LocalModel::load_with(&dir, 256, &runtime)?;
             let tokens = model.token_counts(&work)?;
             model.embed(&work[..8.min(work.len())], batch)?;

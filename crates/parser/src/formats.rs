@@ -3,6 +3,8 @@
 //! `TextBlock`s that keep pages and heading paths. Pure functions over bytes; no IO,
 //! no async. Callers bound the input size and the time spent.
 
+use std::collections::{HashMap, HashSet};
+
 use common::formats::Format;
 use common::wire::{ParsedDocument, TextBlock};
 
@@ -317,7 +319,186 @@ fn pdf(bytes: &[u8]) -> Result<Vec<TextBlock>, ParseError> {
         let end = starts.get(i + 1).map_or(text.len(), |&(_, next)| next);
         pages.push((page, text[start..end].to_string()));
     }
-    Ok(tidy_pages(pages))
+    Ok(sectioned(tidy_pages(pages), &outline(&document)))
+}
+
+/// One bookmark of a PDF's outline: the page it opens, its title, its heading path.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct OutlineEntry {
+    pub(crate) page: u32,
+    pub(crate) title: String,
+    pub(crate) path: String,
+}
+
+/// Bookmarks read at most; levels of nesting kept in a heading path.
+const MAX_OUTLINE_ENTRIES: usize = 20_000;
+const MAX_OUTLINE_DEPTH: usize = 8;
+
+/// A PDF's outline (bookmarks) in reading order, each with the page it opens — the
+/// manual's own table of contents, which gives every page the heading path a reader
+/// sees in the sidebar. Read defensively: an entry is visited once (a cycle of
+/// `/Next` or `/First` links ends the walk there), nesting and count are bounded, and
+/// an entry whose destination cannot be resolved is skipped. No outline: empty.
+pub(crate) fn outline(document: &pdf_extract::Document) -> Vec<OutlineEntry> {
+    use pdf_extract::Object;
+    let pages: HashMap<pdf_extract::ObjectId, u32> = document.get_pages().into_iter().map(|(number, id)| (id, number)).collect();
+    let deref = |object: &'_ Object| -> Option<Object> { document.dereference(object).ok().map(|(_, o)| o.clone()) };
+    let Ok(catalog) = document.catalog() else { return vec![] };
+    let Some(Object::Dictionary(root)) = catalog.get(b"Outlines").ok().and_then(deref) else { return vec![] };
+    // Named destinations: the catalog's /Dests dictionary, or the /Names /Dests tree.
+    let mut named: HashMap<Vec<u8>, Object> = HashMap::new();
+    if let Some(Object::Dictionary(dests)) = catalog.get(b"Dests").ok().and_then(deref) {
+        for (name, value) in dests.iter() {
+            named.insert(name.clone(), value.clone());
+        }
+    }
+    if let Some(Object::Dictionary(names)) = catalog.get(b"Names").ok().and_then(deref)
+        && let Some(tree) = names.get(b"Dests").ok().and_then(deref)
+    {
+        let mut stack = vec![tree];
+        let mut nodes = 0;
+        while let Some(Object::Dictionary(node)) = stack.pop() {
+            nodes += 1;
+            if nodes > MAX_OUTLINE_ENTRIES || named.len() > MAX_OUTLINE_ENTRIES {
+                break;
+            }
+            if let Some(Object::Array(pairs)) = node.get(b"Names").ok().and_then(deref) {
+                for pair in pairs.chunks_exact(2) {
+                    if let Object::String(name, _) = &pair[0] {
+                        named.insert(name.clone(), pair[1].clone());
+                    }
+                }
+            }
+            if let Some(Object::Array(kids)) = node.get(b"Kids").ok().and_then(deref) {
+                stack.extend(kids.iter().filter_map(deref));
+            }
+        }
+    }
+    // A destination as the page it opens: [page /XYZ …], a name, or a dictionary with /D.
+    let page_of = |destination: &Object| -> Option<u32> {
+        let mut current = deref(destination)?;
+        for _ in 0..4 {
+            current = match current {
+                Object::Array(items) => return items.first().and_then(|first| first.as_reference().ok()).and_then(|id| pages.get(&id).copied()),
+                Object::String(name, _) | Object::Name(name) => deref(named.get(&name)?)?,
+                Object::Dictionary(dictionary) => deref(dictionary.get(b"D").ok()?)?,
+                _ => return None,
+            };
+        }
+        None
+    };
+    let mut entries = Vec::new();
+    let mut visited: HashSet<pdf_extract::ObjectId> = HashSet::new();
+    // (the next entry to read, the titles above it)
+    let mut stack: Vec<(Object, Vec<String>)> = root.get(b"First").ok().map(|first| (first.clone(), Vec::new())).into_iter().collect();
+    while let Some((link, parents)) = stack.pop() {
+        if entries.len() >= MAX_OUTLINE_ENTRIES {
+            break;
+        }
+        let Ok(id) = link.as_reference() else { continue };
+        if !visited.insert(id) {
+            continue;
+        }
+        let Ok(Object::Dictionary(item)) = document.get_object(id) else { continue };
+        // Its next sibling after its children: pushed first, popped last.
+        if let Ok(next) = item.get(b"Next") {
+            stack.push((next.clone(), parents.clone()));
+        }
+        let title = item.get(b"Title").ok().and_then(deref).and_then(|t| match t {
+            Object::String(bytes, _) => Some(text_string(&bytes)),
+            _ => None,
+        });
+        let title = title.map(|t| t.split_whitespace().collect::<Vec<_>>().join(" ")).filter(|t| !t.is_empty());
+        let destination = item.get(b"Dest").ok().cloned().or_else(|| match item.get(b"A").ok().and_then(deref) {
+            Some(Object::Dictionary(action)) if action.get(b"S").ok().and_then(|s| s.as_name().ok()) == Some(b"GoTo") => action.get(b"D").ok().cloned(),
+            _ => None,
+        });
+        let mut path = parents.clone();
+        if let Some(title) = &title {
+            path.push(title.clone());
+        }
+        if let (Some(title), Some(page)) = (title, destination.as_ref().and_then(&page_of)) {
+            entries.push(OutlineEntry { page, title, path: path.join(" > ") });
+        }
+        if let Ok(first) = item.get(b"First")
+            && path.len() < MAX_OUTLINE_DEPTH
+        {
+            stack.push((first.clone(), path));
+        }
+    }
+    entries
+}
+
+/// A PDF text string: UTF-16 with its byte-order mark, UTF-8 with its mark, else
+/// PDFDocEncoding (read as Latin-1, which it matches for letters).
+fn text_string(bytes: &[u8]) -> String {
+    let utf16 = |big: bool| -> String {
+        let units: Vec<u16> = bytes[2..].chunks_exact(2).map(|b| if big { u16::from_be_bytes([b[0], b[1]]) } else { u16::from_le_bytes([b[0], b[1]]) }).collect();
+        String::from_utf16_lossy(&units)
+    };
+    match bytes {
+        [0xFE, 0xFF, ..] => utf16(true),
+        [0xFF, 0xFE, ..] => utf16(false),
+        [0xEF, 0xBB, 0xBF, rest @ ..] => String::from_utf8_lossy(rest).into_owned(),
+        _ => bytes.iter().map(|&b| char::from(b)).collect(),
+    }
+}
+
+/// Pages given the heading path of the outline entry they fall under. A page where an
+/// entry begins is cut where its title stands on a line of its own (so the end of the
+/// previous section keeps its own path); when the title is not found on the page, the
+/// entry's section starts with the page. Pages before the first entry keep none.
+pub(crate) fn sectioned(pages: Vec<TextBlock>, outline: &[OutlineEntry]) -> Vec<TextBlock> {
+    if outline.is_empty() {
+        return pages;
+    }
+    let mut starting: HashMap<u32, Vec<&OutlineEntry>> = HashMap::new();
+    for entry in outline {
+        starting.entry(entry.page).or_default().push(entry);
+    }
+    let normal = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+    let mut current: Option<String> = None;
+    let mut out = Vec::with_capacity(pages.len());
+    for page in pages {
+        let Some(entries) = page.page.and_then(|p| starting.get(&p)) else {
+            out.push(TextBlock { section: current.clone(), ..page });
+            continue;
+        };
+        // Line starts (byte offsets) and their normalised text.
+        let mut lines: Vec<(usize, String)> = Vec::new();
+        let mut offset = 0;
+        for line in page.text.split_inclusive('\n') {
+            lines.push((offset, normal(line)));
+            offset += line.len();
+        }
+        let (mut cursor, mut line_cursor) = (0, 0);
+        let push = |range: std::ops::Range<usize>, section: &Option<String>, out: &mut Vec<TextBlock>| {
+            let text = page.text[range].trim();
+            if !text.is_empty() {
+                out.push(TextBlock { text: text.to_string(), page: page.page, section: section.clone() });
+            }
+        };
+        for entry in entries {
+            let title = normal(&entry.title);
+            // The title on a line of its own, or a line it begins (a heading followed by
+            // text on one line) — searched from where the last entry was found.
+            let found = lines[line_cursor..].iter().position(|(_, line)| *line == title || (line.starts_with(&title) && title.len() >= 12));
+            if let Some(found) = found {
+                let at = lines[line_cursor + found].0;
+                push(cursor..at, &current, &mut out);
+                cursor = at;
+                line_cursor += found + 1;
+            }
+            current = Some(entry.path.clone());
+        }
+        let before = out.len();
+        push(cursor..page.text.len(), &current, &mut out);
+        if out.len() == before && out.last().is_none_or(|b| b.page != page.page) {
+            // Every page keeps a block, even an empty one (the page count, OCR).
+            out.push(TextBlock { text: String::new(), page: page.page, section: current.clone() });
+        }
+    }
+    out
 }
 
 /// A line with its digits as `#` and its spaces collapsed: how a running header or
@@ -441,6 +622,26 @@ mod tests {
         // Two pages are too few to call anything furniture.
         let two = tidy_pages(vec![(1, "Title\nBody one".into()), (2, "Title\nBody two".into())]);
         assert!(two[0].text.starts_with("Title"));
+    }
+
+    #[test]
+    fn outline_sections_cut_pages_where_a_title_stands_and_carry_over() {
+        let page = |n: u32, text: &str| TextBlock { text: text.into(), page: Some(n), section: None };
+        let entry = |page: u32, title: &str, path: &str| OutlineEntry { page, title: title.into(), path: path.into() };
+        let pages = vec![page(1, "Cover"), page(2, "Intro text\n1.2  Pumps\nPumps move water."), page(3, "More on pumps."), page(4, "No heading line here.")];
+        let outline = [entry(2, "1.2 Pumps", "1 Basics > 1.2 Pumps"), entry(4, "2 Valves", "2 Valves")];
+        let sections: Vec<(u32, Option<String>, String)> = sectioned(pages, &outline).into_iter().map(|b| (b.page.unwrap(), b.section, b.text)).collect();
+        assert_eq!(
+            sections,
+            vec![
+                (1, None, "Cover".into()),
+                (2, None, "Intro text".into()),
+                (2, Some("1 Basics > 1.2 Pumps".into()), "1.2  Pumps\nPumps move water.".into()),
+                (3, Some("1 Basics > 1.2 Pumps".into()), "More on pumps.".into()),
+                // The title is not on the page: its section starts with the page.
+                (4, Some("2 Valves".into()), "No heading line here.".into()),
+            ]
+        );
     }
 
     #[test]

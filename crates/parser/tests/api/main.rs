@@ -6,6 +6,8 @@ use common::ServiceName;
 use common::wire::ParsedDocument;
 use echod::testing::TestEcho;
 
+mod fuzz;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parses_markdown_and_refuses_what_it_cannot_read() {
     let echo = TestEcho::start().await;
@@ -138,14 +140,70 @@ The reactor\u8217?s console listens on port 7341.\par
 
 /// A one-page PDF saying `line` in 28-point Helvetica, with a correct cross-reference table.
 fn text_pdf(line: &str) -> Vec<u8> {
+    pdf_of(&text_pdf_objects(line))
+}
+
+fn text_pdf_objects(line: &str) -> Vec<String> {
     let content = format!("BT /F1 28 Tf 60 700 Td ({line}) Tj ET");
-    pdf_of(&[
+    vec![
         "<< /Type /Catalog /Pages 2 0 R >>".into(),
         "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".into(),
         "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>".into(),
         format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()),
         "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".into(),
-    ])
+    ]
+}
+
+/// Three pages under an outline of explicit, named and string destinations, whose last
+/// entry's /Next leads back to the first.
+fn outlined_pdf() -> Vec<u8> {
+    pdf_of(&outlined_pdf_objects())
+}
+
+fn outlined_pdf_objects() -> Vec<String> {
+    let page = |lines: &[&str]| {
+        let shown: Vec<String> = lines.iter().map(|l| format!("({l}) Tj 0 -24 Td")).collect();
+        let content = format!("BT /F1 14 Tf 60 700 Td {} ET", shown.join(" "));
+        format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len())
+    };
+    vec![
+        "<< /Type /Catalog /Pages 2 0 R /Outlines 9 0 R /Dests 14 0 R /Names << /Dests 13 0 R >> >>".into(),
+        "<< /Type /Pages /Kids [3 0 R 4 0 R 5 0 R] /Count 3 >>".into(),
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 6 0 R /Resources << /Font << /F1 15 0 R >> >> >>".into(),
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 7 0 R /Resources << /Font << /F1 15 0 R >> >> >>".into(),
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 8 0 R /Resources << /Font << /F1 15 0 R >> >> >>".into(),
+        page(&["Chapter One", "The first words of the manual."]),
+        page(&["More words of chapter one.", "Setting Up the Pump", "Install the pump before the valve."]),
+        page(&["Chapter Two", "The end of it all."]),
+        "<< /Type /Outlines /First 10 0 R /Last 12 0 R /Count 3 >>".into(),
+        // An explicit destination; a child with a named one (the /Dests dictionary);
+        // a UTF-16 title opening a string destination (the /Names tree) through a GoTo
+        // action, whose /Next leads back to the first entry: a cycle the walk must end.
+        "<< /Title (Chapter One) /Parent 9 0 R /Next 12 0 R /First 11 0 R /Last 11 0 R /Dest [3 0 R /Fit] >>".into(),
+        "<< /Title (Setting Up the Pump) /Parent 10 0 R /Dest /setup >>".into(),
+        "<< /Title <FEFF0043006800610070007400650072002000540077006F> /Parent 9 0 R /Prev 10 0 R /Next 10 0 R /A << /S /GoTo /D (two) >> >>".into(),
+        "<< /Names [(two) [5 0 R /Fit]] >>".into(),
+        "<< /setup [4 0 R /XYZ 0 700 0] >>".into(),
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".into(),
+    ]
+}
+
+#[test]
+fn a_pdf_outline_gives_each_page_its_heading_path() {
+    let parsed = parser::extract(parser::Format::Pdf, &outlined_pdf()).unwrap();
+    let blocks: Vec<(Option<u32>, Option<&str>, &str)> = parsed.blocks.iter().map(|b| (b.page, b.section.as_deref(), b.text.lines().next().unwrap_or_default())).collect();
+    assert_eq!(
+        blocks,
+        vec![
+            (Some(1), Some("Chapter One"), "Chapter One"),
+            (Some(2), Some("Chapter One"), "More words of chapter one."),
+            (Some(2), Some("Chapter One > Setting Up the Pump"), "Setting Up the Pump"),
+            (Some(3), Some("Chapter Two"), "Chapter Two"),
+        ],
+        "{:#?}",
+        parsed.blocks
+    );
+    assert_eq!(parsed.n_pages, Some(3));
 }
 
 fn pdf_of(objects: &[String]) -> Vec<u8> {

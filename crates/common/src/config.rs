@@ -386,7 +386,10 @@ pub struct IngestConfig {
 pub struct SearchConfig {
     pub writer_memory_mb: usize,
     pub max_k: usize,
-    /// Reciprocal rank fusion: each list adds `weight / (rrf_k + rank)` to a chunk.
+    /// Reciprocal rank fusion: each list adds `weight / (rrf_k + rank)` to a chunk. The
+    /// vectors weigh 1.5 by default: on `echod bench quality` they find more than BM25
+    /// alone (recall@10 65 vs 51 of 79 with one hit per page), and at 1.5 fusion ranks
+    /// the answer first for 38 questions against 36 at 1.0.
     pub rrf_k: f32,
     pub bm25_weight: f32,
     pub vector_weight: f32,
@@ -651,7 +654,7 @@ impl Default for SearchConfig {
             max_k: 100,
             rrf_k: 60.0,
             bm25_weight: 1.0,
-            vector_weight: 1.0,
+            vector_weight: 1.5,
             candidates: 50,
             rerank_url: String::new(),
             rerank_model: String::new(),

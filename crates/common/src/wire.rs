@@ -498,6 +498,10 @@ pub struct SearchQuery {
     /// configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rerank: Option<bool>,
+    /// At most this many hits from one page of a document (from one document, when it
+    /// has no pages); unset: 1, so ten hits are ten places to look; 0: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_page: Option<usize>,
 }
 
 /// Which rankings a search uses.

@@ -186,6 +186,9 @@ pub(crate) struct SearchBody {
     /// Whether the configured reranker reorders the hits (default: when configured).
     #[serde(default)]
     rerank: Option<bool>,
+    /// At most this many hits from one page (default 1; 0: no limit).
+    #[serde(default)]
+    per_page: Option<usize>,
 }
 
 fn default_k() -> usize {
@@ -193,7 +196,7 @@ fn default_k() -> usize {
 }
 
 pub(crate) async fn search(State(app): State<AppState>, caller: Caller, Json(body): Json<SearchBody>) -> ApiResult<Response> {
-    let query = common::wire::SearchQuery { query: body.query, k: body.k.clamp(1, 100), collections: body.collections, mode: body.mode, full_text: body.full_text, rerank: body.rerank };
+    let query = common::wire::SearchQuery { query: body.query, k: body.k.clamp(1, 100), collections: body.collections, mode: body.mode, full_text: body.full_text, rerank: body.rerank, per_page: body.per_page };
     let answer = service::search_answer(&app, &caller.principal, query).await?;
     Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], answer).into_response())
 }

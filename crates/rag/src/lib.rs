@@ -13,6 +13,11 @@
 //! did not cite.
 
 mod answer;
+
+/// Hits from one page of a document that an answer is drawn from: the passage and
+/// its neighbour (the fact is often in the chunk after the one that names the topic),
+/// while the other hits stay other places.
+pub const HITS_PER_PAGE: usize = 2;
 mod context;
 mod llm;
 mod service;

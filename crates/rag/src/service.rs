@@ -11,7 +11,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use common::text::content_terms;
-use common::wire::{Answer, AskRequest, Citation, Principal, SearchHit, SearchQuery, SearchResults, Turn};
+use common::wire::{Answer, AskRequest, Citation, EmbedRequest, EmbedResponse, Principal, SearchHit, SearchQuery, SearchResults, Turn};
 use common::{ApiError, ErrorKind, ServiceContext, ServiceName};
 
 use crate::answer::{self, Grounding};
@@ -42,6 +42,11 @@ struct Prepared {
     history: Vec<Turn>,
     hits: Vec<SearchHit>,
 }
+
+/// Sentences compared with the question in one embedding call: the first 8 hits hold
+/// ~80 on the evaluation set; more (lists of short lines) and the words alone decide,
+/// so an ask never waits on a long embedding.
+const MAX_EMBEDDED_SENTENCES: usize = 256;
 
 /// Words that point back at an earlier turn.
 const BACK_REFERENCES: [&str; 14] = ["it", "its", "this", "that", "these", "those", "they", "them", "their", "there", "one", "ones", "he", "she"];
@@ -128,7 +133,7 @@ impl Rag {
         let standalone = self.standalone(&history, &question).await;
         let config = &self.ctx.config.rag;
         // The one authorized retrieval path: search asks authz, filters, re-checks.
-        let query = SearchQuery { query: standalone.clone(), k: config.top_k, collections: request.collections.clone(), mode: None, full_text: true, rerank: None };
+        let query = SearchQuery { query: standalone.clone(), k: config.top_k, collections: request.collections.clone(), mode: None, full_text: true, rerank: None, per_page: Some(crate::HITS_PER_PAGE) };
         let results: SearchResults = self.ctx.peers.post_json(ServiceName::Search, "/v1/search", Some(&principal), &query).await?;
         Ok(Prepared { principal, conversation_id, question, standalone, history, hits: results.hits })
     }
@@ -171,7 +176,7 @@ impl Rag {
             Some(llm) => self.written(llm, &prepared, &tx).await,
             None => {
                 // The quotes arrive whole: one delta, so every streaming client shows them.
-                let answer = self.extracted(&prepared);
+                let answer = self.extracted(&prepared).await;
                 let _ = tx.send(AskEvent::Delta(answer.answer.clone())).await;
                 Ok(answer)
             }
@@ -180,7 +185,7 @@ impl Rag {
             // Only before anything of the model's answer was shown.
             Err((error, false)) if self.ctx.config.llm.fallback_extractive && error.kind == ErrorKind::Unavailable => {
                 tracing::warn!(detail = %error.detail, "the model failed; answering extractively");
-                let mut answer = self.extracted(&prepared);
+                let mut answer = self.extracted(&prepared).await;
                 answer.answer = format!("(The language model is unavailable, so this answer quotes the documents.)\n\n{}", answer.answer);
                 let _ = tx.send(AskEvent::Delta(answer.answer.clone())).await;
                 Ok(answer)
@@ -197,8 +202,37 @@ impl Rag {
         let _ = tx.send(event).await;
     }
 
-    fn extracted(&self, prepared: &Prepared) -> Answer {
-        let extracted = answer::extractive(&prepared.standalone, &prepared.hits, self.ctx.config.rag.max_citations, self.grounding());
+    /// Each candidate sentence's cosine to the question, from the search service's
+    /// embedder; `None` (the words alone decide) when embeddings are off, the sentences
+    /// are too many for one call, or the embedder fails.
+    async fn sentence_similarity(&self, question: &str, hits: &[SearchHit]) -> Option<Vec<f32>> {
+        if self.ctx.config.embedding_provider() == "none" || hits.is_empty() {
+            return None;
+        }
+        let sentences = answer::candidate_texts(hits);
+        if sentences.is_empty() || sentences.len() > MAX_EMBEDDED_SENTENCES {
+            return None;
+        }
+        let mut texts = Vec::with_capacity(sentences.len() + 1);
+        texts.push(question.to_string());
+        texts.extend(sentences);
+        let started = std::time::Instant::now();
+        let embedded: Result<EmbedResponse, ApiError> = self.ctx.peers.post_json(ServiceName::Search, "/v1/embed", None, &EmbedRequest { texts }).await;
+        let vectors: Option<Vec<Vec<f32>>> = match embedded {
+            Ok(answer) => answer.vectors.iter().map(|v| common::wire::decode_vector(v)).collect(),
+            Err(error) => {
+                tracing::warn!(detail = %error.detail, "the sentences could not be embedded; choosing quotes by their words");
+                None
+            }
+        };
+        metrics::histogram!("echo_rag_sentence_embedding_seconds").record(started.elapsed().as_secs_f64());
+        let (question, sentences) = vectors?.split_first().map(|(q, s)| (q.clone(), s.to_vec()))?;
+        Some(sentences.iter().map(|s| s.iter().zip(&question).map(|(a, b)| a * b).sum()).collect())
+    }
+
+    async fn extracted(&self, prepared: &Prepared) -> Answer {
+        let similarity = self.sentence_similarity(&prepared.standalone, &prepared.hits).await;
+        let extracted = answer::extractive(&prepared.standalone, &prepared.hits, self.ctx.config.rag.max_citations, self.grounding(), similarity.as_deref());
         Answer {
             answer: extracted.text,
             citations: extracted.citations,
@@ -215,7 +249,7 @@ impl Rag {
     async fn written(&self, llm: &Llm, prepared: &Prepared, tx: &mpsc::Sender<AskEvent>) -> Result<Answer, (ApiError, bool)> {
         let config = &self.ctx.config.llm;
         // Invent nothing: when retrieval found nothing related, the model is not asked.
-        let probe = answer::extractive(&prepared.standalone, &prepared.hits, 1, self.grounding());
+        let probe = answer::extractive(&prepared.standalone, &prepared.hits, 1, self.grounding(), None);
         if probe.not_found {
             let _ = tx.send(AskEvent::Delta(probe.text.clone())).await;
             return Ok(Answer { answer: probe.text, citations: vec![], conversation_id: prepared.conversation_id.clone(), mode: "llm".into(), not_found: true, unsupported: vec![], usage: None });

@@ -269,7 +269,7 @@ mod tests {
 
     fn found(index: &ChunkIndex, query: &str) -> Vec<String> {
         let collections = vec!["c1".to_string()];
-        let request = SearchRequest { query, vector: None, collections: &collections, restricted: &BTreeMap::new(), k: 10, mode: SearchMode::Bm25, fusion: Fusion::default() };
+        let request = SearchRequest { query, vector: None, collections: &collections, restricted: &BTreeMap::new(), k: 10, mode: SearchMode::Bm25, fusion: Fusion::default(), per_page: 0 };
         index.search(&request).unwrap().into_iter().map(|h| h.document_id).collect()
     }
 

@@ -72,7 +72,7 @@ pub struct Fusion {
 
 impl Default for Fusion {
     fn default() -> Self {
-        Fusion { rrf_k: 60.0, bm25_weight: 1.0, vector_weight: 1.0, candidates: 50 }
+        Fusion { rrf_k: 60.0, bm25_weight: 1.0, vector_weight: 1.5, candidates: 50 }
     }
 }
 
@@ -85,6 +85,9 @@ pub struct SearchRequest<'a> {
     pub k: usize,
     pub mode: SearchMode,
     pub fusion: Fusion,
+    /// At most this many hits from one page of a document (one document, when it has
+    /// no pages); 0: no limit.
+    pub per_page: usize,
 }
 
 /// Boosts of the fields a query term is looked up in, beside the chunk's own text.
@@ -522,9 +525,9 @@ impl ChunkIndex {
         let searcher = self.reader.searcher();
         let queries = self.text_query(request.query)?;
         let vector = request.vector.filter(|_| request.mode != SearchMode::Bm25);
-        // Fusion reads each list deep; one ranking alone needs only a margin for the
-        // duplicates that collapse.
-        let depth = if vector.is_some() { request.fusion.candidates.max(k) } else { (2 * k).min(request.fusion.candidates.max(k)) };
+        // Fusion reads each list deep, and so does a search that keeps few hits per page;
+        // one ranking alone otherwise needs only a margin for the duplicates that collapse.
+        let depth = if vector.is_some() || request.per_page > 0 { request.fusion.candidates.max(k) } else { (2 * k).min(request.fusion.candidates.max(k)) };
         // (chunk id) → fused score, what is known to fetch the hit, its cosine similarity.
         let mut fused: HashMap<String, (f32, Option<DocAddress>, Option<f32>)> = HashMap::new();
         if request.mode != SearchMode::Vector
@@ -533,11 +536,19 @@ impl ChunkIndex {
             let combined = BooleanQuery::new(vec![(Occur::Must, query.box_clone()), (Occur::Must, filter.box_clone())]);
             let top = searcher.search(&combined, &TopDocs::with_limit(depth).order_by_score())?;
             let weight = if vector.is_some() { request.fusion.bm25_weight } else { 1.0 };
+            // Each segment's chunk-id column, opened once per search.
+            let mut columns: HashMap<u32, Option<tantivy::columnar::StrColumn>> = HashMap::new();
             for (rank, (score, address)) in top.into_iter().enumerate() {
                 // Only fusion needs the chunk id to meet the other list; alone, the
                 // address is the key.
                 let chunk_id = match vector {
-                    Some(_) => self.chunk_id_of(&searcher, address)?,
+                    Some(_) => {
+                        let column = match columns.entry(address.segment_ord) {
+                            std::collections::hash_map::Entry::Occupied(open) => open.into_mut(),
+                            std::collections::hash_map::Entry::Vacant(slot) => slot.insert(searcher.segment_reader(address.segment_ord).fast_fields().str("chunk_id")?),
+                        };
+                        self.chunk_id_of(&searcher, column.as_ref(), address)?
+                    }
                     None => format!("{}:{}", address.segment_ord, address.doc_id),
                 };
                 let contribution = if vector.is_some() { weight / (request.fusion.rrf_k + rank as f32 + 1.0) } else { score };
@@ -567,6 +578,7 @@ impl ChunkIndex {
         };
         let mut hits = Vec::with_capacity(k);
         let mut seen_texts: HashSet<u64> = HashSet::new();
+        let mut per_page: HashMap<(String, Option<u64>), usize> = HashMap::new();
         for (chunk_id, score, address, similarity) in ranked {
             if hits.len() >= k {
                 break;
@@ -589,6 +601,14 @@ impl ChunkIndex {
             if !allowed || !seen_texts.insert(duplicate_key(field(self.fields.text))) {
                 continue;
             }
+            if request.per_page > 0 {
+                let page = doc.get_first(self.fields.page).and_then(|v| v.as_u64());
+                let taken = per_page.entry((field(self.fields.document_id).to_string(), page)).or_default();
+                if *taken >= request.per_page {
+                    continue;
+                }
+                *taken += 1;
+            }
             let mut hit = self.hit_of(&doc, score, snippets.as_ref());
             hit.similarity = similarity;
             hits.push(hit);
@@ -596,9 +616,8 @@ impl ChunkIndex {
         Ok(hits)
     }
 
-    fn chunk_id_of(&self, searcher: &Searcher, address: DocAddress) -> Result<String, IndexError> {
-        let segment = searcher.segment_reader(address.segment_ord);
-        if let Some(column) = segment.fast_fields().str("chunk_id")?
+    fn chunk_id_of(&self, searcher: &Searcher, column: Option<&tantivy::columnar::StrColumn>, address: DocAddress) -> Result<String, IndexError> {
+        if let Some(column) = column
             && let Some(ord) = column.term_ords(address.doc_id).next()
         {
             let mut text = String::new();
@@ -610,9 +629,23 @@ impl ChunkIndex {
         Ok(doc.get_first(self.fields.chunk_id).and_then(|v| v.as_str()).unwrap_or_default().to_string())
     }
 
+    /// Where the live copy of `chunk_id` is: its postings read segment by segment (no
+    /// query to weigh and score, for one term of one document).
     fn address_of(&self, searcher: &Searcher, chunk_id: &str) -> Result<Option<DocAddress>, IndexError> {
-        let query = TermQuery::new(Term::from_field_text(self.fields.chunk_id, chunk_id), IndexRecordOption::Basic);
-        Ok(searcher.search(&query, &TopDocs::with_limit(1).order_by_score())?.into_iter().next().map(|(_, address)| address))
+        use tantivy::DocSet;
+        let term = Term::from_field_text(self.fields.chunk_id, chunk_id);
+        for (ord, segment) in searcher.segment_readers().iter().enumerate() {
+            let Some(mut postings) = segment.inverted_index(self.fields.chunk_id)?.read_postings(&term, IndexRecordOption::Basic).map_err(tantivy::TantivyError::from)? else { continue };
+            let alive = segment.alive_bitset();
+            let mut doc = postings.doc();
+            while doc != tantivy::TERMINATED {
+                if alive.is_none_or(|bits| bits.is_alive(doc)) {
+                    return Ok(Some(DocAddress::new(ord as u32, doc)));
+                }
+                doc = postings.advance();
+            }
+        }
+        Ok(None)
     }
 
     fn hit_of(&self, doc: &TantivyDocument, score: f32, snippets: Option<&SnippetGenerator>) -> SearchHit {
@@ -731,7 +764,7 @@ mod tests {
     }
 
     fn bm25<'a>(query: &'a str, collections: &'a [String], restricted: &'a BTreeMap<String, Vec<String>>, k: usize) -> SearchRequest<'a> {
-        SearchRequest { query, vector: None, collections, restricted, k, mode: SearchMode::Bm25, fusion: Fusion::default() }
+        SearchRequest { query, vector: None, collections, restricted, k, mode: SearchMode::Bm25, fusion: Fusion::default(), per_page: 0 }
     }
 
     fn search(index: &ChunkIndex, query: &str, collections: &[&str]) -> Vec<SearchHit> {
@@ -838,6 +871,31 @@ mod tests {
     }
 
     #[test]
+    fn hits_per_page_are_limited_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = ChunkIndex::open(dir.path(), 15).unwrap();
+        // One long page cut into three chunks, the next page, and another document.
+        let mut long = vec![chunk("manual", "c1", 0, "Valve torque table for the valve."), chunk("manual", "c1", 1, "Valve seat and valve stem.")];
+        long.push(Chunk { page: Some(1), ..chunk("manual", "c1", 2, "Valve gasket of the valve body.") });
+        long.push(Chunk { page: Some(1), ..chunk("manual", "c1", 3, "Valve cover over the valve spring.") });
+        index.replace_document("manual", &long).unwrap();
+        index.replace_document("notes", &[Chunk { page: None, ..chunk("notes", "c1", 0, "A valve note.") }]).unwrap();
+        let (collections, none) = (vec!["c1".to_string()], BTreeMap::new());
+        let places = |per_page: usize| -> Vec<(String, Option<u32>)> {
+            let request = SearchRequest { per_page, ..bm25("valve", &collections, &none, 10) };
+            index.search(&request).unwrap().into_iter().map(|h| (h.document_id, h.page)).collect()
+        };
+        let all = places(0);
+        assert_eq!(all.len(), 5, "no limit: every chunk {all:?}");
+        let one = places(1);
+        assert_eq!(one.len(), 3, "one hit per page: {one:?}");
+        assert_eq!(one.iter().collect::<HashSet<_>>().len(), 3, "three places: {one:?}");
+        let two = places(2);
+        assert_eq!(two.iter().filter(|(d, p)| d == "manual" && *p == Some(1)).count(), 2, "{two:?}");
+        assert_eq!(two.len(), 4, "{two:?}");
+    }
+
+    #[test]
     fn stop_words_leave_the_query_unless_it_has_nothing_else() {
         assert_eq!(without_stop_words("How is the size of a ZIP archive read?"), "size ZIP archive read");
         assert_eq!(without_stop_words("How do I make a bash script stop at the first command that fails?"), "make bash script stop first command fails");
@@ -891,7 +949,7 @@ mod tests {
         let c1 = vec!["c1".to_string()];
         let none = BTreeMap::new();
         let query = [0.98, 0.05, 0.0];
-        let request = SearchRequest { query: "decompress", vector: Some(&query), collections: &c1, restricted: &none, k: 10, mode: SearchMode::Vector, fusion: Fusion::default() };
+        let request = SearchRequest { query: "decompress", vector: Some(&query), collections: &c1, restricted: &none, k: 10, mode: SearchMode::Vector, fusion: Fusion::default(), per_page: 0 };
         let hits = index.search(&request).unwrap();
         assert_eq!(hits.iter().map(|h| h.document_id.as_str()).collect::<Vec<_>>(), ["d1", "d2"], "nearest first, d3 is not in c1");
         let hybrid = SearchRequest { query: "holiday", mode: SearchMode::Hybrid, ..request };

@@ -26,6 +26,7 @@ pub(crate) struct KeyParts<'a> {
     pub(crate) index_version: u64,
     pub(crate) query: &'a str,
     pub(crate) k: usize,
+    pub(crate) per_page: usize,
     pub(crate) mode: SearchMode,
     pub(crate) vectors_used: bool,
     pub(crate) full_text: bool,
@@ -44,6 +45,7 @@ impl KeyParts<'_> {
         part(&self.index_version.to_le_bytes());
         part(self.query.as_bytes());
         part(&(self.k as u64).to_le_bytes());
+        part(&(self.per_page as u64).to_le_bytes());
         part(format!("{:?}", self.mode).as_bytes());
         part(&[u8::from(self.vectors_used), u8::from(self.full_text), u8::from(self.rerank)]);
         // Sorted, so the order authz listed them in does not matter.
@@ -119,7 +121,7 @@ mod tests {
     use super::*;
 
     fn parts<'a>(version: u64, query: &'a str, collections: &'a [String], restricted: &'a BTreeMap<String, Vec<String>>) -> KeyParts<'a> {
-        KeyParts { index_version: version, query, k: 10, mode: SearchMode::Hybrid, vectors_used: true, full_text: false, rerank: false, collections, restricted }
+        KeyParts { index_version: version, query, k: 10, per_page: 1, mode: SearchMode::Hybrid, vectors_used: true, full_text: false, rerank: false, collections, restricted }
     }
 
     #[test]
@@ -137,6 +139,9 @@ mod tests {
         let mut bm25 = parts(1, "backup", &ab, &none);
         bm25.mode = SearchMode::Bm25;
         assert!(cache.get(&bm25.key()).is_none(), "another mode");
+        let mut every_hit = parts(1, "backup", &ab, &none);
+        every_hit.per_page = 0;
+        assert!(cache.get(&every_hit.key()).is_none(), "another limit of hits per page");
     }
 
     #[test]

@@ -125,6 +125,7 @@ impl Retrieval {
             index_version: plan.version,
             query: &query.query,
             k: plan.k,
+            per_page: query.per_page.unwrap_or(1),
             mode: plan.wanted,
             vectors_used: plan.vectors_usable,
             full_text: query.full_text,
@@ -197,10 +198,10 @@ impl Retrieval {
             false => None,
         };
         let mode = if vector.is_some() { wanted } else { SearchMode::Bm25 };
-        let (fusion, text) = (self.fusion, query.query.clone());
+        let (fusion, text, per_page) = (self.fusion, query.query.clone(), query.per_page.unwrap_or(1));
         let mut hits = blocking(move || {
             let request =
-                SearchRequest { query: &text, vector: vector.as_deref().map(Vec::as_slice), collections: &collections, restricted: &restricted, k: depth, mode, fusion };
+                SearchRequest { query: &text, vector: vector.as_deref().map(Vec::as_slice), collections: &collections, restricted: &restricted, k: depth, mode, fusion, per_page };
             index.search(&request)
         })
         .await?;

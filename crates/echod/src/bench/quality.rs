@@ -517,7 +517,8 @@ async fn answer_pass(echo: &Echo, set: &EvalSet, ids: &HashMap<String, String>) 
     let started = Instant::now();
     for question in &set.questions {
         let answer = echo.ask(&question.q).await?;
-        let body = serde_json::json!({"query": question.q, "k": top_k, "mode": "hybrid", "full_text": true});
+        // What rag retrieved: the same question, depth and hits per page.
+        let body = serde_json::json!({"query": question.q, "k": top_k, "mode": "hybrid", "full_text": true, "per_page": rag::HITS_PER_PAGE});
         let response = echo.http.post(format!("{}/api/v1/search", echo.gateway)).bearer_auth(&echo.token).json(&body).send().await?;
         let hits: serde_json::Value = response.json().await?;
         let retrieved: Vec<Ranked> = hits["hits"].as_array().cloned().unwrap_or_default().iter().map(|h| Ranked { file: None, page: None, text: String::new(), chunk: h["chunk_id"].as_str().map(str::to_string) }).collect();

@@ -203,7 +203,7 @@ pub async fn run(args: SearchArgs) -> anyhow::Result<()> {
             let mut latencies = BTreeMap::<&str, Vec<Duration>>::new();
             for (mode, name) in [(SearchMode::Hybrid, "hybrid"), (SearchMode::Bm25, "bm25")] {
                 for (query, vector) in queries.iter().zip(&query_vectors) {
-                    let request = search::SearchRequest { query, vector: Some(vector), collections: &collections, restricted: &restricted, k: K, mode, fusion: search::Fusion::default() };
+                    let request = search::SearchRequest { query, vector: Some(vector), collections: &collections, restricted: &restricted, k: K, mode, fusion: search::Fusion::default(), per_page: 1 };
                     let started = Instant::now();
                     let hits = index.search(&request)?;
                     latencies.entry(name).or_default().push(started.elapsed());

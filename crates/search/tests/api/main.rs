@@ -34,7 +34,7 @@ fn chunk(doc: &str, collection: &str, text: &str) -> Chunk {
 }
 
 fn query(text: &str, collections: Option<Vec<String>>) -> SearchQuery {
-    SearchQuery { query: text.into(), k: 10, collections, mode: None, full_text: true, rerank: None }
+    SearchQuery { query: text.into(), k: 10, collections, mode: None, full_text: true, rerank: None, per_page: None }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -386,10 +386,13 @@ pub struct IngestConfig {
 pub struct SearchConfig {
     pub writer_memory_mb: usize,
     pub max_k: usize,
-    /// Reciprocal rank fusion: each list adds `weight / (rrf_k + rank)` to a chunk. The
-    /// vectors weigh 1.5 by default: on `echod bench quality` they find more than BM25
-    /// alone (recall@10 65 vs 51 of 79 with one hit per page), and at 1.5 fusion ranks
-    /// the answer first for 38 questions against 36 at 1.0.
+    /// Reciprocal rank fusion: each list adds `weight / (rrf_k + rank)` to a chunk. Equal
+    /// weights by default. At vector_weight 1.5 `echod bench quality` ranks the answer
+    /// first for 40 of 79 questions instead of 37, but BM25's best hit is then outranked
+    /// by up to 31 hits found by vectors alone: a search for an exact identifier (an
+    /// error code, a ticket number) no longer shows the one chunk holding it (the leak
+    /// test's marker searches missed 24 of 488). At equal weights it is always in the
+    /// first two.
     pub rrf_k: f32,
     pub bm25_weight: f32,
     pub vector_weight: f32,
@@ -654,7 +657,7 @@ impl Default for SearchConfig {
             max_k: 100,
             rrf_k: 60.0,
             bm25_weight: 1.0,
-            vector_weight: 1.5,
+            vector_weight: 1.0,
             candidates: 50,
             rerank_url: String::new(),
             rerank_model: String::new(),

@@ -96,13 +96,13 @@ fn write_outbox(outbox: &Path, from: &str, to: &str, subject: &str, body: &str) 
         common::rfc3339(common::now_unix()),
         body.replace('\n', "\r\n")
     );
-    let path = outbox.join(format!("{}-{}.eml", common::now_unix_ms(), uuid::Uuid::new_v4()));
-    std::fs::write(&path, message)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    }
+    // Written whole under a hidden name (owner-only from the start: it holds a reset
+    // link), then renamed: whoever picks up `*.eml` never reads half a message.
+    let name = format!("{}-{}", common::now_unix_ms(), uuid::Uuid::new_v4());
+    let partial = outbox.join(format!(".{name}.part"));
+    let path = outbox.join(format!("{name}.eml"));
+    common::files::write_new_secret(&partial, message.as_bytes())?;
+    std::fs::rename(&partial, &path)?;
     tracing::info!(file = %path.display(), "mail written to the outbox");
     Ok(())
 }

@@ -394,7 +394,10 @@ async fn open_sign_up_and_reset_mail_over_smtp_with_the_outbox_as_fallback() {
     assert_eq!(forgot.status(), StatusCode::OK);
     let kept = eventually("the mail in the outbox", Duration::from_secs(30), || {
         let outbox = outbox.clone();
-        async move { std::fs::read_dir(&outbox).ok()?.filter_map(Result::ok).next().map(|e| std::fs::read_to_string(e.path()).unwrap()) }
+        async move {
+            let message = std::fs::read_dir(&outbox).ok()?.filter_map(Result::ok).find(|e| e.file_name().to_string_lossy().ends_with(".eml"))?;
+            Some(std::fs::read_to_string(message.path()).unwrap())
+        }
     })
     .await;
     assert!(kept.contains("To: newbie@example.org") && !reset_token_in(&kept).is_empty());

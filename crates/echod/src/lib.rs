@@ -92,15 +92,36 @@ pub fn load_config(config_file: Option<&Path>, data_dir: Option<&Path>) -> anyho
     Ok(config)
 }
 
-/// Writes the commented default configuration into a new data dir.
+/// Writes the documented default configuration into a new data dir, every setting
+/// commented out: the file pins nothing, so a default improved in a later release
+/// reaches this installation too, and what the operator uncomments is what they chose.
 pub fn write_default_config(data_dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create the data dir {}", data_dir.display()))?;
     let path = data_dir.join("echo.yaml");
     if !path.exists() {
-        let text = common::config::EXAMPLE_YAML.replace("data_dir: ./echo-data", "# data_dir: ./echo-data   (this file lives in the data dir; `--data-dir` chooses it)");
-        std::fs::write(&path, text)?;
+        std::fs::write(&path, commented_defaults())?;
     }
     Ok(())
+}
+
+/// `echo.example.yaml` with each setting commented out.
+fn commented_defaults() -> String {
+    let mut text = String::with_capacity(common::config::EXAMPLE_YAML.len() + 2048);
+    for line in common::config::EXAMPLE_YAML.lines() {
+        let setting = !line.trim().is_empty() && !line.trim_start().starts_with('#');
+        if line.starts_with("# Echo configuration.") {
+            text.push_str("# Echo configuration. Every key is optional; the commented values are this release's defaults: uncomment a key (and its section) to change it.");
+        } else if line.starts_with("data_dir:") {
+            text.push_str("#data_dir: ./echo-data   (this file lives in the data dir; `--data-dir` chooses it)");
+        } else if setting {
+            text.push('#');
+            text.push_str(line);
+        } else {
+            text.push_str(line);
+        }
+        text.push('\n');
+    }
+    text
 }
 
 /// Makes the data dir private before anything opens it: files this process creates
@@ -322,5 +343,29 @@ pub mod testing {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    #[test]
+    fn the_written_config_pins_no_setting_and_comments_out_each_setting_of_the_example() {
+        let written = super::commented_defaults();
+        let pinned: Vec<&str> = written.lines().filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')).collect();
+        assert!(pinned.is_empty(), "settings left uncommented: {pinned:?}");
+        let example: Vec<&str> = common::config::EXAMPLE_YAML.lines().collect();
+        let lines: Vec<&str> = written.lines().collect();
+        assert_eq!(lines.len(), example.len());
+        let mut settings = 0;
+        for (line, original) in lines.iter().zip(&example).skip(1) {
+            if original.trim().is_empty() || original.trim_start().starts_with('#') {
+                assert_eq!(line, original);
+            } else if !original.starts_with("data_dir:") {
+                assert_eq!(*line, format!("#{original}"));
+                settings += 1;
+            }
+        }
+        assert!(settings > 50, "{settings}");
     }
 }

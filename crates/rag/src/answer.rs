@@ -266,7 +266,7 @@ pub(crate) fn extractive(question: &str, hits: &[SearchHit], max_citations: usiz
             continue;
         }
         used_hits.insert(all[i].hit);
-        quotes.push((window(&all, i, &hits[all[i].hit].text), all[i].hit));
+        quotes.push((window(&all, i, &hits[all[i].hit].text, hits[all[i].hit].section.as_deref()), all[i].hit));
     }
     if quotes.is_empty() {
         return not_found();
@@ -305,14 +305,23 @@ pub(crate) fn extractive(question: &str, hits: &[SearchHit], max_citations: usiz
 /// short lead-in ("For example:"), then following sentences of the same hit
 /// while the quote stays within [`QUOTE_CHARS`]. A single sentence longer than that is
 /// cut at a word boundary (marked with "…" by the caller's formatting).
-fn window(all: &[Sentence], best: usize, text: &str) -> Range<usize> {
+fn window(all: &[Sentence], best: usize, text: &str, section: Option<&str>) -> Range<usize> {
     let hit = all[best].hit;
     let mut range = all[best].range.clone();
     if best > 0 && all[best - 1].hit == hit {
-        let previous = &text[all[best - 1].range.clone()];
-        // A lead-in ("For example:"); a heading is not quoted, the source label names it.
-        if previous.chars().count() < 80 && previous.ends_with(':') {
-            range.start = all[best - 1].range.start;
+        let before = all[best - 1].range.clone();
+        let previous = &text[before.clone()];
+        // A lead-in ("For example:").
+        let lead_in = previous.chars().count() < 80 && previous.ends_with(':');
+        // The term the sentence describes, on a line of its own (a definition list, an
+        // index of functions or options: "await gather()" above "Schedule and wait for
+        // things concurrently."): quoting the description alone loses the answer. A
+        // heading is not quoted, the source label names it.
+        let own_line = text[before.end..range.start].contains('\n');
+        let heading = section.and_then(|s| s.rsplit(" > ").next()).is_some_and(|last| last.trim() == previous.trim());
+        let term = own_line && !heading && previous.chars().count() <= 60 && !previous.ends_with(['.', '?', '!', ':', ';', ',']);
+        if lead_in || term {
+            range.start = before.start;
         }
     }
     let mut next = best + 1;
@@ -398,6 +407,18 @@ mod tests {
         let hits = [hit("c1", "How to count words\nUse a Counter. Counter is a dict subclass for counting hashable objects, for example words in a list.")];
         let answer = extractive("How do I count how often each word occurs?", &hits, 4, OPEN, None);
         assert!(answer.text.contains("Counter is a dict subclass"), "{}", answer.text);
+    }
+
+    #[test]
+    fn a_description_is_quoted_with_the_term_on_the_line_above_it() {
+        let text = "Connections\nall_tasks()\nReturn all tasks that are not yet finished.\nawait gather()\nSchedule several coroutines and wait for all their results concurrently.\nawait wait_for()\nRun with a timeout.";
+        let hits = [hit("c1", text)];
+        let answer = extractive("How do I schedule several coroutines and wait for their results?", &hits, 4, OPEN, None);
+        assert!(answer.text.starts_with("“await gather() Schedule several"), "{}", answer.text);
+        // The passage's own heading is not quoted: the source label names it.
+        let hits = [hit("c1", "Connections\nThe server listens on TCP port 5432 by default.")];
+        let answer = extractive("Which port does the server listen on?", &hits, 4, OPEN, None);
+        assert!(answer.text.starts_with("“The server listens"), "{}", answer.text);
     }
 
     #[test]

@@ -72,7 +72,7 @@ pub struct Fusion {
 
 impl Default for Fusion {
     fn default() -> Self {
-        Fusion { rrf_k: 60.0, bm25_weight: 1.0, vector_weight: 1.0, candidates: 50 }
+        Fusion { rrf_k: 60.0, bm25_weight: 1.0, vector_weight: 1.5, candidates: 50 }
     }
 }
 
@@ -537,11 +537,14 @@ impl ChunkIndex {
         let depth = if vector.is_some() || request.per_page > 0 { request.fusion.candidates.max(k) } else { (2 * k).min(request.fusion.candidates.max(k)) };
         // (chunk id) → fused score, what is known to fetch the hit, its cosine similarity.
         let mut fused: HashMap<String, (f32, Option<DocAddress>, Option<f32>)> = HashMap::new();
+        // How many chunks BM25 matched, up to `depth`.
+        let mut bm25_matches = 0;
         if request.mode != SearchMode::Vector
             && let Some((query, _)) = &queries
         {
             let combined = BooleanQuery::new(vec![(Occur::Must, query.box_clone()), (Occur::Must, filter.box_clone())]);
             let top = searcher.search(&combined, &TopDocs::with_limit(depth).order_by_score())?;
+            bm25_matches = top.len();
             let weight = if vector.is_some() { request.fusion.bm25_weight } else { 1.0 };
             // Each segment's chunk-id column, opened once per search.
             let mut columns: HashMap<u32, Option<tantivy::columnar::StrColumn>> = HashMap::new();
@@ -565,11 +568,16 @@ impl ChunkIndex {
         }
         if let Some(vector) = vector {
             let table = self.vectors.read().map_err(|_| IndexError::Poisoned)?;
+            // A query whose words occur in fewer chunks than BM25's list could hold is
+            // specific (an identifier, an error code, a name): there vectors weigh no more
+            // than BM25, so the chunk holding it is not pushed out by the nearest meanings.
+            // A question in plain words matches far more chunks and keeps `vector_weight`.
+            let specific = bm25_matches > 0 && bm25_matches < depth;
+            let raised = if specific { request.fusion.vector_weight.min(request.fusion.bm25_weight) } else { request.fusion.vector_weight };
             for (rank, (similarity, row)) in table.nearest(vector, collections, restricted, depth).into_iter().enumerate() {
-                // A vector hit barely related to the query (an identifier, a code, a word
-                // the model does not know) weighs no more than a BM25 hit, so an exact
-                // match is not pushed out by the nearest of unrelated meanings.
-                let weight = if similarity >= RELATED_SIMILARITY { request.fusion.vector_weight } else { request.fusion.vector_weight.min(request.fusion.bm25_weight) };
+                // A vector hit barely related to the query (a word the model does not
+                // know) weighs no more than a BM25 hit either.
+                let weight = if similarity >= RELATED_SIMILARITY { raised } else { raised.min(request.fusion.bm25_weight) };
                 let contribution = if request.mode == SearchMode::Vector { 1.0 / (rank as f32 + 1.0) } else { weight / (request.fusion.rrf_k + rank as f32 + 1.0) };
                 let entry = fused.entry(row.chunk_id.to_string()).or_insert((0.0, None, None));
                 entry.0 += contribution;
@@ -966,17 +974,32 @@ mod tests {
         let hits = index.search(&hybrid).unwrap();
         assert_eq!(hits.len(), 2);
         assert_eq!(hits[0].document_id, "d2", "in both lists beats first in one: {hits:?}");
-        // An identifier only BM25 knows stays among the first hits though every vector
-        // hit, unrelated (cosine < RELATED_SIMILARITY), is ranked before it.
+        // With vectors weighing 1.5, an identifier only BM25 knows stays among the first
+        // hits though three vector hits are ranked before it: because few chunks hold
+        // the word (a specific query)…
         for i in 0..6 {
             index.replace_document(&format!("noise{i}"), &[with_vector(chunk(&format!("noise{i}"), "c1", 0, &format!("weekly notes of team {i}")), &[0.96, 0.0, 0.28])]).unwrap();
         }
         index.replace_document("marker", &[with_vector(chunk("marker", "c1", 0, "ticket mk42xyz closed"), &[1.0, 0.0, 0.0])]).unwrap();
-        let unrelated = [0.0, 0.0, 1.0];
         let narrow = Fusion { candidates: 3, vector_weight: 1.5, ..Fusion::default() };
-        let exact = SearchRequest { query: "mk42xyz", vector: Some(&unrelated), k: 3, mode: SearchMode::Hybrid, fusion: narrow, ..request };
+        let related = [0.96, 0.0, 0.28];
+        let exact = SearchRequest { query: "mk42xyz", vector: Some(&related), k: 3, mode: SearchMode::Hybrid, fusion: narrow, ..request };
         let first: Vec<String> = index.search(&exact).unwrap().into_iter().map(|h| h.document_id).collect();
-        assert!(first.contains(&"marker".to_string()), "the exact match is kept: {first:?}");
+        assert!(first.contains(&"marker".to_string()), "the exact match of a specific query is kept: {first:?}");
+        // …and, where BM25's list is full (a common word beside it), because the vector
+        // hits are unrelated (cosine < RELATED_SIMILARITY).
+        for i in 0..3 {
+            index.replace_document(&format!("filler{i}"), &[with_vector(chunk(&format!("filler{i}"), "c1", 0, &format!("ticket {i} opened")), &[0.0, 1.0, 0.0])]).unwrap();
+        }
+        let unrelated = [0.0, 0.0, 1.0];
+        let common_word = SearchRequest { query: "ticket mk42xyz", vector: Some(&unrelated), ..exact };
+        let first: Vec<String> = index.search(&common_word).unwrap().into_iter().map(|h| h.document_id).collect();
+        assert!(first.contains(&"marker".to_string()), "the exact match is kept beside unrelated vector hits: {first:?}");
+        // A query in plain words keeps the raised weight: the three related vector hits
+        // come before BM25's only match.
+        let plain = SearchRequest { query: "ticket", vector: Some(&related), fusion: Fusion { candidates: 3, vector_weight: 1.5, ..Fusion::default() }, ..exact };
+        let first: Vec<String> = index.search(&plain).unwrap().into_iter().map(|h| h.document_id).collect();
+        assert!(first.iter().all(|d| d.starts_with("noise")), "vectors weigh 1.5 where BM25's list is full: {first:?}");
         let mismatch = index.check_model(&ModelId { name: "other".into(), dimension: 5 }).unwrap_err().to_string();
         assert!(mismatch.contains("echod reindex"), "{mismatch}");
         let before = index.n_vectors();

@@ -280,6 +280,42 @@ pub(crate) fn tidy(text: &str) -> String {
     out
 }
 
+/// Citations for an answer whose model cited nothing (small models often ignore the
+/// instruction): each sentence gets the label of the passage that holds the largest
+/// share of its content words (the question's own words do not count), when that
+/// passage holds at least half of them and they are at least three. Returns the text
+/// with those labels placed before each sentence's closing punctuation, and the
+/// passages so cited. A sentence no passage supports stays uncited: nothing is
+/// attributed that the passages do not say.
+pub(crate) fn attribute(answer: &str, passages: &[Passage], question: &str) -> (String, BTreeSet<usize>) {
+    let asked: HashSet<String> = content_terms(question).into_iter().collect();
+    let supports: Vec<(usize, HashSet<String>)> = passages.iter().map(|p| (p.n, content_terms(&format!("{} {}", p.label(), p.text)).into_iter().collect())).collect();
+    let mut cited = BTreeSet::new();
+    let mut out = String::with_capacity(answer.len() + 32);
+    for sentence in answer.split_inclusive(['.', '!', '?', '\n']) {
+        let words: Vec<String> = content_terms(sentence).into_iter().filter(|w| !asked.contains(w) && w.parse::<usize>().is_err()).collect();
+        let best = supports
+            .iter()
+            .map(|(n, support)| (*n, words.iter().filter(|w| support.contains(*w)).count()))
+            .filter(|(_, held)| *held >= 3 && held * 2 >= words.len())
+            .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)));
+        let Some((n, _)) = best else {
+            out.push_str(sentence);
+            continue;
+        };
+        cited.insert(n);
+        // "… the answer [2]." — before the punctuation and any line break after it.
+        let body = sentence.trim_end();
+        let tail = &sentence[body.len()..];
+        let (words_part, mark) = match body.char_indices().last() {
+            Some((i, c)) if matches!(c, '.' | '!' | '?') => (&body[..i], &body[i..]),
+            _ => (body, ""),
+        };
+        out.push_str(&format!("{words_part} [{n}]{mark}{tail}"));
+    }
+    (out, cited)
+}
+
 /// The sentences of `answer` that cite passages holding fewer than half of their
 /// content words (the question's own words do not count as support).
 pub(crate) fn unsupported(answer: &str, passages: &[Passage], question: &str) -> Vec<String> {
@@ -373,6 +409,19 @@ mod tests {
         assert_eq!(filter.cited().iter().copied().collect::<Vec<_>>(), [1, 2]);
         assert_eq!(filter.dropped(), 2);
         assert_eq!(tidy("It is set in  the file [9] ."), "It is set in the file [9].");
+    }
+
+    #[test]
+    fn an_uncited_answer_is_attributed_to_the_passages_that_hold_its_words() {
+        let passages = pack(&[hit("d1", 0, "The server listens on TCP port 5432 and accepts local connections only."), hit("d2", 0, "Backups are taken with pg_dump every night at two.")], 10_000);
+        let (n_server, n_backup) = (passages.iter().find(|p| p.text.contains("5432")).unwrap().n, passages.iter().find(|p| p.text.contains("pg_dump")).unwrap().n);
+        let answer = "It listens on TCP port 5432 for local connections. Backups run nightly with pg_dump at two.\nI like turtles very much indeed.";
+        let (text, cited) = attribute(answer, &passages, "How is the server reached and backed up?");
+        assert_eq!(text, format!("It listens on TCP port 5432 for local connections [{n_server}]. Backups run nightly with pg_dump at two [{n_backup}].\nI like turtles very much indeed."));
+        assert_eq!(cited.into_iter().collect::<Vec<_>>(), { let mut v = vec![n_server, n_backup]; v.sort(); v });
+        // Words the question brought do not make a passage the source.
+        let (text, cited) = attribute("The server is backed up.", &passages, "How is the server backed up?");
+        assert!(cited.is_empty(), "{text}");
     }
 
     #[test]

@@ -283,8 +283,15 @@ impl Rag {
             metrics::counter!("echo_rag_citations_dropped_total").increment(filter.dropped() as u64);
             tracing::warn!(dropped = filter.dropped(), "the model cited passages it was not given; those labels were removed");
         }
-        let text = context::tidy(&text);
-        let citations: Vec<Citation> = passages.iter().filter(|p| filter.cited().contains(&p.n)).map(context::Passage::citation).collect();
+        let mut text = context::tidy(&text);
+        let mut cited = filter.cited().clone();
+        if cited.is_empty() {
+            // The model cited nothing: the passages that hold each sentence's words are
+            // named instead (the stored answer, shown once the stream ends, carries them).
+            (text, cited) = context::attribute(&text, &passages, &prepared.question);
+            metrics::counter!("echo_rag_answers_attributed_total").increment(u64::from(!cited.is_empty()));
+        }
+        let citations: Vec<Citation> = passages.iter().filter(|p| cited.contains(&p.n)).map(context::Passage::citation).collect();
         let unsupported = if config.flag_unsupported { context::unsupported(&text, &passages, &prepared.question) } else { vec![] };
         Ok(Answer { answer: text, citations, conversation_id: prepared.conversation_id.clone(), mode: "llm".into(), not_found: false, unsupported, usage })
     }

@@ -292,27 +292,29 @@ pub(crate) fn attribute(answer: &str, passages: &[Passage], question: &str) -> (
     let supports: Vec<(usize, HashSet<String>)> = passages.iter().map(|p| (p.n, content_terms(&format!("{} {}", p.label(), p.text)).into_iter().collect())).collect();
     let mut cited = BTreeSet::new();
     let mut out = String::with_capacity(answer.len() + 32);
-    for sentence in answer.split_inclusive(['.', '!', '?', '\n']) {
+    // Sentences as extractive answers cut them: a dot inside "postgresql.conf" or
+    // "0.0.0.0" ends none, so no label lands inside a token.
+    let mut copied = 0;
+    for range in crate::answer::sentences(answer) {
+        let sentence = &answer[range.clone()];
         let words: Vec<String> = content_terms(sentence).into_iter().filter(|w| !asked.contains(w) && w.parse::<usize>().is_err()).collect();
         let best = supports
             .iter()
             .map(|(n, support)| (*n, words.iter().filter(|w| support.contains(*w)).count()))
             .filter(|(_, held)| *held >= 3 && held * 2 >= words.len())
             .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)));
-        let Some((n, _)) = best else {
-            out.push_str(sentence);
-            continue;
-        };
+        let Some((n, _)) = best else { continue };
         cited.insert(n);
-        // "… the answer [2]." — before the punctuation and any line break after it.
-        let body = sentence.trim_end();
-        let tail = &sentence[body.len()..];
-        let (words_part, mark) = match body.char_indices().last() {
-            Some((i, c)) if matches!(c, '.' | '!' | '?') => (&body[..i], &body[i..]),
-            _ => (body, ""),
+        // "… the answer [2]." — before the closing punctuation.
+        let at = match sentence.char_indices().last() {
+            Some((i, c)) if matches!(c, '.' | '!' | '?') => range.start + i,
+            _ => range.end,
         };
-        out.push_str(&format!("{words_part} [{n}]{mark}{tail}"));
+        out.push_str(&answer[copied..at]);
+        out.push_str(&format!(" [{n}]"));
+        copied = at;
     }
+    out.push_str(&answer[copied..]);
     (out, cited)
 }
 
@@ -416,9 +418,13 @@ mod tests {
         let passages = pack(&[hit("d1", 0, "The server listens on TCP port 5432 and accepts local connections only."), hit("d2", 0, "Backups are taken with pg_dump every night at two.")], 10_000);
         let (n_server, n_backup) = (passages.iter().find(|p| p.text.contains("5432")).unwrap().n, passages.iter().find(|p| p.text.contains("pg_dump")).unwrap().n);
         let answer = "It listens on TCP port 5432 for local connections. Backups run nightly with pg_dump at two.\nI like turtles very much indeed.";
+        let dotted = "Local connections reach port 5432 as postgresql.conf sets it";
         let (text, cited) = attribute(answer, &passages, "How is the server reached and backed up?");
         assert_eq!(text, format!("It listens on TCP port 5432 for local connections [{n_server}]. Backups run nightly with pg_dump at two [{n_backup}].\nI like turtles very much indeed."));
         assert_eq!(cited.into_iter().collect::<Vec<_>>(), { let mut v = vec![n_server, n_backup]; v.sort(); v });
+        // A dot inside a token ends no sentence: the label goes at the end, not into it.
+        let (text, _) = attribute(dotted, &passages, "How is the server reached?");
+        assert_eq!(text, format!("{dotted} [{n_server}]"));
         // Words the question brought do not make a passage the source.
         let (text, cited) = attribute("The server is backed up.", &passages, "How is the server backed up?");
         assert!(cited.is_empty(), "{text}");

@@ -323,7 +323,8 @@ pub(crate) fn attribute(answer: &str, passages: &[Passage], question: &str) -> (
 pub(crate) fn unsupported(answer: &str, passages: &[Passage], question: &str) -> Vec<String> {
     let asked: HashSet<String> = content_terms(question).into_iter().collect();
     let mut flagged = Vec::new();
-    for sentence in answer.split_inclusive(['.', '!', '?', '\n']).map(str::trim).filter(|s| !s.is_empty()) {
+    // Cut as `attribute` cuts: "postgresql.conf" is one token, not two sentences.
+    for sentence in crate::answer::sentences(answer).into_iter().map(|range| &answer[range]) {
         let cited: Vec<usize> = sentence.match_indices('[').filter_map(|(i, _)| sentence[i + 1..].split(']').next()?.parse().ok()).collect();
         if cited.is_empty() {
             continue;
@@ -435,5 +436,9 @@ mod tests {
         let passages = pack(&[hit("a", 0, "The server listens on port 5432 and keeps data in the data directory.")], 1000);
         let answer = "The server listens on port 5432 [1]. Backups are encrypted with quantum keys daily [1].";
         assert_eq!(unsupported(answer, &passages, "Which port?"), ["Backups are encrypted with quantum keys daily [1]."]);
+        // A dotted token does not cut the sentence into an unsupported fragment.
+        let passages = pack(&[hit("a", 0, "Set listen_addresses in postgresql.conf to accept remote connections from other hosts.")], 1000);
+        let answer = "Remote hosts connect once listen_addresses is set in postgresql.conf and the server restarted [1].";
+        assert_eq!(unsupported(answer, &passages, "How do other machines reach it?"), Vec::<String>::new());
     }
 }

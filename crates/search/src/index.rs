@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use tantivy::collector::TopDocs;
 use tantivy::query::{BooleanQuery, BoostQuery, ConstScoreQuery, Occur, Query, TermQuery};
@@ -116,7 +116,10 @@ pub struct ChunkIndex {
     commits: Mutex<CommitState>,
     committed: Condvar,
     fields: Fields,
-    vectors: RwLock<VectorTable>,
+    vectors: Arc<RwLock<VectorTable>>,
+    /// Wakes the graph thread after vectors change (see `vectors`); it ends when the
+    /// index is dropped.
+    graph_wake: std::sync::mpsc::Sender<()>,
     /// Which model made the stored vectors (written with the first one).
     model_file: PathBuf,
     recorded_model: RwLock<Option<ModelId>>,
@@ -177,6 +180,37 @@ fn vector_of(bytes: &[u8]) -> Option<Box<[f32]>> {
     (bytes.len().is_multiple_of(4) && !bytes.is_empty()).then(|| bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
+/// Rows the graph thread takes into the graph per step: the write lock that
+/// publishes them is held for microseconds, and a search meanwhile scores at most
+/// this many extra vectors exactly.
+const GRAPH_BATCH: usize = 4096;
+
+/// The thread that builds and grows the vector graph (`vectors::GraphWork`), so that
+/// no write walks it: woken after each change, it works until nothing is left and
+/// ends when the index is dropped (the table gone or the sender dropped).
+fn spawn_graph_thread(table: std::sync::Weak<RwLock<VectorTable>>) -> Result<std::sync::mpsc::Sender<()>, IndexError> {
+    let (wake, woken) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("echo-vector-graph".into())
+        .spawn(move || {
+            while woken.recv().is_ok() {
+                while woken.try_recv().is_ok() {}
+                loop {
+                    let Some(vectors) = table.upgrade() else { return };
+                    let work = vectors.read().ok().and_then(|t| t.graph_work(GRAPH_BATCH));
+                    drop(vectors);
+                    let Some(work) = work else { break };
+                    let done = work.run();
+                    let Some(vectors) = table.upgrade() else { return };
+                    let Ok(mut t) = vectors.write() else { return };
+                    t.apply(done);
+                }
+            }
+        })
+        .map_err(|e| IndexError::Directory(format!("could not start the vector graph thread: {e}")))?;
+    Ok(wake)
+}
+
 /// The text a chunk's duplicates share: its words, lower-cased.
 fn duplicate_key(text: &str) -> u64 {
     use std::hash::Hasher;
@@ -218,6 +252,7 @@ impl ChunkIndex {
         let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
         let model_file = dir.join("embedding-model.json");
         let recorded_model = std::fs::read(&model_file).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let vectors = Arc::new(RwLock::new(VectorTable::default()));
         let chunk_index = ChunkIndex {
             index,
             reader,
@@ -226,7 +261,8 @@ impl ChunkIndex {
             commits: Mutex::new(CommitState::default()),
             committed: Condvar::new(),
             fields,
-            vectors: RwLock::new(VectorTable::default()),
+            graph_wake: spawn_graph_thread(Arc::downgrade(&vectors))?,
+            vectors,
             model_file,
             recorded_model: RwLock::new(recorded_model),
         };
@@ -271,11 +307,12 @@ impl ChunkIndex {
                 ) else {
                     continue;
                 };
-                table.insert(VectorRow { chunk_id, document_id, collection, classification, vector });
+                table.insert(VectorRow { chunk_id, document_id, collection, classification, vector: vector.into() });
             }
         }
         table.maintain();
         *self.vectors.write().map_err(|_| IndexError::Poisoned)? = table;
+        let _ = self.graph_wake.send(());
         Ok(())
     }
 
@@ -390,12 +427,13 @@ impl ChunkIndex {
                     document_id: document_id.into(),
                     collection: chunk.collection_id.as_str().into(),
                     classification: chunk.classification.as_str().into(),
-                    vector,
+                    vector: vector.into(),
                 });
             }
         }
         table.maintain();
         drop(table);
+        let _ = self.graph_wake.send(());
         self.version.store(next_version(), std::sync::atomic::Ordering::Release);
         Ok(())
     }
@@ -711,6 +749,12 @@ impl ChunkIndex {
 
     pub fn n_chunks(&self) -> u64 {
         self.reader.searcher().num_docs()
+    }
+
+    /// Vectors not in the graph yet (each search scores them exactly meanwhile); 0
+    /// once the graph thread has caught up, or while no graph is warranted.
+    pub fn vector_graph_pending(&self) -> usize {
+        self.vectors.read().map(|t| t.graph_pending()).unwrap_or(0)
     }
 
     pub fn n_vectors(&self) -> usize {

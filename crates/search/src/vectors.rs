@@ -10,12 +10,21 @@
 //! asked, or the permitted share is too small for a filtered graph search to find
 //! its neighbours, exact scoring answers instead: never fewer results than exact.
 //! Removed vectors are tombstones in the graph until a rebuild (past a third).
+//!
+//! Writes never walk the graph. A new vector joins the *tail*, which every search
+//! scores exactly beside the graph, so it is found as soon as its write returns; the
+//! graph thread (`graph_work` → `GraphWork::run` → `apply`) adds the tail to the
+//! graph — or builds the graph, or rebuilds it — with no lock held, then takes the
+//! write lock only to publish which points are which rows. A row removed or replaced
+//! while its point was being built is published as a tombstone.
+//!
 //! The vectors' home is the Tantivy index (a fast field), so this table is rebuilt
 //! from it at start and kept in step by the index after each commit. No IO here.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Instant;
 
 use hnsw_rs::prelude::{Distance, Hnsw};
 
@@ -26,7 +35,7 @@ pub(crate) struct VectorRow {
     pub(crate) document_id: Arc<str>,
     pub(crate) collection: Arc<str>,
     pub(crate) classification: Arc<str>,
-    pub(crate) vector: Box<[f32]>,
+    pub(crate) vector: Arc<[f32]>,
 }
 
 /// When the graph is built, and when it answers instead of exact scoring.
@@ -56,7 +65,7 @@ const HNSW_LAYERS: usize = 16;
 
 /// `1 - dot`: the distance of unit vectors, with this module's vectorised dot.
 #[derive(Clone, Copy, Default)]
-struct UnitDot;
+pub(crate) struct UnitDot;
 
 impl Distance<f32> for UnitDot {
     fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
@@ -64,34 +73,18 @@ impl Distance<f32> for UnitDot {
     }
 }
 
+type Graph = Hnsw<'static, f32, UnitDot>;
+
 /// The graph and which table slot each of its points is (a point whose row went is
 /// `None` until the graph is rebuilt).
 struct Ann {
-    graph: Hnsw<'static, f32, UnitDot>,
+    graph: Arc<Graph>,
     point_slot: Vec<Option<usize>>,
     slot_point: HashMap<usize, usize>,
     dead: usize,
 }
 
 impl Ann {
-    fn build(rows: &[Option<VectorRow>]) -> Ann {
-        let live: Vec<(usize, &VectorRow)> = rows.iter().enumerate().filter_map(|(slot, row)| row.as_ref().map(|r| (slot, r))).collect();
-        let mut graph = Hnsw::new(HNSW_CONNECTIONS, live.len().max(1024), HNSW_LAYERS, HNSW_EF_CONSTRUCTION, UnitDot);
-        let data: Vec<(&[f32], usize)> = live.iter().enumerate().map(|(point, (_, row))| (&row.vector[..], point)).collect();
-        graph.parallel_insert_slice(&data);
-        graph.set_searching_mode(true);
-        let point_slot = live.iter().map(|(slot, _)| Some(*slot)).collect();
-        let slot_point = live.iter().enumerate().map(|(point, (slot, _))| (*slot, point)).collect();
-        Ann { graph, point_slot, slot_point, dead: 0 }
-    }
-
-    fn insert(&mut self, slot: usize, vector: &[f32]) {
-        let point = self.point_slot.len();
-        self.point_slot.push(Some(slot));
-        self.slot_point.insert(slot, point);
-        self.graph.insert_slice((vector, point));
-    }
-
     fn remove(&mut self, slot: usize) {
         if let Some(point) = self.slot_point.remove(&slot)
             && let Some(entry) = self.point_slot.get_mut(point)
@@ -99,6 +92,45 @@ impl Ann {
             *entry = None;
             self.dead += 1;
         }
+    }
+}
+
+/// A row handed to the graph thread: its slot, the row's identity there (checked
+/// again when the work is published), its vector.
+pub(crate) struct GraphRow {
+    slot: usize,
+    chunk_id: Arc<str>,
+    vector: Arc<[f32]>,
+}
+
+/// What the graph thread does next, taken under the table's read lock and done with
+/// no lock held.
+pub(crate) enum GraphWork {
+    /// A new graph over these rows: the first one, or a rebuild past a third removed.
+    Build(Vec<GraphRow>),
+    /// These tail rows into the graph, as points `first_point..`.
+    Insert { graph: Arc<Graph>, first_point: usize, rows: Vec<GraphRow> },
+}
+
+/// Done work, to publish under the write lock (`VectorTable::apply`).
+pub(crate) struct GraphDone {
+    graph: Arc<Graph>,
+    first_point: usize,
+    rows: Vec<GraphRow>,
+    built: bool,
+    pub(crate) seconds: f64,
+}
+
+impl GraphWork {
+    pub(crate) fn run(self) -> GraphDone {
+        let started = Instant::now();
+        let (graph, first_point, rows, built) = match self {
+            GraphWork::Build(rows) => (Arc::new(Hnsw::new(HNSW_CONNECTIONS, rows.len().max(1024), HNSW_LAYERS, HNSW_EF_CONSTRUCTION, UnitDot)), 0, rows, true),
+            GraphWork::Insert { graph, first_point, rows } => (graph, first_point, rows, false),
+        };
+        let data: Vec<(&[f32], usize)> = rows.iter().enumerate().map(|(i, row)| (&row.vector[..], first_point + i)).collect();
+        graph.parallel_insert_slice(&data);
+        GraphDone { graph, first_point, rows, built, seconds: started.elapsed().as_secs_f64() }
     }
 }
 
@@ -111,6 +143,9 @@ pub(crate) struct VectorTable {
     by_collection: HashMap<Arc<str>, HashSet<usize>>,
     ann_settings: AnnSettings,
     ann: Option<Ann>,
+    /// Live slots not (yet) in the graph; every search scores them exactly. Empty
+    /// while there is no graph (then everything is scored exactly).
+    tail: HashSet<usize>,
 }
 
 /// A scored slot; ordered by score so a heap keeps the best.
@@ -138,6 +173,34 @@ impl Ord for Scored {
     }
 }
 
+/// The `n` best of what is offered.
+struct TopN {
+    n: usize,
+    heap: BinaryHeap<Scored>,
+}
+
+impl TopN {
+    fn new(n: usize) -> TopN {
+        TopN { n, heap: BinaryHeap::with_capacity(n + 1) }
+    }
+
+    fn offer(&mut self, candidate: Scored) {
+        if self.heap.len() < self.n {
+            self.heap.push(candidate);
+        } else if self.heap.peek().is_some_and(|worst| candidate < *worst) {
+            self.heap.pop();
+            self.heap.push(candidate);
+        }
+    }
+
+    /// Best first.
+    fn into_sorted(self) -> Vec<Scored> {
+        let mut best = self.heap.into_vec();
+        best.sort();
+        best
+    }
+}
+
 /// Dot product in 16-wide lanes (the compiler vectorises this form).
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 16];
@@ -161,7 +224,8 @@ impl VectorTable {
         self.dimension
     }
 
-    /// Adds a row; rows of another dimension than the table's are refused.
+    /// Adds a row; rows of another dimension than the table's are refused. With a
+    /// graph, the row joins the tail until the graph thread takes it in.
     pub(crate) fn insert(&mut self, row: VectorRow) -> bool {
         if self.dimension == 0 {
             self.dimension = row.vector.len();
@@ -178,8 +242,8 @@ impl VectorTable {
         };
         self.by_document.entry(row.document_id.clone()).or_default().push(slot);
         self.by_collection.entry(row.collection.clone()).or_default().insert(slot);
-        if let Some(ann) = &mut self.ann {
-            ann.insert(slot, &row.vector);
+        if self.ann.is_some() {
+            self.tail.insert(slot);
         }
         self.rows[slot] = Some(row);
         true
@@ -190,22 +254,90 @@ impl VectorTable {
         VectorTable { ann_settings: settings, ..VectorTable::default() }
     }
 
-    /// Builds the graph once the table is large enough, and again when a third of
-    /// its points are gone. Call after a batch of changes.
+    /// Drops the graph when the table has shrunk to half the size that warrants one.
+    /// Call after a batch of changes; building and growing the graph is the graph
+    /// thread's (`graph_work`).
     pub(crate) fn maintain(&mut self) {
+        if self.ann.is_some() && self.len() < self.ann_settings.min_vectors / 2 {
+            self.ann = None;
+            self.tail.clear();
+        }
+    }
+
+    /// The graph thread's next job: build the graph once the table is large enough
+    /// (again when a third of its points are gone), else take in up to `batch` rows of
+    /// the tail. `None`: nothing to do.
+    pub(crate) fn graph_work(&self, batch: usize) -> Option<GraphWork> {
         let (len, settings) = (self.len(), self.ann_settings);
+        let row_of = |slot: usize| self.rows[slot].as_ref().map(|row| GraphRow { slot, chunk_id: row.chunk_id.clone(), vector: row.vector.clone() });
         match &self.ann {
-            None if len >= settings.min_vectors => {}
-            Some(ann) if ann.dead * 3 > ann.point_slot.len() && len >= settings.min_vectors => {}
-            Some(_) if len < settings.min_vectors / 2 => {
-                self.ann = None;
+            None if len >= settings.min_vectors => Some(GraphWork::Build((0..self.rows.len()).filter_map(row_of).collect())),
+            Some(ann) if ann.dead * 3 > ann.point_slot.len() && len >= settings.min_vectors => Some(GraphWork::Build((0..self.rows.len()).filter_map(row_of).collect())),
+            Some(ann) if !self.tail.is_empty() => {
+                let rows = self.tail.iter().take(batch.max(1)).filter_map(|&slot| row_of(slot)).collect();
+                Some(GraphWork::Insert { graph: ann.graph.clone(), first_point: ann.point_slot.len(), rows })
+            }
+            _ => None,
+        }
+    }
+
+    /// Vectors the graph does not hold yet (those a search scores exactly beside it),
+    /// counting all of them while a first graph is due.
+    pub(crate) fn graph_pending(&self) -> usize {
+        match &self.ann {
+            None if self.len() >= self.ann_settings.min_vectors => self.len(),
+            None => 0,
+            Some(_) => self.tail.len(),
+        }
+    }
+
+    /// Publishes done work: which points are which rows. A row removed or replaced
+    /// since the work was taken becomes a tombstone; work on a graph that has been
+    /// replaced meanwhile is dropped (its rows are still in the new graph's tail).
+    pub(crate) fn apply(&mut self, done: GraphDone) {
+        let rows = &self.rows;
+        let holds = |row: &GraphRow| rows.get(row.slot).and_then(Option::as_ref).is_some_and(|r| Arc::ptr_eq(&r.chunk_id, &row.chunk_id));
+        if done.built {
+            if self.len() < self.ann_settings.min_vectors / 2 {
                 return;
             }
-            _ => return,
+            let mut ann = Ann { graph: done.graph, point_slot: Vec::with_capacity(done.rows.len()), slot_point: HashMap::with_capacity(done.rows.len()), dead: 0 };
+            for (point, row) in done.rows.iter().enumerate() {
+                if holds(row) {
+                    ann.point_slot.push(Some(row.slot));
+                    ann.slot_point.insert(row.slot, point);
+                } else {
+                    ann.point_slot.push(None);
+                    ann.dead += 1;
+                }
+            }
+            self.tail = (0..self.rows.len()).filter(|slot| self.rows[*slot].is_some() && !ann.slot_point.contains_key(slot)).collect();
+            tracing::info!(vectors = ann.slot_point.len(), tail = self.tail.len(), seconds = done.seconds, "vector graph (HNSW) built");
+            self.ann = Some(ann);
+            return;
         }
-        let started = std::time::Instant::now();
-        self.ann = Some(Ann::build(&self.rows));
-        tracing::info!(vectors = len, seconds = started.elapsed().as_secs_f64(), "vector graph (HNSW) built");
+        let Some(ann) = &mut self.ann else { return };
+        if !Arc::ptr_eq(&ann.graph, &done.graph) || ann.point_slot.len() != done.first_point {
+            return;
+        }
+        for (i, row) in done.rows.iter().enumerate() {
+            if holds(row) && self.tail.remove(&row.slot) {
+                ann.point_slot.push(Some(row.slot));
+                ann.slot_point.insert(row.slot, done.first_point + i);
+            } else {
+                ann.point_slot.push(None);
+                ann.dead += 1;
+            }
+        }
+    }
+
+    /// Runs the graph thread's work here until none is left (tests, and callers that
+    /// want the graph complete now).
+    pub(crate) fn settle(&mut self) {
+        while let Some(work) = self.graph_work(usize::MAX) {
+            let done = work.run();
+            self.apply(done);
+        }
     }
 
     /// Whether searches may use the graph (tests compare it with exact scoring).
@@ -221,6 +353,7 @@ impl VectorTable {
                 if let Some(ann) = &mut self.ann {
                     ann.remove(slot);
                 }
+                self.tail.remove(&slot);
                 if let Some(set) = self.by_collection.get_mut(&row.collection) {
                     set.remove(&slot);
                     if set.is_empty() {
@@ -238,8 +371,9 @@ impl VectorTable {
     }
 
     /// The `n` rows most similar to `query` among `collections` (and in those of
-    /// `restricted`, only the classifications listed), best first: from the graph
-    /// when it is built and the caller may read enough of it, else exactly.
+    /// `restricted`, only the classifications listed), best first: from the graph and
+    /// its tail when the graph is built and the caller may read enough of it, else
+    /// exactly.
     pub(crate) fn nearest(&self, query: &[f32], collections: &[String], restricted: &BTreeMap<String, Vec<String>>, n: usize) -> Vec<(f32, &VectorRow)> {
         if query.len() != self.dimension || n == 0 {
             return vec![];
@@ -250,7 +384,21 @@ impl VectorTable {
             && permitted >= settings.min_permitted
             && permitted as f32 >= settings.min_share * self.len() as f32
         {
-            let found = self.nearest_in_graph(ann, query, collections, restricted, n);
+            let mut found = self.nearest_in_graph(ann, query, collections, restricted, n);
+            if !self.tail.is_empty() {
+                let readable: HashSet<&str> = collections.iter().map(String::as_str).collect();
+                let mut best = TopN::new(n);
+                for &slot in &self.tail {
+                    if let Some(row) = self.rows[slot].as_ref()
+                        && permits(&readable, restricted, row)
+                    {
+                        best.offer(Scored { score: dot(query, &row.vector), slot });
+                    }
+                }
+                found.extend(best.into_sorted().into_iter().filter_map(|s| self.rows[s.slot].as_ref().map(|row| (s.score, row))));
+                found.sort_by(|a, b| b.0.total_cmp(&a.0));
+                found.truncate(n);
+            }
             if found.len() >= n.min(permitted) {
                 metrics::counter!("echo_search_vector_searches_total", "method" => "graph").increment(1);
                 return found;
@@ -260,17 +408,19 @@ impl VectorTable {
         self.nearest_exact(query, collections, restricted, n)
     }
 
+    /// The graph's nearest permitted points (not its tail).
     fn nearest_in_graph(&self, ann: &Ann, query: &[f32], collections: &[String], restricted: &BTreeMap<String, Vec<String>>, n: usize) -> Vec<(f32, &VectorRow)> {
         let readable: HashSet<&str> = collections.iter().map(String::as_str).collect();
-        let permits = |row: &VectorRow| {
-            readable.contains(&*row.collection) && restricted.get(&*row.collection).is_none_or(|allowed| allowed.iter().any(|c| c.as_str() == &*row.classification))
-        };
         let row_of = |point: usize| ann.point_slot.get(point).copied().flatten().and_then(|slot| self.rows.get(slot)?.as_ref());
-        let filter = |point: &usize| row_of(*point).is_some_and(permits);
-        // A caller who may read every collection in full needs no filter while the graph
-        // holds no removed points (the common case of a small organisation): each
-        // visited point would otherwise be looked up.
-        let everything = ann.dead == 0 && restricted.is_empty() && self.by_collection.keys().all(|c| readable.contains(&**c));
+        let filter = |point: &usize| row_of(*point).is_some_and(|row| permits(&readable, restricted, row));
+        // A caller who may read every collection in full needs no filter while every
+        // point of the graph is a live row (the common case of a small organisation):
+        // each visited point would otherwise be looked up. Points the graph thread is
+        // adding are not published yet, so they need the filter too.
+        let everything = ann.dead == 0
+            && ann.graph.get_nb_point() == ann.point_slot.len()
+            && restricted.is_empty()
+            && self.by_collection.keys().all(|c| readable.contains(&**c));
         let filter: Option<&dyn hnsw_rs::prelude::FilterT> = if everything { None } else { Some(&filter) };
         let neighbours = ann.graph.search_filter(query, n, self.ann_settings.ef_search.max(n), filter);
         neighbours.into_iter().filter_map(|neighbour| row_of(neighbour.d_id).map(|row| (1.0 - neighbour.distance, row))).collect()
@@ -281,7 +431,7 @@ impl VectorTable {
         if query.len() != self.dimension || n == 0 {
             return vec![];
         }
-        let mut heap: BinaryHeap<Scored> = BinaryHeap::with_capacity(n + 1);
+        let mut best = TopN::new(n);
         for collection in collections {
             let Some(slots) = self.by_collection.get(collection.as_str()) else { continue };
             let classes = restricted.get(collection);
@@ -290,19 +440,17 @@ impl VectorTable {
                 if classes.is_some_and(|allowed| !allowed.iter().any(|c| c.as_str() == &*row.classification)) {
                     continue;
                 }
-                let candidate = Scored { score: dot(query, &row.vector), slot };
-                if heap.len() < n {
-                    heap.push(candidate);
-                } else if heap.peek().is_some_and(|worst| candidate < *worst) {
-                    heap.pop();
-                    heap.push(candidate);
-                }
+                best.offer(Scored { score: dot(query, &row.vector), slot });
             }
         }
-        let mut best = heap.into_vec();
-        best.sort();
-        best.into_iter().filter_map(|s| self.rows[s.slot].as_ref().map(|row| (s.score, row))).collect()
+        best.into_sorted().into_iter().filter_map(|s| self.rows[s.slot].as_ref().map(|row| (s.score, row))).collect()
     }
+}
+
+/// Whether a caller who may read `readable` (and in `restricted` collections only the
+/// classifications listed) may see `row`.
+fn permits(readable: &HashSet<&str>, restricted: &BTreeMap<String, Vec<String>>, row: &VectorRow) -> bool {
+    readable.contains(&*row.collection) && restricted.get(&*row.collection).is_none_or(|allowed| allowed.iter().any(|c| c.as_str() == &*row.classification))
 }
 
 #[cfg(test)]
@@ -367,8 +515,9 @@ mod tests {
     const CLASSES: [&str; 2] = ["internal", "restricted"];
 
     /// A table with a graph: 8 collections, documents of 4 vectors, some removed and
-    /// some added after the graph was built (tombstones and late points both).
-    fn graph_table(seed: u64) -> (VectorTable, Rng) {
+    /// some added after the graph was built (tombstones and late points both); the
+    /// late points are taken into the graph when `settle_late`, else left in the tail.
+    fn graph_table_with(seed: u64, settle_late: bool) -> (VectorTable, Rng) {
         let mut rng = Rng(seed | 1);
         let settings = AnnSettings { min_vectors: 200, min_permitted: 40, min_share: 0.05, ef_search: 64 };
         let mut table = VectorTable::with_ann_settings(settings);
@@ -382,6 +531,9 @@ mod tests {
             add(&mut table, &mut rng, doc);
         }
         table.maintain();
+        assert!(!table.has_graph(), "writes never build the graph themselves");
+        assert_eq!(table.graph_pending(), 600);
+        table.settle();
         assert!(table.has_graph());
         for doc in (0..150).step_by(7) {
             table.remove_document(&format!("d{doc}"));
@@ -390,7 +542,16 @@ mod tests {
             add(&mut table, &mut rng, doc);
         }
         table.maintain();
+        assert_eq!(table.graph_pending(), 120, "the late points wait in the tail");
+        if settle_late {
+            table.settle();
+            assert_eq!(table.graph_pending(), 0);
+        }
         (table, rng)
+    }
+
+    fn graph_table(seed: u64) -> (VectorTable, Rng) {
+        graph_table_with(seed, true)
     }
 
     fn permitted_subset(rng: &mut Rng) -> (Vec<String>, BTreeMap<String, Vec<String>>) {
@@ -432,7 +593,7 @@ mod tests {
         #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..Default::default() })]
         #[test]
         fn no_search_ever_returns_a_vector_outside_the_permitted_set(seed in 1u64..u64::MAX, mask in 0u8..=255, restrict in 0u8..=255, n in 1usize..40) {
-            let (table, mut rng) = graph_table(seed % 97 + 1);
+            let (table, mut rng) = graph_table_with(seed % 97 + 1, seed % 2 == 0);
             let collections: Vec<String> = (0..8).filter(|c| mask & (1 << c) != 0).map(|c| format!("c{c}")).collect();
             let restricted: BTreeMap<String, Vec<String>> = (0..8).filter(|c| restrict & (1 << c) != 0).map(|c| (format!("c{c}"), vec!["internal".to_string()])).collect();
             let query = rng.vector(24);
@@ -444,5 +605,31 @@ mod tests {
                 proptest::prop_assert!(restricted.get(&*row.collection).is_none_or(|allowed| allowed.iter().any(|c| c.as_str() == &*row.classification)));
             }
         }
+    }
+
+    #[test]
+    fn a_vector_written_after_the_graph_is_found_at_once_and_then_from_the_graph() {
+        let (mut table, mut rng) = graph_table(11);
+        let everything: Vec<String> = (0..8).map(|c| format!("c{c}")).collect();
+        let query = rng.vector(24);
+        table.insert(row("late", "dlate", "c3", "internal", &query));
+        assert_eq!(table.graph_pending(), 1);
+        let first = table.nearest(&query, &everything, &BTreeMap::new(), 5);
+        assert_eq!(&*first[0].1.chunk_id, "late", "scored from the tail the moment it is written");
+        // The graph thread's work, taken now, finishes after the row was replaced: the
+        // old point becomes a tombstone, the new row stays in the tail.
+        let work = table.graph_work(usize::MAX).unwrap();
+        table.remove_document("dlate");
+        let moved = rng.vector(24);
+        table.insert(row("late", "dlate", "c3", "internal", &moved));
+        table.apply(work.run());
+        assert_eq!(table.graph_pending(), 1, "the replaced row is still waiting");
+        let found = table.nearest(&query, &everything, &BTreeMap::new(), 5);
+        assert!(found.iter().all(|(score, row)| &*row.chunk_id != "late" || (*score - dot(&query, &moved)).abs() < 1e-5), "never the old vector's score for the new row");
+        table.settle();
+        assert_eq!(table.graph_pending(), 0);
+        let found = table.nearest(&moved, &everything, &BTreeMap::new(), 5);
+        assert_eq!(&*found[0].1.chunk_id, "late", "and found through the graph once it holds it");
+        assert!(table.nearest_in_graph(table.ann.as_ref().unwrap(), &moved, &everything, &BTreeMap::new(), 5).iter().any(|(_, r)| &*r.chunk_id == "late"));
     }
 }

@@ -262,32 +262,197 @@ impl pdf_extract::ConvertToFmt for SharedText {
 
 /// pdf-extract's plain-text output over the whole document in one pass, noting where
 /// each page starts (its per-page functions walk the page tree once per page: quadratic).
+/// A page's glyphs are held until it ends, so that a two-column page whose content
+/// stream runs across both columns line by line is written one column after the other
+/// (`column_order`); any other page is written in the stream's own order.
 struct PagedText {
     text: SharedText,
     inner: pdf_extract::PlainTextOutput<SharedText>,
     starts: Vec<(u32, usize)>,
+    page: Vec<GlyphEvent>,
+}
+
+/// What pdf-extract reports of a page, in stream order (`PlainTextOutput` reads only
+/// word starts and characters).
+enum GlyphEvent {
+    Word,
+    Char { trm: pdf_extract::Transform, width: f64, spacing: f64, font_size: f64, text: String },
 }
 
 impl pdf_extract::OutputDev for PagedText {
     fn begin_page(&mut self, page_num: u32, media_box: &pdf_extract::MediaBox, art_box: Option<(f64, f64, f64, f64)>) -> Result<(), pdf_extract::OutputError> {
         self.starts.push((page_num, self.text.0.borrow().len()));
+        self.page.clear();
         self.inner.begin_page(page_num, media_box, art_box)
     }
     fn end_page(&mut self) -> Result<(), pdf_extract::OutputError> {
+        let events = std::mem::take(&mut self.page);
+        let order = column_order(&events);
+        for index in order.unwrap_or_else(|| (0..events.len()).collect()) {
+            match &events[index] {
+                GlyphEvent::Word => self.inner.begin_word()?,
+                GlyphEvent::Char { trm, width, spacing, font_size, text } => self.inner.output_character(trm, *width, *spacing, *font_size, text)?,
+            }
+        }
         self.inner.end_page()
     }
     fn output_character(&mut self, trm: &pdf_extract::Transform, width: f64, spacing: f64, font_size: f64, char: &str) -> Result<(), pdf_extract::OutputError> {
-        self.inner.output_character(trm, width, spacing, font_size, char)
+        self.page.push(GlyphEvent::Char { trm: *trm, width, spacing, font_size, text: char.to_string() });
+        Ok(())
     }
     fn begin_word(&mut self) -> Result<(), pdf_extract::OutputError> {
-        self.inner.begin_word()
+        self.page.push(GlyphEvent::Word);
+        Ok(())
     }
     fn end_word(&mut self) -> Result<(), pdf_extract::OutputError> {
-        self.inner.end_word()
+        Ok(())
     }
     fn end_line(&mut self) -> Result<(), pdf_extract::OutputError> {
-        self.inner.end_line()
+        Ok(())
     }
+}
+
+/// A glyph's place on the page: left and right edge, baseline (PDF space, y up).
+#[derive(Clone, Copy)]
+struct GlyphBox {
+    x0: f64,
+    x1: f64,
+    y: f64,
+}
+
+fn glyph_box(trm: &pdf_extract::Transform, width: f64, font_size: f64) -> GlyphBox {
+    // The font size in device space, as `PlainTextOutput` measures it.
+    let (sx, sy) = (font_size * (trm.m11 + trm.m21), font_size * (trm.m12 + trm.m22));
+    let size = (sx * sy).abs().sqrt();
+    GlyphBox { x0: trm.m31, x1: trm.m31 + width * size, y: trm.m32 }
+}
+
+/// Fewest glyphs on a page worth looking for columns in.
+const COLUMN_MIN_GLYPHS: usize = 200;
+/// Width of the bins the page's text is measured in, and the narrowest gutter (points).
+const COLUMN_BIN: f64 = 2.0;
+const COLUMN_MIN_GUTTER: f64 = 8.0;
+/// Lines allowed to cross a gutter: a title, a running header or footer across both.
+const COLUMN_CROSSING_LINES: usize = 3;
+
+/// The order to write a page's events in when the page is two columns of prose whose
+/// stream interleaves them (each line of the left column followed by the line beside
+/// it): lines across both columns above them first, then the left column, then the
+/// right, then anything else across both. `None` — keep the stream's order — when no
+/// gutter runs down the middle, when either side is not prose (a table's cells rarely
+/// fill their column, so a table keeps its rows), or when the stream already gives
+/// one column after the other. Linear in the page's glyphs.
+fn column_order(events: &[GlyphEvent]) -> Option<Vec<usize>> {
+    let boxes: Vec<Option<GlyphBox>> = events
+        .iter()
+        .map(|event| match event {
+            GlyphEvent::Char { trm, width, font_size, text, .. } if !text.trim().is_empty() => Some(glyph_box(trm, *width, *font_size)),
+            _ => None,
+        })
+        .collect();
+    let glyphs: Vec<GlyphBox> = boxes.iter().flatten().copied().filter(|g| g.x0.is_finite() && g.x1.is_finite() && g.y.is_finite()).collect();
+    if glyphs.len() < COLUMN_MIN_GLYPHS {
+        return None;
+    }
+    let left_edge = glyphs.iter().map(|g| g.x0).fold(f64::INFINITY, f64::min);
+    let right_edge = glyphs.iter().map(|g| g.x1.max(g.x0)).fold(f64::NEG_INFINITY, f64::max);
+    let width = right_edge - left_edge;
+    if !(width > 4.0 * COLUMN_MIN_GUTTER && width < 20_000.0) {
+        return None;
+    }
+    // How many lines (baselines to the point) cover each bin across the text.
+    let bins = (width / COLUMN_BIN).ceil() as usize + 1;
+    let mut lines_over: Vec<HashSet<i64>> = vec![HashSet::new(); bins];
+    for g in &glyphs {
+        let (from, to) = (((g.x0 - left_edge) / COLUMN_BIN).floor().max(0.0) as usize, ((g.x1 - left_edge) / COLUMN_BIN).floor().max(0.0) as usize);
+        for bin in lines_over.iter_mut().take(to.min(bins - 1) + 1).skip(from.min(bins - 1)) {
+            if bin.len() <= COLUMN_CROSSING_LINES {
+                bin.insert(g.y.round() as i64);
+            }
+        }
+    }
+    // The widest run of (nearly) empty bins in the middle 40 % of the text.
+    let (first, last) = ((bins as f64 * 0.3) as usize, (bins as f64 * 0.7) as usize);
+    let (mut best, mut run_start) = (None::<(usize, usize)>, None::<usize>);
+    for bin in first..=last.min(bins - 1) {
+        if lines_over[bin].len() <= COLUMN_CROSSING_LINES {
+            let start = *run_start.get_or_insert(bin);
+            if best.is_none_or(|(a, b)| bin - start > b - a) {
+                best = Some((start, bin));
+            }
+        } else {
+            run_start = None;
+        }
+    }
+    let (a, b) = best?;
+    if ((b - a + 1) as f64) * COLUMN_BIN < COLUMN_MIN_GUTTER {
+        return None;
+    }
+    let (gutter_from, gutter_to) = (left_edge + a as f64 * COLUMN_BIN, left_edge + (b + 1) as f64 * COLUMN_BIN);
+    #[derive(Clone, Copy, PartialEq)]
+    enum Side {
+        Left,
+        Right,
+        Across,
+    }
+    let crosses = |g: &GlyphBox| g.x1 > gutter_from + COLUMN_BIN && g.x0 < gutter_to - COLUMN_BIN;
+    // A line with a glyph across the gutter is across as a whole (a title, a footer).
+    let across: HashSet<i64> = glyphs.iter().filter(|g| crosses(g)).map(|g| g.y.round() as i64).collect();
+    let side_of = |g: &GlyphBox| {
+        if across.contains(&(g.y.round() as i64)) {
+            Side::Across
+        } else if g.x1 <= gutter_from + COLUMN_BIN {
+            Side::Left
+        } else if g.x0 >= gutter_to - COLUMN_BIN {
+            Side::Right
+        } else {
+            Side::Across
+        }
+    };
+    // Prose on both sides: enough of the page, enough lines, most of them filling
+    // their column (a paragraph's last line need not).
+    let fills = |side: Side| -> bool {
+        let mut lines: HashMap<i64, (f64, f64)> = HashMap::new();
+        for g in glyphs.iter().filter(|g| side_of(g) == side) {
+            let line = lines.entry(g.y.round() as i64).or_insert((f64::INFINITY, f64::NEG_INFINITY));
+            *line = (line.0.min(g.x0), line.1.max(g.x1));
+        }
+        if lines.len() < 5 {
+            return false;
+        }
+        let start = lines.values().map(|l| l.0).fold(f64::INFINITY, f64::min);
+        let end = lines.values().map(|l| l.1).fold(f64::NEG_INFINITY, f64::max);
+        let full = lines.values().filter(|l| l.1 >= end - 0.2 * (end - start)).count();
+        full * 2 >= lines.len()
+    };
+    let count = |side: Side| glyphs.iter().filter(|g| side_of(g) == side).count();
+    if count(Side::Left) * 4 < glyphs.len() || count(Side::Right) * 4 < glyphs.len() || !fills(Side::Left) || !fills(Side::Right) {
+        return None;
+    }
+    // Already one column after the other: the stream's order is the reading order.
+    let sides: Vec<Side> = glyphs.iter().map(side_of).filter(|s| *s != Side::Across).collect();
+    let switches = sides.windows(2).filter(|w| w[0] != w[1]).count();
+    if switches <= 2 {
+        return None;
+    }
+    let columns_top = glyphs.iter().filter(|g| side_of(g) != Side::Across).map(|g| g.y).fold(f64::NEG_INFINITY, f64::max);
+    // Each event's group; a word start goes with the character after it.
+    let mut groups = vec![3u8; events.len()];
+    let mut next = 3u8;
+    for index in (0..events.len()).rev() {
+        if let Some(g) = boxes[index] {
+            next = match side_of(&g) {
+                Side::Left => 1,
+                Side::Right => 2,
+                Side::Across if g.y > columns_top => 0,
+                Side::Across => 3,
+            };
+        }
+        groups[index] = next;
+    }
+    let mut order: Vec<usize> = (0..events.len()).collect();
+    order.sort_by_key(|&index| groups[index]);
+    Some(order)
 }
 
 fn pdf_error(error: impl std::fmt::Display) -> ParseError {
@@ -309,7 +474,7 @@ fn pdf(bytes: &[u8]) -> Result<Vec<TextBlock>, ParseError> {
         document.decrypt("").map_err(|_| ParseError::Encrypted)?;
     }
     let text = SharedText::default();
-    let mut output = PagedText { text: text.clone(), inner: pdf_extract::PlainTextOutput::new(text.clone()), starts: Vec::new() };
+    let mut output = PagedText { text: text.clone(), inner: pdf_extract::PlainTextOutput::new(text.clone()), starts: Vec::new(), page: Vec::new() };
     pdf_extract::output_doc(&document, &mut output).map_err(pdf_error)?;
     let PagedText { starts, inner, .. } = output;
     drop(inner);

@@ -206,6 +206,60 @@ fn a_pdf_outline_gives_each_page_its_heading_path() {
     assert_eq!(parsed.n_pages, Some(3));
 }
 
+/// A one-page PDF of 10-point Helvetica lines, each `(x, y, text)` in its own text
+/// object, in the order given (the content stream's order).
+fn placed_pdf(lines: &[(u32, u32, String)]) -> Vec<u8> {
+    let shown: Vec<String> = lines.iter().map(|(x, y, text)| format!("BT /F1 10 Tf {x} {y} Td ({text}) Tj ET")).collect();
+    let content = shown.join("\n");
+    pdf_of(&[
+        "<< /Type /Catalog /Pages 2 0 R >>".into(),
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".into(),
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>".into(),
+        format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()),
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".into(),
+    ])
+}
+
+fn pdf_text(bytes: &[u8]) -> String {
+    parser::extract(parser::Format::Pdf, bytes).unwrap().blocks.iter().map(|b| b.text.as_str()).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn two_columns_are_read_one_after_the_other_whatever_the_stream_order() {
+    // Prose lines of about 40 characters: 10-point Helvetica fills ~200 of the 230
+    // points each column has (left at 50, right at 330).
+    let line = |column: &str, i: u32| format!("{column} column sentence number {i:02} reads on here");
+    let title = (50, 740, "Two Columns of Prose in One Page Title Across Both Of Them".to_string());
+    let mut interleaved = vec![title.clone()];
+    let mut column_major = vec![title];
+    for i in 0..24 {
+        interleaved.push((50, 700 - 14 * i, line("Left", i)));
+        interleaved.push((330, 700 - 14 * i, line("Right", i)));
+    }
+    column_major.extend((0..24).map(|i| (50, 700 - 14 * i, line("Left", i))));
+    column_major.extend((0..24).map(|i| (330, 700 - 14 * i, line("Right", i))));
+    let expected: Vec<String> = (0..24).map(|i| line("Left", i)).chain((0..24).map(|i| line("Right", i))).collect();
+    for (name, lines) in [("interleaved", interleaved), ("column after column", column_major)] {
+        let text = pdf_text(&placed_pdf(&lines));
+        let read: Vec<&str> = text.lines().map(str::trim).filter(|l| l.contains("column sentence")).collect();
+        assert_eq!(read, expected, "{name}: {text}");
+        assert!(text.trim_start().starts_with("Two Columns of Prose"), "{name}: the title across both columns comes first: {text}");
+    }
+
+    // A two-column table — short names beside long descriptions — keeps its rows.
+    let mut table = Vec::new();
+    for i in 0..24 {
+        table.push((50, 700 - 14 * i, format!("name{i:02}")));
+        table.push((330, 700 - 14 * i, format!("Description of entry {i:02} which runs on and on")));
+    }
+    let text = pdf_text(&placed_pdf(&table));
+    let rows: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    assert_eq!(rows.len(), 24, "{text}");
+    for (i, row) in rows.iter().enumerate() {
+        assert!(row.starts_with(&format!("name{i:02}")) && row.ends_with(&format!("entry {i:02} which runs on and on")), "row {i}: {row:?}");
+    }
+}
+
 fn pdf_of(objects: &[String]) -> Vec<u8> {
     pdf_with_streams(&objects.iter().map(|o| o.as_bytes().to_vec()).collect::<Vec<_>>())
 }

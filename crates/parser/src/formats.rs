@@ -270,34 +270,39 @@ struct PagedText {
     inner: pdf_extract::PlainTextOutput<SharedText>,
     starts: Vec<(u32, usize)>,
     page: Vec<GlyphEvent>,
+    /// The page's characters, each event's a range of it (one allocation per page).
+    page_text: String,
 }
 
 /// What pdf-extract reports of a page, in stream order (`PlainTextOutput` reads only
 /// word starts and characters).
 enum GlyphEvent {
     Word,
-    Char { trm: pdf_extract::Transform, width: f64, spacing: f64, font_size: f64, text: String },
+    Char { trm: pdf_extract::Transform, width: f64, spacing: f64, font_size: f64, text: std::ops::Range<usize> },
 }
 
 impl pdf_extract::OutputDev for PagedText {
     fn begin_page(&mut self, page_num: u32, media_box: &pdf_extract::MediaBox, art_box: Option<(f64, f64, f64, f64)>) -> Result<(), pdf_extract::OutputError> {
         self.starts.push((page_num, self.text.0.borrow().len()));
         self.page.clear();
+        self.page_text.clear();
         self.inner.begin_page(page_num, media_box, art_box)
     }
     fn end_page(&mut self) -> Result<(), pdf_extract::OutputError> {
         let events = std::mem::take(&mut self.page);
-        let order = column_order(&events);
+        let order = column_order(&events, &self.page_text);
         for index in order.unwrap_or_else(|| (0..events.len()).collect()) {
             match &events[index] {
                 GlyphEvent::Word => self.inner.begin_word()?,
-                GlyphEvent::Char { trm, width, spacing, font_size, text } => self.inner.output_character(trm, *width, *spacing, *font_size, text)?,
+                GlyphEvent::Char { trm, width, spacing, font_size, text } => self.inner.output_character(trm, *width, *spacing, *font_size, &self.page_text[text.clone()])?,
             }
         }
         self.inner.end_page()
     }
     fn output_character(&mut self, trm: &pdf_extract::Transform, width: f64, spacing: f64, font_size: f64, char: &str) -> Result<(), pdf_extract::OutputError> {
-        self.page.push(GlyphEvent::Char { trm: *trm, width, spacing, font_size, text: char.to_string() });
+        let start = self.page_text.len();
+        self.page_text.push_str(char);
+        self.page.push(GlyphEvent::Char { trm: *trm, width, spacing, font_size, text: start..self.page_text.len() });
         Ok(())
     }
     fn begin_word(&mut self) -> Result<(), pdf_extract::OutputError> {
@@ -342,11 +347,11 @@ const COLUMN_CROSSING_LINES: usize = 3;
 /// gutter runs down the middle, when either side is not prose (a table's cells rarely
 /// fill their column, so a table keeps its rows), or when the stream already gives
 /// one column after the other. Linear in the page's glyphs.
-fn column_order(events: &[GlyphEvent]) -> Option<Vec<usize>> {
+fn column_order(events: &[GlyphEvent], page_text: &str) -> Option<Vec<usize>> {
     let boxes: Vec<Option<GlyphBox>> = events
         .iter()
         .map(|event| match event {
-            GlyphEvent::Char { trm, width, font_size, text, .. } if !text.trim().is_empty() => Some(glyph_box(trm, *width, *font_size)),
+            GlyphEvent::Char { trm, width, font_size, text, .. } if !page_text[text.clone()].trim().is_empty() => Some(glyph_box(trm, *width, *font_size)),
             _ => None,
         })
         .collect();
@@ -474,7 +479,7 @@ fn pdf(bytes: &[u8]) -> Result<Vec<TextBlock>, ParseError> {
         document.decrypt("").map_err(|_| ParseError::Encrypted)?;
     }
     let text = SharedText::default();
-    let mut output = PagedText { text: text.clone(), inner: pdf_extract::PlainTextOutput::new(text.clone()), starts: Vec::new(), page: Vec::new() };
+    let mut output = PagedText { text: text.clone(), inner: pdf_extract::PlainTextOutput::new(text.clone()), starts: Vec::new(), page: Vec::new(), page_text: String::new() };
     pdf_extract::output_doc(&document, &mut output).map_err(pdf_error)?;
     let PagedText { starts, inner, .. } = output;
     drop(inner);

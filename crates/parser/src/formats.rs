@@ -180,6 +180,49 @@ fn is_furniture(element: &scraper::ElementRef<'_>) -> bool {
     value.classes().any(|class| matches!(class, "related" | "sphinxsidebar" | "footer" | "breadcrumbs" | "navbar" | "headerlink"))
 }
 
+/// A `<pre>` block's text as lines: trailing white space and blank lines dropped,
+/// indentation kept.
+fn code_lines(text: &str) -> String {
+    text.lines().map(str::trim_end).filter(|line| !line.is_empty()).collect::<Vec<_>>().join("\n")
+}
+
+/// A block's text as a reader sees it: prose with its white space collapsed (inline
+/// elements join: `<code>os</code>.environ` is `os.environ`), and code — a `<pre>`,
+/// also one inside a list item or a definition — on lines of its own with its
+/// indentation. Joined into one line, an example reads as one long sentence and
+/// quotes run together. Heading permalinks' pilcrows are no text.
+fn block_text(block: scraper::ElementRef<'_>) -> String {
+    use ego_tree::iter::Edge;
+    let mut runs: Vec<(bool, String)> = Vec::new();
+    // One pass (linear however deep the nesting): how many `<pre>` we are inside.
+    let mut pre_depth = 0usize;
+    for edge in block.traverse() {
+        let (node, opening) = match edge {
+            Edge::Open(node) => (node, true),
+            Edge::Close(node) => (node, false),
+        };
+        if node.value().as_element().is_some_and(|e| e.name() == "pre") {
+            pre_depth = if opening { pre_depth + 1 } else { pre_depth.saturating_sub(1) };
+            continue;
+        }
+        let Some(text) = node.value().as_text().filter(|_| opening) else { continue };
+        let code = pre_depth > 0;
+        match runs.last_mut() {
+            Some((kind, run)) if *kind == code => run.push_str(text),
+            _ => runs.push((code, text.to_string())),
+        }
+    }
+    let mut out: Vec<String> = Vec::new();
+    for (code, run) in runs {
+        let run = run.replace('¶', "");
+        let run = if code { code_lines(&run) } else { run.split_whitespace().collect::<Vec<_>>().join(" ") };
+        if !run.is_empty() {
+            out.push(run);
+        }
+    }
+    out.join("\n")
+}
+
 /// Block elements whose text becomes a paragraph (nested blocks count once, whole).
 const HTML_BLOCKS: [&str; 16] = ["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "blockquote", "td", "th", "dt", "dd", "figcaption", "caption"];
 
@@ -213,8 +256,7 @@ pub(crate) fn html(text: &str) -> (Vec<TextBlock>, Option<String>) {
         }
         // Inline elements join as the browser shows them (`<code>os</code>.environ`
         // is `os.environ`); the pilcrows of heading permalinks are no text.
-        let content = element.text().collect::<String>().replace('¶', "");
-        let content = content.split_whitespace().collect::<Vec<_>>().join(" ");
+        let content = block_text(element);
         if content.is_empty() {
             continue;
         }
@@ -854,6 +896,17 @@ mod tests {
         assert!(all.contains("Read os.environ for the environment."), "{all}");
         assert!(!all.contains("Site menu") && !all.contains("previous") && !all.contains("Copyright") && !all.contains('¶'), "{all}");
         assert_eq!(doc.blocks[0].section.as_deref(), Some("os"));
+    }
+
+    #[test]
+    fn html_code_keeps_its_lines() {
+        let html = b"<html><body><p>For   example:</p><div class=\"highlight\"><pre><span>import</span> os\n\n\nfor name in os.listdir():  \n    print(name)\n</pre></div>\
+            <dl><dt>gather()</dt><dd><p>Run   <code>aws</code>\nconcurrently. Example:</p><div><pre>await gather(\n    a(),\n    b())</pre></div><p>Returns a list.</p></dd></dl></body></html>";
+        let doc = extract(Format::Html, html).unwrap();
+        let all: String = doc.blocks.iter().map(|b| b.text.clone()).collect::<Vec<_>>().join("\n");
+        assert!(all.contains("For example:"), "{all}");
+        assert!(all.contains("import os\nfor name in os.listdir():\n    print(name)"), "{all:?}");
+        assert!(all.contains("Run aws concurrently. Example:\nawait gather(\n    a(),\n    b())\nReturns a list."), "code inside a definition keeps its lines too: {all:?}");
     }
 
     #[test]

@@ -197,8 +197,9 @@ fn spawn_graph_thread(table: std::sync::Weak<RwLock<VectorTable>>) -> Result<std
                 while woken.try_recv().is_ok() {}
                 loop {
                     let Some(vectors) = table.upgrade() else { return };
-                    let work = vectors.read().ok().and_then(|t| t.graph_work(GRAPH_BATCH));
+                    let (work, pending) = vectors.read().map(|t| (t.graph_work(GRAPH_BATCH), t.graph_pending())).unwrap_or((None, 0));
                     drop(vectors);
+                    metrics::gauge!("echo_search_vector_graph_pending").set(pending as f64);
                     let Some(work) = work else { break };
                     let done = work.run();
                     let Some(vectors) = table.upgrade() else { return };

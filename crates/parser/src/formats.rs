@@ -435,25 +435,25 @@ fn column_order(events: &[GlyphEvent], page_text: &str) -> Option<Vec<usize>> {
     if ((b - a + 1) as f64) * COLUMN_BIN < COLUMN_MIN_GUTTER {
         return None;
     }
-    let (gutter_from, gutter_to) = (left_edge + a as f64 * COLUMN_BIN, left_edge + (b + 1) as f64 * COLUMN_BIN);
+    // The gutter's middle: a glyph over it is across (the few lines allowed to reach
+    // into the run — a column's longest lines, a title — must not shift the sides).
+    let middle = left_edge + (a + b + 1) as f64 * COLUMN_BIN / 2.0;
     #[derive(Clone, Copy, PartialEq)]
     enum Side {
         Left,
         Right,
         Across,
     }
-    let crosses = |g: &GlyphBox| g.x1 > gutter_from + COLUMN_BIN && g.x0 < gutter_to - COLUMN_BIN;
+    let crosses = |g: &GlyphBox| g.x0 < middle && g.x1 > middle;
     // A line with a glyph across the gutter is across as a whole (a title, a footer).
     let across: HashSet<i64> = glyphs.iter().filter(|g| crosses(g)).map(|g| g.y.round() as i64).collect();
     let side_of = |g: &GlyphBox| {
         if across.contains(&(g.y.round() as i64)) {
             Side::Across
-        } else if g.x1 <= gutter_from + COLUMN_BIN {
+        } else if g.x1 <= middle {
             Side::Left
-        } else if g.x0 >= gutter_to - COLUMN_BIN {
-            Side::Right
         } else {
-            Side::Across
+            Side::Right
         }
     };
     // Prose on both sides: enough of the page, enough lines, most of them filling

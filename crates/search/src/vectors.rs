@@ -331,8 +331,8 @@ impl VectorTable {
         }
     }
 
-    /// Runs the graph thread's work here until none is left (tests, and callers that
-    /// want the graph complete now).
+    /// Runs the graph thread's work here until none is left.
+    #[cfg(test)]
     pub(crate) fn settle(&mut self) {
         while let Some(work) = self.graph_work(usize::MAX) {
             let done = work.run();

@@ -228,7 +228,12 @@ fn pdf_text(bytes: &[u8]) -> String {
 fn two_columns_are_read_one_after_the_other_whatever_the_stream_order() {
     // Prose lines of about 40 characters: 10-point Helvetica fills ~200 of the 230
     // points each column has (left at 50, right at 330).
-    let line = |column: &str, i: u32| format!("{column} column sentence number {i:02} reads on here");
+    // The first left line is longer than the others and reaches into the gutter (it
+    // must stay in its column, not take the right column's first line with it).
+    let line = |column: &str, i: u32| {
+        let longer = if column == "Left" && i == 0 { " too" } else { "" };
+        format!("{column} column sentence number {i:02} reads on here{longer}")
+    };
     let title = (50, 740, "Two Columns of Prose in One Page Title Across Both Of Them".to_string());
     let mut interleaved = vec![title.clone()];
     let mut column_major = vec![title];
@@ -436,3 +441,4 @@ async fn hostile_files_each_get_a_clear_outcome_and_the_parser_stays_ready() {
     assert!(parsed.blocks[0].text.contains("Still here."));
     echo.stop().await;
 }
+

@@ -1,9 +1,10 @@
 //! The ingest worker and the outbox relay.
 //!
-//! The worker consumes `echo.document.uploaded`: fetch the blob, parse, chunk, index,
-//! mark the job done, publish `echo.document.indexed`. It is idempotent (chunk ids
-//! are derived from the document and position; indexing replaces the document's
-//! chunks), so a redelivery after a crash redoes the job safely. Files the parser
+//! The worker consumes `echo.document.uploaded`: fetch the blob, parse, chunk, index the
+//! words (searchable at once), embed, index again with the vectors, mark the job done,
+//! publish `echo.document.indexed`. It is idempotent (chunk ids are derived from the
+//! document and position; indexing replaces the document's chunks), so a redelivery
+//! after a crash redoes the job safely. Files the parser
 //! rejects fail at once with the parser's reason; transient failures retry with
 //! backoff until the last attempt, then the job fails and the message is dead-lettered.
 
@@ -133,6 +134,9 @@ async fn process(ctx: &ServiceContext, store: &CatalogStore, uploaded: &Document
             let last_attempt = attempts >= ctx.config.ingest.max_attempts;
             let reason = error.detail.clone();
             if permanent(&error) || last_attempt {
+                // Its words may be in the index already (embedding failed): a failed
+                // document is not searchable.
+                unindex(ctx, &uploaded.document_id).await;
                 let _ = store.set_stage(&uploaded.job_id, "failed", Some(attempts), Some(&reason)).await;
                 let event = ctx.bus.event(
                     events::DOCUMENT_FAILED,
@@ -232,17 +236,28 @@ impl Stages<'_> {
 
 async fn run_stages(ctx: &ServiceContext, store: &CatalogStore, uploaded: &DocumentUploaded, attempts: i64) -> Result<usize, ApiError> {
     let stages = Stages::Job { store, job_id: &uploaded.job_id, document_id: &uploaded.document_id, attempts };
-    let chunks = build_chunks(ctx, uploaded, &stages).await?;
+    let mut chunks = parsed_chunks(ctx, uploaded, &stages).await?;
     let n_chunks = chunks.len();
-    stages.enter("indexing").await?;
-    // One request carries every chunk so the document is replaced atomically.
-    let request = IndexRequest { document_id: uploaded.document_id.clone(), chunks };
-    let _: serde_json::Value = ctx.peers.post_json(ServiceName::Search, "/v1/index", None, &request).await?;
-    store.set_chunks(&uploaded.document_id, n_chunks).await?;
-    if let Err(error) = stages.enter("done").await {
-        // Cancelled while its chunks went in: take them out again.
+    let outcome = async {
+        if ctx.config.embedding_provider() != "none" {
+            // Searchable by its words at once, by meaning once embedded: embedding is most
+            // of an ingest's time (~30 chunks/s on two cores, minutes for a manual),
+            // parsing and indexing the words a few seconds. The write below replaces
+            // these chunks with the same chunks and their vectors.
+            index_chunks(ctx, uploaded, chunks.clone()).await?;
+            stages.enter("embedding").await?;
+            embed_chunks(ctx, &mut chunks, &stages).await?;
+        }
+        stages.enter("indexing").await?;
+        index_chunks(ctx, uploaded, chunks).await?;
+        store.set_chunks(&uploaded.document_id, n_chunks).await?;
+        stages.enter("done").await
+    }
+    .await;
+    if let Err(error) = outcome {
+        // Cancelled (or deleted) after its chunks went in: take them out again.
         if error.code == CANCELLED {
-            let _ = ctx.peers.delete(ServiceName::Search, &format!("/v1/documents/{}", uploaded.document_id), None).await;
+            unindex(ctx, &uploaded.document_id).await;
         }
         return Err(error);
     }
@@ -250,8 +265,33 @@ async fn run_stages(ctx: &ServiceContext, store: &CatalogStore, uploaded: &Docum
     Ok(n_chunks)
 }
 
-/// Parse → chunk → embed: a document's chunks, ready for the index.
+/// Replaces the document's chunks in the index, in one request (atomically).
+async fn index_chunks(ctx: &ServiceContext, uploaded: &DocumentUploaded, chunks: Vec<Chunk>) -> Result<(), ApiError> {
+    let request = IndexRequest { document_id: uploaded.document_id.clone(), chunks };
+    let _: serde_json::Value = ctx.peers.post_json(ServiceName::Search, "/v1/index", None, &request).await?;
+    Ok(())
+}
+
+/// Takes the document's chunks out of the index (a job cancelled or failed after its
+/// words went in); a failure is logged, the document's deletion removes them later.
+async fn unindex(ctx: &ServiceContext, document_id: &str) {
+    if let Err(error) = ctx.peers.delete(ServiceName::Search, &format!("/v1/documents/{document_id}"), None).await {
+        tracing::warn!(%error, %document_id, "chunks of a stopped job not taken out of the index");
+    }
+}
+
+/// Parse → chunk → embed: a document's chunks, ready for the index (a rebuild's path).
 pub(crate) async fn build_chunks(ctx: &ServiceContext, uploaded: &DocumentUploaded, stages: &Stages<'_>) -> Result<Vec<Chunk>, ApiError> {
+    let mut chunks = parsed_chunks(ctx, uploaded, stages).await?;
+    if ctx.config.embedding_provider() != "none" {
+        stages.enter("embedding").await?;
+        embed_chunks(ctx, &mut chunks, stages).await?;
+    }
+    Ok(chunks)
+}
+
+/// Parse → chunk: a document's chunks, not embedded yet.
+async fn parsed_chunks(ctx: &ServiceContext, uploaded: &DocumentUploaded, stages: &Stages<'_>) -> Result<Vec<Chunk>, ApiError> {
     stages.enter("parsing").await?;
     let path = format!("/v1/blobs/{}", uploaded.blob_id);
     let request = ctx.peers.request(ServiceName::Storage, Method::GET, &path, None).await?;
@@ -271,7 +311,7 @@ pub(crate) async fn build_chunks(ctx: &ServiceContext, uploaded: &DocumentUpload
     let title = parsed.title.clone().unwrap_or_else(|| uploaded.filename.clone());
     let (budget, overlap) = (config.chunk_chars, config.chunk_overlap_chars);
     let drafts = tokio::task::spawn_blocking(move || chunk_blocks(&blocks, budget, overlap)).await.map_err(ApiError::internal)?;
-    let mut chunks: Vec<Chunk> = drafts
+    let chunks: Vec<Chunk> = drafts
         .into_iter()
         .enumerate()
         .map(|(ordinal, draft)| Chunk {
@@ -292,9 +332,5 @@ pub(crate) async fn build_chunks(ctx: &ServiceContext, uploaded: &DocumentUpload
 
     // One write for what parsing and chunking found (and no chunk embedded yet).
     stages.progress(Some(n_pages), Some(chunks.len()), Some(0)).await;
-    if ctx.config.embedding_provider() != "none" {
-        stages.enter("embedding").await?;
-        embed_chunks(ctx, &mut chunks, stages).await?;
-    }
     Ok(chunks)
 }

@@ -1,6 +1,7 @@
 //! Service-to-service HTTP calls: the callee's URL from config, a client-credentials
 //! token for the callee's audience, the acting user (if any) in `x-echo-principal`,
-//! and peer problems turned back into `ApiError`s.
+//! and peer problems turned back into `ApiError`s. A callee serving in this process is
+//! called in process (`crate::local`), any other over TCP.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,10 +55,15 @@ impl Peers {
 
     /// Sends and turns any non-2xx answer into the peer's problem.
     pub async fn send(&self, callee: ServiceName, builder: RequestBuilder) -> Result<Response, ApiError> {
-        let response = builder
-            .send()
-            .await
-            .map_err(|e| ApiError::unavailable("peer.unreachable", format!("{callee} is unreachable: {e}")))?;
+        let request = builder.build().map_err(ApiError::internal)?;
+        let response = match crate::local::call(request).await {
+            // The callee serves in this process: handed over without a socket.
+            Ok(answered) => answered.map_err(|e| match e {
+                crate::local::LocalError::TimedOut => ApiError::unavailable("peer.unreachable", format!("{callee} did not answer in time")),
+                crate::local::LocalError::Request(e) => ApiError::unavailable("peer.unreachable", format!("{callee} is unreachable: {e}")),
+            })?,
+            Err(request) => self.http.execute(request).await.map_err(|e| ApiError::unavailable("peer.unreachable", format!("{callee} is unreachable: {e}")))?,
+        };
         if response.status().is_success() {
             return Ok(response);
         }

@@ -14,6 +14,7 @@ pub mod db;
 pub mod error;
 pub mod files;
 pub mod formats;
+mod local;
 pub mod rand;
 pub mod server;
 pub mod sse;

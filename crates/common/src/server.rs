@@ -236,7 +236,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 }
 
 /// Serves `router` on `listener` until `shutdown`, then drains in-flight requests.
+/// Peers in this process reach `router` directly while it serves (`crate::local`).
 pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let _in_process = crate::local::register(listener.local_addr()?, router.clone());
     axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>())
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;

@@ -216,11 +216,17 @@ fn spawn_graph_thread(table: std::sync::Weak<RwLock<VectorTable>>) -> Result<std
 fn duplicate_key(text: &str) -> u64 {
     use std::hash::Hasher;
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    // Each word lower-cased into one reused buffer and hashed whole.
+    // Each word lower-cased into one reused buffer and hashed whole (ASCII, nearly every
+    // word, byte by byte; the rest char by char).
     let mut lowered = String::new();
     for word in text.split_whitespace() {
         lowered.clear();
-        lowered.extend(word.chars().flat_map(char::to_lowercase));
+        if word.is_ascii() {
+            lowered.push_str(word);
+            lowered.make_ascii_lowercase();
+        } else {
+            lowered.extend(word.chars().flat_map(char::to_lowercase));
+        }
         hasher.write(lowered.as_bytes());
         hasher.write_u8(0xff);
     }
@@ -246,6 +252,8 @@ impl ChunkIndex {
         let (schema, fields) = schema();
         let directory = tantivy::directory::MmapDirectory::open(dir).map_err(|e| IndexError::Directory(e.to_string()))?;
         let index = Index::open_or_create(directory, schema)?;
+        // The same tokens as Tantivy's own `en_stem`, with stems remembered.
+        index.tokenizers().register("en_stem", crate::stem::en_stem());
         // One indexing thread: each commit sets up a fresh arena per thread (a memset of
         // its share of the budget), and commits are many and small (one per document, or a
         // few documents with group commit); the other cores parse and embed meanwhile.

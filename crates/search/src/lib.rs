@@ -23,6 +23,7 @@ mod index;
 mod rerank;
 mod results;
 mod service;
+mod stem;
 mod vectors;
 
 use std::sync::Arc;

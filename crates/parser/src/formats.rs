@@ -693,8 +693,13 @@ pub(crate) fn sectioned(pages: Vec<TextBlock>, outline: &[OutlineEntry]) -> Vec<
         for entry in entries {
             let title = normal(&entry.title);
             // The title on a line of its own, or a line it begins (a heading followed by
-            // text on one line) — searched from where the last entry was found.
-            let found = lines[line_cursor..].iter().position(|(_, line)| *line == title || (line.starts_with(&title) && title.len() >= 12));
+            // text on one line), with or without the heading's number before it — the
+            // outline of most manuals says "The terminal configuration" where the page
+            // says "9.5.6 The terminal configuration". Searched from where the last
+            // entry was found.
+            let found = lines[line_cursor..].iter().position(|(_, line)| {
+                [line.as_str(), without_number(line)].into_iter().any(|line| line == title || (line.starts_with(&title) && title.len() >= 12))
+            });
             if let Some(found) = found {
                 let at = lines[line_cursor + found].0;
                 push(cursor..at, &current, &mut out);
@@ -711,6 +716,18 @@ pub(crate) fn sectioned(pages: Vec<TextBlock>, outline: &[OutlineEntry]) -> Vec<
         }
     }
     out
+}
+
+/// A heading line without the number it starts with ("9.5.6 ", "A.2. ", "3) "); the
+/// line itself when it starts with no number.
+fn without_number(line: &str) -> &str {
+    let Some((first, rest)) = line.split_once(' ') else { return line };
+    let number = first.trim_end_matches(['.', ')', ':']);
+    let mut parts = number.split('.');
+    let head = parts.next().unwrap_or_default();
+    let head_ok = head.bytes().all(|b| b.is_ascii_digit()) || (head.len() == 1 && head.bytes().all(|b| b.is_ascii_alphabetic()) && number.len() > 1);
+    let numbered = !number.is_empty() && head_ok && parts.all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) && number.bytes().any(|b| b.is_ascii_digit());
+    if numbered { rest.trim_start() } else { line }
 }
 
 /// A line with its digits as `#` and its spaces collapsed: how a running header or
@@ -854,6 +871,42 @@ mod tests {
                 (4, Some("2 Valves".into()), "No heading line here.".into()),
             ]
         );
+    }
+
+    #[test]
+    fn outline_titles_are_found_after_the_number_the_page_gives_them() {
+        // Debian Reference, page 180: the end of the previous section, then two entries
+        // whose outline titles carry no number while the page's headings do.
+        let page = |n: u32, text: &str| TextBlock { text: text.into(), page: Some(n), section: None };
+        let entry = |page: u32, title: &str, path: &str| OutlineEntry { page, title: title.into(), path: path.into() };
+        let pages = vec![
+            page(179, "9.5.5 System and hardware time\nThe following reconfigure the timezone."),
+            page(180, "# dpkg-reconfigure tzdata\nSee the following.\n9.5.6    The terminal configuration\nThere are several components.\n9.5.7    The sound infrastructure\nDevice drivers for sound cards."),
+            page(181, "A.1. Appendix entry\nText."),
+        ];
+        let outline = [
+            entry(179, "System and hardware time", "Tips > System and hardware time"),
+            entry(180, "The terminal configuration", "Tips > The terminal configuration"),
+            entry(180, "The sound infrastructure", "Tips > The sound infrastructure"),
+            entry(181, "Appendix entry", "Appendix > Appendix entry"),
+        ];
+        let sections: Vec<(u32, Option<String>, String)> = sectioned(pages, &outline).into_iter().map(|b| (b.page.unwrap(), b.section, b.text)).collect();
+        assert_eq!(
+            sections,
+            vec![
+                (179, Some("Tips > System and hardware time".into()), "9.5.5 System and hardware time\nThe following reconfigure the timezone.".into()),
+                (180, Some("Tips > System and hardware time".into()), "# dpkg-reconfigure tzdata\nSee the following.".into()),
+                (180, Some("Tips > The terminal configuration".into()), "9.5.6    The terminal configuration\nThere are several components.".into()),
+                (180, Some("Tips > The sound infrastructure".into()), "9.5.7    The sound infrastructure\nDevice drivers for sound cards.".into()),
+                (181, Some("Appendix > Appendix entry".into()), "A.1. Appendix entry\nText.".into()),
+            ]
+        );
+        assert_eq!(without_number("9.5.6 the terminal configuration"), "the terminal configuration");
+        assert_eq!(without_number("a.1. appendix entry"), "appendix entry");
+        assert_eq!(without_number("3) steps"), "steps");
+        assert_eq!(without_number("a word"), "a word", "a one-letter word is not a number");
+        assert_eq!(without_number("version 3.2 notes"), "version 3.2 notes");
+        assert_eq!(without_number("1.2.3"), "1.2.3");
     }
 
     #[test]

@@ -271,6 +271,7 @@ pub(crate) fn extractive(question: &str, hits: &[SearchHit], max_citations: usiz
     if quotes.is_empty() {
         return not_found();
     }
+    continue_across_pages(&mut quotes, &all, hits, MAX_QUOTES.min(max_citations.max(1)));
     let mut text = String::new();
     let mut citations = Vec::new();
     for (range, hit_index) in quotes {
@@ -299,6 +300,41 @@ pub(crate) fn extractive(question: &str, hits: &[SearchHit], max_citations: usiz
         });
     }
     Extracted { text, citations, not_found: false }
+}
+
+/// A quote that ends its page's passage with a lead-in ("The following reconfigure the
+/// timezone used by the Debian system.", "… as follows:") promises what the next page
+/// holds: when a passage of that next page was retrieved too, its first sentences are
+/// quoted right after it (as their own citation), in place of the last quote if the
+/// answer is full.
+fn continue_across_pages(quotes: &mut Vec<(Range<usize>, usize)>, all: &[Sentence], hits: &[SearchHit], limit: usize) {
+    let mut i = 0;
+    while i < quotes.len() {
+        let (range, hit_index) = (quotes[i].0.clone(), quotes[i].1);
+        let hit = &hits[hit_index];
+        let quoted = &hit.text[range.clone()];
+        let last = sentences(quoted).pop().map(|r| quoted[r].to_lowercase()).unwrap_or_default();
+        let lead_in = last.ends_with(':') || last.contains("the following") || last.contains("as follows");
+        let at_end = hit.text[range.end..].trim().is_empty();
+        let next = hit.page.filter(|_| lead_in && at_end).and_then(|page| hits.iter().position(|h| h.document_id == hit.document_id && h.page == Some(page + 1)));
+        // Quoted already before this one: left where it is.
+        let quoted_at = next.and_then(|next| quotes.iter().position(|(_, q)| *q == next));
+        if quoted_at.is_some_and(|at| at < i) {
+            i += 1;
+            continue;
+        }
+        // The next page's passage from its first sentence, moved right after the lead-in.
+        if let Some(first) = next.and_then(|next| all.iter().position(|s| s.hit == next)) {
+            let next = all[first].hit;
+            if let Some(at) = quoted_at {
+                quotes.remove(at);
+            }
+            quotes.insert(i + 1, (window(all, first, &hits[next].text, hits[next].section.as_deref()), next));
+            quotes.truncate(limit.max(i + 2));
+            i += 1;
+        }
+        i += 1;
+    }
 }
 
 /// The byte range quoted around sentence `best`: the sentence before it when that is a
@@ -368,6 +404,30 @@ mod tests {
 
     fn quoted(text: &str, ranges: &[Range<usize>]) -> Vec<String> {
         ranges.iter().map(|r| text[r.clone()].to_string()).collect()
+    }
+
+    #[test]
+    fn a_lead_in_at_the_end_of_a_page_is_continued_by_the_next_page() {
+        // Debian Reference, pages 179-180: the command the lead-in announces opens the next page.
+        let mut first = hit("p179", "9.5.5 System and hardware time\nThe following sets system and hardware time.\n# hwclock --utc --systohc\nThe following reconfigure the timezone used by the Debian system.");
+        first.page = Some(179);
+        let mut next = hit("p180", "# dpkg-reconfigure tzdata\nIf you wish to update system time via network, consider the NTP service.");
+        next.page = Some(180);
+        let mut other = hit("p40", "The timezone of a file's times is shown by ls.");
+        other.page = Some(40);
+        next.document_id = first.document_id.clone();
+        other.document_id = first.document_id.clone();
+        let answer = extractive("How do I change the time zone of a Debian system?", &[first.clone(), other.clone(), next.clone()], 3, OPEN, None);
+        let cited: Vec<&str> = answer.citations.iter().map(|c| c.chunk_id.as_str()).collect();
+        let at = cited.iter().position(|c| *c == "p179").unwrap();
+        assert_eq!(cited.get(at + 1), Some(&"p180"), "{cited:?}\n{}", answer.text);
+        assert!(answer.text.contains("dpkg-reconfigure tzdata"), "{}", answer.text);
+        // Without a lead-in nothing is pulled in from the next page.
+        let mut plain = first.clone();
+        plain.text = "9.5.5 System and hardware time\nThe timezone of the Debian system is kept in /etc/timezone.".into();
+        let answer = extractive("How do I change the time zone of a Debian system?", &[plain, next], 1, OPEN, None);
+        assert_eq!(answer.citations.len(), 1);
+        assert_eq!(answer.citations[0].chunk_id, "p179");
     }
 
     #[test]

@@ -78,7 +78,12 @@ fn wrk(args: &ApiArgs, script: &Path, url: &str) -> anyhow::Result<WrkResult> {
         .stderr(Stdio::inherit())
         .output()
         .context("running wrk (Debian's `wrk` and `taskset` from util-linux)")?;
-    anyhow::ensure!(output.status.success(), "wrk failed: {}", String::from_utf8_lossy(&output.stdout));
+    anyhow::ensure!(
+        output.status.success(),
+        "wrk failed (is Debian's `wrk` installed? `apt-get install wrk`): {}{}",
+        String::from_utf8_lossy(&output.stderr).trim(),
+        String::from_utf8_lossy(&output.stdout).trim()
+    );
     parse_wrk(&String::from_utf8_lossy(&output.stdout))
 }
 

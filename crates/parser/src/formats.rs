@@ -421,8 +421,8 @@ fn column_order(events: &[GlyphEvent], page_text: &str) -> Option<Vec<usize>> {
     // The widest run of (nearly) empty bins in the middle 40 % of the text.
     let (first, last) = ((bins as f64 * 0.3) as usize, (bins as f64 * 0.7) as usize);
     let (mut best, mut run_start) = (None::<(usize, usize)>, None::<usize>);
-    for bin in first..=last.min(bins - 1) {
-        if lines_over[bin].len() <= COLUMN_CROSSING_LINES {
+    for (bin, over) in lines_over.iter().enumerate().take(last.min(bins - 1) + 1).skip(first) {
+        if over.len() <= COLUMN_CROSSING_LINES {
             let start = *run_start.get_or_insert(bin);
             if best.is_none_or(|(a, b)| bin - start > b - a) {
                 best = Some((start, bin));

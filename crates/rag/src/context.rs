@@ -307,7 +307,7 @@ pub(crate) fn attribute(answer: &str, passages: &[Passage], question: &str) -> (
         cited.insert(n);
         // "… the answer [2]." — before the closing punctuation.
         let at = match sentence.char_indices().last() {
-            Some((i, c)) if matches!(c, '.' | '!' | '?') => range.start + i,
+            Some((i, '.' | '!' | '?')) => range.start + i,
             _ => range.end,
         };
         out.push_str(&answer[copied..at]);

@@ -20,7 +20,9 @@ const MAX_REMEMBERED: usize = 100_000;
 /// word (lower case) → its stem. Hashed with foldhash, seeded per process: several times
 /// faster than SipHash on short words, and the keys (words of uploaded documents) cannot
 /// be chosen to collide without knowing the seed.
-static STEMS: LazyLock<RwLock<HashMap<Box<str>, Box<str>, foldhash::fast::RandomState>>> = LazyLock::new(Default::default);
+static STEMS: LazyLock<RwLock<StemTable>> = LazyLock::new(Default::default);
+
+type StemTable = HashMap<Box<str>, Box<str>, foldhash::fast::RandomState>;
 
 /// The analyzer registered as `en_stem` on every index.
 pub(crate) fn en_stem() -> TextAnalyzer {

@@ -471,8 +471,11 @@ impl CatalogStore {
 
     /// Records a document of the rebuild as done (or failed) and moves the cursor past it.
     pub(crate) async fn advance_run(&self, id: &str, document_id: &str, ok: bool) -> Result<(), sqlx::Error> {
+        // Counted only when it moves the cursor: a document finished by a stopping
+        // driver after the next start's driver took it again is counted once.
         sqlx::query(
-            "UPDATE reindex_runs SET cursor = MAX(cursor, ?), done = done + ?, failed = failed + ?, updated_at = ? WHERE id = ?",
+            "UPDATE reindex_runs SET done = done + CASE WHEN cursor < ?1 THEN ?2 ELSE 0 END, failed = failed + CASE WHEN cursor < ?1 THEN ?3 ELSE 0 END, \
+             cursor = MAX(cursor, ?1), updated_at = ?4 WHERE id = ?5",
         )
         .bind(document_id)
         .bind(i64::from(ok))
@@ -518,4 +521,26 @@ fn stages(timings: &str) -> Vec<common::wire::JobStage> {
         stages.push(common::wire::JobStage { stage: stage.clone(), started_at: common::rfc3339(at / 1000), seconds });
     }
     stages
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_rebuild_counts_a_document_once_however_often_it_is_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CatalogStore::open(&dir.path().join("catalog.db")).await.unwrap();
+        let run = store.create_run().await.unwrap();
+        store.advance_run(&run.run.id, "doc-a", true).await.unwrap();
+        store.advance_run(&run.run.id, "doc-b", false).await.unwrap();
+        // A stopping driver finishes doc-a again after the cursor moved past it, and
+        // doc-b after the next start's driver counted it: neither counts twice.
+        store.advance_run(&run.run.id, "doc-a", true).await.unwrap();
+        store.advance_run(&run.run.id, "doc-b", false).await.unwrap();
+        store.advance_run(&run.run.id, "doc-c", true).await.unwrap();
+        let row = store.latest_run().await.unwrap().unwrap();
+        assert_eq!((row.run.done, row.run.failed, row.cursor.as_str()), (2, 1, "doc-c"));
+    }
 }

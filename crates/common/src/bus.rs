@@ -16,12 +16,15 @@ use tokio_util::sync::CancellationToken;
 use crate::client::{Peers, encode};
 use crate::config::ServiceName;
 use crate::error::ApiError;
+use crate::trace::{self, TraceContext};
 use crate::wire::CloudEvent;
+use tracing::Instrument;
 
 #[derive(Clone)]
 pub struct Bus {
     peers: Peers,
     source: String,
+    service: ServiceName,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -98,7 +101,7 @@ pub struct NackRequest {
 
 impl Bus {
     pub fn new(peers: Peers, source: ServiceName) -> Bus {
-        Bus { peers, source: format!("echo/{source}") }
+        Bus { peers, source: format!("echo/{source}"), service: source }
     }
 
     /// Builds an event from this service.
@@ -114,7 +117,15 @@ impl Bus {
             return Err(ApiError::bad_request("bus.mixed_topics", "a batch must carry one event type"));
         }
         let path = format!("/v1/topics/{}/publish", encode(&topic));
-        self.peers.post_json(ServiceName::Queue, &path, None, &PublishBatch { messages: events }).await
+        // Publishing is part of the event's trace, also when a relay publishes it later
+        // from outside that work (an outbox).
+        let carried = first.event.traceparent.as_deref().and_then(TraceContext::parse).filter(|_| trace::current().is_none());
+        let batch = PublishBatch { messages: events };
+        let publish = self.peers.post_json(ServiceName::Queue, &path, None, &batch);
+        match carried {
+            Some(context) => trace::scope(context, publish).await,
+            None => publish.await,
+        }
     }
 
     pub async fn publish_one(&self, event: CloudEvent) -> Result<(), ApiError> {
@@ -245,7 +256,11 @@ impl Bus {
                                 }
                             })
                         });
-                        let outcome = handler(delivery.event.clone(), delivery.attempts).await;
+                        // The handler's work continues the trace of the event it handles
+                        // (or starts one), and its records say so.
+                        let context = delivery.event.traceparent.as_deref().and_then(TraceContext::parse).map_or_else(TraceContext::root, |p| p.child());
+                        let span = tracing::info_span!("delivery", service = %bus.service, %subscription, seq = delivery.seq, trace_id = %context.trace_id(), span_id = %context.span_id());
+                        let outcome = trace::scope(context, handler(delivery.event.clone(), delivery.attempts).instrument(span)).await;
                         if let Some(keep_alive) = keep_alive {
                             keep_alive.abort();
                         }

@@ -1,6 +1,6 @@
 //! Service-to-service HTTP calls: the callee's URL from config, a client-credentials
 //! token for the callee's audience, the acting user (if any) in `x-echo-principal`,
-//! and peer problems turned back into `ApiError`s. A callee serving in this process is
+//! the current trace in `traceparent`, and peer problems turned back into `ApiError`s. A callee serving in this process is
 //! called in process (`crate::local`), any other over TCP.
 
 use std::sync::Arc;
@@ -49,6 +49,10 @@ impl Peers {
         let mut builder = self.http.request(method, url).bearer_auth(token).timeout(Duration::from_secs(120));
         if let Some(principal) = principal {
             builder = builder.header(PRINCIPAL_HEADER, encode_principal(principal));
+        }
+        // The callee's work is part of this trace.
+        if let Some(traceparent) = crate::trace::outgoing() {
+            builder = builder.header(crate::trace::TRACEPARENT, traceparent);
         }
         Ok(builder)
     }

@@ -20,6 +20,7 @@ pub mod server;
 pub mod sse;
 pub mod telemetry;
 pub mod text;
+pub mod trace;
 pub mod web;
 pub mod wire;
 

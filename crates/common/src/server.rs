@@ -159,15 +159,17 @@ async fn observe(State(state): State<EdgeState>, request: Request, next: Next) -
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
-    let trace_id = request
-        .headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split('-').nth(1))
-        .map(str::to_string)
-        .unwrap_or_else(|| hex::encode(crate::rand::bytes(16)));
-    let span = tracing::info_span!("request", service = state.service, %method, route = %route, trace_id = %trace_id);
-    let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
+    // Continue the caller's trace (W3C `traceparent`) or start one; the work this
+    // request does — its peer calls, the events it publishes — carries it on.
+    let parent = request.headers().get(crate::trace::TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(crate::trace::TraceContext::parse);
+    let continued = parent.is_some();
+    let context = parent.map_or_else(crate::trace::TraceContext::root, |p| p.child());
+    let trace_id = context.trace_id().to_string();
+    let span = tracing::info_span!("request", service = state.service, %method, route = %route, trace_id = %trace_id, span_id = %context.span_id());
+    let mut response = crate::trace::scope(context, tracing::Instrument::instrument(next.run(request), span.clone())).await;
+    if let Ok(value) = axum::http::HeaderValue::from_str(&trace_id) {
+        response.headers_mut().insert(crate::trace::TRACE_ID_HEADER, value);
+    }
     let status = response.status().as_u16();
     let elapsed = started.elapsed().as_secs_f64();
     let labels = [
@@ -178,7 +180,15 @@ async fn observe(State(state): State<EdgeState>, request: Request, next: Next) -
     ];
     metrics::counter!("echo_http_requests_total", &labels).increment(1);
     metrics::histogram!("echo_http_request_duration_seconds", &labels[..3]).record(elapsed);
-    if route != "/healthz" && route != "/readyz" && route != "/metrics" {
+    // One record per request that is part of someone's work: every public request
+    // (the root of a trace) and every internal call made within a trace. The bus's
+    // own traffic outside any trace (pulls, acks, shipped logs) stays at debug, so
+    // shipping logs never feeds on itself.
+    let plumbing = matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics") || route.starts_with("/static");
+    let public = !(route.starts_with("/v1/") || route.starts_with("/internal/"));
+    if !plumbing && (continued || public) {
+        span.in_scope(|| tracing::info!(status, elapsed_ms = elapsed * 1000.0, "request served"));
+    } else if !plumbing {
         span.in_scope(|| tracing::debug!(status, elapsed_ms = elapsed * 1000.0, "request served"));
     }
     response

@@ -176,6 +176,8 @@ where
                 }
             }
         }
+        // Work whose log span was filtered away (or spawned without it) is still in its trace.
+        let trace_id = trace_id.or_else(|| crate::trace::current().map(|c| c.trace_id().to_string()));
         let service = service.unwrap_or_else(|| target.split("::").next().unwrap_or("echod").to_string());
         let record = LogRecord {
             ts_ms: crate::now_unix_ms(),

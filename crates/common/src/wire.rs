@@ -70,7 +70,8 @@ impl CloudEvent {
             time: crate::rfc3339(crate::now_unix()),
             datacontenttype: default_content_type(),
             dataversion: default_data_version(),
-            traceparent: None,
+            // The consumer's work continues the trace of the work that published it.
+            traceparent: crate::trace::outgoing(),
             data,
         }
     }

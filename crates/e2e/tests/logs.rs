@@ -12,9 +12,17 @@ use serde_json::Value;
 
 use helpers::{TestSystem, eventually, password_of};
 
+/// One test for the whole binary: log shipping is per process, and its shipper belongs
+/// to the first system started in it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_service_ships_its_records_to_the_logs_service() {
+async fn records_are_shipped_and_follow_one_trace_through_every_service() {
     let ts = TestSystem::start().await;
+    every_service_ships_its_records_to_the_logs_service(&ts).await;
+    one_trace_follows_an_upload_and_an_ask_through_every_service(&ts).await;
+    ts.system.stop().await;
+}
+
+async fn every_service_ships_its_records_to_the_logs_service(ts: &TestSystem) {
     ts.add_user("ops", "infra", "member").await;
     identity::set_operator(&ts.config, "ops", true).await.unwrap();
     ts.add_user("adam", "acme", "admin").await;
@@ -60,5 +68,99 @@ async fn every_service_ships_its_records_to_the_logs_service() {
     assert!(scoped["records"].as_array().unwrap().is_empty(), "records of no org are for operators only");
     let denied = ts.http.get(format!("{}/api/v1/logs", ts.gateway())).bearer_auth(&mia.access_token).send().await.unwrap();
     assert_eq!(denied.status(), 403, "members may not read logs");
-    ts.system.stop().await;
+}
+
+/// The records of one trace, oldest first (the logs API answers newest first; in one
+/// process the shipping buffer keeps the order records were made in).
+async fn records_of(ts: &TestSystem, token: &str, trace: &str) -> Vec<Value> {
+    let logs: Value = ts.http.get(format!("{}/api/v1/logs?trace_id={trace}&limit=1000", ts.gateway())).bearer_auth(token).send().await.unwrap().json().await.unwrap();
+    let mut records = logs["records"].as_array().cloned().unwrap_or_default();
+    records.reverse();
+    records
+}
+
+/// Where the first record of `service` whose message contains `message` stands.
+fn position(records: &[Value], service: &str, message: &str) -> usize {
+    records
+        .iter()
+        .position(|r| r["service"] == service && r["message"].as_str().unwrap_or_default().contains(message))
+        .unwrap_or_else(|| panic!("no {service} record saying {message:?} in the trace: {records:#?}"))
+}
+
+async fn one_trace_follows_an_upload_and_an_ask_through_every_service(ts: &TestSystem) {
+    let ops = ts.sign_in("ops", &password_of("ops")).await;
+
+    // An upload that names its trace: the trace is continued and named back.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(b"The relief valve opens at 8 bar.".to_vec()).file_name("valve.txt").mime_str("text/plain").unwrap(),
+    );
+    let answer = ts
+        .http
+        .post(format!("{}/api/v1/documents", ts.gateway()))
+        .bearer_auth(&ops.access_token)
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.headers()["x-trace-id"], trace, "the response names the trace it continued");
+    let created: Value = answer.json().await.unwrap();
+    ts.wait_indexed(&ops.access_token, &created).await;
+    let records = eventually("the upload's trace up to the indexed document", Duration::from_secs(30), || async {
+        let records = records_of(ts, &ops.access_token, trace).await;
+        records.iter().any(|r| r["service"] == "ingest" && r["message"].as_str().unwrap_or_default().contains("document indexed")).then_some(records)
+    })
+    .await;
+    let services: std::collections::BTreeSet<&str> = records.iter().filter_map(|r| r["service"].as_str()).collect();
+    for service in ["gateway", "ingest", "storage", "queue", "parser", "search"] {
+        assert!(services.contains(service), "{service} is missing from the upload's trace: {services:?}");
+    }
+    assert!(records.iter().all(|r| r["trace_id"] == trace));
+    // Causal order: a callee's record before its caller's, the queue's before the
+    // worker's calls, the worker's calls before the document is indexed.
+    let gateway = position(&records, "gateway", "request served");
+    let stored = position(&records, "storage", "request served");
+    let published = position(&records, "queue", "request served");
+    let parsed = position(&records, "parser", "request served");
+    let indexed_words = position(&records, "search", "request served");
+    let done = position(&records, "ingest", "document indexed");
+    assert!(stored < gateway, "the blob is stored within the upload request");
+    assert!(published < parsed, "the job is published before the worker parses it");
+    assert!(parsed < indexed_words && indexed_words < done, "parse, index, then done: {records:#?}");
+
+    // A request without a traceparent gets a new trace, named in its response.
+    let plain = ts.http.get(format!("{}/api/v1/documents", ts.gateway())).bearer_auth(&ops.access_token).send().await.unwrap();
+    let fresh = plain.headers()["x-trace-id"].to_str().unwrap().to_string();
+    assert_eq!(fresh.len(), 32);
+    assert_ne!(fresh, trace);
+    // A malformed traceparent is not continued.
+    let forged = ts.http.get(format!("{}/api/v1/documents", ts.gateway())).bearer_auth(&ops.access_token).header("traceparent", "00-00000000000000000000000000000000-00f067aa0ba902b7-01").send().await.unwrap();
+    assert_ne!(forged.headers()["x-trace-id"], "00000000000000000000000000000000");
+
+    // An ask: gateway → rag → authz and search, in one trace.
+    let asked_trace = "0af7651916cd43dd8448eb211c80319c";
+    let answer = ts
+        .http
+        .post(format!("{}/api/v1/ask", ts.gateway()))
+        .bearer_auth(&ops.access_token)
+        .header("traceparent", format!("00-{asked_trace}-b7ad6b7169203331-01"))
+        .json(&serde_json::json!({"question": "At what pressure does the relief valve open?"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.headers()["x-trace-id"], asked_trace);
+    let body: Value = answer.json().await.unwrap();
+    assert!(body["answer"].as_str().unwrap_or_default().contains("8 bar"), "{body}");
+    let records = eventually("the ask's trace", Duration::from_secs(30), || async {
+        let records = records_of(ts, &ops.access_token, asked_trace).await;
+        records.iter().any(|r| r["service"] == "gateway").then_some(records)
+    })
+    .await;
+    let searched = position(&records, "search", "request served");
+    let answered = position(&records, "rag", "request served");
+    let asked = position(&records, "gateway", "request served");
+    let _ = position(&records, "authz", "request served");
+    assert!(searched < answered && answered < asked, "search within rag within the gateway: {records:#?}");
 }

@@ -249,7 +249,7 @@ impl Identity {
         match self.ctx.clone() {
             Some(ctx) => {
                 let (actor, action, resource, outcome) = (actor.to_string(), action.to_string(), resource.to_string(), outcome.to_string());
-                tokio::spawn(async move { ctx.audit(&actor, &action, &resource, &outcome, context).await });
+                tokio::spawn(common::trace::in_current(async move { ctx.audit(&actor, &action, &resource, &outcome, context).await }));
             }
             None => {
                 let event = common::wire::AuditEvent {

@@ -88,13 +88,15 @@ impl Rag {
         let prepared = self.prepare(principal, request).await?;
         let (tx, rx) = mpsc::channel::<AskEvent>(64);
         let rag = self.clone();
-        tokio::spawn(async move {
+        // The answer's work (search, the model) stays in the ask's trace and log span.
+        let work = async move {
             let closed = tx.clone();
             tokio::select! {
                 () = rag.answer(prepared, tx) => {}
                 () = closed.closed() => tracing::info!("the asker went away; the answer was stopped"),
             }
-        });
+        };
+        tokio::spawn(common::trace::in_current(tracing::Instrument::in_current_span(work)));
         Ok(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|event| (event, rx)) }))
     }
 

@@ -206,6 +206,9 @@ pub struct LogConfig {
     pub level: String,
     /// Ship every record to the logs service over the bus.
     pub ship: bool,
+    /// New traces a second recorded request by request in every service they cross
+    /// (a "request served" record per hop); every request still carries a trace id.
+    pub traced_requests_per_second: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -578,7 +581,7 @@ impl Default for EchoConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { format: "pretty".into(), level: "info".into(), ship: true }
+        LogConfig { format: "pretty".into(), level: "info".into(), ship: true, traced_requests_per_second: crate::trace::DEFAULT_SAMPLE_RATE }
     }
 }
 

@@ -161,9 +161,23 @@ async fn observe(State(state): State<EdgeState>, request: Request, next: Next) -
         .unwrap_or_else(|| "unmatched".into());
     // Continue the caller's trace (W3C `traceparent`) or start one; the work this
     // request does — its peer calls, the events it publishes — carries it on.
+    // A public route is an edge: whether its trace is sampled (recorded request by
+    // request) is decided here, within the sampling rate, whatever the client asked.
+    // An internal route follows its peer's decision; internal calls outside any trace
+    // (the bus's pulls and acks, shipped logs) are never sampled.
+    let plumbing = matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics") || route.starts_with("/static");
+    let public = !(route.starts_with("/v1/") || route.starts_with("/internal/"));
     let parent = request.headers().get(crate::trace::TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(crate::trace::TraceContext::parse);
-    let continued = parent.is_some();
-    let context = parent.map_or_else(crate::trace::TraceContext::root, |p| p.child());
+    let context = match parent {
+        Some(parent) if public => {
+            let wanted = parent.sampled();
+            parent.child().with_sampled(wanted && !plumbing && crate::trace::admit())
+        }
+        Some(parent) => parent.child(),
+        None if public && !plumbing => crate::trace::TraceContext::root().with_sampled(crate::trace::admit()),
+        None => crate::trace::TraceContext::root().with_sampled(false),
+    };
+    let sampled = context.sampled();
     let trace_id = context.trace_id().to_string();
     let span = tracing::info_span!("request", service = state.service, %method, route = %route, trace_id = %trace_id, span_id = %context.span_id());
     let mut response = crate::trace::scope(context, tracing::Instrument::instrument(next.run(request), span.clone())).await;
@@ -180,13 +194,9 @@ async fn observe(State(state): State<EdgeState>, request: Request, next: Next) -
     ];
     metrics::counter!("echo_http_requests_total", &labels).increment(1);
     metrics::histogram!("echo_http_request_duration_seconds", &labels[..3]).record(elapsed);
-    // One record per request that is part of someone's work: every public request
-    // (the root of a trace) and every internal call made within a trace. The bus's
-    // own traffic outside any trace (pulls, acks, shipped logs) stays at debug, so
-    // shipping logs never feeds on itself.
-    let plumbing = matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics") || route.starts_with("/static");
-    let public = !(route.starts_with("/v1/") || route.starts_with("/internal/"));
-    if !plumbing && (continued || public) {
+    // One record per request of a sampled trace, in every service it crosses; the
+    // rest at debug (so shipping logs, which is never traced, never feeds on itself).
+    if !plumbing && sampled {
         span.in_scope(|| tracing::info!(status, elapsed_ms = elapsed * 1000.0, "request served"));
     } else if !plumbing {
         span.in_scope(|| tracing::debug!(status, elapsed_ms = elapsed * 1000.0, "request served"));

@@ -33,6 +33,7 @@ pub fn dropped_records() -> u64 {
 
 /// Installs the global subscriber. Safe to call twice (tests); the second call is a no-op.
 pub fn init(config: &LogConfig) {
+    crate::trace::set_sample_rate(config.traced_requests_per_second);
     let filter = EnvFilter::try_from_env("ECHO_LOG")
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));

@@ -3,12 +3,22 @@
 //! (`client::Peers`) and events published on the bus (`wire::CloudEvent`) carry it on;
 //! a bus consumer runs each delivery inside the trace of the event it handles.
 //!
+//! Every request gets a trace id (named back in `x-trace-id`), but only *sampled*
+//! traces leave a record per request in every service they cross: at most
+//! `log.traced_requests_per_second` new traces a second are sampled at the edge (a
+//! token bucket, as tracing systems' rate-limiting samplers do), so a flood of requests
+//! cannot turn into a flood of records. Within the system a peer's sampling decision is
+//! followed, so a sampled trace is whole.
+//!
 //! The context of the work in progress lives in a task-local, so it reaches every
 //! call made by the task handling a request or a delivery whatever the log level (log
 //! spans can be filtered away; the trace must not be). Work spawned onto another task
 //! takes it along with [`in_current`].
 
 use std::future::Future;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
 
 tokio::task_local! {
     static CURRENT: TraceContext;
@@ -34,6 +44,17 @@ impl TraceContext {
     /// A new trace: fresh trace and span ids, sampled.
     pub fn root() -> TraceContext {
         TraceContext { trace_id: nonzero_hex(16), span_id: nonzero_hex(8), flags: 1 }
+    }
+
+    /// Whether this trace's work is recorded request by request (W3C flag bit 0).
+    pub fn sampled(&self) -> bool {
+        self.flags & 1 == 1
+    }
+
+    /// The same position with the sampled flag set as given.
+    pub fn with_sampled(mut self, sampled: bool) -> TraceContext {
+        self.flags = if sampled { self.flags | 1 } else { self.flags & !1 };
+        self
     }
 
     /// The next unit of work in the same trace (a new span id).
@@ -104,6 +125,37 @@ pub fn in_current<F: Future>(work: F) -> impl Future<Output = F::Output> {
     }
 }
 
+/// New traces sampled per second at the edge (`log.traced_requests_per_second`).
+static SAMPLE_RATE: AtomicU32 = AtomicU32::new(DEFAULT_SAMPLE_RATE);
+pub const DEFAULT_SAMPLE_RATE: u32 = 100;
+/// The bucket: tokens left and when it was last filled.
+static BUCKET: Mutex<Option<(f64, Instant)>> = Mutex::new(None);
+
+/// Sets how many new traces a second are sampled (0: none).
+pub fn set_sample_rate(per_second: u32) {
+    SAMPLE_RATE.store(per_second, Ordering::Relaxed);
+}
+
+/// Whether a new trace starting now is sampled: a token bucket holding one second's
+/// worth, refilled continuously.
+pub fn admit() -> bool {
+    let rate = f64::from(SAMPLE_RATE.load(Ordering::Relaxed));
+    if rate <= 0.0 {
+        return false;
+    }
+    let Ok(mut bucket) = BUCKET.lock() else { return false };
+    let now = Instant::now();
+    let (tokens, filled) = bucket.get_or_insert((rate, now));
+    *tokens = (*tokens + now.duration_since(*filled).as_secs_f64() * rate).min(rate);
+    *filled = now;
+    if *tokens >= 1.0 {
+        *tokens -= 1.0;
+        true
+    } else {
+        false
+    }
+}
+
 fn nonzero_hex(bytes: usize) -> String {
     loop {
         let raw = crate::rand::bytes(bytes);
@@ -148,6 +200,28 @@ mod tests {
         ] {
             assert_eq!(TraceContext::parse(bad), None, "{bad:?} must be refused");
         }
+    }
+
+    #[test]
+    fn the_sampled_flag_is_read_and_set() {
+        let sampled = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        assert!(sampled.sampled());
+        let not = sampled.clone().with_sampled(false);
+        assert!(!not.sampled());
+        assert!(not.traceparent().ends_with("-00"));
+        assert!(!not.child().sampled(), "a child keeps its parent's decision");
+        assert!(TraceContext::root().sampled());
+    }
+
+    #[test]
+    fn no_more_traces_are_sampled_than_the_rate() {
+        set_sample_rate(20);
+        let admitted = (0..200).filter(|_| admit()).count();
+        // A full bucket holds one second's worth; 200 calls take far less than a second.
+        assert!((20..=22).contains(&admitted), "admitted {admitted}");
+        set_sample_rate(0);
+        assert!(!admit());
+        set_sample_rate(DEFAULT_SAMPLE_RATE);
     }
 
     #[tokio::test]

@@ -163,4 +163,14 @@ async fn one_trace_follows_an_upload_and_an_ask_through_every_service(ts: &TestS
     let asked = position(&records, "gateway", "request served");
     let _ = position(&records, "authz", "request served");
     assert!(searched < answered && answered < asked, "search within rag within the gateway: {records:#?}");
+
+    // A client's "not sampled" is honoured: the trace is named, nothing recorded per hop.
+    let unsampled = "5cf92f3577b34da6a3ce929d0e0e4736";
+    let answer = ts.http.get(format!("{}/api/v1/documents", ts.gateway())).bearer_auth(&ops.access_token).header("traceparent", format!("00-{unsampled}-00f067aa0ba902b7-00")).send().await.unwrap();
+    assert_eq!(answer.headers()["x-trace-id"], unsampled);
+    // Shipped in order: once a later sampled request's record is in, this one's would be.
+    let later = ts.http.get(format!("{}/api/v1/documents", ts.gateway())).bearer_auth(&ops.access_token).send().await.unwrap();
+    let later = later.headers()["x-trace-id"].to_str().unwrap().to_string();
+    eventually("a later request's record", Duration::from_secs(30), || async { (!records_of(ts, &ops.access_token, &later).await.is_empty()).then_some(()) }).await;
+    assert!(records_of(ts, &ops.access_token, unsampled).await.is_empty(), "an unsampled trace leaves no per-request records");
 }

@@ -18,7 +18,8 @@ use helpers::{TestSystem, eventually, password_of};
 async fn records_are_shipped_and_follow_one_trace_through_every_service() {
     let ts = TestSystem::start().await;
     every_service_ships_its_records_to_the_logs_service(&ts).await;
-    one_trace_follows_an_upload_and_an_ask_through_every_service(&ts).await;
+    let upload_trace = one_trace_follows_an_upload_and_an_ask_through_every_service(&ts).await;
+    the_log_viewer_shows_a_trace_and_tails_new_records(&ts, &upload_trace).await;
     ts.system.stop().await;
 }
 
@@ -87,7 +88,7 @@ fn position(records: &[Value], service: &str, message: &str) -> usize {
         .unwrap_or_else(|| panic!("no {service} record saying {message:?} in the trace: {records:#?}"))
 }
 
-async fn one_trace_follows_an_upload_and_an_ask_through_every_service(ts: &TestSystem) {
+async fn one_trace_follows_an_upload_and_an_ask_through_every_service(ts: &TestSystem) -> String {
     let ops = ts.sign_in("ops", &password_of("ops")).await;
 
     // An upload that names its trace: the trace is continued and named back.
@@ -173,4 +174,48 @@ async fn one_trace_follows_an_upload_and_an_ask_through_every_service(ts: &TestS
     let later = later.headers()["x-trace-id"].to_str().unwrap().to_string();
     eventually("a later request's record", Duration::from_secs(30), || async { (!records_of(ts, &ops.access_token, &later).await.is_empty()).then_some(()) }).await;
     assert!(records_of(ts, &ops.access_token, unsampled).await.is_empty(), "an unsampled trace leaves no per-request records");
+    trace.to_string()
+}
+
+async fn the_log_viewer_shows_a_trace_and_tails_new_records(ts: &TestSystem, trace: &str) {
+    // The page: the trace's waterfall, a bar per service's request.
+    let (session, _) = ts.browser_session("ops").await;
+    let page = ts.http.get(format!("{}/admin/logs?trace_id={trace}", ts.gateway())).header("cookie", &session).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    for service in ["gateway", "storage", "ingest", "queue", "parser", "search"] {
+        assert!(html.contains(&format!("data-span=\"{service}\"")), "no {service} bar in the waterfall");
+    }
+    assert!(html.contains("document indexed"));
+    // Filters: one service's records only.
+    let page = ts.http.get(format!("{}/admin/logs?service=parser", ts.gateway())).header("cookie", &session).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains("<td>parser</td>") && !page.contains("<td>gateway</td>"), "the service filter holds");
+    // A member may not read logs.
+    ts.add_user("meg", "acme", "member").await;
+    let (member, _) = ts.browser_session("meg").await;
+    assert_eq!(ts.http.get(format!("{}/admin/logs", ts.gateway())).header("cookie", &member).send().await.unwrap().status(), 403);
+
+    // The live tail: a request made after it opened arrives on it.
+    let ops = ts.sign_in("ops", &password_of("ops")).await;
+    let tail = ts.http.get(format!("{}/api/v1/logs/tail?service=gateway", ts.gateway())).bearer_auth(&ops.access_token).send().await.unwrap();
+    assert_eq!(tail.status(), 200);
+    assert!(tail.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let later = ts.http.get(format!("{}/api/v1/documents", ts.gateway())).bearer_auth(&ops.access_token).send().await.unwrap();
+    let later = later.headers()["x-trace-id"].to_str().unwrap().to_string();
+    let mut stream = tail.bytes_stream();
+    let mut seen = String::new();
+    let arrived = tokio::time::timeout(Duration::from_secs(20), async {
+        use futures_util::StreamExt;
+        while let Some(Ok(chunk)) = stream.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            if seen.contains(&later) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(arrived, Ok(true), "the tail did not bring the later request's record: {seen}");
+    assert!(seen.contains("event: records"));
+    assert!(!seen.contains("\"service\":\"parser\""), "the tail keeps its filter");
 }

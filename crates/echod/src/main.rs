@@ -363,6 +363,10 @@ enum BenchCommand {
         /// Only the answers (skip the retrieval modes and the baselines' retrieval).
         #[arg(long)]
         answers_only: bool,
+        /// With `--out`: also write the BM25 and vector lists unfused, this deep, every
+        /// chunk (not one per page), with scores — for trying fusions offline.
+        #[arg(long, default_value_t = 0)]
+        raw_depth: usize,
     },
     /// B4 index and B5 query: Echo's embedded hybrid index beside LlamaIndex's
     /// BM25 + vector fusion on the same chunks, vectors and queries.
@@ -599,8 +603,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             echod::bench::answers::run(args).await?;
             Ok(0)
         }
-        Command::Bench(BenchCommand::Quality { eval, beir, limit, no_baselines, data_dir, rerank_url, rrf_k, bm25_weight, vector_weight, out, llm, llm_model, llm_context_tokens, answers_only }) => {
-            let args = echod::bench::quality::QualityArgs { eval, beir, limit, baselines: !no_baselines, data_dir, rerank_url, rrf_k, bm25_weight, vector_weight, out, llm, llm_model, llm_context_tokens, answers_only };
+        Command::Bench(BenchCommand::Quality { eval, beir, limit, no_baselines, data_dir, rerank_url, rrf_k, bm25_weight, vector_weight, out, llm, llm_model, llm_context_tokens, answers_only, raw_depth }) => {
+            let args = echod::bench::quality::QualityArgs { eval, beir, limit, baselines: !no_baselines, data_dir, rerank_url, rrf_k, bm25_weight, vector_weight, out, llm, llm_model, llm_context_tokens, answers_only, raw_depth };
             echod::bench::quality::run(args).await?;
             Ok(0)
         }

@@ -254,7 +254,7 @@ fn passthrough_query(uri: &axum::http::Uri) -> String {
 
 /// Org admins read their own org's records; operators (Cedar `system:*`) every org's.
 /// The audit and logs services also force the org for anyone who is not an operator.
-async fn require_read(app: &AppState, principal: &common::wire::Principal, org_action: &str, operator_action: &str) -> ApiResult<()> {
+pub(crate) async fn require_read(app: &AppState, principal: &common::wire::Principal, org_action: &str, operator_action: &str) -> ApiResult<()> {
     if principal.is_operator() {
         require_operator(app, principal, operator_action).await
     } else {
@@ -265,6 +265,43 @@ async fn require_read(app: &AppState, principal: &common::wire::Principal, org_a
 pub(crate) async fn logs(State(app): State<AppState>, caller: Caller, uri: axum::http::Uri) -> ApiResult<Json<serde_json::Value>> {
     require_read(&app, &caller.principal, "logs:read", "system:read_all_logs").await?;
     Ok(Json(app.ctx.peers.get_json(ServiceName::Logs, &format!("/v1/logs{}", passthrough_query(&uri)), Some(&caller.principal)).await?))
+}
+
+/// How long one `GET /api/v1/logs/tail` stream lasts before the client reconnects (and
+/// so is authorized again).
+const LOG_TAIL_FOR: Duration = Duration::from_secs(300);
+
+/// `GET /api/v1/logs/tail?service=&level=&q=&trace_id=`: server-sent `records` events,
+/// each the records stored since the last (oldest first), from the moment of asking.
+/// Whoever may read the logs may tail them; the reader is checked again every poll.
+pub(crate) async fn log_tail(State(app): State<AppState>, caller: Caller, axum::extract::Query(filters): axum::extract::Query<crate::pages::LogFilters>) -> ApiResult<Response> {
+    require_read(&app, &caller.principal, "logs:read", "system:read_all_logs").await?;
+    let query = filters.query(200);
+    let newest: serde_json::Value = app.ctx.peers.get_json(ServiceName::Logs, "/v1/logs?limit=1", Some(&caller.principal)).await?;
+    let after = newest["records"][0]["id"].as_i64().unwrap_or(0);
+    let principal = caller.principal;
+    let started = tokio::time::Instant::now();
+    let records = futures_util::stream::unfold((app, principal, after), move |(app, principal, mut after)| {
+        let query = query.clone();
+        async move {
+            loop {
+                if started.elapsed() > LOG_TAIL_FOR {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if require_read(&app, &principal, "logs:read", "system:read_all_logs").await.is_err() {
+                    return None;
+                }
+                let Ok(found) = app.ctx.peers.get_json::<serde_json::Value>(ServiceName::Logs, &format!("/v1/logs?{query}&after={after}"), Some(&principal)).await else { return None };
+                let records = found["records"].as_array().cloned().unwrap_or_default();
+                let Some(last) = records.last().and_then(|r| r["id"].as_i64()) else { continue };
+                after = last;
+                let event = Event::default().event("records").data(serde_json::Value::Array(records).to_string());
+                return Some((Ok::<_, Infallible>(event), (app, principal, after)));
+            }
+        }
+    });
+    Ok(Sse::new(records).keep_alive(axum::response::sse::KeepAlive::default()).into_response())
 }
 
 pub(crate) async fn audit(State(app): State<AppState>, caller: Caller, uri: axum::http::Uri) -> ApiResult<Json<serde_json::Value>> {

@@ -1100,3 +1100,165 @@ pub(crate) async fn admin_redrive(State(app): State<AppState>, PageUser(session)
         Err(error) => error_page(&error),
     }
 }
+
+// ---- the log viewer, for admins (their org) and operators (every org) ----
+
+#[derive(Default, Deserialize)]
+pub(crate) struct LogFilters {
+    #[serde(default)]
+    service: String,
+    #[serde(default)]
+    level: String,
+    #[serde(default)]
+    q: String,
+    #[serde(default)]
+    trace_id: String,
+    /// How far back: `15m`, `1h`, `24h`, `7d`, or empty for all kept.
+    #[serde(default)]
+    window: String,
+}
+
+impl LogFilters {
+    /// The logs service's query string for these filters.
+    pub(crate) fn query(&self, limit: usize) -> String {
+        let mut parts = vec![format!("limit={limit}")];
+        for (key, value) in [("service", &self.service), ("level", &self.level), ("q", &self.q), ("trace_id", &self.trace_id)] {
+            if !value.trim().is_empty() {
+                parts.push(format!("{key}={}", common::client::encode(value.trim())));
+            }
+        }
+        let window_ms = match self.window.as_str() {
+            "15m" => Some(15 * 60_000),
+            "1h" => Some(3_600_000),
+            "24h" => Some(86_400_000),
+            "7d" => Some(7 * 86_400_000),
+            _ => None,
+        };
+        if let Some(ms) = window_ms {
+            parts.push(format!("since={}", common::now_unix_ms() - ms));
+        }
+        parts.join("&")
+    }
+}
+
+struct LogRow {
+    time: String,
+    service: String,
+    level: String,
+    message: String,
+    fields: String,
+    trace_id: String,
+    trace_short: String,
+}
+
+/// One bar of a trace's waterfall: a request served by a service, or a mark for a
+/// record that took no time.
+struct SpanBar {
+    service: String,
+    label: String,
+    /// Offset and width in per cent of the trace's span.
+    left: String,
+    width: String,
+    took: String,
+}
+
+#[derive(Template)]
+#[template(path = "logs.html")]
+struct LogsPage {
+    csrf: String,
+    username: String,
+    org: String,
+    filters: LogFilters,
+    services: Vec<&'static str>,
+    records: Vec<LogRow>,
+    waterfall: Vec<SpanBar>,
+    trace_total: String,
+    tail_query: String,
+}
+
+/// `HH:MM:SS.mmm` (UTC) of Unix milliseconds, with the date when not today.
+fn clock(ms: i64) -> String {
+    let Ok(at) = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000) else { return String::new() };
+    let today = time::OffsetDateTime::now_utc().date() == at.date();
+    let time_part = format!("{:02}:{:02}:{:02}.{:03}", at.hour(), at.minute(), at.second(), at.millisecond());
+    if today { time_part } else { format!("{} {time_part}", at.date()) }
+}
+
+fn log_row(record: &serde_json::Value) -> LogRow {
+    let fields = record["fields"].as_object().map(|f| f.iter().map(|(k, v)| format!("{k}={}", v.as_str().map_or_else(|| v.to_string(), str::to_string))).collect::<Vec<_>>().join(" ")).unwrap_or_default();
+    LogRow {
+        time: clock(record["ts_ms"].as_i64().unwrap_or(0)),
+        service: record["service"].as_str().unwrap_or_default().to_string(),
+        level: record["level"].as_str().unwrap_or_default().to_string(),
+        message: record["message"].as_str().unwrap_or_default().chars().take(500).collect(),
+        fields: fields.chars().take(400).collect(),
+        trace_id: record["trace_id"].as_str().unwrap_or_default().to_string(),
+        trace_short: record["trace_id"].as_str().unwrap_or_default().chars().take(8).collect(),
+    }
+}
+
+/// The waterfall of one trace's records (oldest first): each "request served" record
+/// is a bar from its start (its time less its duration) to its end.
+fn waterfall(records: &[serde_json::Value]) -> (Vec<SpanBar>, String) {
+    let spans: Vec<(i64, i64, &serde_json::Value)> = records
+        .iter()
+        .map(|r| {
+            let end = r["ts_ms"].as_i64().unwrap_or(0);
+            let took = r["fields"]["elapsed_ms"].as_f64().unwrap_or(0.0).round() as i64;
+            (end - took, end, r)
+        })
+        .collect();
+    let (Some(start), Some(end)) = (spans.iter().map(|s| s.0).min(), spans.iter().map(|s| s.1).max()) else { return (Vec::new(), String::new()) };
+    let total = (end - start).max(1) as f64;
+    let mut bars: Vec<(i64, SpanBar)> = spans
+        .iter()
+        .map(|(from, to, r)| {
+            let route = r["fields"]["route"].as_str().unwrap_or_default();
+            let method = r["fields"]["method"].as_str().unwrap_or_default();
+            let label = if route.is_empty() { r["message"].as_str().unwrap_or_default().to_string() } else { format!("{method} {route}") };
+            let bar = SpanBar {
+                service: r["service"].as_str().unwrap_or_default().to_string(),
+                label,
+                left: format!("{:.2}", (*from - start) as f64 * 100.0 / total),
+                width: format!("{:.2}", ((*to - *from) as f64 * 100.0 / total).max(0.4)),
+                took: if to > from { format!("{} ms", to - from) } else { String::new() },
+            };
+            (*from, bar)
+        })
+        .collect();
+    bars.sort_by_key(|(from, _)| *from);
+    (bars.into_iter().map(|(_, bar)| bar).collect(), format!("{} ms", end - start))
+}
+
+pub(crate) async fn admin_logs(State(app): State<AppState>, PageUser(session): PageUser, axum::extract::Query(filters): axum::extract::Query<LogFilters>) -> Response {
+    let principal = &session.principal;
+    let loaded = async {
+        crate::api::require_read(&app, principal, "logs:read", "system:read_all_logs").await?;
+        let listed: serde_json::Value = app.ctx.peers.get_json(ServiceName::Logs, &format!("/v1/logs?{}", filters.query(if filters.trace_id.is_empty() { 200 } else { 1000 })), Some(principal)).await?;
+        Ok::<_, ApiError>(listed["records"].as_array().cloned().unwrap_or_default())
+    }
+    .await;
+    let records = match loaded {
+        Ok(records) => records,
+        Err(error) => return error_page(&error),
+    };
+    let (waterfall, trace_total) = if filters.trace_id.trim().is_empty() {
+        (Vec::new(), String::new())
+    } else {
+        let mut oldest_first = records.clone();
+        oldest_first.reverse();
+        waterfall(&oldest_first)
+    };
+    let page = LogsPage {
+        csrf: session.csrf.clone(),
+        username: principal.username.clone(),
+        org: principal.org.clone(),
+        tail_query: filters.query(200),
+        filters,
+        services: ServiceName::ALL.iter().map(|s| s.as_str()).collect(),
+        records: records.iter().map(log_row).collect(),
+        waterfall,
+        trace_total,
+    };
+    render(StatusCode::OK, page.render())
+}

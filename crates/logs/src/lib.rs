@@ -124,6 +124,8 @@ struct LogQuery {
     /// Unix milliseconds or RFC 3339.
     since: Option<String>,
     limit: Option<i64>,
+    /// Only records stored after this record id, oldest first (for a live tail).
+    after: Option<i64>,
     /// Only records whose `org` field is this org. The gateway sets it for everyone
     /// but operators; the service forces it for any non-operator acting user.
     org: Option<String>,
@@ -164,16 +166,22 @@ async fn query(
         Some(_) => return Err(ApiError::bad_request("logs.invalid_level", "level is trace, debug, info, warn or error")),
     };
     let fts = params.q.as_deref().map(fts_query).filter(|q| !q.is_empty());
-    let rows = sqlx::query(
-        "SELECT r.* FROM records r
+    // Newest first, or oldest first after a record already seen (a tail).
+    macro_rules! select {
+        ($order:literal) => {
+            concat!("SELECT r.* FROM records r
          WHERE r.ts_ms >= ?
            AND (? IS NULL OR r.service = ?)
            AND r.level IN (SELECT value FROM json_each(?))
            AND (? IS NULL OR r.trace_id = ?)
            AND (? IS NULL OR r.id IN (SELECT rowid FROM records_fts WHERE records_fts MATCH ?))
            AND (? IS NULL OR json_extract(r.fields, '$.org') = ?)
-         ORDER BY r.id DESC LIMIT ?",
-    )
+           AND (? IS NULL OR r.id > ?)
+         ORDER BY r.id ", $order, " LIMIT ?")
+        };
+    }
+    let sql = if params.after.is_some() { select!("ASC") } else { select!("DESC") };
+    let rows = sqlx::query(sql)
     .bind(since)
     .bind(&params.service)
     .bind(&params.service)
@@ -184,6 +192,8 @@ async fn query(
     .bind(&fts)
     .bind(&params.org)
     .bind(&params.org)
+    .bind(params.after)
+    .bind(params.after)
     .bind(limit)
     .fetch_all(&state.pool)
     .await?;
@@ -192,6 +202,7 @@ async fn query(
         .map(|r| {
             let fields: String = r.try_get("fields")?;
             Ok(serde_json::json!({
+                "id": r.try_get::<i64, _>("id")?,
                 "ts": common::rfc3339(r.try_get::<i64, _>("ts_ms")? / 1000),
                 "ts_ms": r.try_get::<i64, _>("ts_ms")?,
                 "service": r.try_get::<String, _>("service")?,
@@ -235,6 +246,10 @@ mod tests {
             client_id: "svc-gateway".into(),
             principal: Some(common::wire::Principal { sub: "op".into(), username: "op".into(), org: "infra".into(), roles: vec!["operator".into()] }),
         };
+        let operator_of = || common::server::Caller {
+            client_id: "svc-gateway".into(),
+            principal: Some(common::wire::Principal { sub: "op".into(), username: "op".into(), org: "infra".into(), roles: vec!["operator".into()] }),
+        };
         let acme_admin = common::server::Caller {
             client_id: "svc-gateway".into(),
             principal: Some(common::wire::Principal { sub: "a".into(), username: "a".into(), org: "acme".into(), roles: vec!["admin".into()] }),
@@ -247,6 +262,7 @@ mod tests {
             trace_id: trace.map(str::to_string),
             since: None,
             limit: None,
+            after: None,
             org: Some("globex".into()),
         };
         // Operators may ask for any org; everyone else gets their own, whatever they ask.
@@ -259,7 +275,14 @@ mod tests {
         let Json(found) = query(State(state.clone()), acme_admin.clone(), Query(q(None, None, None))).await.unwrap();
         let services: Vec<&str> = found["records"].as_array().unwrap().iter().map(|r| r["service"].as_str().unwrap()).collect();
         assert_eq!(services, ["ingest"], "asking for globex's records as an acme admin returns acme's only");
-        let Json(found) = query(State(state), acme_admin, Query(q(Some("search"), None, None))).await.unwrap();
+        let Json(found) = query(State(state.clone()), acme_admin, Query(q(Some("search"), None, None))).await.unwrap();
         assert!(found["records"].as_array().unwrap().is_empty());
+        // A tail: records after one already seen, oldest first.
+        store(&state.pool, &[record("search", "later one", "t3"), record("search", "later two", "t3")], "c").await.unwrap();
+        let Json(all) = query(State(state.clone()), operator_of(), Query(LogQuery { org: None, ..q(None, None, None) })).await.unwrap();
+        let first = all["records"].as_array().unwrap().last().unwrap()["id"].as_i64().unwrap();
+        let Json(tail) = query(State(state), operator_of(), Query(LogQuery { org: None, after: Some(first), ..q(None, None, None) })).await.unwrap();
+        let messages: Vec<&str> = tail["records"].as_array().unwrap().iter().map(|r| r["message"].as_str().unwrap()).collect();
+        assert_eq!(messages, ["query served", "later one", "later two"]);
     }
 }

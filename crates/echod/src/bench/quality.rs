@@ -52,6 +52,8 @@ pub struct QualityArgs {
     pub llm_context_tokens: Option<usize>,
     /// Skip the retrieval modes (answers only).
     pub answers_only: bool,
+    /// With `out`: the BM25 and vector lists unfused, this deep, every chunk, scored.
+    pub raw_depth: usize,
 }
 
 /// One hit as scored: where it points and its text.
@@ -239,6 +241,26 @@ impl Echo {
             .collect())
     }
 
+    /// One mode's list as the index ranks it: `depth` chunks, any number per page,
+    /// each with its score (and cosine, for vectors).
+    async fn search_raw(&self, query: &str, mode: &str, depth: usize, ids: &HashMap<String, String>) -> anyhow::Result<Vec<serde_json::Value>> {
+        let body = serde_json::json!({"query": query, "k": depth, "mode": mode, "per_page": 0});
+        let response = self.http.post(format!("{}/api/v1/search", self.gateway)).bearer_auth(&self.token).json(&body).send().await?;
+        let status = response.status();
+        let hits: serde_json::Value = response.json().await?;
+        anyhow::ensure!(status.is_success(), "search failed: {status} {hits}");
+        Ok(hits["hits"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|hit| {
+                let file = hit["document_id"].as_str().and_then(|id| ids.get(id)).cloned();
+                serde_json::json!({"file": file, "page": hit["page"], "chunk": hit["chunk_id"], "score": hit["score"], "similarity": hit["similarity"], "section": hit["section"]})
+            })
+            .collect())
+    }
+
     async fn ask(&self, question: &str) -> anyhow::Result<serde_json::Value> {
         let response = self.http.post(format!("{}/api/v1/ask", self.gateway)).bearer_auth(&self.token).json(&serde_json::json!({"question": question})).send().await?;
         let status = response.status();
@@ -397,6 +419,16 @@ pub async fn run(args: QualityArgs) -> anyhow::Result<()> {
         println!("  echo-{mode}: {per_query:.1} ms per search through the gateway (first asks embed the query)");
         systems.push((format!("echo-{mode}"), lists));
     }
+    let mut raw: BTreeMap<&str, Vec<Vec<serde_json::Value>>> = BTreeMap::new();
+    if args.out.is_some() && args.raw_depth > 0 {
+        for mode in ["bm25", "vector"] {
+            let mut lists = Vec::with_capacity(set.questions.len());
+            for question in &set.questions {
+                lists.push(echo.search_raw(&question.q, mode, args.raw_depth, &ids).await?);
+            }
+            raw.insert(mode, lists);
+        }
+    }
     // Answers: the whole ask path, as a user meets it, beside the retrieval it rests on.
     let mut passes = vec![answer_pass(&echo, &set, &ids).await?];
     // Printed as soon as measured (the model's pass and the baselines take long).
@@ -496,8 +528,8 @@ pub async fn run(args: QualityArgs) -> anyhow::Result<()> {
                 (name.as_str(), lists.iter().map(|l| l.iter().map(|h| serde_json::json!({"file": h.file, "page": h.page})).collect()).collect())
             })
             .collect();
-        let questions: Vec<_> = set.questions.iter().map(|q| serde_json::json!({"q": q.q, "gold": q.gold})).collect();
-        std::fs::write(out, serde_json::to_vec_pretty(&serde_json::json!({"questions": questions, "systems": dump}))?)?;
+        let questions: Vec<_> = set.questions.iter().map(|q| serde_json::json!({"q": q.q, "gold": q.gold, "answers": q.answers})).collect();
+        std::fs::write(out, serde_json::to_vec_pretty(&serde_json::json!({"questions": questions, "systems": dump, "raw": raw}))?)?;
     }
     Ok(())
 }

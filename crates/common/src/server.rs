@@ -102,6 +102,16 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
     })
 }
 
+/// When several services run in one process (`echod up`): the one whose `/metrics`
+/// serves the process's registry.
+static METRICS_SERVED_BY: OnceLock<&'static str> = OnceLock::new();
+
+/// Names the service whose `/metrics` serves this process's metrics; the others' answer
+/// an empty exposition. For processes that run several services.
+pub fn serve_metrics_from(service: ServiceName) {
+    let _ = METRICS_SERVED_BY.set(service.as_str());
+}
+
 #[derive(Clone)]
 struct EdgeState {
     service: &'static str,
@@ -138,7 +148,12 @@ async fn metrics(State(state): State<EdgeState>, request: Request) -> Response {
     let token_ok = !state.metrics_token.is_empty()
         && bearer(headers).is_some_and(|t| crate::rand::constant_time_eq(t.as_bytes(), state.metrics_token.expose().as_bytes()));
     if local || token_ok {
-        metrics_handle().render().into_response()
+        match METRICS_SERVED_BY.get() {
+            // Several services share this process, and so one registry: one of them
+            // serves it, so that scraping every service counts nothing twice.
+            Some(owner) if *owner != state.service => format!("# the metrics of this process are served by {owner}'s /metrics\n").into_response(),
+            _ => metrics_handle().render().into_response(),
+        }
     } else {
         ApiError::not_found("route.not_found", "no such endpoint").into_response()
     }

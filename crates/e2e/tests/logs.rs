@@ -1,5 +1,6 @@
-//! Central logs across services. Its own test binary (its own process), because log
-//! shipping is per process: one process, one system, as in production.
+//! Central logs, traces and metrics across services, seen from outside. Its own test
+//! binary (its own process), because log shipping and metrics are per process: one
+//! process, one system, as in production.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -12,14 +13,15 @@ use serde_json::Value;
 
 use helpers::{TestSystem, eventually, password_of};
 
-/// One test for the whole binary: log shipping is per process, and its shipper belongs
-/// to the first system started in it.
+/// One test for the whole binary: log shipping and the metrics registry are per
+/// process, and the shipper belongs to the first system started in it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_are_shipped_and_follow_one_trace_through_every_service() {
+async fn records_traces_and_metrics_of_a_running_echo() {
     let ts = TestSystem::start().await;
     every_service_ships_its_records_to_the_logs_service(&ts).await;
     let upload_trace = one_trace_follows_an_upload_and_an_ask_through_every_service(&ts).await;
     the_log_viewer_shows_a_trace_and_tails_new_records(&ts, &upload_trace).await;
+    prometheus_scrapes_every_service_and_every_query_has_data(&ts).await;
     ts.system.stop().await;
 }
 
@@ -218,4 +220,71 @@ async fn the_log_viewer_shows_a_trace_and_tails_new_records(ts: &TestSystem, tra
     assert_eq!(arrived, Ok(true), "the tail did not bring the later request's record: {seen}");
     assert!(seen.contains("event: records"));
     assert!(!seen.contains("\"service\":\"parser\""), "the tail keeps its filter");
+}
+
+/// A real Prometheus (Debian's `prometheus`) scrapes every service of this running
+/// Echo with the alert rules of `deploy/prometheus/alerts.yml` loaded; every query of
+/// the Grafana dashboard and of every alert rule returns data.
+async fn prometheus_scrapes_every_service_and_every_query_has_data(ts: &TestSystem) {
+    let Some(binary) = ["/usr/bin/prometheus", "/usr/local/bin/prometheus"].into_iter().map(std::path::PathBuf::from).find(|p| p.exists()) else {
+        assert!(std::env::var_os("CI").is_none(), "Prometheus is needed under CI (.ci/run installs Debian's prometheus)");
+        println!("skipping the Prometheus check: Debian's prometheus is not installed here");
+        return;
+    };
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+    // A search through the API, so the dashboard's search latency has observations.
+    let ops = ts.sign_in("ops", &password_of("ops")).await;
+    let searched = ts.http.post(format!("{}/api/v1/search", ts.gateway())).bearer_auth(&ops.access_token).json(&serde_json::json!({"query": "relief valve"})).send().await.unwrap();
+    assert_eq!(searched.status(), 200);
+
+    let dir = tempfile::tempdir().unwrap();
+    let targets: String = common::ServiceName::ALL
+        .iter()
+        .map(|s| format!("      - targets: ['{}']\n        labels: {{echo_service: {}}}\n", ts.config.url(*s).trim_start_matches("http://"), s.as_str()))
+        .collect();
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: echo\n    static_configs:\n{targets}",
+        deploy.join("prometheus/alerts.yml").canonicalize().unwrap().display()
+    );
+    std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = tokio::process::Command::new(&binary)
+        .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--log.level=warn")
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let api = format!("http://127.0.0.1:{port}/api/v1");
+    let http = reqwest::Client::new();
+    eventually("Prometheus scraping all 13 services", Duration::from_secs(60), || async {
+        let targets: Value = http.get(format!("{api}/targets")).send().await.ok()?.json().await.ok()?;
+        let active = targets["data"]["activeTargets"].as_array()?.clone();
+        (active.len() == 13 && active.iter().all(|t| t["health"] == "up")).then_some(())
+    })
+    .await;
+    // Rates need two scrapes inside their window.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let dashboard: Value = serde_json::from_slice(&std::fs::read(deploy.join("grafana/echo-dashboard.json")).unwrap()).unwrap();
+    let mut queries: Vec<String> = dashboard["panels"].as_array().unwrap().iter().flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_string())).collect();
+    let rules: Value = http.get(format!("{api}/rules")).send().await.unwrap().json().await.unwrap();
+    let rules: Vec<String> = rules["data"]["groups"].as_array().unwrap().iter().flat_map(|g| g["rules"].as_array().unwrap().iter().map(|r| r["query"].as_str().unwrap().to_string())).collect();
+    assert_eq!(rules.len(), 7, "every alert rule loaded: {rules:?}");
+    for rule in &rules {
+        // `<query> <comparison> <number>`: the query must have data, whether it fires or not.
+        let cut = [" > ", " == ", " < "].iter().filter_map(|op| rule.rfind(op)).max().unwrap_or_else(|| panic!("{rule} is not `<query> <comparison> <number>`"));
+        queries.push(rule[..cut].to_string());
+    }
+    for query in &queries {
+        let answer: Value = http.get(format!("{api}/query")).query(&[("query", query)]).send().await.unwrap().json().await.unwrap();
+        assert_eq!(answer["status"], "success", "{query}: {answer}");
+        let result = answer["data"]["result"].as_array().unwrap();
+        assert!(!result.is_empty(), "no data for {query}");
+    }
+    let up: Value = http.get(format!("{api}/query")).query(&[("query", "sum(up{job=\"echo\"})")]).send().await.unwrap().json().await.unwrap();
+    assert_eq!(up["data"]["result"][0]["value"][1], "13");
+    let _ = child.kill().await;
 }

@@ -146,6 +146,8 @@ pub async fn up(mut config: EchoConfig) -> anyhow::Result<System> {
         listeners.push((service, listener));
     }
     let bootstrap = identity::bootstrap(&config).await.context("identity set-up failed")?;
+    // One process, one metrics registry: the gateway's /metrics serves it.
+    common::server::serve_metrics_from(ServiceName::Gateway);
     let config = Arc::new(config);
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();

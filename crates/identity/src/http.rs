@@ -271,6 +271,7 @@ fn consent_page(identity: &Identity, params: &AuthorizeParams, user: &crate::sto
 /// After the password was checked: the identity session, then either the code back
 /// to the client or, when the client needs this user's consent first, the question.
 async fn finish_sign_in(identity: &Identity, client: &crate::store::Client, params: &AuthorizeParams, user: &crate::store::User, ip: &str) -> Response {
+    metrics::counter!("echo_identity_sign_ins_total", "outcome" => "succeeded").increment(1);
     identity.audit(&user.id, "identity.login_succeeded", &format!("user:{}", user.id), "success", serde_json::json!({"client_id": params.client_id})).await;
     let needs_consent = match identity.needs_consent(client, user, params).await {
         Ok(needs) => needs,
@@ -518,6 +519,7 @@ async fn login(
         }
         Ok(throttle) => {
             let wait = throttle.retry_after_secs;
+            metrics::counter!("echo_identity_sign_ins_total", "outcome" => "throttled").increment(1);
             let message = format!("Too many failed sign-in attempts from your address. Try again in {wait} seconds.");
             let mut response = login_page(&identity, &params, &form.username, Some(&message), StatusCode::TOO_MANY_REQUESTS);
             if let Ok(value) = HeaderValue::from_str(&wait.to_string()) {
@@ -545,6 +547,7 @@ async fn login(
         }
         Ok(user) => finish_sign_in(&identity, &client, &params, &user, &ip).await,
         Err(IdentityError::InvalidCredentials) => {
+            metrics::counter!("echo_identity_sign_ins_total", "outcome" => "failed").increment(1);
             let username: String = form.username.chars().take(256).collect();
             identity.audit(&username, "identity.login_failed", &format!("username:{username}"), "denied", serde_json::json!({"client_id": params.client_id})).await;
             login_page(&identity, &params, &username, Some("Invalid username or password."), StatusCode::UNAUTHORIZED)

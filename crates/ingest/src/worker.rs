@@ -202,7 +202,14 @@ fn embedding_text(chunk: &Chunk) -> String {
 /// Where a document's progress through the stages is recorded: its job (uploads),
 /// or nowhere (a rebuild of the index, which keeps its own count).
 pub(crate) enum Stages<'a> {
-    Job { store: &'a CatalogStore, job_id: &'a str, document_id: &'a str, attempts: i64 },
+    Job {
+        store: &'a CatalogStore,
+        job_id: &'a str,
+        document_id: &'a str,
+        attempts: i64,
+        /// The stage the job is in and since when (for `echo_ingest_stage_seconds`).
+        entered: std::sync::Mutex<(String, std::time::Instant)>,
+    },
     Quiet,
 }
 
@@ -221,7 +228,12 @@ impl Stages<'_> {
     /// stops the work between stages.
     async fn enter(&self, stage: &str) -> Result<(), ApiError> {
         match self {
-            Stages::Job { store, job_id, attempts, .. } => {
+            Stages::Job { store, job_id, attempts, entered, .. } => {
+                if let Ok(mut entered) = entered.lock() {
+                    let (previous, since) = std::mem::replace(&mut *entered, (stage.to_string(), std::time::Instant::now()));
+                    metrics::histogram!("echo_ingest_stage_seconds", "stage" => previous).record(since.elapsed().as_secs_f64());
+                }
+                metrics::counter!("echo_ingest_stages_entered_total", "stage" => stage.to_string()).increment(1);
                 let attempts = (stage == "parsing").then_some(*attempts);
                 if store.set_stage(job_id, stage, attempts, None).await? {
                     Ok(())
@@ -235,7 +247,13 @@ impl Stages<'_> {
 }
 
 async fn run_stages(ctx: &ServiceContext, store: &CatalogStore, uploaded: &DocumentUploaded, attempts: i64) -> Result<usize, ApiError> {
-    let stages = Stages::Job { store, job_id: &uploaded.job_id, document_id: &uploaded.document_id, attempts };
+    let stages = Stages::Job {
+        store,
+        job_id: &uploaded.job_id,
+        document_id: &uploaded.document_id,
+        attempts,
+        entered: std::sync::Mutex::new(("starting".to_string(), std::time::Instant::now())),
+    };
     let mut chunks = parsed_chunks(ctx, uploaded, &stages).await?;
     let n_chunks = chunks.len();
     let outcome = async {

@@ -69,6 +69,8 @@ fn spawn_consumer(ctx: &ServiceContext, state: AppState, ready: common::server::
             return;
         }
         ready.set();
+        // Exported from the start, so a dashboard shows 0 rather than no data.
+        metrics::counter!("echo_logs_dropped_at_source_total").increment(0);
         ctx.bus.spawn_consumer("logs", 2, ctx.shutdown.clone(), move |event, _| {
             let state = state.clone();
             async move {

@@ -84,6 +84,7 @@ fn spawn_housekeeping(state: AppState, shutdown: tokio_util::sync::CancellationT
                     metrics::gauge!("echo_queue_depth", &labels).set(s.depth as f64);
                     metrics::gauge!("echo_queue_in_flight", &labels).set(s.in_flight as f64);
                     metrics::gauge!("echo_queue_dead_letters", &labels).set(s.dead_letters as f64);
+                    metrics::gauge!("echo_queue_oldest_age_seconds", &labels).set(s.oldest_age_ms.unwrap_or(0) as f64 / 1000.0);
                 }
             }
             if common::now_unix() % 600 == 0

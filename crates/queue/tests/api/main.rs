@@ -69,8 +69,12 @@ async fn invalid_events_and_unauthenticated_callers_are_refused() {
     assert_eq!(anonymous.status(), 401);
     let health = http.get(format!("{}/healthz", echo.url(ServiceName::Queue))).send().await.unwrap();
     assert_eq!(health.status(), 200);
+    // One process runs every service here: the gateway's /metrics serves its registry,
+    // the queue's says so (a scrape of every service counts nothing twice).
     let metrics = http.get(format!("{}/metrics", echo.url(ServiceName::Queue))).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("echo_http_requests_total"), "{metrics}");
+    assert!(metrics.contains("served by gateway"), "{metrics}");
+    let metrics = http.get(format!("{}/metrics", echo.url(ServiceName::Gateway))).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("echo_http_requests_total{service=\"queue\""), "{metrics}");
     echo.stop().await;
 }
 

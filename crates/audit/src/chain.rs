@@ -7,7 +7,7 @@ use sha2::Digest;
 
 pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Record {
     pub(crate) seq: i64,
     pub(crate) ts: i64,

@@ -7,6 +7,7 @@
 //! and triggers refuse both. Public surface: `run`, `verify` (for `echod audit verify`).
 
 mod chain;
+mod export;
 
 use std::path::Path as FsPath;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use common::wire::{AuditEvent, events};
 use common::{ApiError, EchoConfig, ServiceContext, ServiceName};
 
 pub use chain::Verification;
+pub use export::{FileVerification, verify_file};
 use chain::{GENESIS, Record, record_hash};
 
 const MIGRATIONS: &[&str] = &[r#"
@@ -246,6 +248,31 @@ async fn verify_pool(pool: &SqlitePool) -> Result<Verification, sqlx::Error> {
 pub async fn verify(config: &EchoConfig) -> anyhow::Result<Verification> {
     let pool = open(config).await?;
     Ok(verify_pool(&pool).await?)
+}
+
+/// Writes the whole log as JSON Lines — every record in chain order, the signed
+/// checkpoints, then a head signed now with the checkpoint key (for `echod audit
+/// export`). Returns how many records were written.
+pub async fn export(config: &EchoConfig, out: &mut dyn std::io::Write) -> anyhow::Result<usize> {
+    let pool = open(config).await?;
+    let signer = load_signer(&config.data_dir.join("keys").join("audit-checkpoint.pk8"))?;
+    let rows = sqlx::query("SELECT * FROM records ORDER BY seq").fetch_all(&pool).await?;
+    let records = rows.iter().map(|r| Ok((record_from_row(r)?, r.try_get::<Option<String>, _>("org")?))).collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let rows = sqlx::query("SELECT * FROM checkpoints ORDER BY seq").fetch_all(&pool).await?;
+    let checkpoints = rows
+        .iter()
+        .map(|r| {
+            Ok(export::Signed {
+                seq: r.try_get("seq")?,
+                head_hash: r.try_get("head_hash")?,
+                signature: r.try_get("signature")?,
+                public_key: r.try_get("public_key")?,
+                created_at: r.try_get("created_at")?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    export::write(out, &records, &checkpoints, &signer, common::now_unix())?;
+    Ok(records.len())
 }
 
 async fn verify_endpoint(State(state): State<AppState>) -> ApiResult<Json<Verification>> {

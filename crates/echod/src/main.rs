@@ -207,8 +207,28 @@ enum ClientCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Verify the hash chain; exit 0 when intact, 1 naming the first bad record.
-    Verify(#[command(flatten)] Location),
+    /// Verify the hash chain (of the data dir, or of an exported file); exit 0 when
+    /// intact, 1 naming the first bad record.
+    Verify {
+        /// An exported file (`echod audit export`) instead of the data dir: the chain,
+        /// every signed checkpoint and the signed head are checked, offline.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// With `--file`: the only Ed25519 public key (base64) signatures may be made
+        /// with. Without it, the key the file names is printed for you to compare.
+        #[arg(long)]
+        public_key: Option<String>,
+        #[command(flatten)]
+        location: Location,
+    },
+    /// Write the whole audit log as JSON Lines (records in chain order, the signed
+    /// checkpoints, a head signed now) to `--out` or standard output.
+    Export {
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        location: Location,
+    },
 }
 
 #[derive(Subcommand)]
@@ -548,7 +568,43 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("registered {kind} client {client_id} ({signing_alg}) with redirect URIs: {}", redirect_uris.join(", "));
             Ok(0)
         }
-        Command::Audit(AuditCommand::Verify(location)) => {
+        Command::Audit(AuditCommand::Verify { file: Some(file), public_key, .. }) => {
+            let input = std::fs::File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
+            let verification = audit::verify_file(std::io::BufReader::new(input), public_key.as_deref())?;
+            let key = verification.public_key.clone().unwrap_or_else(|| "none".into());
+            if !verification.signed_head {
+                eprintln!("warning: the file carries no signed head; a file cut short after its last checkpoint cannot be told from a whole one");
+            }
+            if verification.chain.ok {
+                println!(
+                    "audit export intact: {} records, head {}, {} signatures checked, signed with key {key}",
+                    verification.chain.n_records, verification.chain.head_hash, verification.signatures_checked
+                );
+                Ok(0)
+            } else {
+                eprintln!(
+                    "audit export BROKEN at record {}: {} (signed with key {key})",
+                    verification.chain.first_bad.unwrap_or_default(),
+                    verification.chain.reason.unwrap_or_default()
+                );
+                Ok(1)
+            }
+        }
+        Command::Audit(AuditCommand::Export { out, location }) => {
+            let config = config_for(&location)?;
+            let written = match &out {
+                Some(path) => {
+                    let mut file = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?);
+                    audit::export(&config, &mut file).await?
+                }
+                None => audit::export(&config, &mut std::io::BufWriter::new(std::io::stdout().lock())).await?,
+            };
+            if let Some(path) = out {
+                eprintln!("exported {written} audit records to {}", path.display());
+            }
+            Ok(0)
+        }
+        Command::Audit(AuditCommand::Verify { file: None, location, .. }) => {
             let verification = audit::verify(&config_for(&location)?).await?;
             if verification.ok {
                 println!("audit chain intact: {} records, head {}", verification.n_records, verification.head_hash);

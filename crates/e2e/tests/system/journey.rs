@@ -197,6 +197,21 @@ async fn a_user_uploads_asks_gets_a_cited_answer_and_other_orgs_see_nothing() {
     assert!(actions.iter().any(|a| a == "collection.shared"));
     let verified: Value = get(&ts, &admin.access_token, "/api/v1/audit/verify").await.json().await.unwrap();
     assert_eq!(verified["ok"], true, "{verified}");
+    // Exported (as `echod audit export` does) and verified offline from the file alone;
+    // one record changed in the file is caught and named.
+    let mut exported = Vec::new();
+    let written = audit::export(&ts.config, &mut exported).await.unwrap();
+    assert!(written >= 6);
+    let offline = audit::verify_file(&exported[..], None).unwrap();
+    assert!(offline.chain.ok && offline.signed_head, "{offline:?}");
+    assert_eq!(offline.chain.n_records as usize, written);
+    let text = String::from_utf8(exported).unwrap();
+    let victim = text.lines().find(|l| l.contains("\"action\":\"document.uploaded\"")).unwrap();
+    let seq: Value = serde_json::from_str(victim).unwrap();
+    let tampered = text.replacen(victim, &victim.replace("document.uploaded", "document.viewed"), 1);
+    let caught = audit::verify_file(tampered.as_bytes(), None).unwrap();
+    assert!(!caught.chain.ok);
+    assert_eq!(caught.chain.first_bad, seq["seq"].as_i64(), "{:?}", caught.chain.reason);
     let forbidden = get(&ts, &ann.access_token, "/api/v1/audit").await;
     assert_eq!(forbidden.status(), StatusCode::FORBIDDEN, "members may not read the audit log");
 

@@ -289,7 +289,7 @@ mod tests {
                     records[i].outcome = "denied".into();
                     records[i].hash = record_hash(&records[i].prev_hash.clone(), &records[i]);
                     // (or a signed checkpoint names the changed record itself).
-                    if i + 1 < n as usize && (i + 1) % 10 != 0 { i as i64 + 2 } else { i as i64 + 1 }
+                    if i + 1 < n as usize && !(i + 1).is_multiple_of(10) { i as i64 + 2 } else { i as i64 + 1 }
                 }
                 _ => {
                     // A well-formed record appended after the signed head.

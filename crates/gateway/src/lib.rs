@@ -177,6 +177,7 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .route("/collections/{id}/members", post(pages::collection_member))
         .route("/collections/{id}/delete", post(pages::delete_collection))
         .route("/admin/logs", get(pages::admin_logs))
+        .route("/admin/audit", get(pages::admin_audit))
         .route("/admin/queue", get(pages::admin_queue))
         .route("/admin/queue/{name}/redrive", post(pages::admin_redrive))
         .route("/admin/users", get(pages::admin_users).post(pages::admin_create_user))

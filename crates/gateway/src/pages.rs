@@ -1262,3 +1262,112 @@ pub(crate) async fn admin_logs(State(app): State<AppState>, PageUser(session): P
     };
     render(StatusCode::OK, page.render())
 }
+
+// ---- the audit viewer, for admins (their org) and operators (every org) ----
+
+#[derive(Default, Deserialize)]
+pub(crate) struct AuditFilters {
+    #[serde(default)]
+    actor: String,
+    #[serde(default)]
+    action: String,
+    #[serde(default)]
+    resource: String,
+    /// `24h`, `7d`, `30d`, or empty for all.
+    #[serde(default)]
+    window: String,
+    /// Also verify the whole chain.
+    #[serde(default)]
+    verify: Option<String>,
+}
+
+impl AuditFilters {
+    fn query(&self) -> String {
+        let mut parts = vec!["limit=200".to_string()];
+        for (key, value) in [("actor", &self.actor), ("action", &self.action), ("resource", &self.resource)] {
+            if !value.trim().is_empty() {
+                parts.push(format!("{key}={}", common::client::encode(value.trim())));
+            }
+        }
+        let window_secs = match self.window.as_str() {
+            "24h" => Some(86_400),
+            "7d" => Some(7 * 86_400),
+            "30d" => Some(30 * 86_400),
+            _ => None,
+        };
+        if let Some(secs) = window_secs {
+            parts.push(format!("since={}", common::now_unix() - secs));
+        }
+        parts.join("&")
+    }
+}
+
+struct AuditRow {
+    seq: i64,
+    time: String,
+    actor: String,
+    action: String,
+    resource: String,
+    outcome: String,
+    context: String,
+    hash: String,
+}
+
+struct ChainView {
+    ok: bool,
+    records: i64,
+    head: String,
+    first_bad: String,
+    reason: String,
+}
+
+#[derive(Template)]
+#[template(path = "audit.html")]
+struct AuditPage {
+    csrf: String,
+    username: String,
+    org: String,
+    filters: AuditFilters,
+    records: Vec<AuditRow>,
+    chain: Option<ChainView>,
+}
+
+pub(crate) async fn admin_audit(State(app): State<AppState>, PageUser(session): PageUser, axum::extract::Query(filters): axum::extract::Query<AuditFilters>) -> Response {
+    let principal = &session.principal;
+    let loaded = async {
+        crate::api::require_read(&app, principal, "audit:read", "system:read_all_audit").await?;
+        let listed: serde_json::Value = app.ctx.peers.get_json(ServiceName::Audit, &format!("/v1/audit?{}", filters.query()), Some(principal)).await?;
+        let chain = match filters.verify {
+            Some(_) => Some(app.ctx.peers.get_json::<serde_json::Value>(ServiceName::Audit, "/v1/audit/verify", Some(principal)).await?),
+            None => None,
+        };
+        Ok::<_, ApiError>((listed["records"].as_array().cloned().unwrap_or_default(), chain))
+    }
+    .await;
+    let (records, chain) = match loaded {
+        Ok(loaded) => loaded,
+        Err(error) => return error_page(&error),
+    };
+    let rows = records
+        .iter()
+        .map(|r| AuditRow {
+            seq: r["seq"].as_i64().unwrap_or(0),
+            time: r["time"].as_str().unwrap_or_default().replace('T', " ").trim_end_matches('Z').to_string(),
+            actor: r["actor"].as_str().unwrap_or_default().to_string(),
+            action: r["action"].as_str().unwrap_or_default().to_string(),
+            resource: r["resource"].as_str().unwrap_or_default().to_string(),
+            outcome: r["outcome"].as_str().unwrap_or_default().to_string(),
+            context: r["context"].as_object().filter(|c| !c.is_empty()).map(|c| serde_json::Value::Object(c.clone()).to_string().chars().take(300).collect()).unwrap_or_default(),
+            hash: r["hash"].as_str().unwrap_or_default().chars().take(12).collect(),
+        })
+        .collect();
+    let chain = chain.map(|v| ChainView {
+        ok: v["ok"].as_bool().unwrap_or(false),
+        records: v["n_records"].as_i64().unwrap_or(0),
+        head: v["head_hash"].as_str().unwrap_or_default().to_string(),
+        first_bad: v["first_bad"].as_i64().map(|s| s.to_string()).unwrap_or_default(),
+        reason: v["reason"].as_str().unwrap_or_default().to_string(),
+    });
+    let page = AuditPage { csrf: session.csrf.clone(), username: principal.username.clone(), org: principal.org.clone(), filters, records: rows, chain };
+    render(StatusCode::OK, page.render())
+}

@@ -212,6 +212,13 @@ async fn a_user_uploads_asks_gets_a_cited_answer_and_other_orgs_see_nothing() {
     let caught = audit::verify_file(tampered.as_bytes(), None).unwrap();
     assert!(!caught.chain.ok);
     assert_eq!(caught.chain.first_bad, seq["seq"].as_i64(), "{:?}", caught.chain.reason);
+    // The audit page: filtered by action, and the chain verified from the page.
+    let (session, _) = ts.browser_session("root").await;
+    let page = ts.http.get(format!("{}/admin/audit?action=document.uploaded&verify=1", ts.gateway())).header("cookie", &session).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("data-chain=\"intact\""), "the page verifies the chain");
+    assert!(html.contains(">document.uploaded</a>") && !html.contains(">rag.asked</a>"), "the action filter holds");
     let forbidden = get(&ts, &ann.access_token, "/api/v1/audit").await;
     assert_eq!(forbidden.status(), StatusCode::FORBIDDEN, "members may not read the audit log");
 

@@ -130,7 +130,7 @@ pub fn service_router(ctx: &ServiceContext, routes: Router, ready: ReadyCheck) -
         trusted_proxies: Arc::new(ctx.config.trusted_proxies.clone()),
     };
     let shared = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(|| async { ([(VERSION_HEADER, env!("CARGO_PKG_VERSION"))], "ok") }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state.clone());
@@ -159,10 +159,14 @@ async fn metrics(State(state): State<EdgeState>, request: Request) -> Response {
     }
 }
 
+/// The header naming the Echo version a service runs (on `/healthz` and `/readyz`).
+pub const VERSION_HEADER: &str = "x-echo-version";
+
 async fn readyz(State(state): State<EdgeState>) -> Response {
+    let version = [(VERSION_HEADER, env!("CARGO_PKG_VERSION"))];
     match (state.ready)().await {
-        Ok(()) => (StatusCode::OK, "ready").into_response(),
-        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}")).into_response(),
+        Ok(()) => (StatusCode::OK, version, "ready").into_response(),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, version, format!("not ready: {reason}")).into_response(),
     }
 }
 

@@ -22,6 +22,7 @@ async fn records_traces_and_metrics_of_a_running_echo() {
     let upload_trace = one_trace_follows_an_upload_and_an_ask_through_every_service(&ts).await;
     the_log_viewer_shows_a_trace_and_tails_new_records(&ts, &upload_trace).await;
     prometheus_scrapes_every_service_and_every_query_has_data(&ts).await;
+    the_health_page_shows_every_service_the_bus_and_failures(&ts).await;
     ts.system.stop().await;
 }
 
@@ -287,4 +288,25 @@ async fn prometheus_scrapes_every_service_and_every_query_has_data(ts: &TestSyst
     let up: Value = http.get(format!("{api}/query")).query(&[("query", "sum(up{job=\"echo\"})")]).send().await.unwrap().json().await.unwrap();
     assert_eq!(up["data"]["result"][0]["value"][1], "13");
     let _ = child.kill().await;
+}
+
+async fn the_health_page_shows_every_service_the_bus_and_failures(ts: &TestSystem) {
+    let ops = ts.sign_in("ops", &password_of("ops")).await;
+    let broken = ts.upload(&ops.access_token, "broken.pdf", "application/pdf", b"%PDF-1.4 this is no PDF at all".to_vec()).await;
+    let id = broken["id"].as_str().or(broken["document_id"].as_str()).unwrap().to_string();
+    let (session, _) = ts.browser_session("ops").await;
+    let html = eventually("the failed document on the health page", Duration::from_secs(60), || async {
+        let html = ts.http.get(format!("{}/admin/health", ts.gateway())).header("cookie", &session).send().await.ok()?.text().await.ok()?;
+        html.contains(&format!("data-failed=\"{id}\"")).then_some(html)
+    })
+    .await;
+    assert!(html.contains("data-health=\"ready\""), "every service ready");
+    for service in common::ServiceName::ALL {
+        assert!(html.contains(&format!("data-service=\"{}\" data-ready=\"true\"", service.as_str())), "{service} is listed as ready");
+    }
+    assert!(html.contains(env!("CARGO_PKG_VERSION")), "versions are shown");
+    assert!(html.contains("data-subscription=\"ingest-worker\""), "an operator sees the bus");
+    // A member may not see it.
+    let (member, _) = ts.browser_session("meg").await;
+    assert_eq!(ts.http.get(format!("{}/admin/health", ts.gateway())).header("cookie", &member).send().await.unwrap().status(), 403);
 }

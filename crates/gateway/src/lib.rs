@@ -178,6 +178,7 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .route("/collections/{id}/delete", post(pages::delete_collection))
         .route("/admin/logs", get(pages::admin_logs))
         .route("/admin/audit", get(pages::admin_audit))
+        .route("/admin/health", get(pages::admin_health))
         .route("/admin/queue", get(pages::admin_queue))
         .route("/admin/queue/{name}/redrive", post(pages::admin_redrive))
         .route("/admin/users", get(pages::admin_users).post(pages::admin_create_user))

@@ -1371,3 +1371,117 @@ pub(crate) async fn admin_audit(State(app): State<AppState>, PageUser(session): 
     let page = AuditPage { csrf: session.csrf.clone(), username: principal.username.clone(), org: principal.org.clone(), filters, records: rows, chain };
     render(StatusCode::OK, page.render())
 }
+
+// ---- system health, for admins (operators also see the bus) ----
+
+struct ServiceHealth {
+    name: &'static str,
+    ready: bool,
+    detail: String,
+    version: String,
+    took: String,
+}
+
+struct FailedJob {
+    id: String,
+    filename: String,
+    error: String,
+    updated: String,
+}
+
+#[derive(Template)]
+#[template(path = "health.html")]
+struct HealthPage {
+    csrf: String,
+    username: String,
+    org: String,
+    services: Vec<ServiceHealth>,
+    all_ready: bool,
+    /// Operators only: the bus's subscriptions.
+    bus: Option<Vec<SubscriptionView>>,
+    failed: Vec<FailedJob>,
+    errors: Vec<LogRow>,
+}
+
+/// Every service's `/readyz`, asked at once, each within two seconds.
+async fn service_health(app: &AppState) -> Vec<ServiceHealth> {
+    let probes = ServiceName::ALL.iter().map(|service| {
+        let http = app.ctx.peers.http().clone();
+        let url = format!("{}/readyz", app.ctx.config.url(*service));
+        async move {
+            let started = std::time::Instant::now();
+            let answer = http.get(&url).timeout(std::time::Duration::from_secs(2)).send().await;
+            let took = format!("{} ms", started.elapsed().as_millis());
+            match answer {
+                Ok(response) => {
+                    let version = response.headers().get(common::server::VERSION_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("?").to_string();
+                    let ready = response.status().is_success();
+                    let detail = response.text().await.unwrap_or_default().chars().take(200).collect();
+                    ServiceHealth { name: service.as_str(), ready, detail, version, took }
+                }
+                Err(error) => ServiceHealth {
+                    name: service.as_str(),
+                    ready: false,
+                    detail: if error.is_timeout() { "no answer within 2 s".into() } else { "unreachable".into() },
+                    version: "?".into(),
+                    took,
+                },
+            }
+        }
+    });
+    futures_util::future::join_all(probes).await
+}
+
+pub(crate) async fn admin_health(State(app): State<AppState>, PageUser(session): PageUser) -> Response {
+    let principal = &session.principal;
+    let loaded = async {
+        crate::api::require_read(&app, principal, "logs:read", "system:read_all_logs").await?;
+        let services = service_health(&app).await;
+        let bus = if principal.is_operator() && crate::api::require_operator(&app, principal, "system:manage_queue").await.is_ok() {
+            let stats: serde_json::Value = app.ctx.peers.get_json(ServiceName::Queue, "/v1/stats", Some(principal)).await?;
+            Some(
+                stats["subscriptions"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|s| SubscriptionView {
+                        name: s["subscription"].as_str().unwrap_or_default().to_string(),
+                        topic: s["topic"].as_str().unwrap_or_default().to_string(),
+                        depth: s["depth"].as_i64().unwrap_or(0),
+                        in_flight: s["in_flight"].as_i64().unwrap_or(0),
+                        dead_letters: s["dead_letters"].as_i64().unwrap_or(0),
+                        oldest: age(s["oldest_age_ms"].as_i64()),
+                        letters: Vec::new(),
+                    })
+                    .collect(),
+            )
+        } else {
+            None
+        };
+        let filter = common::wire::DocumentFilter { status: Some("failed".into()), ..Default::default() };
+        let failed = service::list_documents(&app, principal, None, &filter, Some(20), None).await?;
+        let errors: serde_json::Value = app.ctx.peers.get_json(ServiceName::Logs, "/v1/logs?level=warn&limit=20", Some(principal)).await?;
+        Ok::<_, ApiError>((services, bus, failed, errors))
+    }
+    .await;
+    let (services, bus, failed, errors) = match loaded {
+        Ok(loaded) => loaded,
+        Err(error) => return error_page(&error),
+    };
+    let page = HealthPage {
+        csrf: session.csrf.clone(),
+        username: principal.username.clone(),
+        org: principal.org.clone(),
+        all_ready: services.iter().all(|s| s.ready),
+        services,
+        bus,
+        failed: failed
+            .documents
+            .iter()
+            .map(|d| FailedJob { id: d.id.clone(), filename: d.filename.clone(), error: d.error.clone().unwrap_or_default().chars().take(300).collect(), updated: d.updated_at.replace('T', " ").trim_end_matches('Z').to_string() })
+            .collect(),
+        errors: errors["records"].as_array().cloned().unwrap_or_default().iter().map(log_row).collect(),
+    };
+    render(StatusCode::OK, page.render())
+}

@@ -216,9 +216,9 @@ async fn observe(State(state): State<EdgeState>, request: Request, next: Next) -
     // One record per request of a sampled trace, in every service it crosses; the
     // rest at debug (so shipping logs, which is never traced, never feeds on itself).
     if !plumbing && sampled {
-        span.in_scope(|| tracing::info!(status, elapsed_ms = elapsed * 1000.0, %method, %route, "request served"));
+        span.in_scope(|| tracing::info!(status, elapsed_ms = (elapsed * 100_000.0).round() / 100.0, %method, %route, "request served"));
     } else if !plumbing {
-        span.in_scope(|| tracing::debug!(status, elapsed_ms = elapsed * 1000.0, %method, %route, "request served"));
+        span.in_scope(|| tracing::debug!(status, elapsed_ms = (elapsed * 100_000.0).round() / 100.0, %method, %route, "request served"));
     }
     response
 }

@@ -6,6 +6,8 @@
 
 #[path = "system/helpers.rs"]
 mod helpers;
+#[path = "support/chromium.rs"]
+mod chromium;
 
 use std::time::Duration;
 
@@ -23,6 +25,7 @@ async fn records_traces_and_metrics_of_a_running_echo() {
     the_log_viewer_shows_a_trace_and_tails_new_records(&ts, &upload_trace).await;
     prometheus_scrapes_every_service_and_every_query_has_data(&ts).await;
     the_health_page_shows_every_service_the_bus_and_failures(&ts).await;
+    the_pages_in_chromium(&ts, &upload_trace).await;
     ts.system.stop().await;
 }
 
@@ -309,4 +312,43 @@ async fn the_health_page_shows_every_service_the_bus_and_failures(ts: &TestSyste
     // A member may not see it.
     let (member, _) = ts.browser_session("meg").await;
     assert_eq!(ts.http.get(format!("{}/admin/health", ts.gateway())).header("cookie", &member).send().await.unwrap().status(), 403);
+}
+
+/// The log viewer in headless Chromium: the live tail shows a record made after it was
+/// switched on within two seconds, and a trace's timeline renders.
+async fn the_pages_in_chromium(ts: &TestSystem, trace: &str) {
+    let Some((chromium, chromedriver)) = chromium::chromium_or_skip() else { return };
+    let profile = tempfile::tempdir().unwrap();
+    let browser = chromium::Browser::start(&chromium, &chromedriver, profile.path()).await;
+    browser.goto(&format!("{}/admin/logs", ts.gateway())).await;
+    browser.type_into("input[name=username]", "ops").await;
+    browser.type_into("input[name=password]", &password_of("ops")).await;
+    browser.click("button[type=submit]").await;
+    browser.wait_for("the logs page", |s| s.contains("<h1>Logs</h1>")).await;
+    browser.click("#live").await;
+    // Let the page's stream open before the record it must show is made.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let ops = ts.sign_in("ops", &password_of("ops")).await;
+    let made = std::time::Instant::now();
+    let answer = ts.http.get(format!("{}/api/v1/documents", ts.gateway())).bearer_auth(&ops.access_token).send().await.unwrap();
+    let new_trace = answer.headers()["x-trace-id"].to_str().unwrap().to_string();
+    let link = format!("/admin/logs?trace_id={new_trace}");
+    browser.wait_for("the new record on the live tail", |s| s.contains(&link)).await;
+    let shown_after = made.elapsed();
+    assert!(shown_after <= Duration::from_secs(2), "the live tail took {shown_after:?}");
+    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    browser.screenshot(&shots.join("logs.png")).await;
+    // The upload's trace as a timeline: a bar per request, service by service.
+    browser.goto(&format!("{}/admin/logs?trace_id={trace}", ts.gateway())).await;
+    let page = browser.wait_for("the trace timeline", |s| s.contains("class=\"waterfall\"")).await;
+    let bars = page.matches("class=\"bar\"").count();
+    assert!(bars >= 8, "{bars} bars in the timeline");
+    let width = browser.call(reqwest::Method::POST, "/execute/sync", Some(serde_json::json!({"script": "return document.querySelector('.waterfall .bar').getBoundingClientRect().width", "args": []}))).await;
+    assert!(width.as_f64().unwrap() >= 1.0, "the bars are drawn: {width}");
+    browser.screenshot(&shots.join("trace.png")).await;
+    browser.goto(&format!("{}/admin/health", ts.gateway())).await;
+    browser.wait_for("the health page", |s| s.contains("data-health=\"ready\"")).await;
+    browser.screenshot(&shots.join("health.png")).await;
+    browser.quit().await;
 }

@@ -288,7 +288,7 @@ pub(crate) async fn log_tail(State(app): State<AppState>, caller: Caller, axum::
                 if started.elapsed() > LOG_TAIL_FOR {
                     return None;
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 if require_read(&app, &principal, "logs:read", "system:read_all_logs").await.is_err() {
                     return None;
                 }

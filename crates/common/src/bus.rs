@@ -258,9 +258,26 @@ impl Bus {
                         });
                         // The handler's work continues the trace of the event it handles
                         // (or starts one), and its records say so.
-                        let context = delivery.event.traceparent.as_deref().and_then(TraceContext::parse).map_or_else(TraceContext::root, |p| p.child());
+                        let parent = delivery.event.traceparent.as_deref().and_then(TraceContext::parse);
+                        let parent_span_id = parent.as_ref().map(|p| p.span_id().to_string());
+                        let context = parent.map_or_else(|| TraceContext::root().with_sampled(false), |p| p.child());
                         let span = tracing::info_span!("delivery", service = %bus.service, %subscription, seq = delivery.seq, trace_id = %context.trace_id(), span_id = %context.span_id());
-                        let outcome = trace::scope(context, handler(delivery.event.clone(), delivery.attempts).instrument(span)).await;
+                        let started = std::time::SystemTime::now();
+                        let outcome = trace::scope(context.clone(), handler(delivery.event.clone(), delivery.attempts).instrument(span)).await;
+                        crate::otlp::record(crate::otlp::Finished {
+                            service: bus.service.as_str(),
+                            name: format!("deliver {}", delivery.event.type_),
+                            kind: opentelemetry::trace::SpanKind::Consumer,
+                            context: &context,
+                            parent_span_id: parent_span_id.as_deref(),
+                            started,
+                            attributes: vec![
+                                opentelemetry::KeyValue::new("messaging.destination.subscription.name", subscription),
+                                opentelemetry::KeyValue::new("messaging.message.id", delivery.event.id.clone()),
+                                opentelemetry::KeyValue::new("echo.attempt", delivery.attempts),
+                            ],
+                            error: outcome.is_err(),
+                        });
                         if let Some(keep_alive) = keep_alive {
                             keep_alive.abort();
                         }

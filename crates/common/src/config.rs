@@ -161,6 +161,16 @@ pub struct EchoConfig {
     pub audit: AuditConfig,
     pub authz: AuthzConfig,
     pub chat: ChatConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+/// Export to an OpenTelemetry collector. Nothing is exported unless `otlp_endpoint` is set.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// The collector's OTLP/HTTP base URL (`http://collector:4318`); spans go to
+    /// `…/v1/traces` as protobuf. Empty: nothing is exported.
+    pub otlp_endpoint: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -575,6 +585,7 @@ impl Default for EchoConfig {
             audit: AuditConfig::default(),
             authz: AuthzConfig::default(),
             chat: ChatConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }

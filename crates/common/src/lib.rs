@@ -15,6 +15,7 @@ pub mod error;
 pub mod files;
 pub mod formats;
 mod local;
+pub mod otlp;
 pub mod rand;
 pub mod server;
 pub mod sse;

@@ -187,6 +187,8 @@ async fn observe(State(state): State<EdgeState>, request: Request, next: Next) -
     let plumbing = matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics") || route.starts_with("/static");
     let public = !(route.starts_with("/v1/") || route.starts_with("/internal/"));
     let parent = request.headers().get(crate::trace::TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(crate::trace::TraceContext::parse);
+    let parent_span_id = parent.as_ref().map(|p| p.span_id().to_string());
+    let started_at = std::time::SystemTime::now();
     let context = match parent {
         Some(parent) if public => {
             let wanted = parent.sampled();
@@ -197,6 +199,7 @@ async fn observe(State(state): State<EdgeState>, request: Request, next: Next) -
         None => crate::trace::TraceContext::root().with_sampled(false),
     };
     let sampled = context.sampled();
+    let exported = context.clone();
     let trace_id = context.trace_id().to_string();
     let span = tracing::info_span!("request", service = state.service, %method, route = %route, trace_id = %trace_id, span_id = %context.span_id());
     let mut response = crate::trace::scope(context, tracing::Instrument::instrument(next.run(request), span.clone())).await;
@@ -213,6 +216,23 @@ async fn observe(State(state): State<EdgeState>, request: Request, next: Next) -
     ];
     metrics::counter!("echo_http_requests_total", &labels).increment(1);
     metrics::histogram!("echo_http_request_duration_seconds", &labels[..3]).record(elapsed);
+    if sampled && !plumbing {
+        crate::otlp::record(crate::otlp::Finished {
+            service: state.service,
+            name: format!("{method} {route}"),
+            kind: opentelemetry::trace::SpanKind::Server,
+            context: &exported,
+            parent_span_id: parent_span_id.as_deref(),
+            started: started_at,
+            attributes: vec![
+                opentelemetry::KeyValue::new("http.request.method", method.to_string()),
+                opentelemetry::KeyValue::new("http.route", route.clone()),
+                opentelemetry::KeyValue::new("http.response.status_code", i64::from(status)),
+                opentelemetry::KeyValue::new("echo.service", state.service),
+            ],
+            error: status >= 500,
+        });
+    }
     // One record per request of a sampled trace, in every service it crosses; the
     // rest at debug (so shipping logs, which is never traced, never feeds on itself).
     if !plumbing && sampled {

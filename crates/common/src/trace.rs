@@ -103,10 +103,11 @@ pub fn current() -> Option<TraceContext> {
     CURRENT.try_with(Clone::clone).ok()
 }
 
-/// The `traceparent` to send with a call or an event made now: a child of the current
-/// span, so the callee's work is a new span of the same trace.
+/// The `traceparent` to send with a call or an event made now: it names the current
+/// span as the parent, and the callee's (or consumer's) work becomes its child — a span
+/// that is recorded, so the exported tree has no gaps (no client spans are recorded).
 pub fn outgoing() -> Option<String> {
-    current().map(|c| c.child().traceparent())
+    current().map(|c| c.traceparent())
 }
 
 /// Runs `work` as part of `context`'s trace.
@@ -240,7 +241,7 @@ mod tests {
         assert_eq!(inside.2, None);
         let outgoing = TraceContext::parse(&inside.3.unwrap()).unwrap();
         assert_eq!(outgoing.trace_id(), root.trace_id());
-        assert_ne!(outgoing.span_id(), root.span_id());
+        assert_eq!(outgoing.span_id(), root.span_id(), "the current span is the callee's parent");
         assert_eq!(current(), None);
     }
 }

@@ -19,9 +19,12 @@ use helpers::{TestSystem, eventually, password_of};
 /// process, and the shipper belongs to the first system started in it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_traces_and_metrics_of_a_running_echo() {
-    let ts = TestSystem::start().await;
+    let collector = Collector::start().await;
+    let endpoint = collector.url.clone();
+    let ts = TestSystem::start_with(|config| config.telemetry.otlp_endpoint = endpoint).await;
     every_service_ships_its_records_to_the_logs_service(&ts).await;
     let upload_trace = one_trace_follows_an_upload_and_an_ask_through_every_service(&ts).await;
+    the_upload_trace_is_exported_over_otlp(&collector, &upload_trace).await;
     the_log_viewer_shows_a_trace_and_tails_new_records(&ts, &upload_trace).await;
     prometheus_scrapes_every_service_and_every_query_has_data(&ts).await;
     the_health_page_shows_every_service_the_bus_and_failures(&ts).await;
@@ -351,4 +354,82 @@ async fn the_pages_in_chromium(ts: &TestSystem, trace: &str) {
     browser.wait_for("the health page", |s| s.contains("data-health=\"ready\"")).await;
     browser.screenshot(&shots.join("health.png")).await;
     browser.quit().await;
+}
+
+/// An OpenTelemetry collector's OTLP/HTTP trace endpoint on a real socket: every
+/// `ExportTraceServiceRequest` is decoded with `opentelemetry-proto` and kept.
+struct Collector {
+    url: String,
+    /// (the resource's `service.name`, the span)
+    spans: std::sync::Arc<std::sync::Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>>,
+}
+
+impl Collector {
+    async fn start() -> Collector {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message;
+        let spans: std::sync::Arc<std::sync::Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>> = Default::default();
+        let kept = spans.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let kept = kept.clone();
+                async move {
+                    assert_eq!(headers["content-type"], "application/x-protobuf");
+                    let request = ExportTraceServiceRequest::decode(body).expect("an OTLP trace export");
+                    for resource in request.resource_spans {
+                        let service = resource
+                            .resource
+                            .iter()
+                            .flat_map(|r| r.attributes.iter())
+                            .find(|a| a.key == "service.name")
+                            .and_then(|a| a.value.as_ref())
+                            .and_then(|v| match &v.value {
+                                Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) => Some(s.clone()),
+                                _ => None,
+                            })
+                            .unwrap_or_default();
+                        for scope in resource.scope_spans {
+                            for span in scope.spans {
+                                kept.lock().unwrap().push((service.clone(), span));
+                            }
+                        }
+                    }
+                    axum::http::StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Collector { url, spans }
+    }
+}
+
+/// The upload's trace reaches the collector as one tree of spans: a span per request
+/// served (and per bus delivery) in every service it crossed, each child naming a span
+/// of the same trace — or the client's — as its parent.
+async fn the_upload_trace_is_exported_over_otlp(collector: &Collector, trace: &str) {
+    let wanted = ["echo-gateway", "echo-storage", "echo-ingest", "echo-queue", "echo-parser", "echo-search", "echo-authz"];
+    let spans = eventually("the upload's spans at the collector", Duration::from_secs(30), || async {
+        let spans: Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)> =
+            collector.spans.lock().unwrap().iter().filter(|(_, s)| hex_of(&s.trace_id) == trace).cloned().collect();
+        let services: std::collections::BTreeSet<&str> = spans.iter().map(|(service, _)| service.as_str()).collect();
+        (wanted.iter().all(|w| services.contains(w)) && spans.iter().any(|(_, s)| s.name == "deliver echo.document.uploaded")).then_some(spans)
+    })
+    .await;
+    let ids: std::collections::HashSet<String> = spans.iter().map(|(_, s)| hex_of(&s.span_id)).collect();
+    for (service, span) in &spans {
+        let parent = hex_of(&span.parent_span_id);
+        assert!(parent == "00f067aa0ba902b7" || ids.contains(&parent), "{service}'s span {:?} names a parent {parent} that is not in the trace", span.name);
+        assert!(span.end_time_unix_nano >= span.start_time_unix_nano);
+    }
+    let root = spans.iter().find(|(service, s)| service == "echo-gateway" && s.name == "POST /api/v1/documents").expect("the upload's own span");
+    assert_eq!(hex_of(&root.1.parent_span_id), "00f067aa0ba902b7", "the gateway's span continues the client's");
+    let attributes: Vec<&str> = root.1.attributes.iter().map(|a| a.key.as_str()).collect();
+    assert!(attributes.contains(&"http.route") && attributes.contains(&"http.response.status_code"), "{attributes:?}");
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -148,6 +148,7 @@ pub async fn up(mut config: EchoConfig) -> anyhow::Result<System> {
     let bootstrap = identity::bootstrap(&config).await.context("identity set-up failed")?;
     // One process, one metrics registry: the gateway's /metrics serves it.
     common::server::serve_metrics_from(ServiceName::Gateway);
+    common::otlp::init(&config.telemetry);
     let config = Arc::new(config);
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -191,6 +192,7 @@ pub async fn serve(config: EchoConfig, service: ServiceName, shutdown: Cancellat
         identity::bootstrap(&config).await.context("identity set-up failed")?;
     }
     let listener = bind(&config, service, true).await?;
+    common::otlp::init(&config.telemetry);
     let ctx = ServiceContext::new(Arc::new(config), service, shutdown.clone())?;
     common::telemetry::start_shipping(ctx.bus.clone(), shutdown);
     run_service(service, ctx, listener).await

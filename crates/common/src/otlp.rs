@@ -24,6 +24,11 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, IdGenerator, RandomIdGenerator, SdkTracerProvider};
 
 use crate::config::TelemetryConfig;
+
+/// What a span's kind and attributes are made of (so services need no OpenTelemetry
+/// dependency of their own).
+pub use opentelemetry::KeyValue as Attribute;
+pub use opentelemetry::trace::SpanKind as Kind;
 use crate::trace::TraceContext;
 
 /// The export set-up of this process, once `init` found an endpoint.

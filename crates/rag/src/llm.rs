@@ -205,7 +205,18 @@ impl Llm {
                 }
             })),
         };
-        Ok(Box::pin(Timed { inner: pieces, deadline: Box::pin(tokio::time::sleep_until(deadline)), timeout, started, first: true, llm: self.clone(), done: false }))
+        Ok(Box::pin(Timed {
+            inner: pieces,
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            timeout,
+            started,
+            first: true,
+            llm: self.clone(),
+            done: false,
+            trace: common::trace::current(),
+            started_at: std::time::SystemTime::now(),
+            usage: None,
+        }))
     }
 }
 
@@ -292,6 +303,39 @@ struct Timed {
     first: bool,
     llm: Llm,
     done: bool,
+    /// The ask's trace: the call is recorded as its child span.
+    trace: Option<common::trace::TraceContext>,
+    started_at: std::time::SystemTime,
+    usage: Option<Usage>,
+}
+
+impl Timed {
+    /// The call as a span of the ask's trace (model, tokens, outcome — never the prompt
+    /// or the answer), and a record in the logs.
+    fn finish(&mut self, outcome: &str) {
+        let model = self.llm.config.model.clone();
+        let (prompt, completion) = self.usage.as_ref().map_or((0, 0), |u| (u.prompt_tokens, u.completion_tokens));
+        let ms = self.started.elapsed().as_millis() as u64;
+        tracing::info!(%model, prompt_tokens = prompt, completion_tokens = completion, elapsed_ms = ms, %outcome, "model answered");
+        if let Some(parent) = &self.trace {
+            let call = parent.child();
+            common::otlp::record(common::otlp::Finished {
+                service: "rag",
+                name: format!("chat {model}"),
+                kind: common::otlp::Kind::Client,
+                context: &call,
+                parent_span_id: Some(parent.span_id()),
+                started: self.started_at,
+                attributes: vec![
+                    common::otlp::Attribute::new("gen_ai.request.model", model),
+                    common::otlp::Attribute::new("gen_ai.usage.input_tokens", prompt as i64),
+                    common::otlp::Attribute::new("gen_ai.usage.output_tokens", completion as i64),
+                    common::otlp::Attribute::new("echo.outcome", outcome.to_string()),
+                ],
+                error: outcome != "ok",
+            });
+        }
+    }
 }
 
 impl Stream for Timed {
@@ -305,6 +349,7 @@ impl Stream for Timed {
         if self.deadline.as_mut().poll(cx).is_ready() {
             self.done = true;
             self.llm.record(false);
+            self.finish("timeout");
             metrics::counter!("echo_llm_requests_total", "outcome" => "timeout").increment(1);
             return Poll::Ready(Some(Err(LlmError::Timeout(self.timeout.as_secs()))));
         }
@@ -317,18 +362,21 @@ impl Stream for Timed {
                 if let Piece::Usage(usage) = &piece {
                     metrics::counter!("echo_llm_tokens_total", "kind" => "prompt").increment(usage.prompt_tokens);
                     metrics::counter!("echo_llm_tokens_total", "kind" => "completion").increment(usage.completion_tokens);
+                    self.usage = Some(usage.clone());
                 }
                 Poll::Ready(Some(Ok(piece)))
             }
             Poll::Ready(Some(Err(error))) => {
                 self.done = true;
                 self.llm.record(false);
+                self.finish("error");
                 metrics::counter!("echo_llm_requests_total", "outcome" => "error").increment(1);
                 Poll::Ready(Some(Err(error)))
             }
             Poll::Ready(None) => {
                 self.done = true;
                 self.llm.record(true);
+                self.finish("ok");
                 metrics::counter!("echo_llm_requests_total", "outcome" => "ok").increment(1);
                 metrics::histogram!("echo_llm_seconds").record(self.started.elapsed().as_secs_f64());
                 Poll::Ready(None)

@@ -362,7 +362,7 @@ impl Stream for Timed {
                 if let Piece::Usage(usage) = &piece {
                     metrics::counter!("echo_llm_tokens_total", "kind" => "prompt").increment(usage.prompt_tokens);
                     metrics::counter!("echo_llm_tokens_total", "kind" => "completion").increment(usage.completion_tokens);
-                    self.usage = Some(usage.clone());
+                    self.usage = Some(*usage);
                 }
                 Poll::Ready(Some(Ok(piece)))
             }

@@ -21,10 +21,18 @@ use helpers::{TestSystem, eventually, password_of};
 async fn records_traces_and_metrics_of_a_running_echo() {
     let collector = Collector::start().await;
     let endpoint = collector.url.clone();
-    let ts = TestSystem::start_with(|config| config.telemetry.otlp_endpoint = endpoint).await;
+    let model = stub_model().await;
+    let ts = TestSystem::start_with(|config| {
+        config.telemetry.otlp_endpoint = endpoint;
+        config.llm.provider = "openai".into();
+        config.llm.base_url = model;
+        config.llm.model = "stub".into();
+    })
+    .await;
     every_service_ships_its_records_to_the_logs_service(&ts).await;
     let upload_trace = one_trace_follows_an_upload_and_an_ask_through_every_service(&ts).await;
     the_upload_trace_is_exported_over_otlp(&collector, &upload_trace).await;
+    the_model_call_is_a_span_of_the_ask(&collector).await;
     the_log_viewer_shows_a_trace_and_tails_new_records(&ts, &upload_trace).await;
     prometheus_scrapes_every_service_and_every_query_has_data(&ts).await;
     the_health_page_shows_every_service_the_bus_and_failures(&ts).await;
@@ -150,7 +158,7 @@ async fn one_trace_follows_an_upload_and_an_ask_through_every_service(ts: &TestS
     assert_ne!(forged.headers()["x-trace-id"], "00000000000000000000000000000000");
 
     // An ask: gateway → rag → authz and search, in one trace.
-    let asked_trace = "0af7651916cd43dd8448eb211c80319c";
+    let asked_trace = ASKED_TRACE;
     let answer = ts
         .http
         .post(format!("{}/api/v1/ask", ts.gateway()))
@@ -172,7 +180,9 @@ async fn one_trace_follows_an_upload_and_an_ask_through_every_service(ts: &TestS
     let answered = position(&records, "rag", "request served");
     let asked = position(&records, "gateway", "request served");
     let _ = position(&records, "authz", "request served");
+    let modelled = position(&records, "rag", "model answered");
     assert!(searched < answered && answered < asked, "search within rag within the gateway: {records:#?}");
+    assert!(searched < modelled && modelled < answered, "the model answers after the search, within rag's request");
 
     // A client's "not sampled" is honoured: the trace is named, nothing recorded per hop.
     let unsampled = "5cf92f3577b34da6a3ce929d0e0e4736";
@@ -432,4 +442,44 @@ async fn the_upload_trace_is_exported_over_otlp(collector: &Collector, trace: &s
 
 fn hex_of(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+const ASKED_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+
+/// A language model's stand-in over the OpenAI protocol on a real socket: it streams
+/// an answer citing passage 1, then the token usage.
+async fn stub_model() -> String {
+    use axum::response::sse::{Event, Sse};
+    async fn completions() -> Sse<impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>> {
+        let chunks = [
+            serde_json::json!({"id": "s", "object": "chat.completion.chunk", "created": 0, "model": "stub", "choices": [{"index": 0, "delta": {"content": "The relief valve opens at 8 bar [1]."}, "finish_reason": null}]}).to_string(),
+            serde_json::json!({"id": "s", "object": "chat.completion.chunk", "created": 0, "model": "stub", "choices": [], "usage": {"prompt_tokens": 42, "completion_tokens": 9, "total_tokens": 51}}).to_string(),
+            "[DONE]".to_string(),
+        ];
+        Sse::new(futures_util::stream::iter(chunks.into_iter().map(|data| Ok(Event::default().data(data)))))
+    }
+    let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(completions));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+/// The ask's model call reaches the collector as a client span under rag's request,
+/// with the model and its token counts.
+async fn the_model_call_is_a_span_of_the_ask(collector: &Collector) {
+    let spans = eventually("the ask's spans at the collector", Duration::from_secs(30), || async {
+        let spans: Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)> =
+            collector.spans.lock().unwrap().iter().filter(|(_, s)| hex_of(&s.trace_id) == ASKED_TRACE).cloned().collect();
+        spans.iter().any(|(_, s)| s.name == "chat stub").then_some(spans)
+    })
+    .await;
+    let call = &spans.iter().find(|(_, s)| s.name == "chat stub").unwrap().1;
+    let rag = spans.iter().find(|(service, s)| service == "echo-rag" && s.name.contains("/v1/ask")).expect("rag's request span");
+    assert_eq!(call.parent_span_id, rag.1.span_id, "the model call is a child of rag's request");
+    let tokens = call.attributes.iter().find(|a| a.key == "gen_ai.usage.input_tokens").and_then(|a| a.value.as_ref()).and_then(|v| match v.value {
+        Some(opentelemetry_proto::tonic::common::v1::any_value::Value::IntValue(n)) => Some(n),
+        _ => None,
+    });
+    assert_eq!(tokens, Some(42));
 }

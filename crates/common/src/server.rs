@@ -159,6 +159,10 @@ async fn metrics(State(state): State<EdgeState>, request: Request) -> Response {
     }
 }
 
+/// The target of the one record per request served: shipped to the logs service (the
+/// log viewer's traces), printed on the console only when `log.level` asks for debug.
+pub const REQUESTS_TARGET: &str = "echo::requests";
+
 /// The header naming the Echo version a service runs (on `/healthz` and `/readyz`).
 pub const VERSION_HEADER: &str = "x-echo-version";
 
@@ -236,9 +240,9 @@ async fn observe(State(state): State<EdgeState>, request: Request, next: Next) -
     // One record per request of a sampled trace, in every service it crosses; the
     // rest at debug (so shipping logs, which is never traced, never feeds on itself).
     if !plumbing && sampled {
-        span.in_scope(|| tracing::info!(status, elapsed_ms = (elapsed * 100_000.0).round() / 100.0, %method, %route, "request served"));
+        span.in_scope(|| tracing::info!(target: REQUESTS_TARGET, status, elapsed_ms = (elapsed * 100_000.0).round() / 100.0, %method, %route, "request served"));
     } else if !plumbing {
-        span.in_scope(|| tracing::debug!(status, elapsed_ms = (elapsed * 100_000.0).round() / 100.0, %method, %route, "request served"));
+        span.in_scope(|| tracing::debug!(target: REQUESTS_TARGET, status, elapsed_ms = (elapsed * 100_000.0).round() / 100.0, %method, %route, "request served"));
     }
     response
 }

@@ -47,10 +47,15 @@ pub fn init(config: &LogConfig) {
     } else {
         None
     };
+    // The console keeps to what an operator watches; the record of every request served
+    // (one per service a sampled request crosses) goes to the logs service only, unless
+    // the level asks for debug.
+    let verbose = config.level.contains("debug") || config.level.contains("trace") || std::env::var("ECHO_LOG").is_ok_and(|v| v.contains("debug") || v.contains("trace"));
+    let console = tracing_subscriber::filter::filter_fn(move |meta| verbose || meta.target() != crate::server::REQUESTS_TARGET);
     let fmt = if config.format == "json" {
-        tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed()
+        tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).with_filter(console).boxed()
     } else {
-        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed()
+        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(console).boxed()
     };
     let _ = tracing_subscriber::registry().with(filter).with(fmt).with(ship).try_init();
 }

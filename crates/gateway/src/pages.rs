@@ -1357,7 +1357,7 @@ pub(crate) async fn admin_audit(State(app): State<AppState>, PageUser(session): 
             action: r["action"].as_str().unwrap_or_default().to_string(),
             resource: r["resource"].as_str().unwrap_or_default().to_string(),
             outcome: r["outcome"].as_str().unwrap_or_default().to_string(),
-            context: r["context"].as_object().filter(|c| !c.is_empty()).map(|c| serde_json::Value::Object(c.clone()).to_string().chars().take(300).collect()).unwrap_or_default(),
+            context: r["context"].as_object().filter(|c| !c.is_empty()).map(|c| serde_json::Value::Object(c.clone()).to_string().chars().take(160).collect()).unwrap_or_default(),
             hash: r["hash"].as_str().unwrap_or_default().chars().take(12).collect(),
         })
         .collect();

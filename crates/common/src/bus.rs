@@ -274,6 +274,8 @@ impl Bus {
                             attributes: vec![
                                 opentelemetry::KeyValue::new("messaging.destination.subscription.name", subscription),
                                 opentelemetry::KeyValue::new("messaging.message.id", delivery.event.id.clone()),
+                                opentelemetry::KeyValue::new("cloudevents.event_type", delivery.event.type_.clone()),
+                                opentelemetry::KeyValue::new("cloudevents.event_subject", delivery.event.subject.clone().unwrap_or_default()),
                                 opentelemetry::KeyValue::new("echo.attempt", delivery.attempts),
                             ],
                             error: outcome.is_err(),

@@ -438,6 +438,23 @@ async fn the_upload_trace_is_exported_over_otlp(collector: &Collector, trace: &s
     assert_eq!(hex_of(&root.1.parent_span_id), "00f067aa0ba902b7", "the gateway's span continues the client's");
     let attributes: Vec<&str> = root.1.attributes.iter().map(|a| a.key.as_str()).collect();
     assert!(attributes.contains(&"http.route") && attributes.contains(&"http.response.status_code"), "{attributes:?}");
+    // The worker's stages are children of its delivery, each naming the document.
+    let delivery = spans.iter().find(|(_, s)| s.name == "deliver echo.document.uploaded").unwrap();
+    let document = text_attribute(&delivery.1, "cloudevents.event_subject").unwrap_or_default();
+    assert!(document.starts_with("document:"), "the delivery names its document: {document}");
+    let stages: Vec<&opentelemetry_proto::tonic::trace::v1::Span> = spans.iter().filter(|(_, s)| s.name.starts_with("stage ")).map(|(_, s)| s).collect();
+    for stage in ["stage parsing", "stage chunking", "stage indexing"] {
+        let span = stages.iter().find(|s| s.name == stage).unwrap_or_else(|| panic!("no {stage} span: {:?}", stages.iter().map(|s| &s.name).collect::<Vec<_>>()));
+        assert_eq!(span.parent_span_id, delivery.1.span_id, "{stage} is a child of the delivery");
+        assert_eq!(text_attribute(span, "echo.document_id").map(|id| format!("document:{id}")), Some(document.clone()));
+    }
+}
+
+fn text_attribute(span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> Option<String> {
+    span.attributes.iter().find(|a| a.key == key).and_then(|a| a.value.as_ref()).and_then(|v| match &v.value {
+        Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) => Some(s.clone()),
+        _ => None,
+    })
 }
 
 fn hex_of(bytes: &[u8]) -> String {

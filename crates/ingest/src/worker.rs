@@ -207,8 +207,9 @@ pub(crate) enum Stages<'a> {
         job_id: &'a str,
         document_id: &'a str,
         attempts: i64,
-        /// The stage the job is in and since when (for `echo_ingest_stage_seconds`).
-        entered: std::sync::Mutex<(String, std::time::Instant)>,
+        /// The stage the job is in and since when (for `echo_ingest_stage_seconds`
+        /// and the stage's span in the job's trace).
+        entered: std::sync::Mutex<(String, std::time::Instant, std::time::SystemTime)>,
     },
     Quiet,
 }
@@ -228,10 +229,27 @@ impl Stages<'_> {
     /// stops the work between stages.
     async fn enter(&self, stage: &str) -> Result<(), ApiError> {
         match self {
-            Stages::Job { store, job_id, attempts, entered, .. } => {
-                if let Ok(mut entered) = entered.lock() {
-                    let (previous, since) = std::mem::replace(&mut *entered, (stage.to_string(), std::time::Instant::now()));
-                    metrics::histogram!("echo_ingest_stage_seconds", "stage" => previous).record(since.elapsed().as_secs_f64());
+            Stages::Job { store, job_id, document_id, attempts, entered } => {
+                let ended = entered.lock().ok().map(|mut entered| std::mem::replace(&mut *entered, (stage.to_string(), std::time::Instant::now(), std::time::SystemTime::now())));
+                if let Some((previous, since, started)) = ended {
+                    metrics::histogram!("echo_ingest_stage_seconds", "stage" => previous.clone()).record(since.elapsed().as_secs_f64());
+                    // The stage as a span of the job's trace (its delivery's child).
+                    if let Some(job) = common::trace::current().filter(|_| previous != "starting") {
+                        common::otlp::record(common::otlp::Finished {
+                            service: "ingest",
+                            name: format!("stage {previous}"),
+                            kind: common::otlp::Kind::Internal,
+                            context: &job.child(),
+                            parent_span_id: Some(job.span_id()),
+                            started,
+                            attributes: vec![
+                                common::otlp::Attribute::new("echo.document_id", document_id.to_string()),
+                                common::otlp::Attribute::new("echo.job_id", job_id.to_string()),
+                                common::otlp::Attribute::new("echo.stage", previous),
+                            ],
+                            error: false,
+                        });
+                    }
                 }
                 metrics::counter!("echo_ingest_stages_entered_total", "stage" => stage.to_string()).increment(1);
                 let attempts = (stage == "parsing").then_some(*attempts);
@@ -252,7 +270,7 @@ async fn run_stages(ctx: &ServiceContext, store: &CatalogStore, uploaded: &Docum
         job_id: &uploaded.job_id,
         document_id: &uploaded.document_id,
         attempts,
-        entered: std::sync::Mutex::new(("starting".to_string(), std::time::Instant::now())),
+        entered: std::sync::Mutex::new(("starting".to_string(), std::time::Instant::now(), std::time::SystemTime::now())),
     };
     let mut chunks = parsed_chunks(ctx, uploaded, &stages).await?;
     let n_chunks = chunks.len();

@@ -165,12 +165,25 @@ pub struct EchoConfig {
 }
 
 /// Export to an OpenTelemetry collector. Nothing is exported unless `otlp_endpoint` is set.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetryConfig {
-    /// The collector's OTLP/HTTP base URL (`http://collector:4318`); spans go to
-    /// `…/v1/traces` as protobuf. Empty: nothing is exported.
+    /// The collector's base URL: with `http/protobuf`, its OTLP/HTTP port
+    /// (`http://collector:4318`; spans, logs and metrics go to `…/v1/traces`,
+    /// `…/v1/logs`, `…/v1/metrics`); with `grpc`, its OTLP/gRPC port
+    /// (`http://collector:4317`). Empty: nothing is exported.
     pub otlp_endpoint: String,
+    /// `http/protobuf` (the default) or `grpc`, as OpenTelemetry's
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL` names them.
+    pub otlp_protocol: String,
+    /// How often the metrics are exported (the OpenTelemetry default: a minute).
+    pub metrics_interval_ms: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig { otlp_endpoint: String::new(), otlp_protocol: "http/protobuf".into(), metrics_interval_ms: 60_000 }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -548,8 +561,13 @@ impl Default for LlmConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogsConfig {
+    /// Records older than this many days are deleted.
     pub retention_days: i64,
+    /// Only the newest this many records are kept.
     pub max_records: i64,
+    /// The oldest records are deleted while the records (with their text index) take
+    /// more than this many MiB of `logs.db`.
+    pub max_megabytes: i64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -691,7 +709,7 @@ impl Default for RagConfig {
 
 impl Default for LogsConfig {
     fn default() -> Self {
-        LogsConfig { retention_days: 14, max_records: 1_000_000 }
+        LogsConfig { retention_days: 14, max_records: 1_000_000, max_megabytes: 1024 }
     }
 }
 
@@ -739,6 +757,12 @@ impl EchoConfig {
         let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.to_string() });
         if !matches!(self.log.format.as_str(), "pretty" | "json") {
             return invalid("log.format", "must be `pretty` or `json`");
+        }
+        if !matches!(self.telemetry.otlp_protocol.as_str(), "http/protobuf" | "grpc") {
+            return invalid("telemetry.otlp_protocol", "must be `http/protobuf` or `grpc`");
+        }
+        if self.telemetry.metrics_interval_ms < 100 {
+            return invalid("telemetry.metrics_interval_ms", "must be at least 100");
         }
         let budgets = &self.gateway.rate_limit;
         for (key, rate) in [

@@ -88,16 +88,15 @@ pub fn always_ready() -> ReadyCheck {
 
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// Installs the process-wide Prometheus recorder once.
+/// Installs the process-wide Prometheus recorder (beside the OTLP bridge) once.
 pub fn metrics_handle() -> &'static PrometheusHandle {
     METRICS.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0])
-            .map(|b| b.build_recorder())
-            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let recorder = PrometheusBuilder::new().set_buckets(&crate::otlp::BUCKETS).map(|b| b.build_recorder()).unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
         let handle = recorder.handle();
+        // Every metric also goes to the OTLP bridge, which keeps nothing until export is on.
+        let both = metrics_util::layers::FanoutBuilder::default().add_recorder(recorder).add_recorder(crate::otlp::MetricsBridge).build();
         // Another recorder may already be installed (tests); then this handle stays empty.
-        let _ = metrics::set_global_recorder(recorder);
+        let _ = metrics::set_global_recorder(both);
         handle
     })
 }

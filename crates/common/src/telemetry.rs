@@ -1,6 +1,7 @@
 //! Logging: a `tracing` subscriber (pretty or JSON) plus a layer that ships every
-//! record to the logs service over the bus. Shipping never blocks the service: records
-//! go into a bounded buffer and are dropped (and counted) when it is full.
+//! record to the logs service over the bus (and to an OTLP collector when `otlp`
+//! exports). Shipping never blocks the service: records go into a bounded buffer and
+//! are dropped (and counted) when it is full.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -37,16 +38,15 @@ pub fn init(config: &LogConfig) {
     let filter = EnvFilter::try_from_env("ECHO_LOG")
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let ship = if config.ship {
+    // The layer also feeds OTLP export of logs, which `otlp::init` may switch on later.
+    if config.ship {
         let (sender, receiver) = mpsc::channel(BUFFER);
         if SENDER.set(sender).is_ok()
-            && let Ok(mut slot) = RECEIVER.lock() {
-                *slot = Some(receiver);
-            }
-        Some(ShipLayer)
-    } else {
-        None
-    };
+            && let Ok(mut slot) = RECEIVER.lock()
+        {
+            *slot = Some(receiver);
+        }
+    }
     // The console keeps to what an operator watches; the record of every request served
     // (one per service a sampled request crosses) goes to the logs service only, unless
     // the level asks for debug.
@@ -57,7 +57,7 @@ pub fn init(config: &LogConfig) {
     } else {
         tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(console).boxed()
     };
-    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(ship).try_init();
+    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(ShipLayer).try_init();
 }
 
 /// Starts the task that batches buffered records onto the bus. Only the first call
@@ -105,6 +105,7 @@ struct ShipLayer;
 /// Marks spans that carry a `service` field so events inside them are attributed.
 struct ServiceOf(String);
 struct TraceOf(String);
+struct SpanOf(String);
 
 #[derive(Default)]
 struct FieldCollector {
@@ -156,6 +157,9 @@ where
             }
             if let Some(serde_json::Value::String(trace)) = collector.fields.get("trace_id") {
                 extensions.insert(TraceOf(trace.clone()));
+                if let Some(serde_json::Value::String(span)) = collector.fields.get("span_id") {
+                    extensions.insert(SpanOf(span.clone()));
+                }
             }
         }
     }
@@ -163,14 +167,19 @@ where
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         let target = event.metadata().target();
         // The shipper's own transport must not feed back into itself.
-        if target.starts_with("common::bus") || target.starts_with("common::telemetry") || target.starts_with("hyper") || target.starts_with("reqwest") || target.starts_with("h2") {
+        const TRANSPORT: [&str; 8] = ["common::bus", "common::telemetry", "hyper", "reqwest", "h2", "tonic", "tower", "opentelemetry"];
+        if TRANSPORT.iter().any(|t| target.starts_with(t)) {
             return;
         }
-        let Some(sender) = SENDER.get() else { return };
+        let sender = SENDER.get();
+        if sender.is_none() && !crate::otlp::enabled() {
+            return;
+        }
         let mut collector = FieldCollector::default();
         event.record(&mut collector);
         let mut service = None;
         let mut trace_id = None;
+        let mut span_id = None;
         if let Some(scope) = ctx.event_scope(event) {
             for span in scope {
                 let extensions = span.extensions();
@@ -179,6 +188,7 @@ where
                 }
                 if trace_id.is_none() {
                     trace_id = extensions.get::<TraceOf>().map(|t| t.0.clone());
+                    span_id = extensions.get::<SpanOf>().map(|s| s.0.clone());
                 }
             }
         }
@@ -194,7 +204,10 @@ where
             fields: collector.fields,
             trace_id,
         };
-        if sender.try_send(record).is_err() {
+        crate::otlp::log(&record, span_id.as_deref());
+        if let Some(sender) = sender
+            && sender.try_send(record).is_err()
+        {
             DROPPED.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -24,6 +24,7 @@ async fn records_traces_and_metrics_of_a_running_echo() {
     let model = stub_model().await;
     let ts = TestSystem::start_with(|config| {
         config.telemetry.otlp_endpoint = endpoint;
+        config.telemetry.metrics_interval_ms = 1000;
         config.llm.provider = "openai".into();
         config.llm.base_url = model;
         config.llm.model = "stub".into();
@@ -33,6 +34,7 @@ async fn records_traces_and_metrics_of_a_running_echo() {
     let upload_trace = one_trace_follows_an_upload_and_an_ask_through_every_service(&ts).await;
     the_upload_trace_is_exported_over_otlp(&collector, &upload_trace).await;
     the_model_call_is_a_span_of_the_ask(&collector).await;
+    logs_and_metrics_are_exported_over_otlp(&collector, &upload_trace).await;
     the_log_viewer_shows_a_trace_and_tails_new_records(&ts, &upload_trace).await;
     prometheus_scrapes_every_service_and_every_query_has_data(&ts).await;
     the_health_page_shows_every_service_the_bus_and_failures(&ts).await;
@@ -369,54 +371,129 @@ async fn the_pages_in_chromium(ts: &TestSystem, trace: &str) {
     browser.quit().await;
 }
 
-/// An OpenTelemetry collector's OTLP/HTTP trace endpoint on a real socket: every
-/// `ExportTraceServiceRequest` is decoded with `opentelemetry-proto` and kept.
+/// An OpenTelemetry collector's OTLP/HTTP endpoints on a real socket: every export of
+/// spans, logs and metrics is decoded with `opentelemetry-proto` and kept, with its
+/// resource's `service.name`.
 struct Collector {
     url: String,
-    /// (the resource's `service.name`, the span)
-    spans: std::sync::Arc<std::sync::Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>>,
+    spans: Kept<opentelemetry_proto::tonic::trace::v1::Span>,
+    logs: Kept<opentelemetry_proto::tonic::logs::v1::LogRecord>,
+    metrics: Kept<opentelemetry_proto::tonic::metrics::v1::Metric>,
+}
+
+/// (the resource's `service.name`, the item)
+type Kept<T> = std::sync::Arc<std::sync::Mutex<Vec<(String, T)>>>;
+
+fn service_name(resource: Option<&opentelemetry_proto::tonic::resource::v1::Resource>) -> String {
+    resource
+        .iter()
+        .flat_map(|r| r.attributes.iter())
+        .find(|a| a.key == "service.name")
+        .and_then(|a| a.value.as_ref())
+        .and_then(|v| match &v.value {
+            Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// A route that decodes each OTLP/HTTP export with `decode` and keeps what it yields.
+fn otlp_route<T: Send + 'static>(kept: Kept<T>, decode: fn(axum::body::Bytes) -> Vec<(String, T)>) -> axum::routing::MethodRouter {
+    axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+        let kept = kept.clone();
+        async move {
+            assert_eq!(headers["content-type"], "application/x-protobuf");
+            kept.lock().unwrap().extend(decode(body));
+            axum::http::StatusCode::OK
+        }
+    })
 }
 
 impl Collector {
     async fn start() -> Collector {
+        use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+        use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
         use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
         use prost::Message;
-        let spans: std::sync::Arc<std::sync::Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>> = Default::default();
-        let kept = spans.clone();
-        let app = axum::Router::new().route(
-            "/v1/traces",
-            axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
-                let kept = kept.clone();
-                async move {
-                    assert_eq!(headers["content-type"], "application/x-protobuf");
+        let (spans, logs, metrics): (Kept<_>, Kept<_>, Kept<_>) = Default::default();
+        let app = axum::Router::new()
+            .route(
+                "/v1/traces",
+                otlp_route(spans.clone(), |body| {
                     let request = ExportTraceServiceRequest::decode(body).expect("an OTLP trace export");
-                    for resource in request.resource_spans {
-                        let service = resource
-                            .resource
-                            .iter()
-                            .flat_map(|r| r.attributes.iter())
-                            .find(|a| a.key == "service.name")
-                            .and_then(|a| a.value.as_ref())
-                            .and_then(|v| match &v.value {
-                                Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) => Some(s.clone()),
-                                _ => None,
-                            })
-                            .unwrap_or_default();
-                        for scope in resource.scope_spans {
-                            for span in scope.spans {
-                                kept.lock().unwrap().push((service.clone(), span));
-                            }
-                        }
-                    }
-                    axum::http::StatusCode::OK
-                }
-            }),
-        );
+                    request.resource_spans.into_iter().flat_map(|r| r.scope_spans.into_iter().flat_map(|s| s.spans).map(move |s| (service_name(r.resource.as_ref()), s)).collect::<Vec<_>>()).collect()
+                }),
+            )
+            .route(
+                "/v1/logs",
+                otlp_route(logs.clone(), |body| {
+                    let request = ExportLogsServiceRequest::decode(body).expect("an OTLP logs export");
+                    request.resource_logs.into_iter().flat_map(|r| r.scope_logs.into_iter().flat_map(|s| s.log_records).map(move |l| (service_name(r.resource.as_ref()), l)).collect::<Vec<_>>()).collect()
+                }),
+            )
+            .route(
+                "/v1/metrics",
+                otlp_route(metrics.clone(), |body| {
+                    let request = ExportMetricsServiceRequest::decode(body).expect("an OTLP metrics export");
+                    request.resource_metrics.into_iter().flat_map(|r| r.scope_metrics.into_iter().flat_map(|s| s.metrics).map(move |m| (service_name(r.resource.as_ref()), m)).collect::<Vec<_>>()).collect()
+                }),
+            );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Collector { url, spans }
+        Collector { url, spans, logs, metrics }
     }
+}
+
+/// The records of the upload's trace reach the collector as OTLP log records of their
+/// services, in that trace; and the metrics `/metrics` serves arrive as OTLP metrics
+/// of the same kinds, with their attributes.
+async fn logs_and_metrics_are_exported_over_otlp(collector: &Collector, trace: &str) {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    let records = eventually("the upload's log records at the collector", Duration::from_secs(30), || async {
+        let records: Vec<(String, opentelemetry_proto::tonic::logs::v1::LogRecord)> = collector.logs.lock().unwrap().iter().filter(|(_, l)| hex_of(&l.trace_id) == trace).cloned().collect();
+        let services: std::collections::BTreeSet<&str> = records.iter().map(|(service, _)| service.as_str()).collect();
+        (["echo-gateway", "echo-ingest", "echo-search"].iter().all(|s| services.contains(s))).then_some(records)
+    })
+    .await;
+    let body = |l: &opentelemetry_proto::tonic::logs::v1::LogRecord| match l.body.as_ref().and_then(|b| b.value.as_ref()) {
+        Some(Any::StringValue(s)) => s.clone(),
+        _ => String::new(),
+    };
+    let indexed = records.iter().find(|(service, l)| service == "echo-ingest" && body(l).contains("indexed")).unwrap_or_else(|| panic!("ingest's record: {:?}", records.iter().map(|(s, l)| (s, body(l))).collect::<Vec<_>>()));
+    assert_eq!(indexed.1.severity_text, "INFO");
+    assert!(indexed.1.time_unix_nano > 0);
+    let served = records.iter().find(|(service, l)| service == "echo-gateway" && body(l) == "request served").expect("the gateway's record of the upload");
+    assert!(served.1.attributes.iter().any(|a| a.key == "status"), "{:?}", served.1.attributes);
+    assert_ne!(served.1.span_id, vec![0; 8], "a request's record names its span");
+
+    let metrics = eventually("the metrics at the collector", Duration::from_secs(30), || async {
+        let metrics: Vec<(String, opentelemetry_proto::tonic::metrics::v1::Metric)> = collector.metrics.lock().unwrap().clone();
+        let names: std::collections::BTreeSet<&str> = metrics.iter().map(|(_, m)| m.name.as_str()).collect();
+        (["echo_http_requests_total", "echo_http_request_duration_seconds", "echo_queue_depth", "echo_ingest_stage_seconds"].iter().all(|n| names.contains(n))).then_some(metrics)
+    })
+    .await;
+    assert!(metrics.iter().all(|(service, _)| service == "echo"), "metrics are the process's resource");
+    let latest = |name: &str| metrics.iter().rev().find(|(_, m)| m.name == name).and_then(|(_, m)| m.data.clone()).unwrap();
+    let Some(Data::Sum(requests)) = Some(latest("echo_http_requests_total")) else { panic!("requests are a sum") };
+    assert!(requests.is_monotonic);
+    let services: std::collections::BTreeSet<String> = requests
+        .data_points
+        .iter()
+        .flat_map(|p| p.attributes.iter())
+        .filter(|a| a.key == "service")
+        .filter_map(|a| match a.value.as_ref()?.value.as_ref()? {
+            Any::StringValue(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    for service in ["gateway", "storage", "ingest", "search", "authz"] {
+        assert!(services.contains(service), "{service} in {services:?}");
+    }
+    let Some(Data::Histogram(latency)) = Some(latest("echo_http_request_duration_seconds")) else { panic!("latency is a histogram") };
+    assert!(latency.data_points.iter().map(|p| p.count).sum::<u64>() > 0);
+    assert!(matches!(latest("echo_queue_depth"), Data::Gauge(_)));
 }
 
 /// The upload's trace reaches the collector as one tree of spans: a span per request
@@ -450,6 +527,7 @@ async fn the_upload_trace_is_exported_over_otlp(collector: &Collector, trace: &s
         let span = stages.iter().find(|s| s.name == stage).unwrap_or_else(|| panic!("no {stage} span: {:?}", stages.iter().map(|s| &s.name).collect::<Vec<_>>()));
         assert_eq!(span.parent_span_id, delivery.1.span_id, "{stage} is a child of the delivery");
         assert_eq!(text_attribute(span, "echo.document_id").map(|id| format!("document:{id}")), Some(document.clone()));
+        assert!(text_attribute(span, "echo.collection_id").is_some_and(|c| !c.is_empty()), "{stage} names its collection");
     }
 }
 

@@ -61,6 +61,8 @@ impl System {
             tracing::warn!("some services did not stop within 10 s");
             self.tasks.abort_all();
         }
+        // The last seconds' spans, logs and metrics (when exported over OTLP).
+        let _ = tokio::task::spawn_blocking(common::otlp::flush).await;
     }
 }
 
@@ -148,7 +150,7 @@ pub async fn up(mut config: EchoConfig) -> anyhow::Result<System> {
     let bootstrap = identity::bootstrap(&config).await.context("identity set-up failed")?;
     // One process, one metrics registry: the gateway's /metrics serves it.
     common::server::serve_metrics_from(ServiceName::Gateway);
-    common::otlp::init(&config.telemetry);
+    common::otlp::init(&config.telemetry, "echo");
     let config = Arc::new(config);
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -192,10 +194,12 @@ pub async fn serve(config: EchoConfig, service: ServiceName, shutdown: Cancellat
         identity::bootstrap(&config).await.context("identity set-up failed")?;
     }
     let listener = bind(&config, service, true).await?;
-    common::otlp::init(&config.telemetry);
+    common::otlp::init(&config.telemetry, &format!("echo-{}", service.as_str()));
     let ctx = ServiceContext::new(Arc::new(config), service, shutdown.clone())?;
     common::telemetry::start_shipping(ctx.bus.clone(), shutdown);
-    run_service(service, ctx, listener).await
+    let outcome = run_service(service, ctx, listener).await;
+    let _ = tokio::task::spawn_blocking(common::otlp::flush).await;
+    outcome
 }
 
 /// Polls the gateway's `/readyz` until every service is ready or `timeout` passes.

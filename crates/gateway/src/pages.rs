@@ -797,6 +797,21 @@ mod tests {
         assert_eq!(human_time("yesterday"), "yesterday");
     }
 
+    #[test]
+    fn a_waterfall_keeps_sub_millisecond_requests() {
+        let records = [
+            serde_json::json!({"ts_ms": 1_000_010, "service": "gateway", "message": "request served", "fields": {"elapsed_ms": 10.6, "method": "POST", "route": "/api/v1/search"}}),
+            serde_json::json!({"ts_ms": 1_000_009, "service": "search", "message": "request served", "fields": {"elapsed_ms": 0.31, "method": "POST", "route": "/v1/search"}}),
+        ];
+        let (bars, total) = waterfall(&records);
+        assert_eq!(total, "11 ms");
+        assert_eq!(bars[0].service, "gateway");
+        assert_eq!(bars[0].left, "0.00");
+        assert_eq!(bars[1].took, "0.31 ms");
+        // 9.29 ms after the gateway's start, of 10.6 in all.
+        assert_eq!(bars[1].left, "87.64");
+    }
+
     use super::*;
 
     #[test]
@@ -1197,20 +1212,27 @@ fn log_row(record: &serde_json::Value) -> LogRow {
     }
 }
 
+/// A duration as people read it: two decimals under 10 ms (a search takes 0.3 ms), whole
+/// milliseconds above.
+fn millis(ms: f64) -> String {
+    if ms < 10.0 { format!("{ms:.2} ms") } else { format!("{ms:.0} ms") }
+}
+
 /// The waterfall of one trace's records (oldest first): each "request served" record
-/// is a bar from its start (its time less its duration) to its end.
+/// is a bar from its start (its time less its duration, which has microseconds) to its
+/// end.
 fn waterfall(records: &[serde_json::Value]) -> (Vec<SpanBar>, String) {
-    let spans: Vec<(i64, i64, &serde_json::Value)> = records
+    let spans: Vec<(f64, f64, &serde_json::Value)> = records
         .iter()
         .map(|r| {
-            let end = r["ts_ms"].as_i64().unwrap_or(0);
-            let took = r["fields"]["elapsed_ms"].as_f64().unwrap_or(0.0).round() as i64;
+            let end = r["ts_ms"].as_i64().unwrap_or(0) as f64;
+            let took = r["fields"]["elapsed_ms"].as_f64().unwrap_or(0.0).max(0.0);
             (end - took, end, r)
         })
         .collect();
-    let (Some(start), Some(end)) = (spans.iter().map(|s| s.0).min(), spans.iter().map(|s| s.1).max()) else { return (Vec::new(), String::new()) };
-    let total = (end - start).max(1) as f64;
-    let mut bars: Vec<(i64, SpanBar)> = spans
+    let (Some(start), Some(end)) = (spans.iter().map(|s| s.0).reduce(f64::min), spans.iter().map(|s| s.1).reduce(f64::max)) else { return (Vec::new(), String::new()) };
+    let total = (end - start).max(1.0);
+    let mut bars: Vec<(f64, SpanBar)> = spans
         .iter()
         .map(|(from, to, r)| {
             let route = r["fields"]["route"].as_str().unwrap_or_default();
@@ -1219,15 +1241,15 @@ fn waterfall(records: &[serde_json::Value]) -> (Vec<SpanBar>, String) {
             let bar = SpanBar {
                 service: r["service"].as_str().unwrap_or_default().to_string(),
                 label,
-                left: format!("{:.2}", (*from - start) as f64 * 100.0 / total),
-                width: format!("{:.2}", ((*to - *from) as f64 * 100.0 / total).max(0.4)),
-                took: if to > from { format!("{} ms", to - from) } else { String::new() },
+                left: format!("{:.2}", (from - start) * 100.0 / total),
+                width: format!("{:.2}", ((to - from) * 100.0 / total).max(0.4)),
+                took: if to > from { millis(to - from) } else { String::new() },
             };
             (*from, bar)
         })
         .collect();
-    bars.sort_by_key(|(from, _)| *from);
-    (bars.into_iter().map(|(_, bar)| bar).collect(), format!("{} ms", end - start))
+    bars.sort_by(|a, b| a.0.total_cmp(&b.0));
+    (bars.into_iter().map(|(_, bar)| bar).collect(), millis(end - start))
 }
 
 pub(crate) async fn admin_logs(State(app): State<AppState>, PageUser(session): PageUser, axum::extract::Query(filters): axum::extract::Query<LogFilters>) -> Response {
@@ -1306,6 +1328,8 @@ struct AuditRow {
     seq: i64,
     time: String,
     actor: String,
+    /// The actor's username when the actor is a person of the viewer's org.
+    actor_name: String,
     action: String,
     resource: String,
     outcome: String,
@@ -1341,10 +1365,14 @@ pub(crate) async fn admin_audit(State(app): State<AppState>, PageUser(session): 
             Some(_) => Some(app.ctx.peers.get_json::<serde_json::Value>(ServiceName::Audit, "/v1/audit/verify", Some(principal)).await?),
             None => None,
         };
-        Ok::<_, ApiError>((listed["records"].as_array().cloned().unwrap_or_default(), chain))
+        // Actors are user ids; the viewer's org directory names its people.
+        let path = format!("/internal/orgs/{}/users", common::client::encode(&principal.org));
+        let people: Vec<common::wire::UserSummary> = app.ctx.peers.get_json(ServiceName::Identity, &path, Some(principal)).await.unwrap_or_default();
+        let names: std::collections::HashMap<String, String> = people.into_iter().map(|u| (u.id, u.username)).collect();
+        Ok::<_, ApiError>((listed["records"].as_array().cloned().unwrap_or_default(), chain, names))
     }
     .await;
-    let (records, chain) = match loaded {
+    let (records, chain, names) = match loaded {
         Ok(loaded) => loaded,
         Err(error) => return error_page(&error),
     };
@@ -1354,6 +1382,7 @@ pub(crate) async fn admin_audit(State(app): State<AppState>, PageUser(session): 
             seq: r["seq"].as_i64().unwrap_or(0),
             time: r["time"].as_str().unwrap_or_default().replace('T', " ").trim_end_matches('Z').to_string(),
             actor: r["actor"].as_str().unwrap_or_default().to_string(),
+            actor_name: r["actor"].as_str().and_then(|a| names.get(a.strip_prefix("user:").unwrap_or(a))).cloned().unwrap_or_default(),
             action: r["action"].as_str().unwrap_or_default().to_string(),
             resource: r["resource"].as_str().unwrap_or_default().to_string(),
             outcome: r["outcome"].as_str().unwrap_or_default().to_string(),

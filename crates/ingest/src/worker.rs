@@ -206,6 +206,7 @@ pub(crate) enum Stages<'a> {
         store: &'a CatalogStore,
         job_id: &'a str,
         document_id: &'a str,
+        collection_id: &'a str,
         attempts: i64,
         /// The stage the job is in and since when (for `echo_ingest_stage_seconds`
         /// and the stage's span in the job's trace).
@@ -229,7 +230,7 @@ impl Stages<'_> {
     /// stops the work between stages.
     async fn enter(&self, stage: &str) -> Result<(), ApiError> {
         match self {
-            Stages::Job { store, job_id, document_id, attempts, entered } => {
+            Stages::Job { store, job_id, document_id, collection_id, attempts, entered } => {
                 let ended = entered.lock().ok().map(|mut entered| std::mem::replace(&mut *entered, (stage.to_string(), std::time::Instant::now(), std::time::SystemTime::now())));
                 if let Some((previous, since, started)) = ended {
                     metrics::histogram!("echo_ingest_stage_seconds", "stage" => previous.clone()).record(since.elapsed().as_secs_f64());
@@ -245,6 +246,7 @@ impl Stages<'_> {
                             attributes: vec![
                                 common::otlp::Attribute::new("echo.document_id", document_id.to_string()),
                                 common::otlp::Attribute::new("echo.job_id", job_id.to_string()),
+                                common::otlp::Attribute::new("echo.collection_id", collection_id.to_string()),
                                 common::otlp::Attribute::new("echo.stage", previous),
                             ],
                             error: false,
@@ -269,6 +271,7 @@ async fn run_stages(ctx: &ServiceContext, store: &CatalogStore, uploaded: &Docum
         store,
         job_id: &uploaded.job_id,
         document_id: &uploaded.document_id,
+        collection_id: &uploaded.collection_id,
         attempts,
         entered: std::sync::Mutex::new(("starting".to_string(), std::time::Instant::now(), std::time::SystemTime::now())),
     };

@@ -1,7 +1,7 @@
 //! logs — central operational logs.
 //!
 //! Consumes `echo.log.batch` from every service into `logs.db` (SQLite with an FTS5
-//! index over messages), applies retention by age and count, and answers queries by
+//! index over messages), applies retention by age, count and size, and answers queries by
 //! service, level, time, trace id and text. Public surface: `run`.
 //! Invariant: user text is matched as quoted phrases, never as FTS query syntax.
 
@@ -110,11 +110,45 @@ fn spawn_retention(ctx: &ServiceContext, pool: SqlitePool) {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(Duration::from_secs(60)) => {}
             }
-            let cutoff = common::now_unix_ms() - config.retention_days * 86_400_000;
-            let _ = sqlx::query("DELETE FROM records WHERE ts_ms < ?").bind(cutoff).execute(&pool).await;
-            let _ = sqlx::query("DELETE FROM records WHERE id <= (SELECT MAX(id) FROM records) - ?").bind(config.max_records).execute(&pool).await;
+            if let Err(error) = retain(&pool, &config).await {
+                tracing::warn!(%error, "log retention failed; retrying in a minute");
+            }
         }
     });
+}
+
+/// Bytes of `logs.db` in use (the records, their indexes and text index; pages freed by
+/// deletions are reused, so the file stops growing where this stops).
+async fn bytes_used(pool: &SqlitePool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT (c.page_count - f.freelist_count) * s.page_size FROM pragma_page_count() c, pragma_freelist_count() f, pragma_page_size() s").fetch_one(pool).await
+}
+
+/// One retention pass: records older than `retention_days`, all but the newest
+/// `max_records`, then the oldest while the records take more than `max_megabytes`.
+/// Returns how many records were deleted.
+async fn retain(pool: &SqlitePool, config: &common::config::LogsConfig) -> Result<u64, sqlx::Error> {
+    let cutoff = common::now_unix_ms() - config.retention_days * 86_400_000;
+    let mut deleted = sqlx::query("DELETE FROM records WHERE ts_ms < ?").bind(cutoff).execute(pool).await?.rows_affected();
+    deleted += sqlx::query("DELETE FROM records WHERE id <= (SELECT MAX(id) FROM records) - ?").bind(config.max_records).execute(pool).await?.rows_affected();
+    let limit = config.max_megabytes.max(1) * 1024 * 1024;
+    // Down to 90 % of the limit, so the next records do not cross it again at once (and
+    // the text index is rewritten only when the limit is crossed); a few rounds at most.
+    for _ in 0..8 {
+        let used = bytes_used(pool).await?;
+        if used <= limit {
+            break;
+        }
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM records").fetch_one(pool).await?;
+        if count == 0 {
+            break;
+        }
+        let over = (used - limit * 9 / 10) as f64 / used as f64;
+        let remove = ((count as f64 * over).ceil() as i64).clamp(1, count);
+        deleted += sqlx::query("DELETE FROM records WHERE id IN (SELECT id FROM records ORDER BY id LIMIT ?)").bind(remove).execute(pool).await?.rows_affected();
+        // The text index only marks deletions; merging its segments frees their pages.
+        sqlx::query("INSERT INTO records_fts(records_fts) VALUES ('optimize')").execute(pool).await?;
+    }
+    Ok(deleted)
 }
 
 #[derive(Deserialize)]
@@ -286,5 +320,55 @@ mod tests {
         let Json(tail) = query(State(state), operator_of(), Query(LogQuery { org: None, after: Some(first), ..q(None, None, None) })).await.unwrap();
         let messages: Vec<&str> = tail["records"].as_array().unwrap().iter().map(|r| r["message"].as_str().unwrap()).collect();
         assert_eq!(messages, ["query served", "later one", "later two"]);
+    }
+
+    fn record(i: usize, ts_ms: i64) -> LogRecord {
+        LogRecord {
+            ts_ms,
+            service: "ingest".into(),
+            level: "info".into(),
+            target: "ingest::worker".into(),
+            // Words that differ per record, so the text index grows with them.
+            message: (0..120).map(|w| format!("word{}x{}", i % 997, w)).collect::<Vec<_>>().join(" "),
+            fields: Default::default(),
+            trace_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn retention_keeps_the_newest_records_within_age_count_and_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = common::db::open_migrated(&dir.path().join("logs.db"), MIGRATIONS).await.unwrap();
+        let now = common::now_unix_ms();
+        let old: Vec<LogRecord> = (0..50).map(|i| record(i, now - 20 * 86_400_000)).collect();
+        store(&pool, &old, "old").await.unwrap();
+        for batch in 0..10 {
+            let records: Vec<LogRecord> = (0..500).map(|i| record(batch * 500 + i, now)).collect();
+            store(&pool, &records, "new").await.unwrap();
+        }
+        let before = bytes_used(&pool).await.unwrap();
+        assert!(before > 4 * 1024 * 1024, "the test writes more than the limit: {before}");
+        let newest: i64 = sqlx::query_scalar("SELECT MAX(id) FROM records").fetch_one(&pool).await.unwrap();
+
+        let config = common::config::LogsConfig { retention_days: 14, max_records: 4_000, max_megabytes: 2 };
+        let deleted = retain(&pool, &config).await.unwrap();
+        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM records").fetch_one(&pool).await.unwrap();
+        assert_eq!(deleted as i64 + left, 5_050);
+        // Age: none of the old ones; count and size: fewer than the count limit, newest kept.
+        let oldest_ts: i64 = sqlx::query_scalar("SELECT MIN(ts_ms) FROM records").fetch_one(&pool).await.unwrap();
+        assert!(oldest_ts >= now - 14 * 86_400_000);
+        assert!(left < 4_000 && left > 0, "{left}");
+        assert_eq!(sqlx::query_scalar::<_, i64>("SELECT MAX(id) FROM records").fetch_one(&pool).await.unwrap(), newest);
+        let used = bytes_used(&pool).await.unwrap();
+        assert!(used <= 2 * 1024 * 1024, "{used} bytes in use after retention (from {before})");
+        // The survivors are the newest, with no gap: a contiguous run of ids.
+        let min_id: i64 = sqlx::query_scalar("SELECT MIN(id) FROM records").fetch_one(&pool).await.unwrap();
+        assert_eq!(newest - min_id + 1, left);
+        // And the text index forgot the deleted ones.
+        let indexed: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM records_fts WHERE records_fts MATCH 'word0x0'").fetch_one(&pool).await.unwrap();
+        let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM records WHERE message LIKE 'word0x0 %'").fetch_one(&pool).await.unwrap();
+        assert_eq!(indexed, stored);
+        // A pass within every limit deletes nothing.
+        assert_eq!(retain(&pool, &config).await.unwrap(), 0);
     }
 }

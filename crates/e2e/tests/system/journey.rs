@@ -219,6 +219,7 @@ async fn a_user_uploads_asks_gets_a_cited_answer_and_other_orgs_see_nothing() {
     let html = page.text().await.unwrap();
     assert!(html.contains("data-chain=\"intact\""), "the page verifies the chain");
     assert!(html.contains(">document.uploaded</a>") && !html.contains(">rag.asked</a>"), "the action filter holds");
+    assert!(html.contains(">ann</a>"), "the uploader is named, not only by id");
     let forbidden = get(&ts, &ann.access_token, "/api/v1/audit").await;
     assert_eq!(forbidden.status(), StatusCode::FORBIDDEN, "members may not read the audit log");
 

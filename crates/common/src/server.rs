@@ -88,15 +88,21 @@ pub fn always_ready() -> ReadyCheck {
 
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// Installs the process-wide Prometheus recorder (beside the OTLP bridge) once.
+/// Installs the process-wide Prometheus recorder (beside the OTLP bridge when
+/// exporting) once.
 pub fn metrics_handle() -> &'static PrometheusHandle {
     METRICS.get_or_init(|| {
         let recorder = PrometheusBuilder::new().set_buckets(&crate::otlp::BUCKETS).map(|b| b.build_recorder()).unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
         let handle = recorder.handle();
-        // Every metric also goes to the OTLP bridge, which keeps nothing until export is on.
-        let both = metrics_util::layers::FanoutBuilder::default().add_recorder(recorder).add_recorder(crate::otlp::MetricsBridge).build();
         // Another recorder may already be installed (tests); then this handle stays empty.
-        let _ = metrics::set_global_recorder(both);
+        // With OTLP export on (`otlp::init` runs before the first service starts), every
+        // metric also goes to the OTLP bridge; otherwise nothing but Prometheus is paid for.
+        if crate::otlp::enabled() {
+            let both = metrics_util::layers::FanoutBuilder::default().add_recorder(recorder).add_recorder(crate::otlp::MetricsBridge).build();
+            let _ = metrics::set_global_recorder(both);
+        } else {
+            let _ = metrics::set_global_recorder(recorder);
+        }
         handle
     })
 }

@@ -183,6 +183,8 @@ struct ParseParams {
 async fn parse(State(state): State<AppState>, Query(params): Query<ParseParams>, body: Bytes) -> ApiResult<Json<ParsedDocument>> {
     let parsed = state.extract(body, &params.content_type, &params.filename).await?;
     metrics::counter!("echo_parser_documents_total", "format" => parsed.format.clone()).increment(1);
+    // Pages for paged formats (PDF pages, slides, sheets); a page for the rest.
+    metrics::counter!("echo_parser_pages_total", "format" => parsed.format.clone()).increment(u64::from(parsed.n_pages.unwrap_or(1)));
     Ok(Json(parsed))
 }
 

@@ -162,6 +162,17 @@ pub struct EchoConfig {
     pub authz: AuthzConfig,
     pub chat: ChatConfig,
     pub telemetry: TelemetryConfig,
+    pub database: DatabaseConfig,
+}
+
+/// Where services keep their data (SPEC §7 `database.url`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Empty: one SQLite file per service in the data dir. A `postgres://` URL: every
+    /// service that supports it keeps its data there, in a schema named after the
+    /// service (a service's own `database_url` overrides it). Never logged.
+    pub url: Secret,
 }
 
 /// Export to an OpenTelemetry collector. Nothing is exported unless `otlp_endpoint` is set.
@@ -566,8 +577,10 @@ pub struct LogsConfig {
     /// Only the newest this many records are kept.
     pub max_records: i64,
     /// The oldest records are deleted while the records (with their text index) take
-    /// more than this many MiB of `logs.db`.
+    /// more than this many MiB of `logs.db` (of the `logs` schema on PostgreSQL).
     pub max_megabytes: i64,
+    /// A `postgres://` URL for the logs alone (else `database.url`, else `logs.db`).
+    pub database_url: Secret,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -604,6 +617,7 @@ impl Default for EchoConfig {
             authz: AuthzConfig::default(),
             chat: ChatConfig::default(),
             telemetry: TelemetryConfig::default(),
+            database: DatabaseConfig::default(),
         }
     }
 }
@@ -709,7 +723,7 @@ impl Default for RagConfig {
 
 impl Default for LogsConfig {
     fn default() -> Self {
-        LogsConfig { retention_days: 14, max_records: 1_000_000, max_megabytes: 1024 }
+        LogsConfig { retention_days: 14, max_records: 1_000_000, max_megabytes: 1024, database_url: Secret::default() }
     }
 }
 
@@ -757,6 +771,12 @@ impl EchoConfig {
         let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.to_string() });
         if !matches!(self.log.format.as_str(), "pretty" | "json") {
             return invalid("log.format", "must be `pretty` or `json`");
+        }
+        for (key, url) in [("database.url", &self.database.url), ("logs.database_url", &self.logs.database_url)] {
+            let url = url.expose().trim();
+            if !url.is_empty() && !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return invalid(key, "must be empty (SQLite in the data dir) or a postgres:// URL");
+            }
         }
         if !matches!(self.telemetry.otlp_protocol.as_str(), "http/protobuf" | "grpc") {
             return invalid("telemetry.otlp_protocol", "must be `http/protobuf` or `grpc`");
@@ -857,6 +877,12 @@ impl EchoConfig {
 
     pub fn public_url(&self) -> String {
         self.public_url.clone().unwrap_or_else(|| self.url(ServiceName::Gateway)).trim_end_matches('/').to_string()
+    }
+
+    /// The PostgreSQL URL `service` keeps its data in, when one is configured: the
+    /// service's own `database_url`, else `database.url`. `None`: SQLite in the data dir.
+    pub fn database_url<'a>(&'a self, own: &'a Secret) -> Option<&'a str> {
+        [own, &self.database.url].into_iter().find(|url| !url.is_empty()).map(|url| url.expose().trim())
     }
 
     pub fn db_path(&self, service: ServiceName) -> PathBuf {

@@ -774,7 +774,7 @@ impl EchoConfig {
         }
         for (key, url) in [("database.url", &self.database.url), ("logs.database_url", &self.logs.database_url)] {
             let url = url.expose().trim();
-            if !url.is_empty() && !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return invalid(key, "must be empty (SQLite in the data dir) or a postgres:// URL");
             }
         }
@@ -946,6 +946,19 @@ mod tests {
         config.log.format = "xml".into();
         let message = config.validate().unwrap_err().to_string();
         assert!(message.contains("log.format"), "{message}");
+        let mut config = EchoConfig::default();
+        config.database.url = Secret("mysql://db/echo".into());
+        assert!(config.validate().unwrap_err().to_string().contains("database.url"));
+        config.database.url = Secret("postgres://echo@db/echo".into());
+        config.validate().unwrap();
+        config.telemetry.otlp_protocol = "http/json".into();
+        assert!(config.validate().unwrap_err().to_string().contains("telemetry.otlp_protocol"));
+        // A service's own URL wins over database.url.
+        let mut config = EchoConfig::default();
+        assert_eq!(config.database_url(&config.logs.database_url), None);
+        config.database.url = Secret("postgres://all@db/echo".into());
+        config.logs.database_url = Secret("postgres://logs@db/logs".into());
+        assert_eq!(config.database_url(&config.logs.database_url), Some("postgres://logs@db/logs"));
     }
 
     #[test]

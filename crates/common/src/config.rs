@@ -163,6 +163,15 @@ pub struct EchoConfig {
     pub chat: ChatConfig,
     pub telemetry: TelemetryConfig,
     pub database: DatabaseConfig,
+    pub profile: ProfileConfig,
+}
+
+/// The profile service.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// A `postgres://` URL for profiles alone (else `database.url`, else `profile.db`).
+    pub database_url: Secret,
 }
 
 /// Where services keep their data (SPEC §7 `database.url`).
@@ -618,6 +627,7 @@ impl Default for EchoConfig {
             chat: ChatConfig::default(),
             telemetry: TelemetryConfig::default(),
             database: DatabaseConfig::default(),
+            profile: ProfileConfig::default(),
         }
     }
 }
@@ -772,7 +782,7 @@ impl EchoConfig {
         if !matches!(self.log.format.as_str(), "pretty" | "json") {
             return invalid("log.format", "must be `pretty` or `json`");
         }
-        for (key, url) in [("database.url", &self.database.url), ("logs.database_url", &self.logs.database_url)] {
+        for (key, url) in [("database.url", &self.database.url), ("logs.database_url", &self.logs.database_url), ("profile.database_url", &self.profile.database_url)] {
             let url = url.expose().trim();
             if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return invalid(key, "must be empty (SQLite in the data dir) or a postgres:// URL");

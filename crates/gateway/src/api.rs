@@ -48,13 +48,13 @@ pub(crate) async fn create_collection(State(app): State<AppState>, caller: Calle
 }
 
 pub(crate) async fn share_collection(State(app): State<AppState>, caller: Caller, Path(id): Path<String>, Json(body): Json<ShareRequest>) -> ApiResult<Json<Collection>> {
-    service::check_id(&id).map_err(|_| ApiError::not_found("authz.collection_not_found", "no such collection"))?;
+    service::check_id(&id).map_err(|_| ApiError::not_found(crate::service::COLLECTION_NOT_FOUND, "no such collection"))?;
     let path = format!("/v1/collections/{id}/members");
     Ok(Json(app.ctx.peers.put_json(ServiceName::Authz, &path, Some(&caller.principal), &body).await?))
 }
 
 pub(crate) async fn collection_members(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
-    service::check_id(&id).map_err(|_| ApiError::not_found("authz.collection_not_found", "no such collection"))?;
+    service::check_id(&id).map_err(|_| ApiError::not_found(crate::service::COLLECTION_NOT_FOUND, "no such collection"))?;
     Ok(Json(app.ctx.peers.get_json(ServiceName::Authz, &format!("/v1/collections/{id}/members"), Some(&caller.principal)).await?))
 }
 

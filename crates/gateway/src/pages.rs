@@ -968,7 +968,7 @@ pub(crate) struct MemberForm {
 
 /// Adds, changes (`role` set) or removes (`role` empty) one member, keeping the others.
 async fn change_member(app: &AppState, session: &crate::session::Session, id: &str, form: &MemberForm) -> Result<String, ApiError> {
-    service::check_id(id).map_err(|_| ApiError::not_found("authz.collection_not_found", "no such collection"))?;
+    service::check_id(id).map_err(|_| ApiError::not_found(crate::service::COLLECTION_NOT_FOUND, "no such collection"))?;
     let (kind, subject) = form
         .member
         .split_once(':')

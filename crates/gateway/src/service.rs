@@ -13,6 +13,10 @@ use common::{ApiError, ErrorKind, ServiceName};
 
 use crate::AppState;
 
+/// One code for a collection that does not exist or that the caller may not read (the
+/// two are not told apart), wherever the gateway answers it; authz uses the same.
+pub(crate) const COLLECTION_NOT_FOUND: &str = "authz.collection_not_found";
+
 pub(crate) fn not_found() -> ApiError {
     ApiError::not_found("document.not_found", "no such document")
 }
@@ -86,7 +90,7 @@ pub(crate) async fn redrive(app: &AppState, principal: &Principal, subscription:
 /// leaves the collection and its access as they were, and a retry finishes the job),
 /// then the collection and its shares. Personal collections cannot be deleted.
 pub(crate) async fn delete_collection(app: &AppState, principal: &Principal, id: &str) -> Result<(), ApiError> {
-    let not_found = || ApiError::not_found("authz.collection_not_found", "no such collection");
+    let not_found = || ApiError::not_found(COLLECTION_NOT_FOUND, "no such collection");
     check_id(id).map_err(|_| not_found())?;
     let collection: Collection = app.ctx.peers.get_json(ServiceName::Authz, &format!("/v1/collections/{id}"), Some(principal)).await?;
     if collection.personal {
@@ -309,13 +313,13 @@ async fn read_upload(
                 }
                 let collection = match collection.take() {
                     Some(id) => {
-                        check_id(&id).map_err(|_| ApiError::not_found("collection.not_found", "no such collection"))?;
+                        check_id(&id).map_err(|_| ApiError::not_found(COLLECTION_NOT_FOUND, "no such collection"))?;
                         id
                     }
                     None => personal_collection(app, principal).await?,
                 };
                 if !decide(app, principal, "collection:read", "Collection", &collection).await? {
-                    return Err(ApiError::not_found("collection.not_found", "no such collection"));
+                    return Err(ApiError::not_found(COLLECTION_NOT_FOUND, "no such collection"));
                 }
                 if !decide(app, principal, "document:create", "Collection", &collection).await? {
                     return Err(ApiError::forbidden("collection.read_only", "you may not add documents to this collection"));

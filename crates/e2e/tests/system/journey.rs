@@ -140,6 +140,12 @@ async fn a_user_uploads_asks_gets_a_cited_answer_and_other_orgs_see_nothing() {
         assert_eq!(hits["hits"].as_array().unwrap().len(), 0, "{hits}");
         let hits: Value = post(&ts, outsider, "/api/v1/search", json!({"query": "launch code", "k": 10, "collections": [personal.clone()]})).await.json().await.unwrap();
         assert_eq!(hits["hits"].as_array().unwrap().len(), 0, "naming someone else's collection finds nothing");
+        // Uploading into it: the same answer as for a collection that does not exist.
+        for collection in [personal.as_str(), "00000000-0000-0000-0000-000000000000", "not an id"] {
+            let refused = upload(&ts, outsider, "x.txt", "text/plain", b"intrusion".to_vec(), Some(collection)).await;
+            assert_eq!(refused.status(), StatusCode::NOT_FOUND, "{collection}");
+            assert_eq!(refused.json::<Value>().await.unwrap()["code"], "authz.collection_not_found", "{collection}");
+        }
         let answer: Value = post(&ts, outsider, "/api/v1/ask", json!({"question": "What is the launch code?"})).await.json().await.unwrap();
         assert!(!answer.to_string().contains("tangerine"), "{answer}");
         assert_eq!(answer["citations"].as_array().unwrap().len(), 0);

@@ -134,6 +134,7 @@ impl AppState {
                 common::wire::AccessEpoch { version: i64::MAX, policies: u64::MAX }
             }
         };
+        common::local::announce_access(&self.ctx.config.url(common::ServiceName::Authz), epoch);
         let change = common::wire::RelationshipChanged { object: object.clone(), relation: relation.into(), subjects, epoch };
         let event = self.ctx.bus.event(events::RELATIONSHIP_CHANGED, Some(object), serde_json::to_value(&change).unwrap_or_default());
         if let Err(error) = self.ctx.bus.publish_one(event).await {

@@ -1,5 +1,7 @@
 //! chat — rooms within an org and their message history.
 //!
+//! Layers: thin handlers (here) → the `store::ChatStore` trait (SQLite `chat.db`, or
+//! PostgreSQL schema `chat` with `chat.database_url` / `database.url`).
 //! Messages are persisted before they are announced on the bus
 //! (`echo.chat.message.posted`). Who is in a room is a relationship owned by authz
 //! (the creator is its owner; owners add members): every read and post is a Cedar
@@ -7,12 +9,15 @@
 //! and any room of another org, is invisible (404). WebSocket delivery and `@echo`
 //! arrive with the chat issue; this is the REST core they build on.
 
+mod store;
+
+use std::sync::Arc;
+
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Router, middleware};
 use serde::{Deserialize, Serialize};
-use sqlx::{Row, SqlitePool};
 use tokio::net::TcpListener;
 
 use common::error::{ApiResult, Json, Query};
@@ -20,31 +25,12 @@ use common::server::ActingUser;
 use common::wire::{Principal, events};
 use common::{ApiError, ServiceContext, ServiceName, rfc3339};
 
-const MIGRATIONS: &[&str] = &[r#"
-CREATE TABLE rooms (
-    id TEXT PRIMARY KEY,
-    org TEXT NOT NULL,
-    name TEXT NOT NULL,
-    created_by TEXT NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE INDEX rooms_org ON rooms(org);
-CREATE TABLE messages (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    room_id TEXT NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
-    author TEXT NOT NULL,
-    author_name TEXT NOT NULL,
-    body TEXT NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE INDEX messages_room ON messages(room_id, seq);
-"#];
+use crate::store::{ChatStore, MessageRow, RoomRow};
 
 #[derive(Clone)]
 struct AppState {
     ctx: ServiceContext,
-    pool: SqlitePool,
+    store: Arc<dyn ChatStore>,
 }
 
 #[derive(Serialize)]
@@ -68,13 +54,19 @@ struct Message {
 
 /// Runs the chat service on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
-    let pool = common::db::open_migrated(&ctx.config.db_path(ServiceName::Chat), MIGRATIONS).await?;
-    let ready = common::server::sqlite_ready(pool.clone(), vec![]);
+    let store = store::open(&ctx.config).await?;
+    let ready: common::server::ReadyCheck = {
+        let store = store.clone();
+        Arc::new(move || {
+            let store = store.clone();
+            Box::pin(async move { store.ready().await })
+        })
+    };
     let routes = Router::new()
         .route("/v1/rooms", get(list_rooms).post(create_room))
         .route("/v1/rooms/{id}/messages", get(list_messages).post(post_message))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
-        .with_state(AppState { ctx: ctx.clone(), pool });
+        .with_state(AppState { ctx: ctx.clone(), store });
     let router = common::server::service_router(&ctx, routes, ready).fallback(common::server::not_found);
     common::server::serve(listener, router, ctx.shutdown.clone()).await
 }
@@ -90,24 +82,18 @@ async fn create_room(State(state): State<AppState>, ActingUser(principal): Actin
         return Err(ApiError::bad_request("chat.invalid_name", "room names are 1 to 100 characters"));
     }
     let cap = state.ctx.config.chat.max_rooms_per_user;
-    let created: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM rooms WHERE created_by = ?").bind(&principal.sub).fetch_one(&state.pool).await?;
+    let created = state.store.rooms_created_by(&principal.sub).await.map_err(ApiError::internal)?;
     if created >= cap {
         return Err(ApiError::forbidden("chat.limit_reached", format!("you have created {cap} rooms, the most allowed (chat.max_rooms_per_user)")));
     }
     let id = uuid::Uuid::now_v7().to_string();
     let now = common::now_unix();
-    sqlx::query("INSERT INTO rooms (id, org, name, created_by, created_at) VALUES (?, ?, ?, ?, ?)")
-        .bind(&id)
-        .bind(&principal.org)
-        .bind(name)
-        .bind(&principal.sub)
-        .bind(now)
-        .execute(&state.pool)
-        .await?;
+    let row = RoomRow { id: id.clone(), org: principal.org.clone(), name: name.to_string(), created_by: principal.sub.clone(), created_at: now };
+    state.store.create_room(&row).await.map_err(ApiError::internal)?;
     // Authz holds who is in the room; without that the room must not exist.
     let registered: Result<serde_json::Value, ApiError> = state.ctx.peers.post_json(ServiceName::Authz, "/v1/rooms", Some(&principal), &serde_json::json!({"id": id})).await;
     if let Err(error) = registered {
-        let _ = sqlx::query("DELETE FROM rooms WHERE id = ?").bind(&id).execute(&state.pool).await;
+        let _ = state.store.delete_room(&id).await;
         return Err(error);
     }
     Ok((StatusCode::CREATED, Json(Room { id, name: name.to_string(), created_by: principal.sub, created_at: rfc3339(now) })))
@@ -121,15 +107,14 @@ struct ReadableRooms {
 /// The rooms the caller is in (authz's exact answer), by name.
 async fn list_rooms(State(state): State<AppState>, ActingUser(principal): ActingUser) -> ApiResult<Json<Vec<Room>>> {
     let readable: ReadableRooms = state.ctx.peers.get_json(ServiceName::Authz, "/v1/rooms", Some(&principal)).await?;
-    let rows = sqlx::query("SELECT * FROM rooms WHERE org = ? AND id IN (SELECT value FROM json_each(?)) ORDER BY name")
-        .bind(&principal.org)
-        .bind(serde_json::to_string(&readable.rooms).unwrap_or_else(|_| "[]".into()))
-        .fetch_all(&state.pool)
-        .await?;
-    let rooms = rows
-        .iter()
-        .map(|r| Ok(Room { id: r.try_get("id")?, name: r.try_get("name")?, created_by: r.try_get("created_by")?, created_at: rfc3339(r.try_get("created_at")?) }))
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let rooms = state
+        .store
+        .rooms_among(&principal.org, &readable.rooms)
+        .await
+        .map_err(ApiError::internal)?
+        .into_iter()
+        .map(|r| Room { id: r.id, name: r.name, created_by: r.created_by, created_at: rfc3339(r.created_at) })
+        .collect();
     Ok(Json(rooms))
 }
 
@@ -171,15 +156,8 @@ async fn post_message(
     }
     let id = uuid::Uuid::now_v7().to_string();
     let now = common::now_unix();
-    let seq: i64 = sqlx::query_scalar("INSERT INTO messages (id, room_id, author, author_name, body, created_at) VALUES (?, ?, ?, ?, ?, ?) RETURNING seq")
-        .bind(&id)
-        .bind(&room_id)
-        .bind(&principal.sub)
-        .bind(&principal.username)
-        .bind(text)
-        .bind(now)
-        .fetch_one(&state.pool)
-        .await?;
+    let row = MessageRow { id: id.clone(), seq: 0, room_id: room_id.clone(), author: principal.sub.clone(), author_name: principal.username.clone(), body: text.to_string(), created_at: now };
+    let seq = state.store.append(&row).await.map_err(ApiError::internal)?;
     let message = Message { id, seq, room_id, author: principal.sub.clone(), author_name: principal.username.clone(), body: text.to_string(), created_at: rfc3339(now) };
     let event = state.ctx.bus.event(events::CHAT_MESSAGE_POSTED, Some(format!("room:{}", message.room_id)), serde_json::json!({"room_id": message.room_id, "message_id": message.id, "seq": seq}));
     if let Err(error) = state.ctx.bus.publish_one(event).await {
@@ -196,26 +174,13 @@ struct Page {
 
 async fn list_messages(State(state): State<AppState>, ActingUser(principal): ActingUser, Path(room_id): Path<String>, Query(page): Query<Page>) -> ApiResult<Json<Vec<Message>>> {
     require_in_room(&state, &principal, &room_id, "room:read").await?;
-    let rows = sqlx::query("SELECT * FROM messages WHERE room_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?")
-        .bind(&room_id)
-        .bind(page.before.unwrap_or(i64::MAX))
-        .bind(page.limit.unwrap_or(50).clamp(1, 200))
-        .fetch_all(&state.pool)
-        .await?;
-    let mut messages = rows
-        .iter()
-        .map(|r| {
-            Ok(Message {
-                id: r.try_get("id")?,
-                seq: r.try_get("seq")?,
-                room_id: r.try_get("room_id")?,
-                author: r.try_get("author")?,
-                author_name: r.try_get("author_name")?,
-                body: r.try_get("body")?,
-                created_at: rfc3339(r.try_get("created_at")?),
-            })
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    messages.reverse();
+    let messages = state
+        .store
+        .messages(&room_id, page.before.unwrap_or(i64::MAX), page.limit.unwrap_or(50).clamp(1, 200))
+        .await
+        .map_err(ApiError::internal)?
+        .into_iter()
+        .map(|m| Message { id: m.id, seq: m.seq, room_id: m.room_id, author: m.author, author_name: m.author_name, body: m.body, created_at: rfc3339(m.created_at) })
+        .collect();
     Ok(Json(messages))
 }

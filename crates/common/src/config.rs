@@ -232,11 +232,13 @@ impl Default for AuthzConfig {
 pub struct ChatConfig {
     /// Rooms one person may create.
     pub max_rooms_per_user: i64,
+    /// A `postgres://` URL for chat alone (else `database.url`, else `chat.db`).
+    pub database_url: Secret,
 }
 
 impl Default for ChatConfig {
     fn default() -> Self {
-        ChatConfig { max_rooms_per_user: 500 }
+        ChatConfig { max_rooms_per_user: 500, database_url: Secret::default() }
     }
 }
 
@@ -398,6 +400,17 @@ pub struct QueueConfig {
 pub struct StorageConfig {
     pub max_blob_bytes: u64,
     pub quota_bytes_per_user: u64,
+    /// Where the bytes live: empty = files under the data dir (`blobs/`); `s3://BUCKET`
+    /// (optionally `s3://BUCKET/PREFIX`) = an S3-compatible store.
+    pub url: String,
+    /// The S3 endpoint (`http://127.0.0.1:9000`); empty = AWS's for the region.
+    pub s3_endpoint: String,
+    pub s3_region: String,
+    pub s3_access_key_id: Secret,
+    pub s3_secret_access_key: Secret,
+    /// A `postgres://` URL for the blob ledger (sizes, hashes, quota reservations) alone
+    /// (else `database.url`, else `storage.db`).
+    pub database_url: Secret,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -596,6 +609,8 @@ pub struct LogsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct AuditConfig {
     pub checkpoint_every: i64,
+    /// A `postgres://` URL for the audit log alone (else `database.url`, else `audit.db`).
+    pub database_url: Secret,
 }
 
 impl Default for EchoConfig {
@@ -678,7 +693,16 @@ impl Default for QueueConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { max_blob_bytes: 50 * 1024 * 1024, quota_bytes_per_user: 5 * 1024 * 1024 * 1024 }
+        StorageConfig {
+            max_blob_bytes: 50 * 1024 * 1024,
+            quota_bytes_per_user: 5 * 1024 * 1024 * 1024,
+            url: String::new(),
+            s3_endpoint: String::new(),
+            s3_region: "us-east-1".into(),
+            s3_access_key_id: Secret::default(),
+            s3_secret_access_key: Secret::default(),
+            database_url: Secret::default(),
+        }
     }
 }
 
@@ -739,7 +763,7 @@ impl Default for LogsConfig {
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        AuditConfig { checkpoint_every: 1000 }
+        AuditConfig { checkpoint_every: 1000, database_url: Secret::default() }
     }
 }
 
@@ -782,10 +806,21 @@ impl EchoConfig {
         if !matches!(self.log.format.as_str(), "pretty" | "json") {
             return invalid("log.format", "must be `pretty` or `json`");
         }
-        for (key, url) in [("database.url", &self.database.url), ("logs.database_url", &self.logs.database_url), ("profile.database_url", &self.profile.database_url)] {
+        for (key, url) in [("database.url", &self.database.url), ("logs.database_url", &self.logs.database_url), ("profile.database_url", &self.profile.database_url), ("storage.database_url", &self.storage.database_url), ("audit.database_url", &self.audit.database_url), ("chat.database_url", &self.chat.database_url)] {
             let url = url.expose().trim();
             if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return invalid(key, "must be empty (SQLite in the data dir) or a postgres:// URL");
+            }
+        }
+        let blobs = self.storage.url.trim();
+        if !blobs.is_empty() {
+            let bucket = blobs.strip_prefix("s3://").map(|rest| rest.split('/').next().unwrap_or_default()).unwrap_or_default();
+            if bucket.is_empty() {
+                return invalid("storage.url", "must be empty (files in the data dir) or s3://BUCKET[/PREFIX]");
+            }
+            let endpoint = self.storage.s3_endpoint.trim();
+            if !(endpoint.is_empty() || endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return invalid("storage.s3_endpoint", "must be empty (AWS) or an http:// or https:// URL");
             }
         }
         if !matches!(self.telemetry.otlp_protocol.as_str(), "http/protobuf" | "grpc") {

@@ -14,7 +14,7 @@ pub mod db;
 pub mod error;
 pub mod files;
 pub mod formats;
-mod local;
+pub mod local;
 pub mod otlp;
 pub mod rand;
 pub mod server;

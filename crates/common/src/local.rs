@@ -5,7 +5,12 @@
 //! to another process goes over TCP as before; nothing else tells the two apart.
 //!
 //! `serve` registers each router under its listener's address for as long as it
-//! serves. The caller's timeout bounds the call until the answer's head (as over TCP
+//! serves.
+//!
+//! Likewise authz tells the services of its own process about a change of access the
+//! moment it is committed (`announce_access`), before it answers the request that made
+//! it; the bus carries the same announcement to other processes. So in one process a
+//! share or an unshare holds for the very next request, whatever the bus's delivery lag. The caller's timeout bounds the call until the answer's head (as over TCP
 //! with `reqwest`'s per-request timeout, which also covers the body: a streamed answer
 //! here is bounded by its reader instead, as every streaming caller already does).
 
@@ -18,9 +23,26 @@ use axum::Router;
 use axum::body::{Body, HttpBody};
 use tower::ServiceExt;
 
+use crate::wire::AccessEpoch;
+
 /// Routers of this process by the `host:port` their peers' URLs name.
 static ROUTERS: LazyLock<RwLock<HashMap<String, (u64, Router)>>> = LazyLock::new(Default::default);
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+/// The latest access epoch announced by each authz of this process, by its URL.
+static ACCESS: LazyLock<RwLock<HashMap<String, AccessEpoch>>> = LazyLock::new(Default::default);
+
+/// Authz at `authz_url` committed a change of access at `epoch`.
+pub fn announce_access(authz_url: &str, epoch: AccessEpoch) {
+    if let Ok(mut access) = ACCESS.write() {
+        let latest = access.entry(authz_url.to_string()).or_default();
+        *latest = latest.max(&epoch);
+    }
+}
+
+/// The latest epoch authz at `authz_url` announced in this process, if it runs here.
+pub fn announced_access(authz_url: &str) -> Option<AccessEpoch> {
+    ACCESS.read().ok()?.get(authz_url).copied()
+}
 
 /// Keeps a router reachable in process; dropping it (the listener stopped) removes it.
 pub(crate) struct Registration {

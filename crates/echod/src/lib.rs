@@ -352,6 +352,85 @@ pub mod testing {
             }
         }
     }
+
+    /// A real S3-protocol server for a test: `moto_server` (PyPI `moto[server]`) on a free
+    /// port with one fresh bucket, stopped when dropped. Found at `ECHO_TEST_MOTO_SERVER`,
+    /// else in `target/moto-venv` (where `.ci/run` installs it), else on the `PATH`.
+    pub struct ScratchS3 {
+        /// `http://127.0.0.1:PORT`.
+        pub endpoint: String,
+        pub bucket: String,
+        _server: tokio::process::Child,
+    }
+
+    fn moto_program() -> Option<std::path::PathBuf> {
+        if let Some(path) = std::env::var_os("ECHO_TEST_MOTO_SERVER") {
+            return Some(path.into());
+        }
+        let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/moto-venv/bin/moto_server");
+        if venv.is_file() {
+            return Some(venv);
+        }
+        std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join("moto_server")).find(|p| p.is_file()))
+    }
+
+    impl ScratchS3 {
+        /// `None`, after printing why, when moto is not installed (under CI: a failure).
+        pub async fn start() -> Option<ScratchS3> {
+            let Some(program) = moto_program() else {
+                absent("moto_server (an S3-protocol server, PyPI moto[server])", "not installed: set ECHO_TEST_MOTO_SERVER or run .ci/run");
+                return None;
+            };
+            let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or_else(|e| panic!("a free port: {e}"));
+            let server = tokio::process::Command::new(&program)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+            let endpoint = format!("http://127.0.0.1:{port}");
+            let bucket = format!("echo-test-{}", uuid_like());
+            let http = reqwest::Client::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            // Up once the bucket can be created (moto takes no signature).
+            loop {
+                match http.put(format!("{endpoint}/{bucket}")).send().await {
+                    Ok(response) if response.status().is_success() => break,
+                    Ok(response) => panic!("creating bucket {bucket}: {}", response.status()),
+                    Err(_) if std::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+                    Err(error) => panic!("moto_server did not start within 60 s: {error}"),
+                }
+            }
+            Some(ScratchS3 { endpoint, bucket, _server: server })
+        }
+
+        /// A storage configuration for this bucket.
+        pub fn config(&self) -> common::config::StorageConfig {
+            common::config::StorageConfig {
+                url: format!("s3://{}", self.bucket),
+                s3_endpoint: self.endpoint.clone(),
+                s3_region: "us-east-1".into(),
+                s3_access_key_id: common::config::Secret("echo-test-key".into()),
+                s3_secret_access_key: common::config::Secret("echo-test-secret".into()),
+                ..common::config::StorageConfig::default()
+            }
+        }
+
+        /// Multipart uploads begun and neither completed nor aborted.
+        pub async fn open_multipart_uploads(&self) -> usize {
+            let listing = reqwest::get(format!("{}/{}?uploads", self.endpoint, self.bucket)).await.and_then(reqwest::Response::error_for_status);
+            let text = listing.unwrap_or_else(|e| panic!("listing uploads: {e}")).text().await.unwrap_or_default();
+            text.matches("<Upload>").count()
+        }
+
+        /// Every key in the bucket.
+        pub async fn keys(&self) -> Vec<String> {
+            let listing = reqwest::get(format!("{}/{}?list-type=2", self.endpoint, self.bucket)).await.and_then(reqwest::Response::error_for_status);
+            let text = listing.unwrap_or_else(|e| panic!("listing keys: {e}")).text().await.unwrap_or_default();
+            text.split("<Key>").skip(1).filter_map(|rest| rest.split("</Key>").next()).map(str::to_string).collect()
+        }
+    }
 }
 
 #[cfg(test)]

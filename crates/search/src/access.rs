@@ -2,8 +2,10 @@
 //! searches. An answer carries the access epoch it was computed at; authz announces
 //! every change of access with the new epoch (`echo.relationship.changed`), and an
 //! answer older than an announced epoch is never used again, nor stored if it arrives
-//! after the announcement. `search.readable_cache_secs` bounds an answer's life in
-//! case an announcement is lost.
+//! after the announcement. An authz in this process also announces in process
+//! (`common::local::announce_access`) before it answers, so there a change holds for
+//! the very next search; from another process it holds once the bus delivers it.
+//! `search.readable_cache_secs` bounds an answer's life in case an announcement is lost.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,6 +33,7 @@ struct State {
 pub(crate) struct Access {
     ctx: ServiceContext,
     ttl: Duration,
+    authz_url: String,
     state: Arc<Mutex<State>>,
 }
 
@@ -42,12 +45,16 @@ fn key_of(principal: &Principal) -> String {
 impl Access {
     pub(crate) fn new(ctx: ServiceContext) -> Access {
         let ttl = Duration::from_secs(ctx.config.search.readable_cache_secs);
-        Access { ctx, ttl, state: Arc::default() }
+        let authz_url = ctx.config.url(ServiceName::Authz);
+        Access { ctx, ttl, authz_url, state: Arc::default() }
     }
 
     /// What `principal` may read (`document:read_chunks`), from the cache when current.
     pub(crate) async fn readable(&self, principal: &Principal) -> Result<Arc<ReadableCollections>, ApiError> {
         let key = key_of(principal);
+        if let Some(epoch) = common::local::announced_access(&self.authz_url) {
+            self.changed(&epoch);
+        }
         if !self.ttl.is_zero()
             && let Ok(state) = self.state.lock()
             && let Some(entry) = state.entries.get(&key)
@@ -75,9 +82,11 @@ impl Access {
     /// An announced change: every answer it outdates goes.
     pub(crate) fn changed(&self, epoch: &AccessEpoch) {
         if let Ok(mut state) = self.state.lock() {
-            state.announced = state.announced.max(epoch);
-            let announced = state.announced;
-            state.entries.retain(|_, entry| entry.answer.epoch.current_after(&announced));
+            let announced = state.announced.max(epoch);
+            if announced != state.announced {
+                state.announced = announced;
+                state.entries.retain(|_, entry| entry.answer.epoch.current_after(&announced));
+            }
         }
     }
 

@@ -12,7 +12,33 @@ use echod::testing::TestEcho;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_chained_once_and_the_chain_verifies() {
-    let echo = TestEcho::start().await;
+    chained_once_and_verified(TestEcho::start().await).await;
+}
+
+/// The same with the audit log in PostgreSQL (`audit.database_url`), exported and
+/// verified offline from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_database_url_the_audit_log_lives_in_postgresql() {
+    let Some(server) = echod::testing::ScratchServer::postgres().await else { return };
+    let url = server.url.clone();
+    let echo = TestEcho::start_with(|config| config.audit.database_url = common::config::Secret(url)).await;
+    let config = echo.config.clone();
+    chained_once_and_verified(echo).await;
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&server.url).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit.records WHERE action = 'test.audited'").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(n, 1);
+    assert!(sqlx::query("DELETE FROM audit.records").execute(&mut conn).await.is_err(), "the trigger refuses deletion");
+    let mut exported = Vec::new();
+    let written = audit::export(&config, &mut exported).await.unwrap();
+    assert!(written >= 1);
+    let verified = audit::verify_file(std::io::Cursor::new(exported), None).unwrap();
+    assert!(verified.chain.ok, "{verified:?}");
+    drop(conn);
+    server.cleanup().await;
+}
+
+async fn chained_once_and_verified(echo: TestEcho) {
     let bus = Bus::new(echo.peers_as(ServiceName::Rag), ServiceName::Rag);
     let audit = AuditEvent { actor: "ann".into(), action: "test.audited".into(), resource: "thing:1".into(), outcome: "success".into(), context: serde_json::json!({}) };
     let event = bus.event(events::AUDIT_RECORDED, None, audit);

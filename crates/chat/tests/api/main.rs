@@ -8,7 +8,24 @@ use echod::testing::TestEcho;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rooms_keep_their_history_and_only_their_members_see_it() {
-    let echo = TestEcho::start().await;
+    rooms_and_history(TestEcho::start().await).await;
+}
+
+/// The same with rooms and messages in PostgreSQL (`chat.database_url`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_database_url_rooms_and_messages_live_in_postgresql() {
+    let Some(server) = echod::testing::ScratchServer::postgres().await else { return };
+    let url = server.url.clone();
+    rooms_and_history(TestEcho::start_with(|config| config.chat.database_url = common::config::Secret(url)).await).await;
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&server.url).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat.messages").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(n, 2);
+    drop(conn);
+    server.cleanup().await;
+}
+
+async fn rooms_and_history(echo: TestEcho) {
     let peers = echo.peers_as(ServiceName::Gateway);
     let ann = Principal { sub: "ann".into(), username: "ann".into(), org: "acme".into(), roles: vec![] };
     let room: serde_json::Value = peers.post_json(ServiceName::Chat, "/v1/rooms", Some(&ann), &serde_json::json!({"name": "general"})).await.unwrap();

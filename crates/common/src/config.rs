@@ -537,6 +537,8 @@ pub struct RagConfig {
     /// …and below this share of the question's words (weighted by rarity) in the best
     /// passage; with embeddings off, this alone decides.
     pub min_coverage: f32,
+    /// A `postgres://` URL for conversations alone (else `database.url`, else `rag.db`).
+    pub database_url: Secret,
 }
 
 /// The language model answers are written by (`provider` `none`: extractive answers).
@@ -751,7 +753,7 @@ impl Default for SearchConfig {
 
 impl Default for RagConfig {
     fn default() -> Self {
-        RagConfig { top_k: 8, max_citations: 4, audit_question: "hash".into(), min_similarity: 0.35, min_coverage: 0.5 }
+        RagConfig { top_k: 8, max_citations: 4, audit_question: "hash".into(), min_similarity: 0.35, min_coverage: 0.5, database_url: Secret::default() }
     }
 }
 
@@ -806,7 +808,7 @@ impl EchoConfig {
         if !matches!(self.log.format.as_str(), "pretty" | "json") {
             return invalid("log.format", "must be `pretty` or `json`");
         }
-        for (key, url) in [("database.url", &self.database.url), ("logs.database_url", &self.logs.database_url), ("profile.database_url", &self.profile.database_url), ("storage.database_url", &self.storage.database_url), ("audit.database_url", &self.audit.database_url), ("chat.database_url", &self.chat.database_url)] {
+        for (key, url) in [("database.url", &self.database.url), ("logs.database_url", &self.logs.database_url), ("profile.database_url", &self.profile.database_url), ("storage.database_url", &self.storage.database_url), ("audit.database_url", &self.audit.database_url), ("chat.database_url", &self.chat.database_url), ("rag.database_url", &self.rag.database_url)] {
             let url = url.expose().trim();
             if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return invalid(key, "must be empty (SQLite in the data dir) or a postgres:// URL");

@@ -42,18 +42,24 @@ use common::wire::{ASK_EVENT_ANSWER, ASK_EVENT_DELTA, ASK_EVENT_ERROR, AnswerDel
 use common::{ApiError, ServiceContext, ServiceName, rfc3339};
 
 use service::{AskEvent, Rag};
-use store::Store;
 
 type AppState = Arc<Rag>;
 
 /// Runs the rag service on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
-    let store = Store::open(&ctx.config.db_path(ServiceName::Rag)).await?;
+    let store = store::open(&ctx.config).await?;
     let llm = llm::Llm::from_config(&ctx.config.llm)?;
     match &llm {
         Some(llm) => tracing::info!("{}", llm.describe()),
         None => tracing::info!("no language model is configured (llm.provider: none): answers quote the documents"),
     }
+    let ready: common::server::ReadyCheck = {
+        let store = store.clone();
+        Arc::new(move || {
+            let store = store.clone();
+            Box::pin(async move { store.ready().await })
+        })
+    };
     let state: AppState = Arc::new(Rag { ctx: ctx.clone(), store, llm });
     let routes = Router::new()
         .route("/v1/ask", post(ask))
@@ -61,7 +67,7 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .route("/v1/conversations/{id}", get(get_conversation).patch(rename_conversation).delete(delete_conversation))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), common::server::require_service_token))
         .with_state(state);
-    let router = common::server::service_router(&ctx, routes, common::server::always_ready()).fallback(common::server::not_found);
+    let router = common::server::service_router(&ctx, routes, ready).fallback(common::server::not_found);
     common::server::serve(listener, router, ctx.shutdown.clone()).await
 }
 

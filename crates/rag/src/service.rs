@@ -17,7 +17,7 @@ use common::{ApiError, ErrorKind, ServiceContext, ServiceName};
 use crate::answer::{self, Grounding};
 use crate::context::{self, CitationFilter};
 use crate::llm::{Llm, LlmError, Piece};
-use crate::store::{Reply, Store};
+use crate::store::{ConversationStore, Reply};
 
 /// What a streamed ask yields, in order: deltas, then the answer or an error.
 pub(crate) enum AskEvent {
@@ -28,7 +28,7 @@ pub(crate) enum AskEvent {
 
 pub(crate) struct Rag {
     pub(crate) ctx: ServiceContext,
-    pub(crate) store: Store,
+    pub(crate) store: std::sync::Arc<dyn ConversationStore>,
     pub(crate) llm: Option<Llm>,
 }
 

@@ -8,7 +8,24 @@ use echod::testing::TestEcho;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_nothing_readable_it_says_so_and_keeps_the_conversation() {
-    let echo = TestEcho::start().await;
+    says_so_and_keeps_the_conversation(TestEcho::start().await).await;
+}
+
+/// The same with conversations in PostgreSQL (`rag.database_url`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_database_url_conversations_live_in_postgresql() {
+    let Some(server) = echod::testing::ScratchServer::postgres().await else { return };
+    let url = server.url.clone();
+    says_so_and_keeps_the_conversation(TestEcho::start_with(|config| config.rag.database_url = common::config::Secret(url)).await).await;
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&server.url).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM rag.messages").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(n, 2);
+    drop(conn);
+    server.cleanup().await;
+}
+
+async fn says_so_and_keeps_the_conversation(echo: TestEcho) {
     let peers = echo.peers_as(ServiceName::Gateway);
     let ann = Principal { sub: "ann".into(), username: "ann".into(), org: "acme".into(), roles: vec![] };
     let request = AskRequest { question: "What is the launch code?".into(), collections: None, conversation_id: None, history: vec![] };

@@ -313,6 +313,9 @@ pub struct GatewayConfig {
     pub rate_limits: Switch,
     /// The budgets when `rate_limits` is on.
     pub rate_limit: RateBudgets,
+    /// A `postgres://` URL for sessions, sign-ins and revocations alone (else
+    /// `database.url`, else `gateway.db`); shared, every gateway replica honours them.
+    pub database_url: Secret,
 }
 
 /// `on` or `off` (YAML booleans are read too).
@@ -683,6 +686,7 @@ impl Default for GatewayConfig {
             session_ttl_hours: 12,
             rate_limits: Switch::On,
             rate_limit: RateBudgets::default(),
+            database_url: Secret::default(),
         }
     }
 }
@@ -808,7 +812,7 @@ impl EchoConfig {
         if !matches!(self.log.format.as_str(), "pretty" | "json") {
             return invalid("log.format", "must be `pretty` or `json`");
         }
-        for (key, url) in [("database.url", &self.database.url), ("logs.database_url", &self.logs.database_url), ("profile.database_url", &self.profile.database_url), ("storage.database_url", &self.storage.database_url), ("audit.database_url", &self.audit.database_url), ("chat.database_url", &self.chat.database_url), ("rag.database_url", &self.rag.database_url)] {
+        for (key, url) in [("database.url", &self.database.url), ("logs.database_url", &self.logs.database_url), ("profile.database_url", &self.profile.database_url), ("storage.database_url", &self.storage.database_url), ("audit.database_url", &self.audit.database_url), ("chat.database_url", &self.chat.database_url), ("rag.database_url", &self.rag.database_url), ("gateway.database_url", &self.gateway.database_url)] {
             let url = url.expose().trim();
             if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return invalid(key, "must be empty (SQLite in the data dir) or a postgres:// URL");

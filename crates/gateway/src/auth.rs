@@ -84,7 +84,7 @@ async fn authenticate(parts: &Parts, app: &AppState) -> Result<Caller, ApiError>
         }
         return Ok(Caller { principal, session: None });
     }
-    let session = session::load(&app.pool, &parts.headers).await?.ok_or_else(|| ApiError::unauthenticated("sign in or send a bearer token"))?;
+    let session = session::load(app.store.as_ref(), &parts.headers).await?.ok_or_else(|| ApiError::unauthenticated("sign in or send a bearer token"))?;
     if !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS) {
         let presented = parts.headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).unwrap_or_default();
         if !common::rand::constant_time_eq(presented.as_bytes(), session.csrf.as_bytes()) {
@@ -111,7 +111,7 @@ impl FromRequestParts<AppState> for PageUser {
 
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Self::Rejection> {
         use axum::response::IntoResponse;
-        match session::load(&app.pool, &parts.headers).await {
+        match session::load(app.store.as_ref(), &parts.headers).await {
             Ok(Some(session)) => match spend(app, parts, &session.principal.sub).await {
                 Ok(()) => Ok(PageUser(session)),
                 Err(refused) => Err(crate::pages::error_page(&refused)),

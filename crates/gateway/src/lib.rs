@@ -14,6 +14,7 @@ mod pages;
 mod revocation;
 mod service;
 mod session;
+mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +23,6 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderValue, header};
 use axum::routing::{delete, get, post, put};
-use sqlx::SqlitePool;
 use tokio::net::TcpListener;
 use tower_http::set_header::SetResponseHeaderLayer;
 
@@ -33,7 +33,7 @@ pub(crate) const OPENAPI: &str = include_str!("../openapi.json");
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub(crate) ctx: ServiceContext,
-    pub(crate) pool: SqlitePool,
+    pub(crate) store: Arc<dyn store::GatewayStore>,
     pub(crate) public_url: String,
     /// Access tokens and users identity announced as revoked or disabled.
     pub(crate) revocations: revocation::Revocations,
@@ -81,16 +81,16 @@ async fn time_limit(axum::extract::State(app): axum::extract::State<AppState>, r
 }
 
 /// Readiness: every service the gateway depends on answers its own `/readyz`.
-fn readiness(ctx: &ServiceContext, pool: SqlitePool, consumer_ready: common::server::ReadyFlag) -> common::server::ReadyCheck {
+fn readiness(ctx: &ServiceContext, store: Arc<dyn store::GatewayStore>, consumer_ready: common::server::ReadyFlag) -> common::server::ReadyCheck {
     let http = ctx.peers.http().clone();
     let config = ctx.config.clone();
     Arc::new(move || {
         let http = http.clone();
         let config = config.clone();
-        let pool = pool.clone();
+        let store = store.clone();
         let consumer_ready = consumer_ready.clone();
         Box::pin(async move {
-            sqlx::query("SELECT 1").execute(&pool).await.map_err(|e| format!("gateway database: {e}"))?;
+            store.ready().await?;
             if !consumer_ready.is_set() {
                 return Err("the gateway's revocation subscriptions are not declared yet".into());
             }
@@ -114,13 +114,13 @@ fn readiness(ctx: &ServiceContext, pool: SqlitePool, consumer_ready: common::ser
 
 /// Runs the gateway on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
-    let pool = common::db::open_migrated(&ctx.config.db_path(ServiceName::Gateway), session::MIGRATIONS).await?;
-    let revocations = revocation::Revocations::load(&pool).await?;
+    let store = store::open(&ctx.config).await?;
+    let revocations = revocation::Revocations::load(store.as_ref()).await?;
     let limits = limits::RateLimits::from_config(&ctx.config.gateway);
     limits.spawn_cleanup(ctx.shutdown.clone());
-    let app = AppState { ctx: ctx.clone(), pool: pool.clone(), public_url: ctx.config.public_url(), revocations: revocations.clone(), limits };
+    let app = AppState { ctx: ctx.clone(), store: store.clone(), public_url: ctx.config.public_url(), revocations: revocations.clone(), limits };
     let consumer_ready = common::server::ReadyFlag::default();
-    revocation::spawn_consumers(ctx.clone(), pool.clone(), revocations, consumer_ready.clone());
+    revocation::spawn_consumers(ctx.clone(), store.clone(), revocations, consumer_ready.clone());
     let config = &ctx.config.gateway;
     let upload_limit = DefaultBodyLimit::max(config.max_upload_bytes as usize + 64 * 1024);
     let api = Router::new()
@@ -201,6 +201,6 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
         .layer(SetResponseHeaderLayer::if_not_present(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")))
         .layer(axum::middleware::from_fn_with_state(app.clone(), limit_by_address))
         .with_state(app);
-    let router = common::server::service_router(&ctx, routes, readiness(&ctx, pool, consumer_ready));
+    let router = common::server::service_router(&ctx, routes, readiness(&ctx, store, consumer_ready));
     common::server::serve(listener, router, ctx.shutdown.clone()).await
 }

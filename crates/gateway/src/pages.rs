@@ -53,7 +53,7 @@ pub(crate) async fn page_not_found() -> Response {
 }
 
 pub(crate) async fn index(State(app): State<AppState>, headers: axum::http::HeaderMap) -> Redirect {
-    match crate::session::load(&app.pool, &headers).await {
+    match crate::session::load(app.store.as_ref(), &headers).await {
         Ok(Some(_)) => Redirect::to("/documents"),
         _ => Redirect::to("/auth/login"),
     }

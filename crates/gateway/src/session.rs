@@ -1,6 +1,7 @@
 //! Browser sessions and the sign-in flow against identity (authorization code with
 //! PKCE, state and nonce). The gateway owns only browser sessions: an opaque cookie
-//! whose SHA-256 keys a row in `gateway.db` holding the verified principal and a CSRF token.
+//! whose SHA-256 keys a row of the gateway's store (`store`) holding the verified
+//! principal and a CSRF token.
 
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -8,7 +9,6 @@ use axum::response::{IntoResponse, Redirect, Response};
 use base64::Engine;
 use serde::Deserialize;
 use sha2::Digest;
-use sqlx::{Row, SqlitePool};
 
 use common::auth::AccessClaims;
 use common::config::{API_AUDIENCE, WEB_CLIENT_ID};
@@ -17,6 +17,7 @@ use common::wire::Principal;
 use common::{ApiError, ServiceName, now_unix};
 
 use crate::AppState;
+use crate::store::{GatewayStore, LoginRow, SessionRow};
 
 pub(crate) const SESSION_COOKIE: &str = "echo_session";
 
@@ -28,33 +29,6 @@ pub(crate) const LOGIN_COOKIE: &str = "echo_login";
 /// How long a started sign-in may take.
 const LOGIN_TTL_SECS: i64 = 600;
 
-pub(crate) const MIGRATIONS: &[&str] = &[r#"
-CREATE TABLE sessions (
-    id_hash TEXT PRIMARY KEY,
-    sub TEXT NOT NULL,
-    username TEXT NOT NULL,
-    org TEXT NOT NULL,
-    roles TEXT NOT NULL,
-    csrf TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL
-);
-CREATE TABLE logins (
-    state TEXT PRIMARY KEY,
-    verifier TEXT NOT NULL,
-    nonce TEXT NOT NULL,
-    return_to TEXT NOT NULL,
-    expires_at INTEGER NOT NULL
-);
-"#, r#"
-CREATE TABLE disabled_users (sub TEXT PRIMARY KEY, disabled_at INTEGER NOT NULL);
-"#, r#"
-ALTER TABLE logins ADD COLUMN binding_hash TEXT NOT NULL DEFAULT '';
-CREATE TABLE revoked_tokens (jti TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
-CREATE INDEX sessions_sub ON sessions(sub);
-ALTER TABLE sessions ADD COLUMN id_token TEXT;
-"#];
-
 #[derive(Clone, Debug)]
 pub(crate) struct Session {
     pub(crate) principal: Principal,
@@ -63,32 +37,13 @@ pub(crate) struct Session {
     pub(crate) id_token: Option<String>,
 }
 
-pub(crate) async fn load(pool: &SqlitePool, headers: &HeaderMap) -> Result<Option<Session>, sqlx::Error> {
+pub(crate) async fn load(store: &dyn GatewayStore, headers: &HeaderMap) -> Result<Option<Session>, sqlx::Error> {
     let Some(id) = cookie(headers, SESSION_COOKIE) else { return Ok(None) };
     if id.len() > 128 {
         return Ok(None);
     }
-    let row = sqlx::query(
-        "SELECT * FROM sessions s WHERE id_hash = ? AND expires_at > ? AND NOT EXISTS (SELECT 1 FROM disabled_users d WHERE d.sub = s.sub)",
-    )
-        .bind(common::rand::sha256_hex(id.as_bytes()))
-        .bind(now_unix())
-        .fetch_optional(pool)
-        .await?;
-    row.map(|r| -> Result<Session, sqlx::Error> {
-        let roles: String = r.try_get("roles")?;
-        Ok(Session {
-            principal: Principal {
-                sub: r.try_get("sub")?,
-                username: r.try_get("username")?,
-                org: r.try_get("org")?,
-                roles: serde_json::from_str(&roles).unwrap_or_default(),
-            },
-            csrf: r.try_get("csrf")?,
-            id_token: r.try_get("id_token")?,
-        })
-    })
-    .transpose()
+    let row = store.session(&common::rand::sha256_hex(id.as_bytes()), now_unix()).await?;
+    Ok(row.map(|r| Session { principal: r.principal, csrf: r.csrf, id_token: r.id_token }))
 }
 
 fn secure(app: &AppState) -> bool {
@@ -151,16 +106,15 @@ pub(crate) async fn login(State(app): State<AppState>, headers: HeaderMap, Query
     let verifier = common::rand::token(48);
     let nonce = common::rand::token(24);
     let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()));
-    sqlx::query("DELETE FROM logins WHERE expires_at < ?").bind(now_unix()).execute(&app.pool).await?;
-    sqlx::query("INSERT INTO logins (state, verifier, nonce, return_to, expires_at, binding_hash) VALUES (?, ?, ?, ?, ?, ?)")
-        .bind(&state)
-        .bind(&verifier)
-        .bind(&nonce)
-        .bind(safe_return_to(params.return_to.as_deref()))
-        .bind(now_unix() + LOGIN_TTL_SECS)
-        .bind(common::rand::sha256_hex(binding.as_bytes()))
-        .execute(&app.pool)
-        .await?;
+    let pending = LoginRow {
+        state: state.clone(),
+        verifier: verifier.clone(),
+        nonce: nonce.clone(),
+        return_to: safe_return_to(params.return_to.as_deref()),
+        expires_at: now_unix() + LOGIN_TTL_SECS,
+        binding_hash: common::rand::sha256_hex(binding.as_bytes()),
+    };
+    app.store.start_login(&pending, now_unix()).await?;
     let mut url = url::Url::parse(&format!("{}/authorize", app.ctx.config.issuer())).map_err(ApiError::internal)?;
     url.query_pairs_mut()
         .append_pair("response_type", "code")
@@ -213,15 +167,10 @@ async fn finish_login(app: &AppState, params: CallbackParams, binding: Option<&s
         return Err(ApiError::bad_request("auth.invalid_callback", "the sign-in response is incomplete"));
     };
     // The attempt is spent whatever happens next: a callback URL works at most once.
-    let row = sqlx::query("DELETE FROM logins WHERE state = ? AND expires_at > ? RETURNING verifier, nonce, return_to, binding_hash")
-        .bind(&state)
-        .bind(now_unix())
-        .fetch_optional(&app.pool)
-        .await?;
-    let Some(row) = row else {
+    let Some(pending) = app.store.take_login(&state, now_unix()).await? else {
         return Err(ApiError::bad_request("auth.unknown_state", "this sign-in attempt expired or was already used; please sign in again"));
     };
-    let expected: String = row.try_get("binding_hash")?;
+    let expected = pending.binding_hash;
     let presented = binding.map(|b| common::rand::sha256_hex(b.as_bytes())).unwrap_or_default();
     if expected.is_empty() || !common::rand::constant_time_eq(expected.as_bytes(), presented.as_bytes()) {
         tracing::warn!("sign-in callback refused: it does not belong to this browser");
@@ -230,9 +179,7 @@ async fn finish_login(app: &AppState, params: CallbackParams, binding: Option<&s
             "this sign-in was started in another browser, so it was not completed (if someone sent you this link, do not trust it). Sign in again from this browser",
         ));
     }
-    let verifier: String = row.try_get("verifier")?;
-    let nonce: String = row.try_get("nonce")?;
-    let return_to: String = row.try_get("return_to")?;
+    let (verifier, nonce, return_to) = (pending.verifier, pending.nonce, pending.return_to);
     let redirect_uri = format!("{}/auth/callback", app.public_url);
     let response = app
         .ctx
@@ -285,26 +232,23 @@ impl NewSession {
     /// Stores the session for `principal` and returns its `Set-Cookie`.
     pub(crate) async fn store(&self, app: &AppState, principal: &Principal, id_token: Option<&str>) -> Result<axum::http::HeaderValue, ApiError> {
         let ttl = app.ctx.config.gateway.session_ttl_hours * 3600;
-        sqlx::query("INSERT INTO sessions (id_hash, sub, username, org, roles, csrf, created_at, expires_at, id_token) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
-            .bind(&self.id_hash)
-            .bind(&principal.sub)
-            .bind(&principal.username)
-            .bind(&principal.org)
-            .bind(serde_json::to_string(&principal.roles).unwrap_or_default())
-            .bind(common::rand::token(24))
-            .bind(now_unix())
-            .bind(now_unix() + ttl)
-            .bind(id_token)
-            .execute(&app.pool)
-            .await?;
+        let now = now_unix();
+        let row = SessionRow {
+            id_hash: self.id_hash.clone(),
+            principal: principal.clone(),
+            csrf: common::rand::token(24),
+            id_token: id_token.map(str::to_string),
+            created_at: now,
+            expires_at: now + ttl,
+        };
+        app.store.insert_session(&row).await?;
         Ok(set_cookie(SESSION_COOKIE, &self.id, ttl, secure(app)))
     }
 }
 
 /// Ends every browser session of `sub` except `keep` (after a password change).
 pub(crate) async fn end_sessions_except(app: &AppState, sub: &str, keep: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM sessions WHERE sub = ? AND id_hash != ?").bind(sub).bind(keep).execute(&app.pool).await?;
-    Ok(())
+    app.store.end_sessions_except(sub, keep).await
 }
 
 #[derive(Deserialize)]
@@ -317,12 +261,12 @@ pub(crate) struct LogoutForm {
 /// asking again.
 pub(crate) async fn logout(State(app): State<AppState>, headers: HeaderMap, axum::Form(form): axum::Form<LogoutForm>) -> Response {
     let mut id_token = None;
-    if let Ok(Some(session)) = load(&app.pool, &headers).await {
+    if let Ok(Some(session)) = load(app.store.as_ref(), &headers).await {
         if !common::rand::constant_time_eq(session.csrf.as_bytes(), form.csrf.as_bytes()) {
             return crate::pages::error_page(&ApiError::forbidden("auth.csrf", "the form expired; reload the page and try again"));
         }
         if let Some(id) = cookie(&headers, SESSION_COOKIE) {
-            let _ = sqlx::query("DELETE FROM sessions WHERE id_hash = ?").bind(common::rand::sha256_hex(id.as_bytes())).execute(&app.pool).await;
+            let _ = app.store.delete_session(&common::rand::sha256_hex(id.as_bytes())).await;
         }
         id_token = session.id_token;
     }

@@ -28,11 +28,12 @@ pub use policy::PolicyError;
 use policy::{Engine, Facts};
 use store::{CollectionRow, RelationStore};
 
+
 #[derive(Clone)]
 struct AppState {
     ctx: ServiceContext,
     engine: Arc<std::sync::RwLock<Arc<Engine>>>,
-    store: RelationStore,
+    store: Arc<dyn RelationStore>,
     /// Bumped on every policy reload.
     policy_generation: Arc<std::sync::atomic::AtomicU64>,
     /// Readable lists by principal and action, valid while neither the relationship
@@ -78,8 +79,14 @@ pub fn check_policies(config: &common::EchoConfig) -> Result<usize, PolicyError>
 /// Runs the authz service on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
     let engine = Arc::new(std::sync::RwLock::new(Arc::new(Engine::from_dir(ctx.config.authz.policy_dir.as_deref())?.0)));
-    let store = RelationStore::open(&ctx.config.db_path(ServiceName::Authz)).await?;
-    let ready = common::server::sqlite_ready(store.pool.clone(), vec![]);
+    let store = store::open(&ctx.config).await?;
+    let ready: common::server::ReadyCheck = {
+        let store = store.clone();
+        Arc::new(move || {
+            let store = store.clone();
+            Box::pin(async move { store.ready().await })
+        })
+    };
     let denials = denials::Denials::new(std::time::Duration::from_secs(ctx.config.authz.denial_audit_window_secs.max(1)));
     denials.spawn_flusher(ctx.clone());
     let state = AppState { ctx: ctx.clone(), engine, store, policy_generation: Arc::new(std::sync::atomic::AtomicU64::new(start_generation())), readable_cache: Arc::default(), facts_cache: Arc::default(), denials };
@@ -839,7 +846,7 @@ pub mod bench {
     /// Adds `n` collections to `org` in authz's database (owned by `owner`, every tenth
     /// shared with `reader`), for the HTTP measurements against a running system.
     pub async fn seed(config: &common::EchoConfig, org: &str, owner: &str, reader: &str, n: usize) -> anyhow::Result<()> {
-        let store = crate::store::RelationStore::open(&config.db_path(common::ServiceName::Authz)).await?;
+        let store = crate::store::open(config).await?;
         store.seed(org, owner, reader, n).await?;
         Ok(())
     }

@@ -219,11 +219,13 @@ pub struct AuthzConfig {
     /// Repeated identical denials (same person, action and resource) within this many
     /// seconds become one audit record with a count.
     pub denial_audit_window_secs: u64,
+    /// A `postgres://` URL for relationships alone (else `database.url`, else `authz.db`).
+    pub database_url: Secret,
 }
 
 impl Default for AuthzConfig {
     fn default() -> Self {
-        AuthzConfig { policy_dir: None, max_collections_per_user: 1000, max_groups_per_org: 500, denial_audit_window_secs: 60 }
+        AuthzConfig { policy_dir: None, max_collections_per_user: 1000, max_groups_per_org: 500, denial_audit_window_secs: 60, database_url: Secret::default() }
     }
 }
 
@@ -812,7 +814,7 @@ impl EchoConfig {
         if !matches!(self.log.format.as_str(), "pretty" | "json") {
             return invalid("log.format", "must be `pretty` or `json`");
         }
-        for (key, url) in [("database.url", &self.database.url), ("logs.database_url", &self.logs.database_url), ("profile.database_url", &self.profile.database_url), ("storage.database_url", &self.storage.database_url), ("audit.database_url", &self.audit.database_url), ("chat.database_url", &self.chat.database_url), ("rag.database_url", &self.rag.database_url), ("gateway.database_url", &self.gateway.database_url)] {
+        for (key, url) in [("database.url", &self.database.url), ("logs.database_url", &self.logs.database_url), ("profile.database_url", &self.profile.database_url), ("storage.database_url", &self.storage.database_url), ("audit.database_url", &self.audit.database_url), ("chat.database_url", &self.chat.database_url), ("rag.database_url", &self.rag.database_url), ("gateway.database_url", &self.gateway.database_url), ("authz.database_url", &self.authz.database_url)] {
             let url = url.expose().trim();
             if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return invalid(key, "must be empty (SQLite in the data dir) or a postgres:// URL");

@@ -78,7 +78,25 @@ async fn policies_reload_from_their_directory_and_an_invalid_set_is_refused_with
 /// policy reload must show in the very next answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readable_list_follows_every_share_group_and_policy_change_at_once() {
-    let echo = TestEcho::start().await;
+    readable_list_follows_changes(TestEcho::start().await).await;
+}
+
+/// The same with relationships in PostgreSQL (`authz.database_url`): the version its
+/// triggers bump invalidates cached answers just as SQLite's does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_database_url_relationships_live_in_postgresql() {
+    let Some(server) = echod::testing::ScratchServer::postgres().await else { return };
+    let url = server.url.clone();
+    readable_list_follows_changes(TestEcho::start_with(|config| config.authz.database_url = common::config::Secret(url)).await).await;
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&server.url).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM authz.collections").fetch_one(&mut conn).await.unwrap();
+    assert!(n > 0);
+    drop(conn);
+    server.cleanup().await;
+}
+
+async fn readable_list_follows_changes(echo: TestEcho) {
     let peers = echo.peers_as(ServiceName::Gateway);
     let owner = Principal { roles: vec!["owner".into()], ..user("olga", "acme") };
     let rob = identity::add_user(&echo.config, "rob", "rob-password-2026", "acme", "member", None).await.unwrap();

@@ -443,6 +443,8 @@ pub struct IngestConfig {
     pub chunk_chars: usize,
     pub chunk_overlap_chars: usize,
     pub max_attempts: i64,
+    /// A `postgres://` URL for the catalog alone (else `database.url`, else `ingest.db`).
+    pub database_url: Secret,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -734,7 +736,7 @@ impl Default for IngestConfig {
         // (parse workers: one per core; the local embedder: one batch at a time), so the
         // rest — blob reads, HTTP hops, catalog writes, index commits shared by group
         // commit — overlap across documents (530 HTML pages: 19 s with 2, 8.6 s with 8).
-        IngestConfig { workers: 8, chunk_chars: 1200, chunk_overlap_chars: 150, max_attempts: 5 }
+        IngestConfig { workers: 8, chunk_chars: 1200, chunk_overlap_chars: 150, max_attempts: 5, database_url: Secret::default() }
     }
 }
 
@@ -814,7 +816,7 @@ impl EchoConfig {
         if !matches!(self.log.format.as_str(), "pretty" | "json") {
             return invalid("log.format", "must be `pretty` or `json`");
         }
-        for (key, url) in [("database.url", &self.database.url), ("logs.database_url", &self.logs.database_url), ("profile.database_url", &self.profile.database_url), ("storage.database_url", &self.storage.database_url), ("audit.database_url", &self.audit.database_url), ("chat.database_url", &self.chat.database_url), ("rag.database_url", &self.rag.database_url), ("gateway.database_url", &self.gateway.database_url), ("authz.database_url", &self.authz.database_url)] {
+        for (key, url) in [("database.url", &self.database.url), ("logs.database_url", &self.logs.database_url), ("profile.database_url", &self.profile.database_url), ("storage.database_url", &self.storage.database_url), ("audit.database_url", &self.audit.database_url), ("chat.database_url", &self.chat.database_url), ("rag.database_url", &self.rag.database_url), ("gateway.database_url", &self.gateway.database_url), ("authz.database_url", &self.authz.database_url), ("ingest.database_url", &self.ingest.database_url)] {
             let url = url.expose().trim();
             if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return invalid(key, "must be empty (SQLite in the data dir) or a postgres:// URL");

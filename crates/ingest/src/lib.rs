@@ -25,14 +25,14 @@ use tokio::sync::Notify;
 use common::error::{ApiResult, Json};
 use common::server::ActingUser;
 use common::wire::{CreatedDocument, Document, DocumentDeleted, DocumentUploaded, Job, NewDocument, ReindexRun, events};
-use common::{ApiError, ServiceContext, ServiceName};
+use common::{ApiError, ServiceContext};
 
 use store::CatalogStore;
 
 #[derive(Clone)]
 struct AppState {
     ctx: ServiceContext,
-    store: CatalogStore,
+    store: Arc<dyn CatalogStore>,
     wake_relay: Arc<Notify>,
     reindexer: reindex::Reindexer,
 }
@@ -45,7 +45,7 @@ pub fn chunk_texts(blocks: &[common::wire::TextBlock], chunk_chars: usize, overl
 
 /// Runs the ingest API, the outbox relay and (unless `ingest.workers` is 0) the workers.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
-    let store = CatalogStore::open(&ctx.config.db_path(ServiceName::Ingest)).await?;
+    let store = store::open(&ctx.config).await?;
     let wake_relay = Arc::new(Notify::new());
     worker::spawn_relay(ctx.clone(), store.clone(), wake_relay.clone());
     let worker_ready = common::server::ReadyFlag::default();
@@ -54,7 +54,16 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     } else {
         worker_ready.set();
     }
-    let ready = common::server::sqlite_ready(store.pool.clone(), vec![("the ingest worker subscription", worker_ready)]);
+    let ready: common::server::ReadyCheck = {
+        let store = store.clone();
+        Arc::new(move || {
+            let (store, worker_ready) = (store.clone(), worker_ready.clone());
+            Box::pin(async move {
+                store.ready().await?;
+                if worker_ready.is_set() { Ok(()) } else { Err("the ingest worker subscription is not declared yet".into()) }
+            })
+        })
+    };
     let reindexer = reindex::Reindexer::new(ctx.clone(), store.clone());
     reindexer.resume_if_running().await;
     let state = AppState { ctx: ctx.clone(), store, wake_relay, reindexer };
@@ -99,7 +108,7 @@ async fn create_document(
     let bus = state.ctx.bus.clone();
     let (id, job_id) = state
         .store
-        .create(&new, |document_id, job_id| {
+        .create(&new, &|document_id: &str, job_id: &str| {
             bus.event(
                 events::DOCUMENT_UPLOADED,
                 Some(format!("document:{document_id}")),

@@ -31,13 +31,13 @@ const ATTEMPTS: u32 = 5;
 #[derive(Clone)]
 pub(crate) struct Reindexer {
     ctx: ServiceContext,
-    store: CatalogStore,
+    store: Arc<dyn CatalogStore>,
     /// Held by the task that drives the run.
     driving: Arc<Mutex<()>>,
 }
 
 impl Reindexer {
-    pub(crate) fn new(ctx: ServiceContext, store: CatalogStore) -> Reindexer {
+    pub(crate) fn new(ctx: ServiceContext, store: Arc<dyn CatalogStore>) -> Reindexer {
         Reindexer { ctx, store, driving: Arc::default() }
     }
 

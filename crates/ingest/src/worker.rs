@@ -22,11 +22,11 @@ use crate::chunk::chunk_blocks;
 use crate::store::CatalogStore;
 
 /// Publishes outbox rows until shutdown; woken on every insert and once a second.
-pub(crate) fn spawn_relay(ctx: ServiceContext, store: CatalogStore, wake: Arc<Notify>) {
+pub(crate) fn spawn_relay(ctx: ServiceContext, store: Arc<dyn CatalogStore>, wake: Arc<Notify>) {
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let published = relay_once(&ctx, &store).await;
+            let published = relay_once(&ctx, store.as_ref()).await;
             let pause = match published {
                 Ok(0) => Duration::from_secs(1),
                 Ok(_) => {
@@ -48,7 +48,7 @@ pub(crate) fn spawn_relay(ctx: ServiceContext, store: CatalogStore, wake: Arc<No
     });
 }
 
-async fn relay_once(ctx: &ServiceContext, store: &CatalogStore) -> Result<usize, ApiError> {
+async fn relay_once(ctx: &ServiceContext, store: &dyn CatalogStore) -> Result<usize, ApiError> {
     let batch = store.outbox_batch(100).await?;
     for (id, event) in &batch {
         // The event id is the idempotency key: a crash between publish and delete
@@ -66,7 +66,7 @@ const CANCELLED: &str = "ingest.cancelled";
 /// The ingest worker's lease on a job.
 const LEASE_MS: i64 = 15_000;
 
-pub(crate) fn spawn_workers(ctx: ServiceContext, store: CatalogStore, ready: common::server::ReadyFlag) {
+pub(crate) fn spawn_workers(ctx: ServiceContext, store: Arc<dyn CatalogStore>, ready: common::server::ReadyFlag) {
     tokio::spawn(async move {
         let spec = common::bus::SubscriptionSpec {
             topic: events::DOCUMENT_UPLOADED.into(),
@@ -87,7 +87,7 @@ pub(crate) fn spawn_workers(ctx: ServiceContext, store: CatalogStore, ready: com
             let store = store.clone();
             async move {
                 let uploaded: DocumentUploaded = event.data_as().map_err(|e| format!("bad event: {e}"))?;
-                process(&ctx, &store, &uploaded, attempts).await
+                process(&ctx, store.as_ref(), &uploaded, attempts).await
             }
         });
     });
@@ -97,7 +97,7 @@ pub(crate) fn permanent(error: &ApiError) -> bool {
     matches!(error.kind, ErrorKind::BadRequest | ErrorKind::UnsupportedMediaType | ErrorKind::PayloadTooLarge | ErrorKind::NotFound)
 }
 
-async fn process(ctx: &ServiceContext, store: &CatalogStore, uploaded: &DocumentUploaded, attempts: i64) -> Result<(), String> {
+async fn process(ctx: &ServiceContext, store: &dyn CatalogStore, uploaded: &DocumentUploaded, attempts: i64) -> Result<(), String> {
     let job = match store.job(&uploaded.job_id).await {
         Ok(Some(job)) => job,
         Ok(None) => return Ok(()), // deleted meanwhile: nothing to do
@@ -203,7 +203,7 @@ fn embedding_text(chunk: &Chunk) -> String {
 /// or nowhere (a rebuild of the index, which keeps its own count).
 pub(crate) enum Stages<'a> {
     Job {
-        store: &'a CatalogStore,
+        store: &'a dyn CatalogStore,
         job_id: &'a str,
         document_id: &'a str,
         collection_id: &'a str,
@@ -266,7 +266,7 @@ impl Stages<'_> {
     }
 }
 
-async fn run_stages(ctx: &ServiceContext, store: &CatalogStore, uploaded: &DocumentUploaded, attempts: i64) -> Result<usize, ApiError> {
+async fn run_stages(ctx: &ServiceContext, store: &dyn CatalogStore, uploaded: &DocumentUploaded, attempts: i64) -> Result<usize, ApiError> {
     let stages = Stages::Job {
         store,
         job_id: &uploaded.job_id,

@@ -14,7 +14,26 @@ use echod::testing::TestEcho;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registered_document_is_parsed_chunked_and_indexed() {
-    let echo = TestEcho::start().await;
+    parsed_chunked_and_indexed(TestEcho::start().await).await;
+}
+
+/// The same with the catalog, jobs and outbox in PostgreSQL (`ingest.database_url`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_database_url_the_catalog_lives_in_postgresql() {
+    let Some(server) = echod::testing::ScratchServer::postgres().await else { return };
+    let url = server.url.clone();
+    parsed_chunked_and_indexed(TestEcho::start_with(|config| config.ingest.database_url = common::config::Secret(url)).await).await;
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&server.url).await.unwrap();
+    let done: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ingest.documents WHERE status = 'done'").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(done, 1);
+    let pending: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ingest.outbox").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(pending, 0, "the relay published the outbox");
+    drop(conn);
+    server.cleanup().await;
+}
+
+async fn parsed_chunked_and_indexed(echo: TestEcho) {
     let peers = echo.peers_as(ServiceName::Gateway);
     let owner = Principal { sub: "u1".into(), username: "u1".into(), org: "acme".into(), roles: vec![] };
     let bytes = b"Hello ingest. The answer is forty-two.".to_vec();

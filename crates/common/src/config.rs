@@ -279,6 +279,9 @@ pub struct IdentityConfig {
     /// bytes; a mounted secret at scale). Unset: `secrets/identity.kek` in the data
     /// dir, made on first run. The environment variable `ECHO_IDENTITY_KEK` wins over both.
     pub kek_file: Option<PathBuf>,
+    /// A `postgres://` URL for identity alone (else `database.url`, else `identity.db`).
+    /// Replicas sharing it must share the key-encryption key too.
+    pub database_url: Secret,
 }
 
 /// A configuration value that must never be printed (credentials in URLs).
@@ -676,6 +679,7 @@ impl Default for IdentityConfig {
             smtp_url: Secret::default(),
             mail_from: "Echo <echo@localhost>".into(),
             kek_file: None,
+            database_url: Secret::default(),
         }
     }
 }
@@ -816,7 +820,7 @@ impl EchoConfig {
         if !matches!(self.log.format.as_str(), "pretty" | "json") {
             return invalid("log.format", "must be `pretty` or `json`");
         }
-        for (key, url) in [("database.url", &self.database.url), ("logs.database_url", &self.logs.database_url), ("profile.database_url", &self.profile.database_url), ("storage.database_url", &self.storage.database_url), ("audit.database_url", &self.audit.database_url), ("chat.database_url", &self.chat.database_url), ("rag.database_url", &self.rag.database_url), ("gateway.database_url", &self.gateway.database_url), ("authz.database_url", &self.authz.database_url), ("ingest.database_url", &self.ingest.database_url)] {
+        for (key, url) in [("database.url", &self.database.url), ("logs.database_url", &self.logs.database_url), ("profile.database_url", &self.profile.database_url), ("storage.database_url", &self.storage.database_url), ("audit.database_url", &self.audit.database_url), ("chat.database_url", &self.chat.database_url), ("rag.database_url", &self.rag.database_url), ("gateway.database_url", &self.gateway.database_url), ("authz.database_url", &self.authz.database_url), ("ingest.database_url", &self.ingest.database_url), ("identity.database_url", &self.identity.database_url)] {
             let url = url.expose().trim();
             if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return invalid(key, "must be empty (SQLite in the data dir) or a postgres:// URL");

@@ -345,17 +345,3 @@ pub fn flags_ready(flags: Vec<(&'static str, ReadyFlag)>) -> ReadyCheck {
     })
 }
 
-/// A readiness check: the database answers and every flag is set.
-pub fn sqlite_ready(pool: sqlx::SqlitePool, flags: Vec<(&'static str, ReadyFlag)>) -> ReadyCheck {
-    Arc::new(move || {
-        let pool = pool.clone();
-        let flags = flags.clone();
-        Box::pin(async move {
-            sqlx::query("SELECT 1").execute(&pool).await.map_err(|e| format!("database: {e}"))?;
-            match flags.iter().find(|(_, flag)| !flag.is_set()) {
-                Some((name, _)) => Err(format!("{name} is not ready yet")),
-                None => Ok(()),
-            }
-        })
-    })
-}

@@ -30,7 +30,13 @@ pub use common::wire::UserSummary;
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
     let identity = service::Identity::new(ctx.config.clone(), Some(ctx.clone())).await?;
     spawn_key_reload(identity.clone(), ctx.shutdown.clone());
-    let ready = common::server::sqlite_ready(identity.store.pool.clone(), vec![]);
+    let ready: common::server::ReadyCheck = {
+        let store = identity.store.clone();
+        std::sync::Arc::new(move || {
+            let store = store.clone();
+            Box::pin(async move { store.ready().await })
+        })
+    };
     let router = common::server::service_router(&ctx, http::router(identity, ctx.clone()), ready)
         .fallback(common::server::not_found);
     common::server::serve(listener, router, ctx.shutdown.clone()).await

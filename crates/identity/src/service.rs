@@ -16,11 +16,11 @@ use crate::error::IdentityError;
 use crate::kek::KeyEncryptionKey;
 use crate::keys::{self, SigningKey};
 use crate::password;
-use crate::store::{AuthCode, Client, RefreshToken, Store, User};
+use crate::store::{AuthCode, Client, IdentityStore, RefreshToken, User};
 
 #[derive(Clone)]
 pub(crate) struct Identity {
-    pub(crate) store: Store,
+    pub(crate) store: Arc<dyn IdentityStore>,
     pub(crate) keys: Arc<RwLock<Vec<SigningKey>>>,
     pub(crate) config: Arc<EchoConfig>,
     pub(crate) issuer: String,
@@ -151,7 +151,7 @@ pub(crate) fn redirect_registered(client: &Client, requested: &str) -> bool {
 
 impl Identity {
     pub(crate) async fn new(config: Arc<EchoConfig>, ctx: Option<ServiceContext>) -> Result<Identity, IdentityError> {
-        let store = Store::open(&config.db_path(ServiceName::Identity)).await?;
+        let store = crate::store::open(&config).await.map_err(|e| IdentityError::Internal(format!("{e:#}")))?;
         let mailer = crate::mailer::Mailer::from_config(&config).map_err(IdentityError::BadRequest)?;
         // A new key-encryption key only for a database that has sealed nothing yet.
         let kek = KeyEncryptionKey::load(&config, !store.has_sealed_keys().await?)?;

@@ -42,9 +42,9 @@ async fn a_user_uploads_asks_gets_a_cited_answer_and_other_orgs_see_nothing() {
     journey(TestSystem::start().await).await.system.stop().await;
 }
 
-/// The same journey with the data of every service that supports it in PostgreSQL
-/// (`database.url`: logs, profile, audit, chat, rag, gateway sessions, authz, ingest,
-/// storage's ledger)
+/// The same journey with the data of every service in PostgreSQL (`database.url`:
+/// identity, authz, gateway sessions, ingest, rag, logs, audit, profile, chat, storage's
+/// ledger)
 /// and the uploaded files in an S3 bucket (a real S3-protocol server): the answers are
 /// the same, and the data is where the configuration says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,13 +68,13 @@ async fn the_journey_holds_with_data_in_postgresql_and_files_in_s3() {
     let mut conn = sqlx::PgConnection::connect(&postgres.url).await.unwrap();
     let mut count = async |table: &str| -> i64 { sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}"))).fetch_one(&mut conn).await.unwrap() };
     // (Log records are left out: in a test process they ship to the first system started.)
-    for table in ["audit.records", "rag.messages", "gateway.sessions", "profile.profiles", "authz.collections", "ingest.documents"] {
+    for table in ["audit.records", "rag.messages", "gateway.sessions", "profile.profiles", "authz.collections", "ingest.documents", "identity.users", "identity.signing_keys"] {
         assert!(count(table).await > 0, "{table} is empty");
     }
     let blobs = count("storage.blobs").await;
     assert_eq!(blobs, 1);
     assert_eq!(s3.keys().await.len() as i64, blobs, "the bucket holds exactly the blobs the ledger lists");
-    for file in ["audit.db", "rag.db", "gateway.db", "logs.db", "profile.db", "storage.db", "chat.db", "authz.db", "ingest.db"] {
+    for file in ["audit.db", "rag.db", "gateway.db", "logs.db", "profile.db", "storage.db", "chat.db", "authz.db", "ingest.db", "identity.db"] {
         assert!(!data_dir.join(file).exists(), "{file} was created although database.url is set");
     }
     assert!(!data_dir.join("blobs").exists(), "files went to the bucket, not to the data dir");

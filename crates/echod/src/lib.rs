@@ -436,6 +436,44 @@ pub mod testing {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use common::ServiceName;
+
+    /// A YAML file of the repository as JSON (YAML merge keys stay literal `<<` keys).
+    fn yaml(path: &str) -> serde_json::Value {
+        use figment::providers::Format as _;
+        let full = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(path);
+        assert!(full.is_file(), "{path} is missing");
+        figment::Figment::from(figment::providers::Yaml::file(&full)).extract().unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    /// The compose file, its Prometheus config and the Helm values name every service,
+    /// at its port, with the command that runs it — so adding a service or moving a
+    /// port cannot leave a deployment behind.
+    #[test]
+    fn deploy_files_name_every_service_at_its_port() {
+        let compose = yaml("deploy/compose/compose.yaml");
+        let shared = &compose["x-echo"]["environment"];
+        let prometheus = yaml("deploy/compose/prometheus.yml");
+        let targets: Vec<String> = prometheus["scrape_configs"][0]["static_configs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|c| c["targets"].as_array().cloned().unwrap_or_default())
+            .filter_map(|t| t.as_str().map(str::to_string))
+            .collect();
+        let helm = yaml("deploy/helm/echo/values.yaml");
+        for service in ServiceName::ALL {
+            let (name, port) = (service.as_str(), service.default_port());
+            let block = &compose["services"][name];
+            assert_eq!(block["command"], serde_json::json!(["serve", name]), "compose runs {name}");
+            assert_eq!(block["environment"]["ECHO_HEALTH_PORT"], serde_json::json!(port.to_string()), "compose checks {name}'s health on its port");
+            assert_eq!(shared[format!("ECHO__URLS__{}", name.to_uppercase())], serde_json::json!(format!("http://{name}:{port}")), "compose tells everyone where {name} is");
+            assert!(targets.contains(&format!("{name}:{port}")), "Prometheus scrapes {name}");
+            assert_eq!(helm["services"][name]["port"], serde_json::json!(port), "the Helm chart runs {name} on its port");
+        }
+        assert_eq!(helm["services"].as_object().unwrap().len(), ServiceName::ALL.len(), "the Helm chart runs no unknown service");
+    }
+
     #[test]
     fn the_written_config_pins_no_setting_and_comments_out_each_setting_of_the_example() {
         let written = super::commented_defaults();

@@ -13,9 +13,30 @@ use common::{EchoConfig, ServiceName};
 
 pub(crate) struct TestSystem {
     pub(crate) system: echod::System,
+    edge: Edge,
+    _dir: tempfile::TempDir,
+}
+
+/// A running Echo as its users reach it — in this process (`TestSystem`) or as separate
+/// processes (`scale`): its configuration (where the gateway and identity answer) and
+/// a browser-like HTTP client that does not follow redirects.
+pub(crate) struct Edge {
     pub(crate) config: EchoConfig,
     pub(crate) http: reqwest::Client,
-    _dir: tempfile::TempDir,
+}
+
+impl Edge {
+    pub(crate) fn new(config: EchoConfig) -> Edge {
+        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+        Edge { config, http }
+    }
+}
+
+impl std::ops::Deref for TestSystem {
+    type Target = Edge;
+    fn deref(&self) -> &Edge {
+        &self.edge
+    }
 }
 
 pub(crate) const CLIENT_ID: &str = "e2e-cli";
@@ -38,13 +59,12 @@ impl TestSystem {
         echod::wait_ready(&system.config, Duration::from_secs(60)).await.expect("ready");
         let config = (*system.config).clone();
         identity::add_client(&config, CLIENT_ID, vec![REDIRECT_URI.into()], None, "RS256").await.expect("client add");
-        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
-        TestSystem { system, config, http, _dir: dir }
+        TestSystem { system, edge: Edge::new(config), _dir: dir }
     }
 
     /// Stops every service and starts them again on the same data dir.
     pub(crate) async fn restart(self) -> TestSystem {
-        let TestSystem { system, mut config, http, _dir } = self;
+        let TestSystem { system, edge: Edge { mut config, http }, _dir } = self;
         system.stop().await;
         for port in config.ports.values_mut() {
             *port = 0;
@@ -52,7 +72,7 @@ impl TestSystem {
         let system = echod::up(config).await.expect("echod up again");
         echod::wait_ready(&system.config, Duration::from_secs(60)).await.expect("ready again");
         let config = (*system.config).clone();
-        TestSystem { system, config, http, _dir }
+        TestSystem { system, edge: Edge { config, http }, _dir }
     }
 
     /// Stops every service and starts them again on the same data dir and the same
@@ -63,15 +83,17 @@ impl TestSystem {
 
     /// `restart_keeping_ports` with the configuration changed by `adjust` first.
     pub(crate) async fn restart_keeping_ports_with(self, adjust: impl FnOnce(&mut EchoConfig)) -> TestSystem {
-        let TestSystem { system, mut config, http, _dir } = self;
+        let TestSystem { system, edge: Edge { mut config, http }, _dir } = self;
         system.stop().await;
         adjust(&mut config);
         let system = echod::up(config).await.expect("echod up again");
         echod::wait_ready(&system.config, Duration::from_secs(60)).await.expect("ready again");
         let config = (*system.config).clone();
-        TestSystem { system, config, http, _dir }
+        TestSystem { system, edge: Edge { config, http }, _dir }
     }
+}
 
+impl Edge {
     /// A client that calls the services as `caller` would (its service tokens).
     pub(crate) fn peers_as(&self, caller: ServiceName) -> common::client::Peers {
         let config = std::sync::Arc::new(self.config.clone());
@@ -167,7 +189,7 @@ impl TestSystem {
     }
 }
 
-impl TestSystem {
+impl Edge {
     /// A browser session at the gateway, signed in through identity's form: the
     /// session cookie (`name=value`) and the page's CSRF token.
     pub(crate) async fn browser_session(&self, username: &str) -> (String, String) {

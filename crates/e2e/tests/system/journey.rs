@@ -42,18 +42,20 @@ async fn a_user_uploads_asks_gets_a_cited_answer_and_other_orgs_see_nothing() {
     journey(TestSystem::start().await).await.system.stop().await;
 }
 
-/// The same journey with the data of every service in PostgreSQL (`database.url`:
-/// identity, authz, gateway sessions, ingest, rag, logs, audit, profile, chat, storage's
-/// ledger)
-/// and the uploaded files in an S3 bucket (a real S3-protocol server): the answers are
-/// the same, and the data is where the configuration says.
+/// The same journey on the scale path's engines: the data of every service in
+/// PostgreSQL (`database.url`: identity, authz, gateway sessions, ingest, rag, logs,
+/// audit, profile, chat, storage's ledger), the bus on NATS JetStream (`queue.url`) and
+/// the uploaded files in an S3 bucket (a real S3-protocol server): the answers are the
+/// same, and the data is where the configuration says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_journey_holds_with_data_in_postgresql_and_files_in_s3() {
+async fn the_journey_holds_on_postgresql_nats_and_s3() {
     let Some(s3) = echod::testing::ScratchS3::start().await else { return };
     let Some(postgres) = echod::testing::ScratchServer::postgres().await else { return };
-    let (storage, url) = (s3.config(), postgres.url.clone());
+    let Some(nats) = echod::testing::ScratchServer::nats().await else { return };
+    let (storage, url, bus) = (s3.config(), postgres.url.clone(), nats.url.clone());
     let ts = TestSystem::start_with(|config| {
         config.database.url = common::config::Secret(url);
+        config.queue.url = Some(common::config::Secret(bus));
         config.storage = common::config::StorageConfig { quota_bytes_per_user: config.storage.quota_bytes_per_user, max_blob_bytes: config.storage.max_blob_bytes, ..storage };
     })
     .await;
@@ -80,6 +82,7 @@ async fn the_journey_holds_with_data_in_postgresql_and_files_in_s3() {
     assert!(!data_dir.join("blobs").exists(), "files went to the bucket, not to the data dir");
     drop(conn);
     postgres.cleanup().await;
+    nats.cleanup().await;
 }
 
 /// The journey of the first test, on the system given; the system is left running.

@@ -10,5 +10,6 @@ mod helpers;
 mod idp;
 mod journey;
 mod reindex;
+mod scale;
 mod security;
 mod sharing;

@@ -159,7 +159,7 @@ async fn post_message(
     let row = MessageRow { id: id.clone(), seq: 0, room_id: room_id.clone(), author: principal.sub.clone(), author_name: principal.username.clone(), body: text.to_string(), created_at: now };
     let seq = state.store.append(&row).await.map_err(ApiError::internal)?;
     let message = Message { id, seq, room_id, author: principal.sub.clone(), author_name: principal.username.clone(), body: text.to_string(), created_at: rfc3339(now) };
-    let event = state.ctx.bus.event(events::CHAT_MESSAGE_POSTED, Some(format!("room:{}", message.room_id)), serde_json::json!({"room_id": message.room_id, "message_id": message.id, "seq": seq}));
+    let event = state.ctx.bus.event(events::CHAT_MESSAGE_POSTED, Some(format!("room:{}", message.room_id)), common::wire::ChatMessagePosted { room_id: message.room_id.clone(), message_id: message.id.clone(), seq });
     if let Err(error) = state.ctx.bus.publish_one(event).await {
         tracing::warn!(%error, "chat message stored but not announced");
     }

@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod event_schemas;
 pub mod files;
 pub mod formats;
 pub mod local;

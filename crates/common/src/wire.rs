@@ -114,7 +114,7 @@ pub mod events {
 /// collections, groups, rooms, or the policies (`object` = `policies`). `epoch` is the
 /// access epoch after the change; readers caching access answers drop those of an
 /// older epoch.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RelationshipChanged {
     pub object: String,
     pub relation: String,
@@ -127,7 +127,7 @@ pub struct RelationshipChanged {
 /// to `authz.db`) and the policy generation (set from the clock when authz starts,
 /// bumped on every reload). Both only grow, so an answer tagged with an epoch older
 /// than one already announced is stale.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct AccessEpoch {
     pub version: i64,
     pub policies: u64,
@@ -149,7 +149,7 @@ impl AccessEpoch {
 /// (`echo.token.revoked`, from identity): after `/revoke`, a replayed authorization
 /// code, a reused refresh token, a password change or reset. Verifiers keep each `jti`
 /// until its `exp`, so the refusal survives their restarts.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct TokensRevoked {
     /// Why: `revoked`, `code_reuse`, `refresh_reuse`, `password_changed`, `password_reset`,
     /// `role_changed`, `consent_withdrawn`, `disabled`.
@@ -164,7 +164,7 @@ pub struct TokensRevoked {
     pub keep_session: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct RevokedToken {
     pub jti: String,
     /// Unix seconds; after it the token is refused as expired anyway.
@@ -172,11 +172,35 @@ pub struct RevokedToken {
 }
 
 /// A chat message was stored (`echo.chat.message.posted`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ChatMessagePosted {
     pub room_id: String,
     pub message_id: String,
     pub seq: i64,
+}
+
+/// Every (event type, data version) Echo speaks, with the JSON Schema of its `data`
+/// generated from the typed struct `validate_event_data` checks it against. The schemas
+/// are kept in the repository (`schemas/events/TYPE/vN.json`); a test refuses a change
+/// that would break a consumer of a kept version unless the version is bumped (a new
+/// struct, a new `dataversion`) while the old one is still accepted.
+pub fn event_schemas() -> Vec<(&'static str, &'static str, serde_json::Value)> {
+    fn schema<T: schemars::JsonSchema>() -> serde_json::Value {
+        serde_json::to_value(schemars::schema_for!(T)).unwrap_or_default()
+    }
+    vec![
+        (events::DOCUMENT_UPLOADED, "1", schema::<DocumentUploaded>()),
+        (events::DOCUMENT_INDEXED, "1", schema::<DocumentIndexed>()),
+        (events::DOCUMENT_FAILED, "1", schema::<DocumentFailed>()),
+        (events::DOCUMENT_DELETED, "1", schema::<DocumentDeleted>()),
+        (events::USER_CREATED, "1", schema::<UserSummary>()),
+        (events::USER_DISABLED, "1", schema::<UserSummary>()),
+        (events::TOKENS_REVOKED, "1", schema::<TokensRevoked>()),
+        (events::RELATIONSHIP_CHANGED, "1", schema::<RelationshipChanged>()),
+        (events::CHAT_MESSAGE_POSTED, "1", schema::<ChatMessagePosted>()),
+        (events::AUDIT_RECORDED, "1", schema::<AuditEvent>()),
+        (events::LOG_BATCH, "1", schema::<LogBatch>()),
+    ]
 }
 
 /// Checks that `data` matches the schema of event `type_` at `version`: each event type
@@ -203,7 +227,7 @@ pub fn validate_event_data(type_: &str, version: &str, data: &serde_json::Value)
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DocumentUploaded {
     pub document_id: String,
     pub job_id: String,
@@ -237,7 +261,7 @@ pub fn is_classification(value: &str) -> bool {
     CLASSIFICATIONS.contains(&value)
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DocumentIndexed {
     pub document_id: String,
     pub job_id: String,
@@ -245,7 +269,7 @@ pub struct DocumentIndexed {
     pub n_chunks: usize,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DocumentFailed {
     pub document_id: String,
     pub job_id: String,
@@ -253,7 +277,7 @@ pub struct DocumentFailed {
     pub error: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DocumentDeleted {
     pub document_id: String,
     pub collection_id: String,
@@ -261,7 +285,7 @@ pub struct DocumentDeleted {
 }
 
 /// An audit event as every service publishes it; the audit service chains it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct AuditEvent {
     pub actor: String,
     pub action: String,
@@ -272,7 +296,7 @@ pub struct AuditEvent {
 }
 
 /// One operational log record.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct LogRecord {
     pub ts_ms: i64,
     pub service: String,
@@ -285,7 +309,7 @@ pub struct LogRecord {
     pub trace_id: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct LogBatch {
     pub records: Vec<LogRecord>,
     #[serde(default)]
@@ -742,7 +766,7 @@ pub struct Usage {
 
 // ---- identity ----
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct UserSummary {
     pub id: String,
     pub username: String,

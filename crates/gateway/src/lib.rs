@@ -204,3 +204,55 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     let router = common::server::service_router(&ctx, routes, readiness(&ctx, store, consumer_ready));
     common::server::serve(listener, router, ctx.shutdown.clone()).await
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    /// (path, methods) of every `.route(…)` of the `/api/v1` router above, read from
+    /// this file's source: what the gateway actually serves.
+    fn served_api_routes() -> Vec<(String, Vec<String>)> {
+        let source = include_str!("lib.rs");
+        let start = source.find("let api = Router::new()").expect("the API router");
+        let end = start + source[start..].find(".fallback(common::server::not_found);").expect("its end");
+        let mut routes = Vec::new();
+        for line in source[start..end].lines() {
+            let Some(rest) = line.trim().strip_prefix(".route(\"") else { continue };
+            let (path, chain) = rest.split_once('"').expect("a quoted path");
+            let mut methods: Vec<String> = ["get", "post", "put", "patch", "delete"]
+                .into_iter()
+                .filter(|m| [format!(" {m}("), format!(".{m}("), format!("::{m}(")].iter().any(|call| chain.contains(call.as_str())))
+                .map(str::to_string)
+                .collect();
+            methods.sort();
+            routes.push((format!("/api/v1{path}"), methods));
+        }
+        routes
+    }
+
+    /// The published API description names every route the gateway serves, with each of
+    /// its methods, and nothing it does not serve.
+    #[test]
+    fn openapi_names_every_served_route_and_method() {
+        let spec: serde_json::Value = serde_json::from_str(super::OPENAPI).expect("openapi.json parses");
+        let paths = spec["paths"].as_object().expect("paths");
+        let served = served_api_routes();
+        assert!(served.len() > 30, "the router was read: {served:?}");
+        let mut problems = Vec::new();
+        for (path, methods) in &served {
+            assert!(!methods.is_empty(), "{path}: no method read");
+            for method in methods {
+                if paths.get(path).and_then(|p| p.get(method)).is_none() {
+                    problems.push(format!("{} {path} is served but not in openapi.json", method.to_uppercase()));
+                }
+            }
+        }
+        for (path, operations) in paths.iter().filter(|(p, _)| p.starts_with("/api/v1")) {
+            for method in operations.as_object().expect("operations").keys().filter(|k| k.as_str() != "parameters") {
+                if !served.iter().any(|(p, m)| p == path && m.contains(method)) {
+                    problems.push(format!("{} {path} is in openapi.json but not served", method.to_uppercase()));
+                }
+            }
+        }
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+}

@@ -63,6 +63,12 @@ fn load_signer(path: &FsPath) -> anyhow::Result<Ed25519KeyPair> {
     Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| anyhow::anyhow!("the checkpoint key at {} is unreadable", path.display()))
 }
 
+/// Creates this service's tables where `config` keeps its data, as its first start there
+/// would (for `echod migrate`).
+pub async fn prepare_store(config: &common::EchoConfig) -> anyhow::Result<()> {
+    store::open(config).await.map(|_| ())
+}
+
 /// Runs the audit service on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
     let store = store::open(&ctx.config).await?;

@@ -76,6 +76,12 @@ pub fn check_policies(config: &common::EchoConfig) -> Result<usize, PolicyError>
     Ok(Engine::from_dir(config.authz.policy_dir.as_deref())?.1)
 }
 
+/// Creates this service's tables where `config` keeps its data, as its first start there
+/// would (for `echod migrate`).
+pub async fn prepare_store(config: &common::EchoConfig) -> anyhow::Result<()> {
+    store::open(config).await.map(|_| ())
+}
+
 /// Runs the authz service on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
     let engine = Arc::new(std::sync::RwLock::new(Arc::new(Engine::from_dir(ctx.config.authz.policy_dir.as_deref())?.0)));

@@ -20,6 +20,7 @@ use common::{EchoConfig, ServiceContext, ServiceName};
 pub mod ask;
 pub mod ingest_cli;
 pub mod bench;
+pub mod migrate;
 pub mod reindex;
 
 /// A running Echo: every service, each on its own port.

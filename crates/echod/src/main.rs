@@ -62,6 +62,21 @@ enum Command {
     /// Rebuild the whole index (after changing the embedding model or chunking);
     /// searches answer from the old index until the new one is complete. Resumable.
     Reindex(#[command(flatten)] Location),
+    /// Move this embedded installation's data to PostgreSQL (and its files to an
+    /// S3-compatible bucket) without loss: rows counted on both sides, every file's
+    /// SHA-256 checked, the audit chain verified there. Echo must be stopped; the bus is
+    /// not moved (drain it first) nor the search index. The source is left as it was.
+    Migrate {
+        /// The target database (postgres://…); it must be empty of Echo's data.
+        #[arg(long)]
+        to: String,
+        /// Also move the files to this bucket (s3://BUCKET[/PREFIX]) at
+        /// `storage.s3_endpoint` with `storage.s3_*` credentials from the configuration.
+        #[arg(long)]
+        to_storage: Option<String>,
+        #[command(flatten)]
+        location: Location,
+    },
     /// Upload many files to a running Echo as a user, with progress; files already there
     /// (same content) are skipped, so running it again resumes an interrupted run.
     Ingest {
@@ -698,6 +713,24 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Ask { question, collection, user, token, location } => {
             let config = config_for(&location)?;
             echod::ask::run(config, echod::ask::AskArgs { question, collection, token, user }).await
+        }
+        Command::Migrate { to, to_storage, location } => {
+            let config = config_for(&location)?;
+            common::telemetry::init(&common::config::LogConfig { level: "warn".into(), ..config.log.clone() });
+            let storage = to_storage.map(|url| common::config::StorageConfig { url, ..config.storage.clone() });
+            let report = echod::migrate::run(&config, &to, storage.clone()).await?;
+            for (table, rows) in &report.tables {
+                println!("{table}\t{rows} rows");
+            }
+            if !report.skipped.is_empty() {
+                println!("not moved (rebuilt there): {}", report.skipped.join(", "));
+            }
+            if let Some(storage) = storage {
+                println!("{} files ({} bytes) copied to {}, every SHA-256 checked", report.blobs, report.blob_bytes, storage.url);
+            }
+            println!("audit chain verified there: {} records", report.audit_records);
+            println!("done. Set database.url (and storage.url) to the new places, then start Echo; the data dir's copies are left as they were.");
+            Ok(0)
         }
         Command::Reindex(location) => {
             let config = config_for(&location)?;

@@ -112,6 +112,12 @@ fn readiness(ctx: &ServiceContext, store: Arc<dyn store::GatewayStore>, consumer
     })
 }
 
+/// Creates this service's tables where `config` keeps its data, as its first start there
+/// would (for `echod migrate`).
+pub async fn prepare_store(config: &common::EchoConfig) -> anyhow::Result<()> {
+    store::open(config).await.map(|_| ())
+}
+
 /// Runs the gateway on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
     let store = store::open(&ctx.config).await?;

@@ -26,6 +26,12 @@ use common::{EchoConfig, ServiceContext, ServiceName};
 pub use error::IdentityError;
 pub use common::wire::UserSummary;
 
+/// Creates this service's tables where `config` keeps its data, as its first start there
+/// would (for `echod migrate`).
+pub async fn prepare_store(config: &common::EchoConfig) -> anyhow::Result<()> {
+    store::open(config).await.map(|_| ())
+}
+
 /// Runs the identity service on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
     let identity = service::Identity::new(ctx.config.clone(), Some(ctx.clone())).await?;

@@ -43,6 +43,12 @@ pub fn chunk_texts(blocks: &[common::wire::TextBlock], chunk_chars: usize, overl
     chunk::chunk_blocks(blocks, chunk_chars, overlap_chars).into_iter().map(|draft| draft.text).collect()
 }
 
+/// Creates this service's tables where `config` keeps its data, as its first start there
+/// would (for `echod migrate`).
+pub async fn prepare_store(config: &common::EchoConfig) -> anyhow::Result<()> {
+    store::open(config).await.map(|_| ())
+}
+
 /// Runs the ingest API, the outbox relay and (unless `ingest.workers` is 0) the workers.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
     let store = store::open(&ctx.config).await?;

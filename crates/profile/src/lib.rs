@@ -26,6 +26,12 @@ struct AppState {
     store: Arc<dyn ProfileStore>,
 }
 
+/// Creates this service's tables where `config` keeps its data, as its first start there
+/// would (for `echod migrate`).
+pub async fn prepare_store(config: &common::EchoConfig) -> anyhow::Result<()> {
+    store::open(config).await.map(|_| ())
+}
+
 /// Runs the profile service on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
     let store = store::open(&ctx.config).await?;

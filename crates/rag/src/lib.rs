@@ -45,6 +45,12 @@ use service::{AskEvent, Rag};
 
 type AppState = Arc<Rag>;
 
+/// Creates this service's tables where `config` keeps its data, as its first start there
+/// would (for `echod migrate`).
+pub async fn prepare_store(config: &common::EchoConfig) -> anyhow::Result<()> {
+    store::open(config).await.map(|_| ())
+}
+
 /// Runs the rag service on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
     let store = store::open(&ctx.config).await?;

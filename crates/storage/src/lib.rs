@@ -30,6 +30,32 @@ use common::{ApiError, ServiceContext};
 use crate::range::Wanted;
 use crate::service::Storage;
 
+/// For `echod migrate`: puts every blob the embedded ledger lists (`expected`: id →
+/// SHA-256) from `data_dir/blobs` into the store `target` names, streamed, and checks
+/// each one's SHA-256 as it goes. Returns (blobs, bytes).
+pub async fn copy_local_blobs(data_dir: &std::path::Path, target: &common::config::StorageConfig, expected: &std::collections::HashMap<String, String>) -> anyhow::Result<(usize, u64)> {
+    anyhow::ensure!(!target.url.trim().is_empty(), "the target storage.url is empty: the files are already local");
+    let local = blobs::LocalBlobs::open(data_dir.join("blobs")).await?;
+    let remote = blobs::open(target, data_dir).await?;
+    remote.ready().await.map_err(|e| anyhow::anyhow!(e))?;
+    let (mut n, mut bytes) = (0, 0);
+    for (id, sha256) in expected {
+        use blobs::BlobStore as _;
+        let body = local.get(id, None).await.map_err(|e| anyhow::anyhow!("blob {id}: {e}"))?.map(|chunk| chunk.map_err(|e| e.to_string())).boxed();
+        let stored = remote.put(id, body, u64::MAX).await.map_err(|e| anyhow::anyhow!("blob {id}: {e}"))?;
+        anyhow::ensure!(&stored.sha256 == sha256, "blob {id}: its SHA-256 is {} but the ledger says {sha256}", stored.sha256);
+        n += 1;
+        bytes += stored.size;
+    }
+    Ok((n, bytes))
+}
+
+/// Creates this service's tables where `config` keeps its data, as its first start there
+/// would (for `echod migrate`).
+pub async fn prepare_store(config: &common::EchoConfig) -> anyhow::Result<()> {
+    ledger::open(config).await.map(|_| ())
+}
+
 /// Runs the storage service on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
     let blobs = blobs::open(&ctx.config.storage, &ctx.config.data_dir).await?;

@@ -9,6 +9,7 @@ mod bus;
 mod helpers;
 mod idp;
 mod journey;
+mod migrate;
 mod reindex;
 mod scale;
 mod security;

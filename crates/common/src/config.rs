@@ -448,6 +448,8 @@ pub struct IngestConfig {
     pub max_attempts: i64,
     /// A `postgres://` URL for the catalog alone (else `database.url`, else `ingest.db`).
     pub database_url: Secret,
+    /// Where `echod serve ingest-worker` answers `/healthz`, `/readyz` and `/metrics`.
+    pub worker_port: u16,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -740,7 +742,7 @@ impl Default for IngestConfig {
         // (parse workers: one per core; the local embedder: one batch at a time), so the
         // rest — blob reads, HTTP hops, catalog writes, index commits shared by group
         // commit — overlap across documents (530 HTML pages: 19 s with 2, 8.6 s with 8).
-        IngestConfig { workers: 8, chunk_chars: 1200, chunk_overlap_chars: 150, max_attempts: 5, database_url: Secret::default() }
+        IngestConfig { workers: 8, chunk_chars: 1200, chunk_overlap_chars: 150, max_attempts: 5, database_url: Secret::default(), worker_port: 8093 }
     }
 }
 
@@ -884,8 +886,9 @@ impl EchoConfig {
         if self.parser.workers > 64 || self.parser.max_memory_mb < 128 {
             return invalid("parser.workers", "must be at most 64, with max_memory_mb at least 128");
         }
-        if self.ingest.workers == 0 || self.ingest.workers > 64 {
-            return invalid("ingest.workers", "must be between 1 and 64");
+        // 0: this ingest serves its API alone (`echod serve ingest-worker` processes).
+        if self.ingest.workers > 64 {
+            return invalid("ingest.workers", "must be between 0 and 64");
         }
         if let Some(provider) = self.embeddings.provider.as_deref()
             && !matches!(provider, "" | "none" | "local" | "openai")

@@ -203,6 +203,21 @@ pub async fn serve(config: EchoConfig, service: ServiceName, shutdown: Cancellat
     outcome
 }
 
+/// `echod serve ingest-worker`: ingest's workers alone (no API), answering health and
+/// metrics on `ingest.worker_port`; it acts as the ingest service (its credentials).
+pub async fn serve_ingest_worker(config: EchoConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    prepare_data_dir(&config)?;
+    let host = config.bind.clone();
+    let address: SocketAddr = format!("{host}:{}", config.ingest.worker_port).parse().with_context(|| format!("invalid bind address {host}"))?;
+    let listener = TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address} for the ingest worker (ingest.worker_port)"))?;
+    common::otlp::init(&config.telemetry, "echo-ingest-worker");
+    let ctx = ServiceContext::new(Arc::new(config), ServiceName::Ingest, shutdown.clone())?;
+    common::telemetry::start_shipping(ctx.bus.clone(), shutdown);
+    let outcome = ingest::run_worker(ctx, listener).await;
+    let _ = tokio::task::spawn_blocking(common::otlp::flush).await;
+    outcome
+}
+
 /// Polls the gateway's `/readyz` until every service is ready or `timeout` passes.
 pub async fn wait_ready(config: &EchoConfig, timeout: Duration) -> anyhow::Result<()> {
     let url = format!("{}/readyz", config.url(ServiceName::Gateway));
@@ -472,7 +487,14 @@ mod tests {
             assert!(targets.contains(&format!("{name}:{port}")), "Prometheus scrapes {name}");
             assert_eq!(helm["services"][name]["port"], serde_json::json!(port), "the Helm chart runs {name} on its port");
         }
-        assert_eq!(helm["services"].as_object().unwrap().len(), ServiceName::ALL.len(), "the Helm chart runs no unknown service");
+        // ingest's workers apart from its API, on ingest.worker_port.
+        let worker_port = common::EchoConfig::default().ingest.worker_port;
+        assert_eq!(compose["services"]["ingest-worker"]["command"], serde_json::json!(["serve", "ingest-worker"]));
+        assert_eq!(compose["services"]["ingest-worker"]["environment"]["ECHO_HEALTH_PORT"], serde_json::json!(worker_port.to_string()));
+        assert_eq!(compose["services"]["ingest"]["environment"]["ECHO__INGEST__WORKERS"], serde_json::json!("0"), "the API alone");
+        assert!(targets.contains(&format!("ingest-worker:{worker_port}")));
+        assert_eq!(helm["services"]["ingest-worker"]["port"], serde_json::json!(worker_port));
+        assert_eq!(helm["services"].as_object().unwrap().len(), ServiceName::ALL.len() + 1, "the Helm chart runs no unknown service");
     }
 
     #[test]

@@ -32,7 +32,8 @@ struct Location {
 enum Command {
     /// Run every service in this process.
     Up(#[command(flatten)] Location),
-    /// Run one service (for containers).
+    /// Run one service (for containers): a service's name, or `ingest-worker` for ingest's
+    /// workers apart from its API.
     Serve {
         service: String,
         #[command(flatten)]
@@ -525,12 +526,16 @@ async fn up(location: Location) -> anyhow::Result<()> {
 }
 
 async fn serve(service: String, location: Location) -> anyhow::Result<()> {
-    let service: ServiceName = service.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let worker = service == "ingest-worker";
+    let service: Option<ServiceName> = if worker { None } else { Some(service.parse().map_err(|e: String| anyhow::anyhow!("{e}, or ingest-worker"))?) };
     let config = config_for(&location)?;
     common::telemetry::init(&config.log);
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
-    echod::serve(config, service, shutdown).await
+    match service {
+        Some(service) => echod::serve(config, service, shutdown).await,
+        None => echod::serve_ingest_worker(config, shutdown).await,
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<i32> {

@@ -88,6 +88,29 @@ pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<(
     common::server::serve(listener, router, ctx.shutdown.clone()).await
 }
 
+/// `echod serve ingest-worker`: the workers alone, apart from the ingest API — they take
+/// `echo.document.uploaded` from the bus and run each document through parse → chunk →
+/// embed → index — with `/healthz`, `/readyz` and `/metrics` on `ingest.worker_port` and
+/// no API. Run as many as the load needs beside ingest API replicas with
+/// `ingest.workers: 0`; the bus hands each document to one of them (competing
+/// consumers), and one killed mid-document loses nothing (its lease expires and another
+/// takes the document again).
+pub async fn run_worker(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
+    anyhow::ensure!(ctx.config.ingest.workers > 0, "ingest.workers is 0 here: an ingest-worker would take no document (set ECHO__INGEST__WORKERS)");
+    let store = store::open(&ctx.config).await?;
+    let worker_ready = common::server::ReadyFlag::default();
+    worker::spawn_workers(ctx.clone(), store.clone(), worker_ready.clone());
+    let ready: common::server::ReadyCheck = Arc::new(move || {
+        let (store, worker_ready) = (store.clone(), worker_ready.clone());
+        Box::pin(async move {
+            store.ready().await?;
+            if worker_ready.is_set() { Ok(()) } else { Err("the ingest worker subscription is not declared yet".into()) }
+        })
+    });
+    let router = common::server::service_router(&ctx, Router::new(), ready).fallback(common::server::not_found);
+    common::server::serve(listener, router, ctx.shutdown.clone()).await
+}
+
 fn sanitize_filename(name: &str) -> String {
     let base = name.rsplit(['/', '\\']).next().unwrap_or_default();
     let cleaned: String = base.chars().filter(|c| !c.is_control()).take(255).collect();

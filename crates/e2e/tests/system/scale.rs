@@ -1,8 +1,9 @@
 //! The scale topology as separate processes on this machine: every service its own
-//! `echod serve NAME` process — two replicas of the gateway and two of ingest (whose
-//! workers compete for the bus's deliveries) — over PostgreSQL (`database.url`), NATS
+//! `echod serve NAME` process — two replicas of the gateway, and two `ingest-worker`
+//! processes apart from the ingest API (`ingest.workers: 0`; the workers compete for the
+//! bus's deliveries) — over PostgreSQL (`database.url`), NATS
 //! JetStream (`queue.url`) and an S3-protocol server (`storage.url`). A user signs in,
-//! uploads through both gateways while one ingest replica is killed with SIGKILL, and
+//! uploads through both gateways while one ingest worker is killed with SIGKILL, and
 //! every accepted upload is indexed once and answered from; a browser session and a
 //! revocation hold at both gateways.
 
@@ -46,10 +47,15 @@ struct Topology {
 impl Topology {
     /// `echod serve SERVICE` with the shared configuration, `overrides` as environment.
     fn spawn(&mut self, service: ServiceName, label: &str, overrides: &[(&str, String)]) {
+        self.spawn_named(service.as_str(), label, overrides);
+    }
+
+    /// `echod serve NAME` (a service, or `ingest-worker`).
+    fn spawn_named(&mut self, name: &str, label: &str, overrides: &[(&str, String)]) {
         let log = self.dir.path().join(format!("{label}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let mut command = tokio::process::Command::new(echod_program());
-        command.args(["serve", service.as_str(), "--config"]).arg(&self.config_file);
+        command.args(["serve", name, "--config"]).arg(&self.config_file);
         for (key, value) in overrides {
             command.env(key, value);
         }
@@ -110,7 +116,7 @@ async fn search(edge: &Edge, token: &str, query: &str) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn separate_processes_with_two_gateways_and_two_ingest_replicas_lose_nothing_when_one_is_killed() {
+async fn separate_processes_with_two_gateways_and_two_ingest_workers_lose_nothing_when_one_is_killed() {
     let Some(postgres) = echod::testing::ScratchServer::postgres().await else { return };
     let Some(nats) = echod::testing::ScratchServer::nats().await else { return };
     let Some(s3) = echod::testing::ScratchS3::start().await else { return };
@@ -137,37 +143,41 @@ async fn separate_processes_with_two_gateways_and_two_ingest_replicas_lose_nothi
     topology.spawn(ServiceName::Identity, "identity", &[]);
     wait_ok(&http, &format!("{}/healthz", config.url(ServiceName::Identity)), Duration::from_secs(90), &topology).await;
     for service in ServiceName::ALL.into_iter().filter(|s| *s != ServiceName::Identity) {
-        topology.spawn(service, service.as_str(), &[]);
+        // The ingest API alone: two ingest-worker processes do the documents.
+        let overrides = if service == ServiceName::Ingest { vec![("ECHO__INGEST__WORKERS", "0".to_string())] } else { vec![] };
+        topology.spawn(service, service.as_str(), &overrides);
     }
-    let (gateway_b, ingest_b) = (free_port(), free_port());
+    let (gateway_b, worker_a, worker_port) = (free_port(), free_port(), free_port());
     topology.spawn(ServiceName::Gateway, "gateway-b", &[("ECHO__PORTS__GATEWAY", gateway_b.to_string())]);
-    topology.spawn(ServiceName::Ingest, "ingest-b", &[("ECHO__PORTS__INGEST", ingest_b.to_string())]);
+    topology.spawn_named("ingest-worker", "ingest-worker-a", &[("ECHO__INGEST__WORKER_PORT", worker_a.to_string())]);
+    topology.spawn_named("ingest-worker", "ingest-worker", &[("ECHO__INGEST__WORKER_PORT", worker_port.to_string())]);
     let a = Edge::new(config.clone());
     let mut config_b = config.clone();
     config_b.ports.insert(ServiceName::Gateway, gateway_b);
     let b = Edge::new(config_b);
     wait_ok(&http, &format!("{}/readyz", a.gateway()), Duration::from_secs(120), &topology).await;
     wait_ok(&http, &format!("{}/readyz", b.gateway()), Duration::from_secs(60), &topology).await;
-    wait_ok(&http, &format!("http://127.0.0.1:{ingest_b}/readyz"), Duration::from_secs(60), &topology).await;
+    wait_ok(&http, &format!("http://127.0.0.1:{worker_a}/readyz"), Duration::from_secs(60), &topology).await;
+    wait_ok(&http, &format!("http://127.0.0.1:{worker_port}/readyz"), Duration::from_secs(60), &topology).await;
 
     identity::add_client(&config, CLIENT_ID, vec![REDIRECT_URI.into()], None, "RS256").await.expect("client");
     identity::add_user(&config, "ann", &password_of("ann"), "acme", "member", None).await.expect("user");
     let ann = a.sign_in("ann", &password_of("ann")).await;
 
-    // Uploads through both gateways; one ingest replica dies half-way through.
+    // Uploads through both gateways; one ingest worker dies half-way through.
     let mut created = Vec::new();
     for i in 0..10 {
         let edge = if i % 2 == 0 { &a } else { &b };
         let text = format!("# Valve {i}\n\nThe service code of valve {i} is marigold-{i}-{}.\n", 1000 + i * 7);
         created.push(upload(edge, &ann.access_token, &format!("valve-{i}.md"), text).await);
         if i == 4 {
-            // Once ingest-b has taken work from the bus, it dies mid-stream.
-            let log = topology.dir.path().join("ingest-b.log");
-            eventually("ingest-b to take an upload", Duration::from_secs(30), || async {
+            // Once the ingest worker has taken work from the bus, it dies mid-stream.
+            let log = topology.dir.path().join("ingest-worker.log");
+            eventually("the ingest worker to take an upload", Duration::from_secs(30), || async {
                 std::fs::read_to_string(&log).ok()?.contains(r#""subscription":"ingest-worker""#).then_some(())
             })
             .await;
-            topology.kill("ingest-b").await;
+            topology.kill("ingest-worker").await;
         }
     }
     for (i, document) in created.iter().enumerate() {

@@ -28,7 +28,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - name: ECHO__METRICS_TOKEN
   valueFrom: {secretKeyRef: {name: {{ .Values.existingSecret }}, key: metrics-token}}
 {{- range $name, $svc := .Values.services }}
+{{- if ne $name "ingest-worker" }}
 - {name: ECHO__URLS__{{ upper $name }}, value: "http://{{ include "echo.name" $ }}-{{ $name }}:{{ $svc.port }}"}
+{{- end }}
 {{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}

@@ -73,6 +73,35 @@ const MIN_DOCUMENTS: usize = 1000;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_probe_ever_sees_what_the_policy_forbids_and_every_allowed_document_is_found() {
     let probes: usize = std::env::var("ECHO_LEAK_PROBES").ok().and_then(|v| v.parse().ok()).unwrap_or(1500);
+    leak_test(probes, |_| {}).await;
+}
+
+/// The same test on the scale path's engines: every service's data in PostgreSQL (authz's
+/// relationships and their version triggers, the gateway's sessions, the catalog), the
+/// bus on NATS JetStream, the files in S3. Fewer probes (`ECHO_LEAK_PROBES_SCALE`,
+/// default 400): the world is the same size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgresql_nats_and_s3_no_probe_sees_what_the_policy_forbids() {
+    let Some(postgres) = echod::testing::ScratchServer::postgres().await else { return };
+    let Some(nats) = echod::testing::ScratchServer::nats().await else { return };
+    let Some(s3) = echod::testing::ScratchS3::start().await else { return };
+    let probes: usize = std::env::var("ECHO_LEAK_PROBES_SCALE").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
+    let (database, bus, storage) = (postgres.url.clone(), nats.url.clone(), s3.config());
+    leak_test(probes, move |config| {
+        config.database.url = common::config::Secret(database);
+        config.queue.url = Some(common::config::Secret(bus));
+        config.storage = common::config::StorageConfig { quota_bytes_per_user: config.storage.quota_bytes_per_user, max_blob_bytes: config.storage.max_blob_bytes, ..storage };
+    })
+    .await;
+    postgres.cleanup().await;
+    nats.cleanup().await;
+}
+
+/// One world at a time: the two runs would otherwise share this machine's two cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn leak_test(probes: usize, engines: impl FnOnce(&mut common::EchoConfig)) {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let seed: u64 = std::env::var("ECHO_LEAK_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
     });
@@ -81,6 +110,7 @@ async fn no_probe_ever_sees_what_the_policy_forbids_and_every_allowed_document_i
     let model = helpers::embedding_model().await;
     let hybrid = model.is_some();
     let ts = TestSystem::start_with(|config| {
+        engines(config);
         config.gateway.rate_limits = common::config::Switch::Off;
         if let Some(dir) = model {
             config.embeddings.provider = Some("local".into());

@@ -175,9 +175,17 @@ impl Bus {
     /// Declares `subscription` on `topic`, retrying until the queue answers or `shutdown`.
     pub async fn declare(&self, subscription: &str, spec: &SubscriptionSpec, shutdown: &CancellationToken) -> bool {
         let mut delay = Duration::from_millis(50);
+        let started = std::time::Instant::now();
+        let mut warned_at: Option<std::time::Instant> = None;
         loop {
             match self.subscribe(subscription, spec).await {
                 Ok(()) => return true,
+                // Normal while the queue starts; said louder (every 10 s) once it lasts,
+                // so a service that never becomes ready says why.
+                Err(error) if started.elapsed() >= Duration::from_secs(5) && warned_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) => {
+                    warned_at = Some(std::time::Instant::now());
+                    tracing::warn!(%subscription, %error, waited_secs = started.elapsed().as_secs(), "subscription still not declared");
+                }
                 Err(error) => tracing::debug!(%subscription, %error, "subscription not declared yet"),
             }
             tokio::select! {

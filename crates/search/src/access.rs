@@ -6,6 +6,10 @@
 //! (`common::local::announce_access`) before it answers, so there a change holds for
 //! the very next search; from another process it holds once the bus delivers it.
 //! `search.readable_cache_secs` bounds an answer's life in case an announcement is lost.
+//! Search replicas sharing one index (`search.url`) share the subscription, so an
+//! announcement reaches one of them: there an answer lives at most one second, the
+//! bound within which a change of access holds at every replica (as a revocation does
+//! at every gateway).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -44,7 +48,10 @@ fn key_of(principal: &Principal) -> String {
 
 impl Access {
     pub(crate) fn new(ctx: ServiceContext) -> Access {
-        let ttl = Duration::from_secs(ctx.config.search.readable_cache_secs);
+        let mut ttl = Duration::from_secs(ctx.config.search.readable_cache_secs);
+        if !ctx.config.search.url.is_empty() {
+            ttl = ttl.min(Duration::from_secs(1));
+        }
         let authz_url = ctx.config.url(ServiceName::Authz);
         Access { ctx, ttl, authz_url, state: Arc::default() }
     }
@@ -90,8 +97,8 @@ impl Access {
         }
     }
 
-    /// Listens for announcements; `ready` is set once subscribed. (Replicas of search
-    /// behind one bus would each need their own subscription: the scale-out work.)
+    /// Listens for announcements; `ready` is set once subscribed. Replicas share the
+    /// subscription (each announcement reaches one; the others' answers expire in 1 s).
     pub(crate) fn spawn_listener(&self, ready: common::server::ReadyFlag) {
         let access = self.clone();
         tokio::spawn(async move {

@@ -45,8 +45,8 @@ pub(crate) async fn rebuild_index(State(retrieval): State<Retrieval>, Json(reque
 }
 
 /// `GET /v1/rebuild`: the live index and the one being rebuilt, if any.
-pub(crate) async fn rebuild_status(State(retrieval): State<Retrieval>) -> Json<RebuildStatus> {
-    Json(retrieval.rebuild_status())
+pub(crate) async fn rebuild_status(State(retrieval): State<Retrieval>) -> ApiResult<Json<RebuildStatus>> {
+    Ok(Json(retrieval.rebuild_status().await?))
 }
 
 /// `POST /v1/rebuild`: starts a rebuild beside the live index (or goes on with one).

@@ -7,7 +7,7 @@
 //! every ranking is restricted to the caller's collections inside the search itself.
 //! Blocking calls: run them on `spawn_blocking`.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
@@ -20,6 +20,7 @@ use tantivy::{DocAddress, Index, IndexReader, IndexWriter, ReloadPolicy, Searche
 use common::wire::{Chunk, SearchHit, SearchMode};
 
 use crate::embed::ModelId;
+use crate::fusion::{Admission, snippet_of, without_stop_words};
 use crate::vectors::{VectorRow, VectorTable};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,8 @@ pub enum IndexError {
     NoRebuild,
     #[error("vectors cannot be stored: no embedding provider is configured")]
     NoModel,
+    #[error("search database: {0}")]
+    Database(String),
 }
 
 /// Bumped whenever the schema changes; an index of another version is set aside.
@@ -75,13 +78,6 @@ impl Default for Fusion {
         Fusion { rrf_k: 60.0, bm25_weight: 1.0, vector_weight: 1.5, candidates: 50 }
     }
 }
-
-/// The cosine from which a vector hit counts as related to the query and weighs
-/// `vector_weight` in fusion when that is raised above BM25's (below it, at most BM25's
-/// weight). Every vector hit in the first ten for the 79 questions of `echod bench
-/// quality` is at 0.3 or more (the best hit at 0.40 or more): the same ranking there as
-/// without the floor.
-const RELATED_SIMILARITY: f32 = 0.3;
 
 /// One search: the query, its vector when embeddings are on, what the caller may read.
 pub struct SearchRequest<'a> {
@@ -210,27 +206,6 @@ fn spawn_graph_thread(table: std::sync::Weak<RwLock<VectorTable>>) -> Result<std
         })
         .map_err(|e| IndexError::Directory(format!("could not start the vector graph thread: {e}")))?;
     Ok(wake)
-}
-
-/// The text a chunk's duplicates share: its words, lower-cased.
-fn duplicate_key(text: &str) -> u64 {
-    use std::hash::Hasher;
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    // Each word lower-cased into one reused buffer and hashed whole (ASCII, nearly every
-    // word, byte by byte; the rest char by char).
-    let mut lowered = String::new();
-    for word in text.split_whitespace() {
-        lowered.clear();
-        if word.is_ascii() {
-            lowered.push_str(word);
-            lowered.make_ascii_lowercase();
-        } else {
-            lowered.extend(word.chars().flat_map(char::to_lowercase));
-        }
-        hasher.write(lowered.as_bytes());
-        hasher.write_u8(0xff);
-    }
-    hasher.finish()
 }
 
 impl ChunkIndex {
@@ -592,7 +567,6 @@ impl ChunkIndex {
             let combined = BooleanQuery::new(vec![(Occur::Must, query.box_clone()), (Occur::Must, filter.box_clone())]);
             let top = searcher.search(&combined, &TopDocs::with_limit(depth).order_by_score())?;
             bm25_matches = top.len();
-            let weight = if vector.is_some() { request.fusion.bm25_weight } else { 1.0 };
             // Each segment's chunk-id column, opened once per search.
             let mut columns: HashMap<u32, Option<tantivy::columnar::StrColumn>> = HashMap::new();
             for (rank, (score, address)) in top.into_iter().enumerate() {
@@ -608,24 +582,16 @@ impl ChunkIndex {
                     }
                     None => format!("{}:{}", address.segment_ord, address.doc_id),
                 };
-                let contribution = if vector.is_some() { weight / (request.fusion.rrf_k + rank as f32 + 1.0) } else { score };
+                let contribution = request.fusion.bm25_contribution(vector.is_some(), rank, score);
                 let entry = fused.entry(chunk_id).or_insert((0.0, Some(address), None));
                 entry.0 += contribution;
             }
         }
         if let Some(vector) = vector {
             let table = self.vectors.read().map_err(|_| IndexError::Poisoned)?;
-            // A query whose words occur in fewer chunks than BM25's list could hold is
-            // specific (an identifier, an error code, a name): there vectors weigh no more
-            // than BM25, so the chunk holding it is not pushed out by the nearest meanings.
-            // A question in plain words matches far more chunks and keeps `vector_weight`.
             let specific = bm25_matches > 0 && bm25_matches < depth;
-            let raised = if specific { request.fusion.vector_weight.min(request.fusion.bm25_weight) } else { request.fusion.vector_weight };
             for (rank, (similarity, row)) in table.nearest(vector, collections, restricted, depth).into_iter().enumerate() {
-                // A vector hit barely related to the query (a word the model does not
-                // know) weighs no more than a BM25 hit either.
-                let weight = if similarity >= RELATED_SIMILARITY { raised } else { raised.min(request.fusion.bm25_weight) };
-                let contribution = if request.mode == SearchMode::Vector { 1.0 / (rank as f32 + 1.0) } else { weight / (request.fusion.rrf_k + rank as f32 + 1.0) };
+                let contribution = request.fusion.vector_contribution(request.mode, specific, rank, similarity);
                 let entry = fused.entry(row.chunk_id.to_string()).or_insert((0.0, None, None));
                 entry.0 += contribution;
                 entry.2 = Some(similarity);
@@ -642,8 +608,7 @@ impl ChunkIndex {
             None => None,
         };
         let mut hits = Vec::with_capacity(k);
-        let mut seen_texts: HashSet<u64> = HashSet::new();
-        let mut per_page: HashMap<(String, Option<u64>), usize> = HashMap::new();
+        let mut admission = Admission::new(request.per_page);
         for (chunk_id, score, address, similarity) in ranked {
             if hits.len() >= k {
                 break;
@@ -661,18 +626,10 @@ impl ChunkIndex {
             let collection = field(self.fields.collection);
             let classification = doc.get_first(self.fields.classification).and_then(|v| v.as_str()).map_or_else(common::wire::default_classification, str::to_string);
             let allowed = collections.iter().any(|c| c == collection) && restricted.get(collection).is_none_or(|classes| classes.contains(&classification));
-            // The same text in several places (a repeated paragraph, an included page) once;
-            // decided before its snippet is made.
-            if !allowed || !seen_texts.insert(duplicate_key(field(self.fields.text))) {
+            // Decided before its snippet is made.
+            let page = doc.get_first(self.fields.page).and_then(|v| v.as_u64());
+            if !allowed || !admission.admit(field(self.fields.text), field(self.fields.document_id), page) {
                 continue;
-            }
-            if request.per_page > 0 {
-                let page = doc.get_first(self.fields.page).and_then(|v| v.as_u64());
-                let taken = per_page.entry((field(self.fields.document_id).to_string(), page)).or_default();
-                if *taken >= request.per_page {
-                    continue;
-                }
-                *taken += 1;
             }
             let mut hit = self.hit_of(&doc, score, snippets.as_ref());
             hit.similarity = similarity;
@@ -716,10 +673,7 @@ impl ChunkIndex {
     fn hit_of(&self, doc: &TantivyDocument, score: f32, snippets: Option<&SnippetGenerator>) -> SearchHit {
         let text_of = |field: Field| doc.get_first(field).and_then(|v| v.as_str().map(str::to_string));
         let text = text_of(self.fields.text).unwrap_or_default();
-        let snippet = snippets.map(|generator| {
-            let snippet = generator.snippet(&text);
-            if snippet.is_empty() { escape_html(&text.chars().take(240).collect::<String>()) } else { marked(snippet.fragment(), snippet.highlighted()) }
-        });
+        let snippet = snippets.map(|generator| snippet_of(generator, &text));
         SearchHit {
             document_id: text_of(self.fields.document_id).unwrap_or_default(),
             chunk_id: text_of(self.fields.chunk_id).unwrap_or_default(),
@@ -771,41 +725,8 @@ impl ChunkIndex {
     }
 }
 
-fn escape_html(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
-}
-
-/// `fragment` with the `highlighted` byte ranges in `<mark>`, everything escaped.
-fn marked(fragment: &str, highlighted: &[std::ops::Range<usize>]) -> String {
-    let mut html = String::new();
-    let mut from = 0;
-    let mut ranges: Vec<std::ops::Range<usize>> = highlighted.to_vec();
-    ranges.sort_by_key(|r| r.start);
-    for range in ranges {
-        if range.start < from || range.end > fragment.len() || !fragment.is_char_boundary(range.start) || !fragment.is_char_boundary(range.end) {
-            continue;
-        }
-        html.push_str(&escape_html(&fragment[from..range.start]));
-        html.push_str("<mark>");
-        html.push_str(&escape_html(&fragment[range.clone()]));
-        html.push_str("</mark>");
-        from = range.end;
-    }
-    html.push_str(&escape_html(&fragment[from..]));
-    html
-}
-
 /// A search's BM25 query over every field, and the same over the text alone (for snippets).
 type TextQueries = (Box<dyn Query>, Box<dyn Query>);
-
-/// `query` without its stop words (words are runs of letters, digits and `_`).
-fn without_stop_words(query: &str) -> String {
-    query
-        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
-        .filter(|word| !word.is_empty() && !common::text::is_stop_word(word))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 /// The second collection term of a chunk: its collection and its classification.
 fn classified(collection: &str, classification: &str) -> String {
@@ -816,6 +737,7 @@ fn classified(collection: &str, classification: &str) -> String {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     fn chunk(doc: &str, collection: &str, n: u32, text: &str) -> Chunk {
         Chunk {

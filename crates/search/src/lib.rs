@@ -4,8 +4,10 @@
 //! titles; each chunk's embedding in a fast field, searched exactly in memory) and
 //! hybrid ranking by reciprocal rank fusion. Embeddings come from `embed` (the local
 //! model, an OpenAI-compatible endpoint, or none: BM25 only, said at start).
-//! Layers: `http` (handlers) → `service` (authorized search, indexing) → `index`
-//! (the store); `access` keeps each user's readable collections from authz;
+//! Or, with `search.url`, PostgreSQL full-text search and pgvector (`pg`), shared by
+//! stateless search replicas.
+//! Layers: `http` (handlers) → `service` (authorized search, indexing) → `store` (the
+//! `ChunkStore` trait: `index` embedded, `pg`; both rank through `fusion`); `access` keeps each user's readable collections from authz;
 //! `rerank` reorders the fused hits through an optional cross-encoder service.
 //! `generations` keeps the live index and, during `echod reindex`, the one being
 //! rebuilt beside it.
@@ -17,13 +19,16 @@
 
 mod access;
 mod embed;
+mod fusion;
 mod generations;
 mod http;
 mod index;
+mod pg;
 mod rerank;
 mod results;
 mod service;
 mod stem;
+mod store;
 mod vectors;
 
 use std::sync::Arc;
@@ -51,19 +56,16 @@ pub fn fusion_of(config: &common::config::SearchConfig) -> Fusion {
 
 /// Runs the search service on `listener` until the context's shutdown.
 pub async fn run(ctx: ServiceContext, listener: TcpListener) -> anyhow::Result<()> {
-    let dir = ctx.config.data_dir.join("index");
-    let memory = ctx.config.search.writer_memory_mb;
-    let index = Arc::new(tokio::task::spawn_blocking(move || generations::Generations::open(&dir, memory)).await??);
+    let index = store::open(&ctx.config).await?;
     let embedder = Arc::new(Embedder::from_config(&ctx.config));
     let model = embedder.model_id();
-    let live = index.live();
-    tracing::info!(chunks = live.n_chunks(), vectors = live.n_vectors(), "search index open; {}", embedder.describe());
-    if let (Some(configured), Some(recorded)) = (&model, live.recorded_model())
-        && !live.holds_vectors_of(configured)
+    let state = index.state().await?;
+    tracing::info!("search: {}; {}", index.describe(), embedder.describe());
+    if let (Some(configured), Some(recorded)) = (&model, &state.recorded)
+        && !state.holds_vectors_of(configured)
     {
         tracing::error!(%recorded, %configured, "the index holds vectors of another model than the configured one: searches are BM25 only until `echod reindex` has rebuilt it");
     }
-    drop(live);
     let access = access::Access::new(ctx.clone());
     let subscribed = common::server::ReadyFlag::default();
     access.spawn_listener(subscribed.clone());

@@ -13,10 +13,10 @@ use common::{ApiError, ErrorKind};
 
 use crate::access::Access;
 use crate::embed::{EmbedError, Embedder, ModelId};
-use crate::generations::Generations;
-use crate::index::{Fusion, IndexError, SearchRequest};
+use crate::index::{Fusion, IndexError};
 use crate::rerank::Reranker;
 use crate::results::{KeyParts, ResultCache};
+use crate::store::{ChunkStore, Query};
 
 /// A search, decided: what the caller may read and how it will be ranked.
 struct Plan {
@@ -26,7 +26,6 @@ struct Plan {
     k: usize,
     reranker: Option<Arc<Reranker>>,
     wanted: SearchMode,
-    index: Arc<crate::index::ChunkIndex>,
     version: u64,
     vectors_usable: bool,
 }
@@ -36,7 +35,7 @@ pub(crate) const MAX_QUERY_BYTES: usize = 4096;
 
 #[derive(Clone)]
 pub(crate) struct Retrieval {
-    pub(crate) index: Arc<Generations>,
+    pub(crate) index: Arc<dyn ChunkStore>,
     pub(crate) embedder: Arc<Embedder>,
     /// The embedder's model, when embeddings are on.
     pub(crate) model: Option<ModelId>,
@@ -54,6 +53,7 @@ impl From<IndexError> for ApiError {
             IndexError::BadEmbedding(_) => ApiError::bad_request("search.bad_embedding", error.to_string()),
             IndexError::NoRebuild => ApiError::new(ErrorKind::Conflict, "search.no_rebuild", error.to_string()),
             IndexError::NoModel => ApiError::new(ErrorKind::Conflict, "search.embeddings_off", error.to_string()),
+            IndexError::Database(_) => ApiError::unavailable("search.database_unavailable", error.to_string()),
             other => ApiError::internal(other),
         }
     }
@@ -66,10 +66,6 @@ impl From<EmbedError> for ApiError {
             other => ApiError::unavailable("search.embeddings_failed", other.to_string()),
         }
     }
-}
-
-pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, IndexError> + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(ApiError::internal)?.map_err(ApiError::from)
 }
 
 /// `hits` in the reranker's order (its scores as theirs), or as they came should the
@@ -164,25 +160,25 @@ impl Retrieval {
         let k = query.k.clamp(1, self.max_k);
         let reranker = self.reranker.clone().filter(|_| query.rerank != Some(false));
         let wanted = query.mode.unwrap_or(SearchMode::Hybrid);
-        let index = self.index.live();
         // Read before the search: a commit meanwhile makes a newer version, so an answer
         // is never kept under a version older than the index it saw… only newer.
-        let version = index.version();
+        let state = self.index.state().await?;
+        let version = state.version;
         // The live index's vectors are of the configured model, or searches are BM25
         // only until `echod reindex` has rebuilt it.
-        let usable = self.model.as_ref().filter(|model| index.holds_vectors_of(model)).is_some();
+        let usable = self.model.as_ref().filter(|model| state.holds_vectors_of(model)).is_some();
         if let (Some(configured), false, SearchMode::Vector) = (&self.model, usable, wanted) {
-            let recorded = index.recorded_model().map(|m| m.to_string()).unwrap_or_default();
+            let recorded = state.recorded.map(|m| m.to_string()).unwrap_or_default();
             return Err(IndexError::ModelMismatch { recorded, configured: configured.to_string() }.into());
         }
         let vectors_usable = usable && matches!(wanted, SearchMode::Hybrid | SearchMode::Vector);
-        Ok(Some(Plan { readable, collections, restricted, k, reranker, wanted, index, version, vectors_usable }))
+        Ok(Some(Plan { readable, collections, restricted, k, reranker, wanted, version, vectors_usable }))
     }
 
     /// Runs a plan: the hits, and whether they are as the plan meant them (false when
     /// the query could not be embedded and BM25 answered alone).
     async fn run(&self, plan: Plan, query: &SearchQuery) -> Result<(Vec<SearchHit>, bool), ApiError> {
-        let Plan { readable, collections, restricted, k, reranker, wanted, index, vectors_usable, .. } = plan;
+        let Plan { readable, collections, restricted, k, reranker, wanted, vectors_usable, .. } = plan;
         // A reranker reorders a deeper list than is returned.
         let depth = reranker.as_ref().map_or(k, |r| r.candidates.max(k).min(self.max_k));
         let mut complete = true;
@@ -198,13 +194,17 @@ impl Retrieval {
             false => None,
         };
         let mode = if vector.is_some() { wanted } else { SearchMode::Bm25 };
-        let (fusion, text, per_page) = (self.fusion, query.query.clone(), query.per_page.unwrap_or(1));
-        let mut hits = blocking(move || {
-            let request =
-                SearchRequest { query: &text, vector: vector.as_deref().map(Vec::as_slice), collections: &collections, restricted: &restricted, k: depth, mode, fusion, per_page };
-            index.search(&request)
-        })
-        .await?;
+        let request = Query {
+            text: query.query.clone(),
+            vector: vector.map(|v| v.to_vec()),
+            collections,
+            restricted,
+            k: depth,
+            mode,
+            fusion: self.fusion,
+            per_page: query.per_page.unwrap_or(1),
+        };
+        let mut hits = self.index.search(request).await?;
         // Re-checked against the same answer: collection and classification.
         hits.retain(|hit| readable.allows(&hit.collection_id, &hit.classification));
         if let Some(reranker) = reranker {
@@ -239,48 +239,37 @@ impl Retrieval {
             ModelId { dimension: if model.dimension == 0 { dimension } else { model.dimension }, ..model }
         });
         let n_chunks = chunks.len();
-        let generations = self.index.clone();
-        blocking(move || match rebuild {
-            true => generations.replace_in_next(&document_id, &chunks, model.as_ref()),
-            false => generations.replace_document(&document_id, &chunks, model.as_ref()),
-        })
-        .await?;
+        self.index.replace_document(&document_id, chunks, model, rebuild).await?;
         metrics::counter!("echo_search_chunks_indexed_total").increment(n_chunks as u64);
         Ok(n_chunks)
     }
 
     pub(crate) async fn chunks_of(&self, document_id: String) -> Result<usize, ApiError> {
-        let index = self.index.live();
-        blocking(move || index.chunks_of(&document_id)).await
+        Ok(self.index.chunks_of(&document_id).await?)
     }
 
     pub(crate) async fn preview(&self, document_id: String, limit: usize) -> Result<(usize, Vec<common::wire::SearchHit>), ApiError> {
-        let index = self.index.live();
-        blocking(move || index.preview(&document_id, limit)).await
+        Ok(self.index.preview(&document_id, limit).await?)
     }
 
     pub(crate) async fn delete(&self, document_id: String) -> Result<(), ApiError> {
-        let generations = self.index.clone();
-        blocking(move || generations.delete_document(&document_id)).await
+        Ok(self.index.delete_document(&document_id).await?)
     }
 
     /// Starts (or goes on with) a rebuild of the index beside the live one.
     pub(crate) async fn begin_rebuild(&self) -> Result<RebuildStatus, ApiError> {
-        let generations = self.index.clone();
-        blocking(move || generations.begin()).await
+        Ok(self.index.begin_rebuild().await?)
     }
 
     pub(crate) async fn finish_rebuild(&self) -> Result<RebuildStatus, ApiError> {
-        let generations = self.index.clone();
-        blocking(move || generations.finish()).await
+        Ok(self.index.finish_rebuild().await?)
     }
 
     pub(crate) async fn abandon_rebuild(&self) -> Result<RebuildStatus, ApiError> {
-        let generations = self.index.clone();
-        blocking(move || generations.abandon()).await
+        Ok(self.index.abandon_rebuild().await?)
     }
 
-    pub(crate) fn rebuild_status(&self) -> RebuildStatus {
-        self.index.status()
+    pub(crate) async fn rebuild_status(&self) -> Result<RebuildStatus, ApiError> {
+        Ok(self.index.rebuild_status().await?)
     }
 }

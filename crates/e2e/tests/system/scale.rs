@@ -1,7 +1,8 @@
 //! The scale topology as separate processes on this machine: every service its own
-//! `echod serve NAME` process — two replicas of the gateway, and two `ingest-worker`
-//! processes apart from the ingest API (`ingest.workers: 0`; the workers compete for the
-//! bus's deliveries) — over PostgreSQL (`database.url`), NATS
+//! `echod serve NAME` process — two replicas of the gateway, each with its own search
+//! replica over one index in PostgreSQL with pgvector (`search.url`), and two
+//! `ingest-worker` processes apart from the ingest API (`ingest.workers: 0`; the workers
+//! compete for the bus's deliveries) — over PostgreSQL (`database.url`), NATS
 //! JetStream (`queue.url`) and an S3-protocol server (`storage.url`). A user signs in,
 //! uploads through both gateways while one ingest worker is killed with SIGKILL, and
 //! every accepted upload is indexed once and answered from; a browser session and a
@@ -120,6 +121,7 @@ async fn separate_processes_with_two_gateways_and_two_ingest_workers_lose_nothin
     let Some(postgres) = echod::testing::ScratchServer::postgres().await else { return };
     let Some(nats) = echod::testing::ScratchServer::nats().await else { return };
     let Some(s3) = echod::testing::ScratchS3::start().await else { return };
+    let Some(pgvector) = echod::testing::ScratchPgvector::start().await else { return };
 
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = EchoConfig::for_test(dir.path());
@@ -129,6 +131,7 @@ async fn separate_processes_with_two_gateways_and_two_ingest_workers_lose_nothin
     config.database.url = common::config::Secret(postgres.url.clone());
     config.queue.url = Some(common::config::Secret(nats.url.clone()));
     config.storage = common::config::StorageConfig { quota_bytes_per_user: config.storage.quota_bytes_per_user, max_blob_bytes: config.storage.max_blob_bytes, ..s3.config() };
+    config.search.url = common::config::Secret(pgvector.url.clone());
     config.ingest.workers = 2;
     config.log.level = "info,tantivy=warn".into();
     config.gateway.rate_limits = common::config::Switch::Off;
@@ -147,13 +150,17 @@ async fn separate_processes_with_two_gateways_and_two_ingest_workers_lose_nothin
         let overrides = if service == ServiceName::Ingest { vec![("ECHO__INGEST__WORKERS", "0".to_string())] } else { vec![] };
         topology.spawn(service, service.as_str(), &overrides);
     }
-    let (gateway_b, worker_a, worker_port) = (free_port(), free_port(), free_port());
-    topology.spawn(ServiceName::Gateway, "gateway-b", &[("ECHO__PORTS__GATEWAY", gateway_b.to_string())]);
+    // A second search replica on the same PostgreSQL index, which the second gateway
+    // uses: what ingest indexes through the first is found through the second.
+    let (gateway_b, search_b, worker_a, worker_port) = (free_port(), free_port(), free_port(), free_port());
+    topology.spawn(ServiceName::Search, "search-b", &[("ECHO__PORTS__SEARCH", search_b.to_string())]);
+    topology.spawn(ServiceName::Gateway, "gateway-b", &[("ECHO__PORTS__GATEWAY", gateway_b.to_string()), ("ECHO__PORTS__SEARCH", search_b.to_string())]);
     topology.spawn_named("ingest-worker", "ingest-worker-a", &[("ECHO__INGEST__WORKER_PORT", worker_a.to_string())]);
     topology.spawn_named("ingest-worker", "ingest-worker", &[("ECHO__INGEST__WORKER_PORT", worker_port.to_string())]);
     let a = Edge::new(config.clone());
     let mut config_b = config.clone();
     config_b.ports.insert(ServiceName::Gateway, gateway_b);
+    config_b.ports.insert(ServiceName::Search, search_b);
     let b = Edge::new(config_b);
     wait_ok(&http, &format!("{}/readyz", a.gateway()), Duration::from_secs(120), &topology).await;
     wait_ok(&http, &format!("{}/readyz", b.gateway()), Duration::from_secs(60), &topology).await;
@@ -227,8 +234,12 @@ async fn separate_processes_with_two_gateways_and_two_ingest_workers_lose_nothin
         .await;
     }
 
-    // Nothing of it lives in the data dir but the search index and the secrets.
-    for file in ["identity.db", "authz.db", "gateway.db", "ingest.db", "rag.db", "audit.db", "storage.db", "queue.db"] {
+    // Both search replicas answered from the one index in PostgreSQL.
+    let replica_log = std::fs::read_to_string(topology.dir.path().join("search-b.log")).unwrap_or_default();
+    assert!(replica_log.contains("PostgreSQL full-text search and pgvector"), "search-b: {replica_log}");
+
+    // Nothing of it lives in the data dir but the secrets.
+    for file in ["identity.db", "authz.db", "gateway.db", "ingest.db", "rag.db", "audit.db", "storage.db", "queue.db", "index"] {
         assert!(!topology.dir.path().join(file).exists(), "{file} was made");
     }
     assert_eq!(s3.keys().await.len(), 10, "every upload's bytes are in the bucket");

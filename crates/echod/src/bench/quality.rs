@@ -54,6 +54,9 @@ pub struct QualityArgs {
     pub answers_only: bool,
     /// With `out`: the BM25 and vector lists unfused, this deep, every chunk, scored.
     pub raw_depth: usize,
+    /// Keep the chunks in this PostgreSQL (full-text search and pgvector) instead of the
+    /// embedded index (`search.url`).
+    pub search_url: Option<String>,
 }
 
 /// One hit as scored: where it points and its text.
@@ -372,6 +375,9 @@ pub async fn run(args: QualityArgs) -> anyhow::Result<()> {
     config.embeddings.model_dir = Some(model_dir.clone());
     if let Some(url) = &args.rerank_url {
         config.search.rerank_url = url.clone();
+    }
+    if let Some(url) = &args.search_url {
+        config.search.url = common::config::Secret(url.clone());
     }
     if let Some(v) = args.rrf_k {
         config.search.rrf_k = v;

@@ -306,3 +306,64 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// With `search.url`, chunks live in PostgreSQL (full-text search and pgvector) and a
+/// second search replica answers from the same index: what one writes the other finds
+/// at once, a deletion through one is gone from both, and neither serves a cached
+/// answer from before a write it did not make.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_replicas_on_postgresql_share_one_index() {
+    let Some(server) = echod::testing::ScratchPgvector::start().await else { return };
+    let outside = outside_services().await;
+    let echo = TestEcho::start_with(|config| {
+        config.search.url = common::config::Secret(server.url.clone());
+        config.embeddings.provider = Some("openai".into());
+        config.embeddings.base_url = format!("{outside}/v1");
+        config.embeddings.model = "m1".into();
+    })
+    .await;
+    // The second replica: the same configuration, its own port.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut replica_config = echo.config.clone();
+    replica_config.urls.insert(ServiceName::Search, format!("http://{}", listener.local_addr().unwrap()));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let replica_ctx = common::ServiceContext::new(std::sync::Arc::new(replica_config.clone()), ServiceName::Search, shutdown.clone()).unwrap();
+    let replica = tokio::spawn(search::run(replica_ctx, listener));
+    echod::wait_ready(&replica_config, Duration::from_secs(60)).await.unwrap();
+    let peers_of = |config: &common::EchoConfig, caller| common::ServiceContext::new(std::sync::Arc::new(config.clone()), caller, tokio_util::sync::CancellationToken::new()).unwrap().peers;
+    let (first, second) = (peers_of(&echo.config, ServiceName::Gateway), peers_of(&replica_config, ServiceName::Gateway));
+
+    let (ann, personal) = someone(&echo, "ann").await;
+    let (bob, _) = someone(&echo, "bob").await;
+    // Written through the first replica (with vectors from the outside embedder).
+    index_texts(&echo, &personal, &[("d1", "quarterly kelp harvest"), ("d2", "turbine maintenance schedule")]).await;
+    let ask = |peers: &common::client::Peers, who: &Principal, text: &str, mode: Option<common::wire::SearchMode>| {
+        let (peers, who, text) = (peers.clone(), who.clone(), text.to_string());
+        async move {
+            let results: SearchResults = peers.post_json(ServiceName::Search, "/v1/search", Some(&who), &SearchQuery { mode, ..query(&text, None) }).await.unwrap();
+            let mut docs: Vec<String> = results.hits.into_iter().map(|h| h.document_id).collect();
+            docs.sort();
+            docs
+        }
+    };
+    for peers in [&first, &second] {
+        assert_eq!(ask(peers, &ann, "kelp harvest", Some(common::wire::SearchMode::Bm25)).await, ["d1"], "both replicas find it");
+        assert!(ask(peers, &bob, "kelp harvest", Some(common::wire::SearchMode::Bm25)).await.is_empty(), "never another person's");
+        let vector = ask(peers, &ann, "turbine", Some(common::wire::SearchMode::Vector)).await;
+        assert_eq!(vector.len(), 2, "vectors are stored and searched there: {vector:?}");
+    }
+    // Written through the second, seen by the first — which had the old answer cached.
+    let writer = peers_of(&replica_config, ServiceName::Ingest);
+    let chunk = chunk("d3", &personal, "kelp harvest report");
+    let _: serde_json::Value = writer.post_json(ServiceName::Search, "/v1/index", None, &IndexRequest { document_id: "d3".into(), chunks: vec![chunk] }).await.unwrap();
+    assert_eq!(ask(&first, &ann, "kelp harvest", Some(common::wire::SearchMode::Bm25)).await, ["d1", "d3"]);
+    writer.delete(ServiceName::Search, "/v1/documents/d1", None).await.unwrap();
+    assert_eq!(ask(&first, &ann, "kelp harvest", Some(common::wire::SearchMode::Bm25)).await, ["d3"]);
+    assert_eq!(ask(&second, &ann, "kelp harvest", Some(common::wire::SearchMode::Bm25)).await, ["d3"]);
+    let held: serde_json::Value = peers_of(&echo.config, ServiceName::Ingest).get_json(ServiceName::Search, "/v1/documents/d1", None).await.unwrap();
+    assert_eq!(held["chunks"], 0);
+    shutdown.cancel();
+    let _ = replica.await;
+    echo.stop().await;
+    drop(server);
+}

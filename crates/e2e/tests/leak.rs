@@ -78,6 +78,7 @@ async fn no_probe_ever_sees_what_the_policy_forbids_and_every_allowed_document_i
 
 /// The same test on the scale path's engines: every service's data in PostgreSQL (authz's
 /// relationships and their version triggers, the gateway's sessions, the catalog), the
+/// chunks in PostgreSQL with pgvector (`search.url`: both rankings filtered there), the
 /// bus on NATS JetStream, the files in S3. Fewer probes (`ECHO_LEAK_PROBES_SCALE`,
 /// default 400): the world is the same size.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,10 +86,12 @@ async fn on_postgresql_nats_and_s3_no_probe_sees_what_the_policy_forbids() {
     let Some(postgres) = echod::testing::ScratchServer::postgres().await else { return };
     let Some(nats) = echod::testing::ScratchServer::nats().await else { return };
     let Some(s3) = echod::testing::ScratchS3::start().await else { return };
+    let Some(pgvector) = echod::testing::ScratchPgvector::start().await else { return };
     let probes: usize = std::env::var("ECHO_LEAK_PROBES_SCALE").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
-    let (database, bus, storage) = (postgres.url.clone(), nats.url.clone(), s3.config());
+    let (database, bus, storage, index) = (postgres.url.clone(), nats.url.clone(), s3.config(), pgvector.url.clone());
     leak_test(probes, move |config| {
         config.database.url = common::config::Secret(database);
+        config.search.url = common::config::Secret(index);
         config.queue.url = Some(common::config::Secret(bus));
         config.storage = common::config::StorageConfig { quota_bytes_per_user: config.storage.quota_bytes_per_user, max_blob_bytes: config.storage.max_blob_bytes, ..storage };
     })

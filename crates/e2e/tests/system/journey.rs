@@ -44,7 +44,8 @@ async fn a_user_uploads_asks_gets_a_cited_answer_and_other_orgs_see_nothing() {
 
 /// The same journey on the scale path's engines: the data of every service in
 /// PostgreSQL (`database.url`: identity, authz, gateway sessions, ingest, rag, logs,
-/// audit, profile, chat, storage's ledger), the bus on NATS JetStream (`queue.url`) and
+/// audit, profile, chat, storage's ledger), the chunks in PostgreSQL with pgvector
+/// (`search.url`), the bus on NATS JetStream (`queue.url`) and
 /// the uploaded files in an S3 bucket (a real S3-protocol server): the answers are the
 /// same, and the data is where the configuration says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,9 +53,11 @@ async fn the_journey_holds_on_postgresql_nats_and_s3() {
     let Some(s3) = echod::testing::ScratchS3::start().await else { return };
     let Some(postgres) = echod::testing::ScratchServer::postgres().await else { return };
     let Some(nats) = echod::testing::ScratchServer::nats().await else { return };
-    let (storage, url, bus) = (s3.config(), postgres.url.clone(), nats.url.clone());
+    let Some(pgvector) = echod::testing::ScratchPgvector::start().await else { return };
+    let (storage, url, bus, index) = (s3.config(), postgres.url.clone(), nats.url.clone(), pgvector.url.clone());
     let ts = TestSystem::start_with(|config| {
         config.database.url = common::config::Secret(url);
+        config.search.url = common::config::Secret(index);
         config.queue.url = Some(common::config::Secret(bus));
         config.storage = common::config::StorageConfig { quota_bytes_per_user: config.storage.quota_bytes_per_user, max_blob_bytes: config.storage.max_blob_bytes, ..storage };
     })
@@ -65,6 +68,8 @@ async fn the_journey_holds_on_postgresql_nats_and_s3() {
     let ann = ts.sign_in("ann", &password_of("ann")).await;
     let kept = upload(&ts, &ann.access_token, "kept.md", "text/markdown", b"# Kept\n\nThis file stays in the bucket.\n".to_vec(), None).await;
     assert_eq!(kept.status(), StatusCode::ACCEPTED);
+    let kept: Value = kept.json().await.unwrap();
+    assert_eq!(wait_for_job(&ts, &ann.access_token, kept["job_id"].as_str().unwrap()).await["status"], "done");
     ts.system.stop().await;
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(&postgres.url).await.unwrap();
@@ -80,7 +85,13 @@ async fn the_journey_holds_on_postgresql_nats_and_s3() {
         assert!(!data_dir.join(file).exists(), "{file} was created although database.url is set");
     }
     assert!(!data_dir.join("blobs").exists(), "files went to the bucket, not to the data dir");
+    assert!(!data_dir.join("index").exists(), "chunks went to PostgreSQL, not to the data dir");
     drop(conn);
+    // The kept file's chunks are in the search schema there.
+    use sqlx::Connection as _;
+    let mut index = sqlx::PgConnection::connect(&pgvector.url).await.unwrap();
+    let chunks: i64 = sqlx::query_scalar("SELECT count(*) FROM search.chunks c JOIN search.meta m ON c.generation = m.live").fetch_one(&mut index).await.unwrap();
+    assert!(chunks > 0, "no chunk in search.chunks");
     postgres.cleanup().await;
     nats.cleanup().await;
 }

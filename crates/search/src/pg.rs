@@ -348,7 +348,10 @@ impl PgChunkStore {
         let dimension = vector.len();
         // pgvector's iterative scan goes on through the graph until `depth` rows pass the
         // permission filter (in order), instead of filtering a fixed candidate list down.
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET LOCAL hnsw.ef_search = {}; SET LOCAL hnsw.iterative_scan = strict_order", depth.clamp(40, 1000))))
+        // The candidate list is four times the depth: at 50, the vector list of `echod
+        // bench quality` found 62 of 79 answers in its first ten; at 200, 65 (as exact
+        // search does).
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET LOCAL hnsw.ef_search = {}; SET LOCAL hnsw.iterative_scan = strict_order", (4 * depth).clamp(100, 1000))))
             .execute(&mut **tx)
             .await?;
         let (collections, restricted, pairs) = filter_params(query);
